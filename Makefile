@@ -1,0 +1,46 @@
+# Every target sets itself up: a venv in .venv with torch (the CPU build when none is installed),
+# triton, the test and bench tools, and fastattn built in place.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.deps-stamp
+BUILD_LOCK := /tmp/fastattn-build.lock
+
+.PHONY: demo test test-fast build bench gpu-check info clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_SPEC)"
+	$(VPY) -m pip install -q "triton>=3.6" pytest pytest-benchmark pybind11 ninja setuptools wheel numpy matplotlib tqdm
+	@touch $(STAMP)
+
+# Incremental in-place build of fastattn._C (ninja reuses objects); serialised by a lock so that
+# concurrent builders on one checkout never race.
+build: $(STAMP)
+	flock $(BUILD_LOCK) $(VPY) -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+	@$(VPY) -c "import fastattn._C" || (echo "fastattn._C failed to build" >&2; exit 1)
+
+demo: build
+	$(VPY) -m fastattn.demo
+
+info: build
+	$(VPY) -m fastattn.info
+
+# The whole suite on the CPU: Triton kernels under the interpreter on small shapes, the AOT
+# compile checks for sm_80/sm_90, the CPU kernels, the modules.
+test: build
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -ra tests
+
+bench: build
+	$(VPY) -m pytest -q bench --benchmark-json=bench/results/cpu-latest.json
+	$(VPY) bench/report.py bench/results/cpu-latest.json --out bench/results/cpu-latest.md
+
+# On a machine with a CUDA GPU: build the CUDA kernels, run every test on the GPU, run the GPU
+# benchmarks and write bench/results/<gpu>.md beside the raw pytest-benchmark JSON.
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info fastattn/_C*.so .pytest_cache
