@@ -1,0 +1,43 @@
+"""python -m fastattn.info: version, how the extension was built, and each backend's status."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import fastattn
+from fastattn import ops
+from fastattn.backends import PRIORITY, get_backend
+
+
+def main() -> None:
+    print(f"fastattn {fastattn.__version__}  (torch {torch.__version__}, python {platform.python_version()})")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    info = ops.build_info()
+    if info:
+        print("fastattn._C build:")
+        for key, val in info.items():
+            print(f"  {key}: {val}")
+    else:
+        print(f"fastattn._C: {ops.extension_error()}")
+    print("backends (automatic priority order):")
+    for name in PRIORITY:
+        be = get_backend(name)
+        why = be.unavailable_reason()
+        if why is None:
+            gaps = [f"{kind}: {r}" for kind in ("attention", "ffn") if (r := be.op_unavailable_reason(kind))]
+            status = "available" + (f" (but {'; '.join(gaps)})" if gaps else "")
+        else:
+            status = f"not available: {why}"
+        devs = ", ".join(be.devices)
+        dts = ", ".join(str(d).replace("torch.", "") for d in be.dtypes)
+        print(f"  {name:9s} {status}\n            devices: {devs}; dtypes: {dts}")
+
+
+if __name__ == "__main__":
+    main()
