@@ -1,0 +1,459 @@
+"""Drop-in replacements for ``torch.nn.MultiheadAttention`` and ``torch.nn.TransformerEncoderLayer``.
+
+Both keep torch's constructor, forward signature, parameter names and state_dict layout, so weights
+load both ways; the attention goes through :func:`fastattn.scaled_dot_product_attention` and the
+feed-forward through :func:`fastattn.feed_forward`. :func:`convert` swaps them into an existing model.
+
+Differences from torch, on purpose:
+
+- A query row whose every key is masked gives 0 attention (the output projection's bias after the
+  projection) where torch gives NaN.
+- Dropout inside the attention and the feed-forward draws its mask from fastattn's Philox stream
+  (seeded from torch's generator), so it is reproducible with ``torch.manual_seed`` but is not the
+  same mask torch's dropout would draw.
+- ``TransformerEncoderLayer`` is not a subclass of ``nn.TransformerEncoderLayer``: an
+  ``nn.TransformerEncoder`` recognises its own layer class to turn padded batches into
+  NestedTensors in eval mode; this layer takes dense tensors and a padding mask instead, so the
+  encoder must never take that path (``convert`` switches it off; an encoder built around this
+  layer never takes it because the layer is not torch's class).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import api as _api
+
+__all__ = ["MultiheadAttention", "TransformerEncoderLayer", "convert"]
+
+
+def _mask_kind(mask: Optional[Tensor], name: str) -> Optional[torch.dtype]:
+    """None, or the mask's dtype after checking it is bool or floating (as torch requires)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"fastattn: argument '{name}' got {type(mask).__name__}; expected None or a tensor")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise AssertionError(
+            f"fastattn: argument '{name}' got dtype {mask.dtype}; expected bool or a floating dtype "
+            "(only bool and floating types of masks are supported)")
+    return mask.dtype
+
+
+def _warn_mismatched_masks(kpm: Optional[Tensor], kpm_name: str, mask: Optional[Tensor], mask_name: str):
+    # torch warns (and we do likewise) when one mask is bool and the other float.
+    if kpm is not None and mask is not None and kpm.dtype != mask.dtype:
+        warnings.warn(
+            f"Support for mismatched {kpm_name} and {mask_name} is deprecated. "
+            "Use same type for both instead.", stacklevel=3)
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool (True = masked out, torch.nn's convention) or float mask as an additive float mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask
+
+
+def _pad_last(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Append one visible key column (False for bool masks = not masked, 0 for float masks)."""
+    if mask is None:
+        return None
+    return F.pad(mask, (0, 1), value=False if mask.dtype == torch.bool else 0.0)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` with the attention computed by fastattn.
+
+    Constructor, parameters (``in_proj_weight`` or ``q_proj_weight/k_proj_weight/v_proj_weight``,
+    ``in_proj_bias``, ``out_proj``, ``bias_k``, ``bias_v``) and forward are torch's; ``backend``
+    (keyword only) picks the fastattn backend (None = automatic).
+
+    forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False):
+
+    - query (L, N, E) (or (N, L, E) when batch_first, or unbatched (L, E)); key (S, N, kdim);
+      value (S, N, vdim).
+    - key_padding_mask (N, S) (unbatched: (S,)): bool, True = ignore that key, or float, added.
+    - attn_mask (L, S) or (N * num_heads, L, S): bool, True = not allowed to attend, or float, added.
+    - is_causal: a hint that attn_mask is causal (torch requires attn_mask with it).
+    - Returns (attn_output shaped like query with E features, attn_weights or None).
+      need_weights=True computes the weights with torch's own math, exactly as torch does.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, backend=None):
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None,
+                average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"fastattn.MultiheadAttention: argument '{name}' got {type(t).__name__}; "
+                                "expected a tensor")
+            if t.is_nested:
+                raise ValueError(f"fastattn.MultiheadAttention: argument '{name}' got a NestedTensor; expected a "
+                                 "dense tensor (pad the batch and pass key_padding_mask)")
+        _mask_kind(key_padding_mask, "key_padding_mask")
+        _mask_kind(attn_mask, "attn_mask")
+        if need_weights:  # torch's functional checks the masks and warns about mismatched kinds itself
+            return self._forward_with_weights(query, key, value, key_padding_mask, attn_mask,
+                                              average_attn_weights, is_causal)
+        _warn_mismatched_masks(key_padding_mask, "key_padding_mask", attn_mask, "attn_mask")
+        return self._forward_fast(query, key, value, key_padding_mask, attn_mask, is_causal), None
+
+    # -- need_weights=True: torch's own math, so the weights (and output) are exactly torch's ----------
+    def _forward_with_weights(self, query, key, value, key_padding_mask, attn_mask, average_attn_weights,
+                              is_causal):
+        is_batched = query.dim() == 3
+        if self.batch_first and is_batched:
+            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        separate = not self._qkv_same_embed_dim
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=True, attn_mask=attn_mask,
+            use_separate_proj_weight=separate, q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight,
+            v_proj_weight=self.v_proj_weight, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first and is_batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+    # -- need_weights=False: projections, then fastattn.scaled_dot_product_attention ----------------
+    def _check_shapes(self, query, key, value, key_padding_mask, attn_mask):
+        who = "fastattn.MultiheadAttention"
+        if query.dim() not in (2, 3):
+            raise AssertionError(f"{who}: argument 'query' got a {query.dim()}-D tensor; expected batched 3-D "
+                                 "or unbatched 2-D")
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != query.dim():
+                raise AssertionError(f"{who}: argument '{name}' got a {t.dim()}-D tensor; expected "
+                                     f"{query.dim()}-D like query")
+        batched = query.dim() == 3
+        if key_padding_mask is not None and key_padding_mask.dim() != (2 if batched else 1):
+            raise AssertionError(f"{who}: argument 'key_padding_mask' got a {key_padding_mask.dim()}-D tensor; "
+                                 f"expected {'(N, S)' if batched else '(S,)'}")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise AssertionError(f"{who}: argument 'attn_mask' got a {attn_mask.dim()}-D tensor; expected "
+                                 "(L, S) or (N * num_heads, L, S)")
+        if query.shape[-1] != self.embed_dim:
+            raise AssertionError(f"{who}: argument 'query' got embedding dim {query.shape[-1]}; expected "
+                                 f"embed_dim {self.embed_dim}")
+        if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            name, got, want = (("key", key.shape[-1], self.kdim) if key.shape[-1] != self.kdim
+                               else ("value", value.shape[-1], self.vdim))
+            raise AssertionError(f"{who}: argument '{name}' got feature dim {got}; expected {want}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise AssertionError(f"{who}: argument 'value' got shape {tuple(value.shape)}; expected the "
+                                 f"sequence and batch dims of key {tuple(key.shape[:-1])}")
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        e = self.embed_dim
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            b = self.in_proj_bias
+            if query is key and key is value:  # self-attention: one packed matmul
+                return F.linear(query, w, b).chunk(3, dim=-1)
+            w_q, w_kv = w[:e], w[e:]
+            b_q, b_kv = (None, None) if b is None else (b[:e], b[e:])
+            if key is value:
+                k, v = F.linear(key, w_kv, b_kv).chunk(2, dim=-1)
+                return F.linear(query, w_q, b_q), k, v
+            w_k, w_v = w_kv.chunk(2)
+            b_k, b_v = (None, None) if b_kv is None else b_kv.chunk(2)
+            return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        return (F.linear(query, self.q_proj_weight, b_q), F.linear(key, self.k_proj_weight, b_k),
+                F.linear(value, self.v_proj_weight, b_v))
+
+    def _forward_fast(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+        self._check_shapes(query, key, value, key_padding_mask, attn_mask)
+        batched = query.dim() == 3
+        h, e = self.num_heads, self.embed_dim
+        hd = e // h
+        # Work batch-first internally: (N, L, E).
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            same_kv = key is value
+            same_qk = query is key
+            query = query.transpose(0, 1)
+            key = query if same_qk else key.transpose(0, 1)
+            value = key if same_kv else value.transpose(0, 1)
+        n, l, _ = query.shape
+        s = key.shape[1]
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (n, s):
+            raise AssertionError(f"fastattn.MultiheadAttention: argument 'key_padding_mask' got shape "
+                                 f"{tuple(key_padding_mask.shape)}; expected (batch, source length) = {(n, s)}")
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
+                "`generate_square_subsequent_mask` to create this mask.")
+        if attn_mask is not None:
+            want = (l, s) if attn_mask.dim() == 2 else (n * h, l, s)
+            if tuple(attn_mask.shape) != want:
+                raise RuntimeError(f"fastattn.MultiheadAttention: argument 'attn_mask' got shape "
+                                   f"{tuple(attn_mask.shape)}; expected {want}")
+        # As torch: with the causal hint and no padding mask, the hint replaces the mask.
+        if is_causal and key_padding_mask is None:
+            attn_mask = None
+        else:
+            is_causal = False
+
+        q, k, v = self._project(query, key, value)
+        if self.bias_k is not None and self.bias_v is not None:
+            k = torch.cat([k, self.bias_k.reshape(1, 1, e).expand(n, 1, e)], dim=1)
+            v = torch.cat([v, self.bias_v.reshape(1, 1, e).expand(n, 1, e)], dim=1)
+            attn_mask = _pad_last(attn_mask)
+            key_padding_mask = _pad_last(key_padding_mask)
+        elif self.bias_k is not None or self.bias_v is not None:
+            raise AssertionError("fastattn.MultiheadAttention: bias_k and bias_v must both be set or both None")
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(n, 1, e)], dim=1)
+            v = torch.cat([v, v.new_zeros(n, 1, e)], dim=1)
+            attn_mask = _pad_last(attn_mask)
+            key_padding_mask = _pad_last(key_padding_mask)
+        s = k.shape[1]
+
+        # (N, L, E) -> (N, H, L, hd)
+        q = q.reshape(n, l, h, hd).transpose(1, 2)
+        k = k.reshape(n, s, h, hd).transpose(1, 2)
+        v = v.reshape(n, s, h, hd).transpose(1, 2)
+
+        # torch.nn's bool masks mean True = masked out; the API's bool attn_mask means True = keep.
+        sdpa_mask = None
+        if attn_mask is not None:
+            sdpa_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
+            if sdpa_mask.dim() == 3:
+                sdpa_mask = sdpa_mask.reshape(n, h, l, s)
+        kpm = None
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype == torch.bool:
+                kpm = key_padding_mask  # kept apart so kernels can skip padded key blocks
+            else:  # a float padding mask is added to the scores like any other mask
+                add = key_padding_mask.reshape(n, 1, 1, s)
+                if sdpa_mask is None:
+                    sdpa_mask = add
+                else:
+                    sdpa_mask = _additive(~sdpa_mask if sdpa_mask.dtype == torch.bool else sdpa_mask,
+                                          q.dtype) + add
+        dropout_p = self.dropout if self.training else 0.0
+        out = _api.scaled_dot_product_attention(q, k, v, sdpa_mask, dropout_p, is_causal,
+                                                key_padding_mask=kpm, backend=self.backend)
+        out = out.transpose(1, 2).reshape(n, l, e)
+        out = self.out_proj(out)
+        if not batched:
+            return out.squeeze(0)
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+_RELU_GELU_NAMES = {"relu": "relu", "gelu": "gelu"}
+
+
+def _activation_name(activation) -> Optional[str]:
+    """The fastattn.feed_forward activation name for torch's relu/gelu spellings, else None."""
+    if activation is F.relu or isinstance(activation, nn.ReLU):
+        return "relu"
+    if activation is F.gelu:
+        return "gelu"
+    if isinstance(activation, nn.GELU):
+        return "gelu_tanh" if activation.approximate == "tanh" else "gelu"
+    return None
+
+
+class TransformerEncoderLayer(nn.Module):
+    """``torch.nn.TransformerEncoderLayer`` with attention and feed-forward computed by fastattn.
+
+    Same constructor, submodules (self_attn, linear1, dropout, linear2, norm1, norm2, dropout1,
+    dropout2, activation) and state_dict as torch's; ``backend`` (keyword only) picks the fastattn
+    backend. ``self_attn`` is a :class:`fastattn.MultiheadAttention`. The feed-forward is one
+    :func:`fastattn.feed_forward` call when the activation is relu or gelu (``"relu"``, ``"gelu"``,
+    ``F.relu``, ``F.gelu``, ``nn.ReLU()``, ``nn.GELU()``, ``nn.GELU(approximate="tanh")``); any other
+    callable runs as plain torch ops.
+
+    forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False): src (S, N, E) (or
+    (N, S, E) when batch_first, or unbatched (S, E)); src_mask (S, S) or (N * nhead, S, S), bool
+    (True = not allowed) or float (added); src_key_padding_mask (N, S), bool (True = padding) or float.
+    Returns a tensor shaped like src. NestedTensors are refused: pass a padded batch and a mask.
+    """
+
+    __constants__ = ["norm_first"]
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: Union[str, Callable[[Tensor], Tensor]] = F.relu, layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None, dtype=None,
+                 *, backend: Optional[str] = None) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+                                            backend=backend, **factory)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        if isinstance(activation, str):
+            if activation not in _RELU_GELU_NAMES:
+                raise RuntimeError(f"fastattn.TransformerEncoderLayer: argument 'activation' got {activation!r}; "
+                                   "expected 'relu', 'gelu' or a callable")
+            activation = F.relu if activation == "relu" else F.gelu
+        # torch's flag, kept for code that reads it: 1 = relu, 2 = gelu, 0 = other.
+        if activation is F.relu or isinstance(activation, nn.ReLU):
+            self.activation_relu_or_gelu = 1
+        elif activation is F.gelu or isinstance(activation, nn.GELU):
+            self.activation_relu_or_gelu = 2
+        else:
+            self.activation_relu_or_gelu = 0
+        self.activation = activation
+        self._backend = backend
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: Optional[str]) -> None:
+        self._backend = name
+        self.self_attn.backend = name
+
+    def extra_repr(self) -> str:
+        return f"norm_first={self.norm_first}, backend={self._backend!r}"
+
+    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        if not isinstance(src, Tensor):
+            raise TypeError(f"fastattn.TransformerEncoderLayer: argument 'src' got {type(src).__name__}; "
+                            "expected a tensor")
+        if src.is_nested:
+            raise ValueError("fastattn.TransformerEncoderLayer: argument 'src' got a NestedTensor; expected a dense "
+                             "padded tensor with src_key_padding_mask (inside nn.TransformerEncoder, build it with "
+                             "enable_nested_tensor=False or use fastattn.convert)")
+        _mask_kind(src_key_padding_mask, "src_key_padding_mask")
+        _mask_kind(src_mask, "src_mask")
+        if (src_key_padding_mask is not None and src_mask is not None
+                and src_key_padding_mask.dtype != src_mask.dtype):
+            # torch warns, then adds both as float masks; so do we (the attention then sees one kind).
+            _warn_mismatched_masks(src_key_padding_mask, "src_key_padding_mask", src_mask, "src_mask")
+            src_key_padding_mask = _additive(src_key_padding_mask, src.dtype)
+            src_mask = _additive(src_mask, src.dtype)
+        # Otherwise the masks go to self_attn as given: a bool padding mask stays bool, so kernels
+        # can skip wholly padded key blocks.
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+    def _sa_block(self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                  is_causal: bool) -> Tensor:
+        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                           need_weights=False, is_causal=is_causal)[0]
+        return self.dropout1(x)
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        name = _activation_name(self.activation)
+        if name is None:
+            x = self.linear2(self.dropout(self.activation(self.linear1(x))))
+        else:
+            p = self.dropout.p if self.training else 0.0
+            x = _api.feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight,
+                                  self.linear2.bias, name, p, backend=self._backend)
+        return self.dropout2(x)
+
+
+# -- convert ----------------------------------------------------------------------------------------
+
+def _convert_mha(old: nn.MultiheadAttention, backend: Optional[str]) -> MultiheadAttention:
+    new = MultiheadAttention(old.embed_dim, old.num_heads, dropout=old.dropout, bias=old.in_proj_bias is not None,
+                             add_bias_kv=old.bias_k is not None, add_zero_attn=old.add_zero_attn, kdim=old.kdim,
+                             vdim=old.vdim, batch_first=old.batch_first, device="meta", backend=backend)
+    # Take the very same Parameter objects (and out_proj module): weights, device, dtype,
+    # requires_grad and any optimizer that already holds them all stay valid.
+    if set(new._parameters) != set(old._parameters):
+        raise RuntimeError(f"fastattn.convert: nn.MultiheadAttention has parameters {sorted(old._parameters)}; "
+                           f"expected {sorted(new._parameters)}")
+    for name, p in old._parameters.items():
+        new._parameters[name] = p
+    for name, b in old._buffers.items():
+        new._buffers[name] = b
+    new.out_proj = old.out_proj
+    new.training = old.training
+    return new
+
+
+def _convert_layer(old: nn.TransformerEncoderLayer, backend: Optional[str]) -> TransformerEncoderLayer:
+    attn = old.self_attn
+    new = TransformerEncoderLayer(attn.embed_dim, attn.num_heads, old.linear1.out_features, old.dropout.p,
+                                  activation=old.activation, layer_norm_eps=old.norm1.eps,
+                                  batch_first=attn.batch_first, norm_first=old.norm_first,
+                                  bias=old.linear1.bias is not None, device="meta", backend=backend)
+    # Reuse torch's own submodules (same Parameters, eps, dropout p, mode), the attention converted.
+    new.self_attn = attn if isinstance(attn, MultiheadAttention) else _convert_mha(attn, backend)
+    new.self_attn.backend = backend
+    for name in ("linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"):
+        setattr(new, name, getattr(old, name))
+    new.activation = old.activation  # a module activation (nn.GELU) stays a registered submodule
+    new.activation_relu_or_gelu = getattr(old, "activation_relu_or_gelu", new.activation_relu_or_gelu)
+    new.training = old.training
+    return new
+
+
+def _convert_one(m: nn.Module, backend: Optional[str]) -> nn.Module:
+    if type(m) is nn.TransformerEncoderLayer:  # subclasses may override forward: only their insides convert
+        return _convert_layer(m, backend)
+    if isinstance(m, nn.MultiheadAttention) and not isinstance(m, MultiheadAttention):
+        return _convert_mha(m, backend)
+    if isinstance(m, (MultiheadAttention, TransformerEncoderLayer)):
+        m.backend = backend
+    return m
+
+
+def convert(module: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
+    """Swap fastattn's layers into ``module``, in place, and return it.
+
+    Every ``nn.TransformerEncoderLayer`` (exact class) becomes a :class:`TransformerEncoderLayer` and
+    every other ``nn.MultiheadAttention`` a :class:`MultiheadAttention`, found recursively. The new
+    layers hold the very same Parameter objects, so weights, device, dtype, requires_grad and an
+    optimizer built earlier all carry over; train/eval mode is kept. Every ``nn.TransformerEncoder``
+    inside gets ``use_nested_tensor = False``, so it never hands NestedTensors to the new layers.
+    ``backend`` (None = automatic) is given to every converted layer. If ``module`` itself is one of
+    those layers the converted layer is returned (use the return value).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fastattn.convert: argument 'module' got {type(module).__name__}; expected an nn.Module")
+    root = _convert_one(module, backend)
+    stack = [root]
+    while stack:
+        parent = stack.pop()
+        if isinstance(parent, nn.TransformerEncoder):
+            parent.use_nested_tensor = False
+            parent.enable_nested_tensor = False
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            new = _convert_one(child, backend)
+            if new is not child:
+                setattr(parent, name, new)
+            stack.append(new)
+    return root
