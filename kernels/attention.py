@@ -1,0 +1,775 @@
+"""Fused attention in Triton: forward (online softmax) and backward (delta pre-pass, dK/dV, dQ).
+
+Three layers, as everywhere in fastattn:
+  * ``_attn_fwd_kernel``, ``_attn_bwd_delta_kernel``, ``_attn_bwd_dkdv_kernel``,
+    ``_attn_bwd_dq_kernel``: the Triton programs;
+  * ``attention_forward`` / ``attention_backward``: host launchers (allocate, pick a config, launch);
+  * the op registration (torch.ops.fastattn.triton_attention_fwd/_bwd) lives in fastattn/ops.py.
+
+What the launchers receive is fixed by fastattn/backends/README.md:
+  q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev) contiguous, one dtype; query head h reads
+  kv head h // (Hq // Hkv). attn_mask: None or an additive (N, Hq, L, S) view read through its
+  strides (strides may be 0). key_padding_mask: None or bool (N, S), True = key ignored.
+  seed: None or an int64 CPU tensor (1,); element (b, h, i, j) is kept iff
+  tl.rand(seed, ((b*Hq + h)*L + i)*S + j) >= dropout_p. lse is the natural-log row log-sum-exp in
+  float32, +inf for a row that sees no key (its output is 0 and its gradients are 0).
+
+Design notes:
+  * Scores are computed in the log2 domain: s2 = (q.k) * scale * log2(e) + mask * log2(e), so the
+    softmax uses exp2; lse is converted back to the natural log when stored.
+  * Every mask kind is a compile-time flag (HAS_MASK, HAS_KPM, IS_CAUSAL, HAS_DROPOUT), so the plain
+    call compiles none of their code. Key blocks that need no boundary/causal test run in a loop
+    without any element mask; only the last (or diagonal) blocks take the masked loop.
+  * Causal: key blocks wholly above the diagonal are never visited. Key padding: the forward and dQ
+    visit only the key range [first unpadded, last unpadded] of each batch (computed by the
+    launcher); the dK/dV kernel skips a key block that is wholly padded.
+  * The backward is deterministic and uses no atomics: one program owns a K/V block and loops over
+    every query block of every query head of its GQA group; dQ is a separate kernel.
+  * Head dims 1..256 are padded to a power of two (at least 16, the smallest tl.dot K on GPUs) and
+    masked; L and S are arbitrary (boundary masks).
+  * fp32 inputs use input_precision="ieee" (true fp32) unless
+    torch.backends.cuda.matmul.allow_tf32 is set, then "tf32".
+  * Block sizes, warps and stages come from the tables below, keyed on (dtype class, head-dim
+    bucket, sequence-length bucket); on a GPU the fastest candidate is measured once per key and
+    cached. Under TRITON_INTERPRET=1 a single small config is used. Nothing here touches a GPU at
+    import time.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once at import: under the interpreter the kernels run on CPU tensors with one small config.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ==================================================================================================
+# Triton programs
+# ==================================================================================================
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
+               start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
+               L, S, HEAD_D, HEAD_DV, stride_ms,
+               BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr):
+    """One key block of the forward's online softmax. acc (BM, BDV) f32, l_i/m_i (BM,) f32 (log2 units)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < S
+    k_ptrs = k_base + offs_n[:, None] * HEAD_D + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * HEAD_DV + offs_dv[None, :]
+    if BOUNDARY:
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)      # (BN, BD)
+    else:
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale       # (BM, BN) log2 units
+    if HAS_MASK:
+        mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
+                        mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
+        s += mvals.to(tl.float32) * 1.4426950408889634
+    if HAS_KPM:
+        pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)                      # (BN,) u8, 1 = ignore
+        s = tl.where(pad[None, :] == 0, s, float("-inf"))
+    if BOUNDARY:
+        visible = n_ok[None, :]
+        if IS_CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen only -inf so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        # The normaliser l_i sums every probability; only the kept ones reach the output.
+        keep = tl.rand(seed, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
+        p = tl.where(keep, p, 0.0)
+    if BOUNDARY:
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # (BN, BDV)
+    else:
+        v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse,        # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), out (N,Hq,L,Ev), lse (N,Hq,L) f32
+    Mask, Kpm, KvRange,       # mask: additive (N,Hq,L,S) strided view; kpm (N,S) u8; kv_range (N,2) i32
+    seed, dropout_p, qk_scale,  # philox seed (i64), dropout prob, scale*log2(e)
+    stride_mb, stride_mh, stride_ml, stride_ms,  # mask strides (elements, may be 0)
+    Hq, GROUP, L, S, HEAD_D, HEAD_DV,  # GROUP = Hq // Hkv
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    pid_m = pid % num_m
+    if IS_CAUSAL:  # the longest rows first: better load balance at the tail of the grid
+        pid_m = num_m - 1 - pid_m
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    Hkv = Hq // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < L
+
+    q_base = Q + bh.to(tl.int64) * L * HEAD_D
+    k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
+    v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
+    q = tl.load(q_base + offs_m[:, None] * HEAD_D + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)       # (BM, BD)
+
+    mask_rows = Mask
+    if HAS_MASK:
+        mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                     + offs_m.to(tl.int64) * stride_ml)                           # (BM,) pointers
+    kpm_base = Kpm + b.to(tl.int64) * S
+    drop_rows = (bh.to(tl.int64) * L + offs_m) * S                                 # (BM,) i64
+
+    # Key range to visit: [lo, n_end). Blocks below full_end need no boundary/causal test.
+    n_end = S
+    if IS_CAUSAL:
+        n_end = tl.minimum(S, start_m + BLOCK_M)
+    lo = 0
+    if HAS_KPM:
+        kv_lo = tl.load(KvRange + 2 * b)
+        kv_hi = tl.load(KvRange + 2 * b + 1)
+        lo = (kv_lo // BLOCK_N) * BLOCK_N
+        n_end = tl.minimum(n_end, kv_hi)
+    full_end = n_end
+    if IS_CAUSAL:
+        full_end = tl.minimum(full_end, start_m + 1)
+    full_end = tl.maximum((full_end // BLOCK_N) * BLOCK_N, lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
+                                   start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
+                                   L, S, HEAD_D, HEAD_DV, stride_ms,
+                                   BLOCK_N, False, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT,
+                                   INPUT_PRECISION)
+    for start_n in range(full_end, n_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
+                                   start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
+                                   L, S, HEAD_D, HEAD_DV, stride_ms,
+                                   BLOCK_N, True, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT,
+                                   INPUT_PRECISION)
+
+    seen = l_i > 0.0
+    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    o_base = Out + bh.to(tl.int64) * L * HEAD_DV
+    tl.store(o_base + offs_m[:, None] * HEAD_DV + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("inf"))
+    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Out, DOut, Delta,         # out (N,Hq,L,Ev), grad_out (N,Hq,L,Ev), delta (N,Hq,L) f32
+    L, HEAD_DV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta[b,h,i] = sum_e dO[b,h,i,e] * O[b,h,i,e] in float32."""
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DV)
+    base = bh.to(tl.int64) * L * HEAD_DV
+    ptrs = offs_m[:, None] * HEAD_DV + offs_dv[None, :]
+    o = tl.load(Out + base + ptrs, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DOut + base + ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols, drop_base,
+                start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
+                L, S, HEAD_D, HEAD_DV, stride_ml,
+                BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    """One query block's contribution to a resident K/V block, transposed: (BN, BM) tiles."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < L
+    q_ptrs = q_base + offs_m[:, None] * HEAD_D + offs_d[None, :]
+    do_ptrs = do_base + offs_m[:, None] * HEAD_DV + offs_dv[None, :]
+    if BOUNDARY:
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)      # (BM, BD)
+        do = tl.load(do_ptrs, mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # (BM, BDV)
+    else:
+        q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
+        do = tl.load(do_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+    lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # (BN, BM)
+    if HAS_MASK:
+        mvals = tl.load(mask_cols[:, None] + offs_m[None, :].to(tl.int64) * stride_ml,
+                        mask=(offs_n[:, None] < S) & m_ok[None, :], other=0.0)
+        sT += mvals.to(tl.float32) * 1.4426950408889634
+    pT = tl.math.exp2(sT - lse2[None, :])
+    if HAS_KPM:
+        pT = tl.where(key_ok[:, None], pT, 0.0)
+    if BOUNDARY:
+        visible = (offs_n[:, None] < S) & m_ok[None, :]
+        if IS_CAUSAL:
+            visible = visible & (offs_n[:, None] <= offs_m[None, :])
+        pT = tl.where(visible, pT, 0.0)
+    dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)               # (BN, BM)
+    if HAS_DROPOUT:
+        keep = tl.rand(seed, drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
+        pT_kept = tl.where(keep, pT, 0.0)  # the 1/(1-p) scale is applied to dv once, at the end
+        dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+    else:
+        pT_kept = pT
+    dv = tl.dot(pT_kept.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+    delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta,  # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev), lse/delta (N,Hq,L)
+    DK, DV,                     # dk (N,Hkv,S,E), dv (N,Hkv,S,Ev)
+    Mask, Kpm,                  # additive (N,Hq,L,S) strided view; (N,S) u8
+    seed, dropout_p, qk_scale, sm_scale,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    Hq, GROUP, L, S, HEAD_D, HEAD_DV,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    Hkv = Hq // GROUP
+    num_n = tl.cdiv(S, BLOCK_N)
+    pid = tl.program_id(0)
+    bhk = pid // num_n
+    start_n = (pid % num_n) * BLOCK_N
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < S
+
+    k = tl.load(K + bhk.to(tl.int64) * S * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :],
+                mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)       # (BN, BD)
+    v = tl.load(V + bhk.to(tl.int64) * S * HEAD_DV + offs_n[:, None] * HEAD_DV + offs_dv[None, :],
+                mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)     # (BN, BDV)
+
+    # Query blocks to visit: [m_lo, m_end). Those in [f_lo, f_hi) need no boundary/causal test.
+    m_end = tl.cdiv(L, BLOCK_M) * BLOCK_M
+    m_lo = 0
+    f_lo = 0
+    if IS_CAUSAL:
+        m_lo = tl.minimum((start_n // BLOCK_M) * BLOCK_M, m_end)
+        f_lo = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    f_hi = (L // BLOCK_M) * BLOCK_M
+    key_ok = n_ok
+    if HAS_KPM:
+        pad = tl.load(Kpm + b.to(tl.int64) * S + offs_n, mask=n_ok, other=1)
+        key_ok = pad == 0
+        # A key block that is wholly padded receives no gradient: visit nothing.
+        m_lo = tl.where(tl.sum(key_ok.to(tl.int32), 0) > 0, m_lo, m_end)
+    # The last key block (partly beyond S): every query block needs the key boundary test.
+    f_lo = tl.where(start_n + BLOCK_N > S, m_end, f_lo)
+    f_lo = tl.minimum(tl.maximum(f_lo, m_lo), m_end)
+    f_hi = tl.maximum(f_hi, f_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + bh.to(tl.int64) * L * HEAD_D
+        do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
+        lse_base = Lse + bh.to(tl.int64) * L
+        delta_base = Delta + bh.to(tl.int64) * L
+        mask_cols = Mask
+        if HAS_MASK:
+            mask_cols = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                         + offs_n.to(tl.int64) * stride_ms)                        # (BN,) pointers
+        drop_base = bh.to(tl.int64) * L * S
+        for start_m in range(m_lo, f_lo, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
+                                 drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
+                                 L, S, HEAD_D, HEAD_DV, stride_ml,
+                                 BLOCK_M, True, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
+        for start_m in range(f_lo, f_hi, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
+                                 drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
+                                 L, S, HEAD_D, HEAD_DV, stride_ml,
+                                 BLOCK_M, False, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
+        for start_m in range(f_hi, m_end, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
+                                 drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
+                                 L, S, HEAD_D, HEAD_DV, stride_ml,
+                                 BLOCK_M, True, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
+
+    if HAS_DROPOUT:
+        dv = dv / (1.0 - dropout_p)
+    dk = dk * sm_scale
+    tl.store(DK + bhk.to(tl.int64) * S * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D))
+    tl.store(DV + bhk.to(tl.int64) * S * HEAD_DV + offs_n[:, None] * HEAD_DV + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
+              start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
+              L, S, HEAD_D, HEAD_DV, stride_ms,
+              BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    """One key block's contribution to a resident dQ block (BM, BD)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < S
+    k_ptrs = k_base + offs_n[:, None] * HEAD_D + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * HEAD_DV + offs_dv[None, :]
+    if BOUNDARY:
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)      # (BN, BD)
+    else:
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
+    if BOUNDARY:
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # (BN, BDV)
+    else:
+        v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale       # (BM, BN)
+    if HAS_MASK:
+        mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
+                        mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
+        s += mvals.to(tl.float32) * 1.4426950408889634
+    p = tl.math.exp2(s - lse2[:, None])
+    if HAS_KPM:
+        pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)
+        p = tl.where(pad[None, :] == 0, p, 0.0)
+    if BOUNDARY:
+        visible = n_ok[None, :]
+        if IS_CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)                # (BM, BN)
+    if HAS_DROPOUT:
+        keep = tl.rand(seed, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta,  # as in _attn_bwd_dkdv_kernel
+    DQ,                         # dq (N,Hq,L,E)
+    Mask, Kpm, KvRange,
+    seed, dropout_p, qk_scale, sm_scale,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    Hq, GROUP, L, S, HEAD_D, HEAD_DV,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    pid_m = pid % num_m
+    if IS_CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    Hkv = Hq // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < L
+
+    q = tl.load(Q + bh.to(tl.int64) * L * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)       # (BM, BD)
+    do = tl.load(DOut + bh.to(tl.int64) * L * HEAD_DV + offs_m[:, None] * HEAD_DV + offs_dv[None, :],
+                 mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)    # (BM, BDV)
+    lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
+    k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
+    v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
+    mask_rows = Mask
+    if HAS_MASK:
+        mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                     + offs_m.to(tl.int64) * stride_ml)
+    kpm_base = Kpm + b.to(tl.int64) * S
+    drop_rows = (bh.to(tl.int64) * L + offs_m) * S
+
+    n_end = S
+    if IS_CAUSAL:
+        n_end = tl.minimum(S, start_m + BLOCK_M)
+    lo = 0
+    if HAS_KPM:
+        kv_lo = tl.load(KvRange + 2 * b)
+        kv_hi = tl.load(KvRange + 2 * b + 1)
+        lo = (kv_lo // BLOCK_N) * BLOCK_N
+        n_end = tl.minimum(n_end, kv_hi)
+    full_end = n_end
+    if IS_CAUSAL:
+        full_end = tl.minimum(full_end, start_m + 1)
+    full_end = tl.maximum((full_end // BLOCK_N) * BLOCK_N, lo)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, full_end, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
+                       start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
+                       L, S, HEAD_D, HEAD_DV, stride_ms,
+                       BLOCK_N, False, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
+    for start_n in range(full_end, n_end, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
+                       start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
+                       L, S, HEAD_D, HEAD_DV, stride_ms,
+                       BLOCK_N, True, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + bh.to(tl.int64) * L * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D))
+
+
+# ==================================================================================================
+# Configurations
+# ==================================================================================================
+def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # padded head dim (a power of two, >= 16 for tl.dot)
+SEQ_BUCKETS = ("short", "long")            # max(L, S) <= SHORT_SEQ, else long
+SHORT_SEQ = 512
+DTYPE_CLASSES = ("f16", "f32", "tf32")     # fp16/bf16 | fp32 computed in fp32 | fp32 allowed tf32
+
+# Candidate configs per (dtype class, head-dim bucket, seq bucket); on a GPU the launcher measures the
+# candidates of a key once and keeps the fastest. BLOCK_M is the query block, BLOCK_N the key block
+# (for dK/dV: BLOCK_N keys stay resident while BLOCK_M query rows stream past).
+# Every entry is compiled for sm_80 and sm_90 by tests/test_triton_aot_attention.py, which asserts
+# no register spills and shared memory within the chip; configs that failed that were removed.
+FWD_CONFIGS: dict[tuple[str, int, str], list[triton.Config]] = {}
+BWD_DKDV_CONFIGS: dict[tuple[str, int, str], list[triton.Config]] = {}
+BWD_DQ_CONFIGS: dict[tuple[str, int, str], list[triton.Config]] = {}
+
+
+def _fill(table, dtype_classes, buckets, seqs, configs):
+    for dc in dtype_classes:
+        for hd in buckets:
+            for sq in seqs:
+                table[(dc, hd, sq)] = list(configs)
+
+
+# Forward, fp16/bf16 (tensor cores).
+_fill(FWD_CONFIGS, ("f16",), (16, 32), ("short",), [_cfg(64, 64, 4, 3)])
+_fill(FWD_CONFIGS, ("f16",), (16, 32), ("long",), [_cfg(128, 64, 4, 3), _cfg(128, 128, 4, 3)])
+_fill(FWD_CONFIGS, ("f16",), (64,), ("short",), [_cfg(64, 64, 4, 3)])
+_fill(FWD_CONFIGS, ("f16",), (64,), ("long",), [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4)])
+_fill(FWD_CONFIGS, ("f16",), (128,), ("short",), [_cfg(64, 64, 4, 3)])
+_fill(FWD_CONFIGS, ("f16",), (128,), ("long",), [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3)])
+_fill(FWD_CONFIGS, ("f16",), (256,), SEQ_BUCKETS, [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)])
+# Forward, fp32.
+_fill(FWD_CONFIGS, ("f32", "tf32"), (16, 32, 64), SEQ_BUCKETS, [_cfg(64, 32, 4, 2)])
+_fill(FWD_CONFIGS, ("f32", "tf32"), (128,), SEQ_BUCKETS, [_cfg(32, 32, 4, 2)])
+_fill(FWD_CONFIGS, ("f32", "tf32"), (256,), SEQ_BUCKETS, [_cfg(32, 32, 4, 1)])
+
+# dK/dV, fp16/bf16.
+_fill(BWD_DKDV_CONFIGS, ("f16",), (16, 32, 64), ("short",), [_cfg(32, 64, 4, 3)])
+_fill(BWD_DKDV_CONFIGS, ("f16",), (16, 32, 64), ("long",), [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3)])
+_fill(BWD_DKDV_CONFIGS, ("f16",), (128,), ("short",), [_cfg(32, 64, 4, 3)])
+_fill(BWD_DKDV_CONFIGS, ("f16",), (128,), ("long",), [_cfg(32, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2)])
+_fill(BWD_DKDV_CONFIGS, ("f16",), (256,), SEQ_BUCKETS, [_cfg(32, 64, 8, 2)])
+# dK/dV, fp32.
+_fill(BWD_DKDV_CONFIGS, ("f32", "tf32"), (16, 32, 64, 128), SEQ_BUCKETS, [_cfg(32, 32, 4, 2)])
+_fill(BWD_DKDV_CONFIGS, ("f32", "tf32"), (256,), SEQ_BUCKETS, [_cfg(16, 32, 4, 1)])
+
+# dQ, fp16/bf16.
+_fill(BWD_DQ_CONFIGS, ("f16",), (16, 32, 64), ("short",), [_cfg(64, 32, 4, 3)])
+_fill(BWD_DQ_CONFIGS, ("f16",), (16, 32, 64), ("long",), [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)])
+_fill(BWD_DQ_CONFIGS, ("f16",), (128,), ("short",), [_cfg(64, 32, 4, 3)])
+_fill(BWD_DQ_CONFIGS, ("f16",), (128,), ("long",), [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)])
+_fill(BWD_DQ_CONFIGS, ("f16",), (256,), SEQ_BUCKETS, [_cfg(64, 32, 8, 2)])
+# dQ, fp32.
+_fill(BWD_DQ_CONFIGS, ("f32", "tf32"), (16, 32, 64, 128), SEQ_BUCKETS, [_cfg(32, 32, 4, 2)])
+_fill(BWD_DQ_CONFIGS, ("f32", "tf32"), (256,), SEQ_BUCKETS, [_cfg(16, 32, 4, 1)])
+
+# The delta pre-pass is memory bound and tiny: one config.
+DELTA_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)
+
+# Under the interpreter: one small config for everything (the interpreter runs a program per block).
+INTERPRET_CONFIG = _cfg(16, 16, 1, 1)
+INTERPRET_DELTA_CONFIG = triton.Config({"BLOCK_M": 16}, num_warps=1, num_stages=1)
+
+KERNELS = {
+    "fwd": (_attn_fwd_kernel, FWD_CONFIGS),
+    "bwd_dkdv": (_attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS),
+    "bwd_dq": (_attn_bwd_dq_kernel, BWD_DQ_CONFIGS),
+}
+# (HAS_MASK, HAS_KPM, IS_CAUSAL, HAS_DROPOUT): every combination is a compiled specialisation.
+SPECIALISATIONS = tuple((m, k, c, d) for m in (False, True) for k in (False, True)
+                        for c in (False, True) for d in (False, True))
+
+
+def head_dim_bucket(e: int) -> int:
+    """Padded head dim for a head dim e in 1..256: the next power of two, at least 16."""
+    if not 1 <= e <= 256:
+        raise ValueError(f"head dim: got {e}, expected 1..256")
+    return max(16, triton.next_power_of_2(e))
+
+
+def seq_bucket(l: int, s: int) -> str:
+    return "short" if max(l, s) <= SHORT_SEQ else "long"
+
+
+def dtype_class(dtype: torch.dtype, allow_tf32: bool) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "f16"
+    if dtype == torch.float32:
+        return "tf32" if allow_tf32 else "f32"
+    raise TypeError(f"q.dtype: got {dtype}, expected float16, bfloat16 or float32")
+
+
+def input_precision(dc: str) -> str:
+    """tl.dot's input_precision for a dtype class (only matters for fp32 operands)."""
+    return "ieee" if dc == "f32" else "tf32"
+
+
+def compile_cases():
+    """Every (kernel name, kernel, dtype class, head-dim bucket, specialisation, config) a GPU launch
+    can choose (union over sequence buckets), for ahead-of-time compilation checks. The delta
+    pre-pass is listed with the specialisation None."""
+    cases = []
+    for name, (kernel, table) in KERNELS.items():
+        for dc in DTYPE_CLASSES:
+            for hd in HEAD_DIM_BUCKETS:
+                seen = []
+                for sq in SEQ_BUCKETS:
+                    for cfg in table[(dc, hd, sq)]:
+                        key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+                        if key not in seen:
+                            seen.append(key)
+                            for spec in SPECIALISATIONS:
+                                cases.append((name, kernel, dc, hd, spec, cfg))
+    for hd in HEAD_DIM_BUCKETS:
+        for dc in ("f16", "f32"):
+            cases.append(("bwd_delta", _attn_bwd_delta_kernel, dc, hd, None, DELTA_CONFIG))
+    return cases
+
+
+# ==================================================================================================
+# Config choice (measured once per key on a GPU, cached)
+# ==================================================================================================
+_CHOSEN: dict[tuple, triton.Config] = {}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _choose(name: str, key: tuple, candidates: list[triton.Config], launch) -> triton.Config:
+    """The config to launch with. launch(cfg) runs the kernel once with cfg (outputs overwritten)."""
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    full_key = (name,) + key
+    cfg = _CHOSEN.get(full_key)
+    if cfg is not None:
+        return cfg
+    if len(candidates) == 1 or not _autotune_enabled():
+        cfg = candidates[0]
+    else:
+        from triton.testing import do_bench
+
+        timings = []
+        for c in candidates:
+            try:
+                t = do_bench(lambda: launch(c), warmup=5, rep=20)
+            except Exception:  # a config that cannot launch here (resources) is not a candidate
+                t = float("inf")
+            timings.append(t)
+        cfg = candidates[min(range(len(candidates)), key=timings.__getitem__)]
+    _CHOSEN[full_key] = cfg
+    return cfg
+
+
+def chosen_configs() -> dict:
+    """The configs picked so far, {(kernel, dtype class, head-dim bucket, seq bucket, spec): config}."""
+    return dict(_CHOSEN)
+
+
+# ==================================================================================================
+# Host launchers
+# ==================================================================================================
+def _check_inputs(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v: got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D tensors, expected 4-D (N, H, L, E)")
+    n, hq, _, e = q.shape
+    nk, hkv, s, ek = k.shape
+    if nk != n or v.shape[0] != n or v.shape[1] != hkv or v.shape[2] != s or ek != e:
+        raise ValueError(f"k, v: got shapes {tuple(k.shape)} and {tuple(v.shape)}, expected (N={n}, Hkv, S, E={e}) "
+                         "and (N, Hkv, S, Ev)")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"k: got {hkv} heads, expected a divisor of q's {hq} heads")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: got strides {t.stride()}, expected a contiguous tensor")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype: got {t.dtype}, expected {q.dtype} (q's dtype)")
+
+
+def _mask_args(attn_mask, q, l, s):
+    if attn_mask is None:
+        return q, (0, 0, 0, 0)
+    n, hq = q.shape[:2]
+    if tuple(attn_mask.shape) != (n, hq, l, s):
+        raise ValueError(f"attn_mask: got shape {tuple(attn_mask.shape)}, expected the expanded view {(n, hq, l, s)}")
+    if not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask.dtype: got {attn_mask.dtype}, expected an additive float mask")
+    return attn_mask, tuple(attn_mask.stride())
+
+
+def _kpm_args(key_padding_mask, q, s):
+    """(kpm as u8 (N, S), kv_range (N, 2) i32 = [first, last + 1] unpadded key per batch)."""
+    if key_padding_mask is None:
+        return q, q
+    n = q.shape[0]
+    if tuple(key_padding_mask.shape) != (n, s) or key_padding_mask.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask: got {tuple(key_padding_mask.shape)} {key_padding_mask.dtype}, "
+                         f"expected bool {(n, s)}")
+    kpm = key_padding_mask.contiguous()
+    keep = ~kpm
+    idx = torch.arange(s, device=kpm.device, dtype=torch.int32)
+    first = torch.where(keep, idx, s).amin(1)
+    last = torch.where(keep, idx + 1, 0).amax(1)
+    kv_range = torch.stack([first, last], 1).to(torch.int32).contiguous()
+    return kpm.view(torch.uint8), kv_range
+
+
+def _seed_arg(dropout_p, seed):
+    if dropout_p == 0.0:
+        return 0
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: got {dropout_p}, expected 0 <= p < 1")
+    if seed is None or seed.numel() != 1:
+        raise ValueError(f"seed: got {None if seed is None else tuple(seed.shape)}, expected an int64 tensor (1,) "
+                         "when dropout_p > 0")
+    return int(seed.reshape(()).item())
+
+
+def _common(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, seed):
+    n, hq, l, e = q.shape
+    hkv, s, ev = k.shape[1], k.shape[2], v.shape[3]
+    block_d = head_dim_bucket(e)
+    block_dv = head_dim_bucket(ev)
+    dc = dtype_class(q.dtype, bool(torch.backends.cuda.matmul.allow_tf32))
+    mask, mstrides = _mask_args(attn_mask, q, l, s)
+    kpm, kv_range = _kpm_args(key_padding_mask, q, s)
+    seed_val = _seed_arg(float(dropout_p), seed)
+    flags = dict(HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None,
+                 IS_CAUSAL=bool(is_causal), HAS_DROPOUT=float(dropout_p) > 0.0,
+                 INPUT_PRECISION=input_precision(dc))
+    key = (dc, max(block_d, block_dv), seq_bucket(l, s),
+           (flags["HAS_MASK"], flags["HAS_KPM"], flags["IS_CAUSAL"], flags["HAS_DROPOUT"]))
+    dims = dict(Hq=hq, GROUP=hq // hkv, L=l, S=s, HEAD_D=e, HEAD_DV=ev, BLOCK_D=block_d, BLOCK_DV=block_dv)
+    return mask, mstrides, kpm, kv_range, seed_val, flags, key, dims
+
+
+def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is_causal: bool, scale: float,
+                      seed):
+    """Fused attention forward.
+
+    q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev): contiguous, one dtype (fp16/bf16/fp32).
+    attn_mask: None or additive (N, Hq, L, S) strided view (q's dtype). key_padding_mask: None or
+    bool (N, S), True = key ignored. seed: None or int64 CPU tensor (1,) when dropout_p > 0.
+    Returns out (N, Hq, L, Ev) in q's dtype and lse (N, Hq, L) float32 (natural log, +inf for a row
+    that sees no key; its output row is 0).
+    """
+    _check_inputs(q, k, v)
+    n, hq, l, _ = q.shape
+    ev = v.shape[3]
+    out = torch.empty((n, hq, l, ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    mask, ms, kpm, kv_range, seed_val, flags, key, dims = _common(q, k, v, attn_mask, key_padding_mask,
+                                                                  dropout_p, is_causal, seed)
+    qk_scale = float(scale) * LOG2E
+
+    def launch(cfg):
+        grid = (triton.cdiv(l, cfg.kwargs["BLOCK_M"]) * n * hq,)
+        _attn_fwd_kernel[grid](q, k, v, out, lse, mask, kpm, kv_range, seed_val, float(dropout_p), qk_scale,
+                               ms[0], ms[1], ms[2], ms[3], **dims, **flags, **cfg.kwargs,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = _choose("fwd", key, FWD_CONFIGS[key[:3]], launch)
+    launch(cfg)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p: float,
+                       is_causal: bool, scale: float, seed):
+    """Fused attention backward: returns dq, dk, dv shaped like q, k, v (dk/dv summed over each GQA
+    group's query heads), deterministic (no atomics). Arguments as attention_forward's, plus
+    grad_out (N, Hq, L, Ev) contiguous, out and lse from the forward."""
+    _check_inputs(q, k, v)
+    n, hq, l, _ = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    ev = v.shape[3]
+    if tuple(grad_out.shape) != (n, hq, l, ev) or tuple(out.shape) != (n, hq, l, ev):
+        raise ValueError(f"grad_out, out: got {tuple(grad_out.shape)}, {tuple(out.shape)}, expected {(n, hq, l, ev)}")
+    if tuple(lse.shape) != (n, hq, l) or lse.dtype != torch.float32:
+        raise ValueError(f"lse: got {tuple(lse.shape)} {lse.dtype}, expected float32 {(n, hq, l)}")
+    grad_out = grad_out.contiguous()
+    out = out.contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    mask, ms, kpm, kv_range, seed_val, flags, key, dims = _common(q, k, v, attn_mask, key_padding_mask,
+                                                                  dropout_p, is_causal, seed)
+    qk_scale = float(scale) * LOG2E
+
+    delta = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)
+    dcfg = INTERPRET_DELTA_CONFIG if INTERPRET else DELTA_CONFIG
+    _attn_bwd_delta_kernel[(triton.cdiv(l, dcfg.kwargs["BLOCK_M"]) * n * hq,)](
+        out, grad_out, delta, l, ev, BLOCK_DV=dims["BLOCK_DV"], **dcfg.kwargs,
+        num_warps=dcfg.num_warps, num_stages=dcfg.num_stages)
+
+    def launch_dkdv(cfg):
+        grid = (triton.cdiv(s, cfg.kwargs["BLOCK_N"]) * n * hkv,)
+        _attn_bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, seed_val, float(dropout_p),
+                                    qk_scale, float(scale), ms[0], ms[1], ms[2], ms[3], **dims, **flags,
+                                    **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch_dq(cfg):
+        grid = (triton.cdiv(l, cfg.kwargs["BLOCK_M"]) * n * hq,)
+        _attn_bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, dq, mask, kpm, kv_range, seed_val,
+                                  float(dropout_p), qk_scale, float(scale), ms[0], ms[1], ms[2], ms[3], **dims,
+                                  **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    launch_dkdv(_choose("bwd_dkdv", key, BWD_DKDV_CONFIGS[key[:3]], launch_dkdv))
+    launch_dq(_choose("bwd_dq", key, BWD_DQ_CONFIGS[key[:3]], launch_dq))
+    return dq, dk, dv
