@@ -1,0 +1,33 @@
+"""Test set-up. Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set
+before anything imports triton, so it is set here, first. Nothing here touches a GPU at import."""
+import os
+
+if os.environ.get("FASTATTN_TEST_NO_INTERPRET") != "1":
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastattn  # noqa: E402
+
+
+def backend_device(name: str) -> str:
+    """Where a backend's conformance cases run: GPU backends on CUDA when there is one."""
+    if name == "cuda":
+        return "cuda"
+    if name in ("triton", "reference") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def interpreted(name: str) -> bool:
+    return name == "triton" and backend_device(name) == "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
