@@ -1,0 +1,178 @@
+// Element-wise math of the CPU feed-forward kernels (csrc/cpu/feed_forward.cpp): activations,
+// their derivatives and the dropout keep/scale row, written as plain loops over one hidden row so
+// that the compiler vectorises them. feed_forward.cpp instantiates them inside functions compiled
+// for AVX-512 / AVX2 (chosen at run time), so no -march flag is needed.
+//
+// float uses polynomial exp/erf (abs error ~1e-7, well inside fp32 GEMM rounding); double calls
+// the exact std:: functions.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "philox.h"
+
+#if defined(__GNUC__)
+#define FFN_INLINE inline __attribute__((always_inline))
+#else
+#define FFN_INLINE inline
+#endif
+
+namespace fastattn::ffn {
+
+enum class Act { Relu, Gelu, GeluTanh };
+
+constexpr double kSqrtHalf = 0.70710678118654752440;   // 1/sqrt(2)
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // 1/sqrt(2*pi)
+constexpr double kSqrt2OverPi = 0.79788456080286535588; // sqrt(2/pi)
+constexpr double kTanhCoef = 0.044715;
+
+// ---- exp(x) for x <= 0 (all the callers need), float: range reduction + degree-7 polynomial ----
+FFN_INLINE float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693145751953125f;  // ln2 split in two for an exact product
+  r = r - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float two_n;
+  __builtin_memcpy(&two_n, &e, sizeof(float));
+  return p * two_n;
+}
+FFN_INLINE double exp_nonpos(double x) { return std::exp(x); }
+
+// ---- erf: float by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7); double exact ----
+FFN_INLINE float erf_approx(float x) {
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float y = 1.061405429f;
+  y = y * t - 1.453152027f;
+  y = y * t + 1.421413741f;
+  y = y * t - 0.284496736f;
+  y = y * t + 0.254829592f;
+  y = 1.0f - y * t * exp_nonpos(-ax * ax);
+  return x < 0.0f ? -y : y;
+}
+FFN_INLINE double erf_approx(double x) { return std::erf(x); }
+
+// ---- tanh through exp(-2|u|) (no overflow); float keeps absolute error ~1e-7 ----
+FFN_INLINE float tanh_approx(float u) {
+  const float e = exp_nonpos(-2.0f * std::fabs(u));
+  const float t = (1.0f - e) / (1.0f + e);
+  return u < 0.0f ? -t : t;
+}
+FFN_INLINE double tanh_approx(double u) { return std::tanh(u); }
+
+template <Act A, typename acc_t>
+FFN_INLINE acc_t act_value(acc_t p) {
+  if constexpr (A == Act::Relu) {
+    return p > acc_t(0) ? p : acc_t(0);
+  } else if constexpr (A == Act::Gelu) {
+    return acc_t(0.5) * p * (acc_t(1) + erf_approx(p * acc_t(kSqrtHalf)));
+  } else {
+    const acc_t u = acc_t(kSqrt2OverPi) * (p + acc_t(kTanhCoef) * p * p * p);
+    return acc_t(0.5) * p * (acc_t(1) + tanh_approx(u));
+  }
+}
+
+// value and derivative d act / d p at once (shares the transcendental work)
+template <Act A, typename acc_t>
+FFN_INLINE void act_value_grad(acc_t p, acc_t& value, acc_t& grad) {
+  if constexpr (A == Act::Relu) {
+    const bool pos = p > acc_t(0);
+    value = pos ? p : acc_t(0);
+    grad = pos ? acc_t(1) : acc_t(0);
+  } else if constexpr (A == Act::Gelu) {
+    const acc_t cdf = acc_t(0.5) * (acc_t(1) + erf_approx(p * acc_t(kSqrtHalf)));
+    const acc_t pdf = acc_t(kInvSqrt2Pi) * exp_nonpos(acc_t(-0.5) * p * p);
+    value = p * cdf;
+    grad = cdf + p * pdf;
+  } else {
+    const acc_t p2 = p * p;
+    const acc_t u = acc_t(kSqrt2OverPi) * (p + acc_t(kTanhCoef) * p2 * p);
+    const acc_t th = tanh_approx(u);
+    const acc_t du = acc_t(kSqrt2OverPi) * (acc_t(1) + acc_t(3.0 * kTanhCoef) * p2);
+    value = acc_t(0.5) * p * (acc_t(1) + th);
+    grad = acc_t(0.5) * (acc_t(1) + th) + acc_t(0.5) * p * (acc_t(1) - th * th) * du;
+  }
+}
+
+template <typename T>
+FFN_INLINE float to_float(T v) { return static_cast<float>(v); }
+
+// keep[f] = scale if philox_uniform(seed, off0 + f) >= p else 0, for f in [0, n)
+template <typename acc_t>
+FFN_INLINE void dropout_row(uint64_t seed, uint64_t off0, int64_t n, float p, acc_t scale, acc_t* keep) {
+  for (int64_t f = 0; f < n; ++f) {
+    const float u = philox_uniform(seed, off0 + static_cast<uint64_t>(f));
+    keep[f] = u >= p ? scale : acc_t(0);
+  }
+}
+
+// Forward epilogue of `rows` hidden rows h (rows, F) holding x @ w1^T (no bias yet):
+//   pre = h + b1; saved <- pre (when saved != nullptr); h <- act(pre) * keep.
+// keep (F,) scratch; row r of the tile has dropout counter base off0 + r*F.
+template <typename scalar_t, typename acc_t, Act A, bool DROP>
+FFN_INLINE void fwd_epilogue_impl(int64_t rows, int64_t F, acc_t* __restrict__ h, const acc_t* __restrict__ b1,
+                                  scalar_t* __restrict__ saved, uint64_t seed, uint64_t off0, float p,
+                                  acc_t scale, acc_t* __restrict__ keep) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* __restrict__ hr = h + r * F;
+    if (b1 != nullptr) {
+      for (int64_t f = 0; f < F; ++f) hr[f] += b1[f];
+    }
+    if (saved != nullptr) {
+      scalar_t* __restrict__ sr = saved + r * F;
+      for (int64_t f = 0; f < F; ++f) sr[f] = static_cast<scalar_t>(hr[f]);
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        // the backward recomputes from the rounded pre-activation; use the same value here
+        for (int64_t f = 0; f < F; ++f) hr[f] = static_cast<acc_t>(sr[f]);
+      }
+    }
+    if constexpr (DROP) {
+      dropout_row<acc_t>(seed, off0 + static_cast<uint64_t>(r * F), F, p, scale, keep);
+      for (int64_t f = 0; f < F; ++f) hr[f] = act_value<A, acc_t>(hr[f]) * keep[f];
+    } else {
+      for (int64_t f = 0; f < F; ++f) hr[f] = act_value<A, acc_t>(hr[f]);
+    }
+  }
+}
+
+// Backward epilogue of `rows` rows. In: dh (rows, F) = grad_out @ w2, pre (rows, F) saved.
+// Out: hid (rows, F) = act(pre) * keep (the forward's hidden, for dW2), dh <- dh * keep * act'(pre)
+// (= d pre), db1 (F,) += column sums of d pre in row order.
+template <typename scalar_t, typename acc_t, Act A, bool DROP>
+FFN_INLINE void bwd_epilogue_impl(int64_t rows, int64_t F, acc_t* __restrict__ dh, const scalar_t* __restrict__ pre,
+                                  acc_t* __restrict__ hid, acc_t* __restrict__ db1, uint64_t seed, uint64_t off0,
+                                  float p, acc_t scale, acc_t* __restrict__ keep) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* __restrict__ dr = dh + r * F;
+    acc_t* __restrict__ hr = hid + r * F;
+    const scalar_t* __restrict__ pr = pre + r * F;
+    if constexpr (DROP) dropout_row<acc_t>(seed, off0 + static_cast<uint64_t>(r * F), F, p, scale, keep);
+    for (int64_t f = 0; f < F; ++f) {
+      acc_t v, g;
+      act_value_grad<A, acc_t>(static_cast<acc_t>(pr[f]), v, g);
+      if constexpr (DROP) {
+        const acc_t k = keep[f];
+        hr[f] = v * k;
+        dr[f] = dr[f] * k * g;
+      } else {
+        hr[f] = v;
+        dr[f] = dr[f] * g;
+      }
+      db1[f] += dr[f];
+    }
+  }
+}
+
+}  // namespace fastattn::ffn
