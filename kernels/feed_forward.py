@@ -1,0 +1,553 @@
+"""Fused feed-forward block in Triton: Linear -> activation -> dropout -> Linear, forward and backward.
+
+Shapes (fastattn/backends/README.md is the contract):
+    x (T, D) contiguous, w1 (F, D), b1 (F,) or None, w2 (D2, F), b2 (D2,) or None (nn.Linear layout)
+    hidden H = dropout(act(x @ w1^T + b1)), out = H @ w2^T + b2 (T, D2)
+    activation: "relu" | "gelu" (exact erf) | "gelu_tanh"
+    dropout: hidden element (t, f) kept iff tl.rand(seed, t*F + f) >= p (int64 counter), kept values
+    scaled by 1/(1-p). fastattn/_philox.py draws the same bits on the host.
+
+Kernels (three layers, as in Liger-Kernel: ``_ffn_*_kernel`` programs, ``ffn_forward``/``ffn_backward``
+launchers, the op registration lives in fastattn/ops.py):
+
+    forward   _ffn_up_kernel      pre = x @ w1^T + b1; H = dropout(act(pre)) in the epilogue; one store
+                                  of H (plus one of pre only when the backward needs it)
+              _ffn_linear_kernel  out = H @ w2^T + b2 (bias fused)
+    backward  _ffn_dh_kernel      dH = dOut @ w2; epilogue: dPre = dH * keep/(1-p) * act'(pre), the
+                                  per-32-row column sums of dPre (-> db1, deterministic two-pass) and,
+                                  when chosen, H itself (see below)
+              _ffn_linear_kernel  dW2 = dOut^T @ H, H either read or recomputed from pre in the
+                                  B-operand prologue (act + dropout applied to the loaded tile)
+              _ffn_linear_kernel  dW1 = dPre^T @ x ;  dx = dPre @ w1
+              _ffn_colsum_kernel  db2 = colsum(dOut) and the second pass of db1 (fixed order)
+
+No atomics anywhere: every output element is written by exactly one program and every reduction has a
+fixed order, so a call is bitwise reproducible for a fixed choice of tile config (the autotuner picks
+the config once per key and process; two processes that pick different configs may differ in the last
+bits, as cuBLAS heuristics do).
+
+Save or recompute the pre-activation (decision: SAVE it, the contract's ``saved``)
+    Recomputing pre = x @ w1^T + b1 in the backward is a whole GEMM of 2*T*D*F flops. For BERT-base
+    (D=768, F=3072) and T=64k tokens that is 0.31 TFLOP, about 0.45 ms at ~700 TFLOP/s on an H100, i.e.
+    one of the six GEMMs of forward+backward (~17% of the time). Saving it costs T*F*2 bytes = 384 MiB
+    in bf16 at that size; torch eager keeps more (pre, H and the dropout mask: 2.3x that). The mask is
+    never stored: it is regenerated from the counter. So we save pre (time wins; memory stays below
+    eager), and ops.py recomputes it with F.linear when a forward ran with save_for_backward=False.
+
+Recompute H in dW2's prologue, or write it from dH's epilogue (decision: per call, ``_h_in_prologue``)
+    dW2 = dOut^T @ H needs H = dropout(act(pre)). The dH epilogue already has act(pre) and the mask
+    for every (t, f) once, so writing H there costs one extra T*F store (and a T*F temporary).
+    Recomputing H inside dW2's B-operand loads costs the activation (and Philox) once per M-tile of
+    dW2, i.e. ceil(D2 / BLOCK_M) times per element. Per hidden element, in H100 CUDA-core instruction
+    slots (128/clk/SM): dW2's tensor-core work for one M-tile of 128 rows ~ 8 slots; the H store from
+    the dH epilogue ~ 18 slots (2 B at ~14 B/clk/SM of HBM bandwidth); the recompute per M-tile:
+    relu ~2, gelu_tanh ~15, gelu (erf) ~25, Philox-4x32-10 dropout ~70. So the prologue is cheaper
+    only when (act + dropout cost) * ceil(D2/128) < 18: relu without dropout up to D2 = 1024 (covers
+    768), gelu_tanh without dropout for D2 <= 128; with dropout never (one Philox per M-tile already
+    costs 4x the store). Everything else writes H from the dH epilogue. Both paths are tested.
+
+Tiles: fp16/bf16 use 128x128x64 / 128x256x64 / 64x128x64 tiles, 4-8 warps, 3-4 stages (sized for
+H100/A100 shared memory) with grouped tile ordering (GROUP_M=8) for L2 reuse; fp32 uses smaller
+tiles (its smem footprint doubles). fp32 is true fp32 (input_precision="ieee") unless
+torch.backends.cuda.matmul.allow_tf32 is set. Under TRITON_INTERPRET=1 (read once at import) every
+kernel has one small 32x32x32 config so the interpreter stays fast. tests/test_triton_aot_ffn.py
+compiles every config of every kernel specialisation listed here for sm_80 and sm_90.
+Nothing here queries a GPU at import time.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+ACT_ID = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+# ---- autotune config lists (module-level so the AOT test enumerates exactly these) -------------------
+# Keys: "16bit" serves fp16 and bf16, "fp32" serves fp32 (ieee or tf32). Every BLOCK_M is a multiple of
+# DB1_ROWS (the row granule of db1's partial sums, see _ffn_dh_kernel).
+if INTERPRET:
+    _ONE = [_cfg(32, 32, 32, 4, 1)]
+    UP_CONFIGS = {"16bit": _ONE, "fp32": _ONE}
+    LINEAR_CONFIGS = {"16bit": _ONE, "fp32": _ONE}
+    DH_CONFIGS = {"16bit": _ONE, "fp32": _ONE}
+else:
+    UP_CONFIGS = {
+        "16bit": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
+                  _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 3)],
+        "fp32": [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3)],
+    }
+    LINEAR_CONFIGS = {
+        "16bit": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
+                  _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 3)],
+        "fp32": [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3)],
+    }
+    DH_CONFIGS = {
+        "16bit": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
+                  _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 3)],
+        "fp32": [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3)],
+    }
+
+# The column-sum kernel is not autotuned (its summation order must not depend on timing).
+COLSUM_BLOCK_R = 32
+COLSUM_BLOCK_C = 32 if INTERPRET else 128
+COLSUM_NUM_WARPS = 4
+COLSUM_ROWS_PER_PROG = 256 if INTERPRET else 1024
+DB1_ROWS = 32  # db1 partial sums: one fp32 row per DB1_ROWS rows of the hidden, whatever the tile
+
+# The operand layouts each _ffn_linear_kernel launch uses (A_TRANS: A is stored (K, M); B_TRANS: B is
+# stored (N, K)). The launchers index this table, so the AOT test enumerates exactly what can run.
+LINEAR_ROLES = {
+    "down": dict(A_TRANS=False, B_TRANS=True, B_FROM_PRE=False),   # out = H @ w2^T
+    "dw2": dict(A_TRANS=True, B_TRANS=False, B_FROM_PRE=False),    # dW2 = dOut^T @ H
+    "dw2_recompute": dict(A_TRANS=True, B_TRANS=False, B_FROM_PRE=True),  # ... H from pre in the prologue
+    "dw1": dict(A_TRANS=True, B_TRANS=False, B_FROM_PRE=False),    # dW1 = dPre^T @ x
+    "dx": dict(A_TRANS=False, B_TRANS=False, B_FROM_PRE=False),    # dx = dPre @ w1
+}
+
+
+# ---- device helpers ----------------------------------------------------------------------------------
+@triton.jit
+def _tanh(u):
+    # overflow-free tanh: exp of a non-positive argument only
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u >= 0, t, -t)
+
+
+@triton.jit
+def _act_fwd(x, ACT: tl.constexpr):
+    """activation of an fp32 tile: 0 relu, 1 gelu (erf), 2 gelu (tanh approximation)."""
+    if ACT == 0:
+        y = tl.maximum(x, 0.0)
+    elif ACT == 1:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    else:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = 0.5 * x * (1.0 + _tanh(u))
+    return y
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    """d act(x) / dx of an fp32 tile (relu'(0) = 0, as torch)."""
+    if ACT == 0:
+        d = tl.where(x > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        d = cdf + x * pdf
+    else:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        t = _tanh(u)
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    return d
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, GROUP_M row tiles at a time so B tiles stay in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n, seed, p, drop_scale,
+               A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, B_FROM_PRE: tl.constexpr, ACT: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of A @ B.
+
+    A element (m, k) sits at m*lda + k, or at k*lda + m when A_TRANS; B element (k, n) at k*ldb + n, or
+    at n*ldb + k when B_TRANS. Rows/columns past M/N are read wrapped (valid memory, never stored);
+    the K tail is masked to 0 (BLOCK_K >= 16 whatever K is, as tl.dot needs). B_FROM_PRE: B holds the
+    pre-activation (K=T, N=F) and the operand is dropout(act(B)) with counter k*ldb + n.
+    """
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    rk = tl.arange(0, BLOCK_K)
+    if A_TRANS:
+        a_ptrs = a_ptr + rk[None, :].to(tl.int64) * lda + rm[:, None]
+        a_step = BLOCK_K * lda
+    else:
+        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * lda + rk[None, :]
+        a_step = BLOCK_K
+    if B_TRANS:
+        b_ptrs = b_ptr + rn[None, :].to(tl.int64) * ldb + rk[:, None]
+        b_step = BLOCK_K
+    else:
+        b_ptrs = b_ptr + rk[:, None].to(tl.int64) * ldb + rn[None, :]
+        b_step = BLOCK_K * ldb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if B_FROM_PRE:
+            hb = _act_fwd(b.to(tl.float32), ACT)
+            if p > 0.0:
+                ctr = (k0 + rk)[:, None].to(tl.int64) * ldb + rn[None, :]
+                hb = tl.where(tl.rand(seed, ctr) >= p, hb * drop_scale, 0.0)
+            b = tl.where(k_ok[:, None], hb, 0.0).to(a.dtype)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += a_step
+        b_ptrs += b_step
+    return acc
+
+
+# ---- kernels -----------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seed", "has_bias", "store_pre", "tune_m", "tune_n", "tune_k"])
+def _ffn_up_kernel(
+    x_ptr,      # (T, D) input
+    w1_ptr,     # (F, D) up weight
+    b1_ptr,     # (F,) up bias (read only when has_bias)
+    h_ptr,      # (T, F) out: hidden after activation and dropout
+    pre_ptr,    # (T, F) out: pre-activation (written only when store_pre)
+    T, F, D,
+    seed,       # int64 Philox key
+    p,          # dropout probability (no dropout when 0)
+    drop_scale,  # 1 / (1 - p)
+    has_bias, store_pre,
+    tune_m, tune_n, tune_k,  # autotune key only
+    ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(T, F, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _gemm_tile(x_ptr, w1_ptr, T, F, D, D, D, pid_m, pid_n, seed, p, drop_scale,
+                     False, True, False, ACT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < F
+    ok = (offs_m < T)[:, None] & n_ok[None, :]
+    if has_bias != 0:
+        acc += tl.load(b1_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    pre = acc.to(h_ptr.dtype.element_ty)
+    off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]  # memory offset == dropout counter
+    if store_pre != 0:
+        tl.store(pre_ptr + off, pre, mask=ok)
+    h = _act_fwd(pre.to(tl.float32), ACT)  # from the rounded pre, exactly what the backward sees
+    if p > 0.0:
+        h = tl.where(tl.rand(seed, off) >= p, h * drop_scale, 0.0)
+    tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["seed", "has_bias", "tune_m", "tune_n", "tune_k"])
+def _ffn_linear_kernel(
+    a_ptr,      # A operand, (M, K) or (K, M) when A_TRANS
+    b_ptr,      # B operand, (K, N) or (N, K) when B_TRANS; the pre-activation (T, F) when B_FROM_PRE
+    bias_ptr,   # (N,) added to every row (read only when has_bias)
+    c_ptr,      # (M, N) out, contiguous
+    M, N, K, lda, ldb,
+    seed, p, drop_scale,  # dropout of the recomputed B (B_FROM_PRE only)
+    has_bias,
+    tune_m, tune_n, tune_k,  # autotune key only
+    A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, B_FROM_PRE: tl.constexpr, ACT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n, seed, p, drop_scale,
+                     A_TRANS, B_TRANS, B_FROM_PRE, ACT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if has_bias != 0:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "store_h", "tune_m", "tune_n", "tune_k"])
+def _ffn_dh_kernel(
+    go_ptr,     # (T, D2) grad of the output
+    w2_ptr,     # (D2, F) down weight
+    pre_ptr,    # (T, F) saved pre-activation
+    dpre_ptr,   # (T, F) out: grad of the pre-activation
+    h_ptr,      # (T, F) out: hidden dropout(act(pre)) (written only when store_h)
+    db1p_ptr,   # (cdiv(T, DB1_ROWS), F) fp32 out: column sums of dPre per DB1_ROWS rows
+    T, F, D2,
+    seed, p, drop_scale,
+    store_h,
+    tune_m, tune_n, tune_k,  # autotune key only
+    ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DB1_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(T, F, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _gemm_tile(go_ptr, w2_ptr, T, F, D2, D2, F, pid_m, pid_n, seed, p, drop_scale,
+                     False, False, False, ACT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < F
+    ok = (offs_m < T)[:, None] & n_ok[None, :]
+    off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
+    pre = tl.load(pre_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    mult = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
+    if p > 0.0:
+        mult = tl.where(tl.rand(seed, off) >= p, drop_scale, 0.0)
+    dpre = tl.where(ok, acc * mult * _act_grad(pre, ACT), 0.0)
+    tl.store(dpre_ptr + off, dpre.to(dpre_ptr.dtype.element_ty), mask=ok)
+    # db1 partials: a fixed DB1_ROWS-row granule, so the layout does not depend on BLOCK_M
+    part = tl.sum(tl.reshape(dpre, (BLOCK_M // DB1_ROWS, DB1_ROWS, BLOCK_N)), axis=1)
+    prow = pid_m * (BLOCK_M // DB1_ROWS) + tl.arange(0, BLOCK_M // DB1_ROWS)
+    p_ok = (prow < tl.cdiv(T, DB1_ROWS))[:, None] & n_ok[None, :]
+    tl.store(db1p_ptr + prow[:, None].to(tl.int64) * F + offs_n[None, :], part, mask=p_ok)
+    if store_h != 0:
+        h = _act_fwd(pre, ACT) * mult
+        tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _ffn_colsum_kernel(
+    x_ptr,      # (R, C) contiguous
+    out_ptr,    # (cdiv(R, rows_per_prog), C) out: sums of each chunk of rows_per_prog rows
+    R, C, rows_per_prog,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    r_start = pid_r * rows_per_prog
+    r_end = tl.minimum(R, r_start + rows_per_prog)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ptrs = x_ptr + rows[:, None].to(tl.int64) * C + cols[None, :]
+        acc += tl.load(ptrs, mask=(rows < r_end)[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid_r.to(tl.int64) * C + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
+             mask=c_ok)
+
+
+# ---- autotuned entry points --------------------------------------------------------------------------
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (keeps autotuning short on small shapes)."""
+    m, n = named_args["tune_m"], named_args["tune_n"]
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))
+            and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))]
+    return keep or configs[-1:]
+
+
+_KEY = ["tune_m", "tune_n", "tune_k", "ACT", "INPUT_PRECISION"]  # tensor dtypes are added by triton
+_TUNED = {
+    (name, cls): triton.autotune(configs=table[cls], key=key, prune_configs_by={"early_config_prune": _prune})(fn)
+    for name, fn, table, key in (
+        ("up", _ffn_up_kernel, UP_CONFIGS, _KEY),
+        ("linear", _ffn_linear_kernel, LINEAR_CONFIGS, _KEY + ["A_TRANS", "B_TRANS", "B_FROM_PRE"]),
+        ("dh", _ffn_dh_kernel, DH_CONFIGS, _KEY),
+    )
+    for cls in ("16bit", "fp32")
+}
+
+
+# ---- host launchers ----------------------------------------------------------------------------------
+def _dtype_class(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16bit"
+    if dtype == torch.float32:
+        return "fp32"
+    raise TypeError(f"fastattn triton feed-forward: dtype {dtype} is not supported; expected float16, "
+                    "bfloat16 or float32")
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for 16-bit inputs
+
+
+def _bucket(t: int) -> int:
+    """autotune bucket of a token count: the next power of two, capped at 65536."""
+    return min(65536, triton.next_power_of_2(max(16, t)))
+
+
+def _grid(m: int, n: int):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def _seed_value(dropout_p: float, seed: Optional[torch.Tensor]) -> int:
+    if dropout_p == 0.0:
+        return 0
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64:
+        got = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)}"
+        raise ValueError(f"fastattn triton feed-forward: dropout_p={dropout_p} needs seed as an int64 tensor "
+                         f"of shape (1,); got {got}")
+    return int(seed.reshape(-1)[0].item())
+
+
+def _check(x, w1, b1, w2, b2, activation: str, dropout_p: float) -> tuple[int, int, int, int]:
+    if activation not in ACT_ID:
+        raise ValueError(f"fastattn triton feed-forward: activation {activation!r} is not supported; "
+                         f"expected one of {ACTIVATIONS}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fastattn triton feed-forward: dropout_p must be in [0, 1); got {dropout_p}")
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"fastattn triton feed-forward: x must be a contiguous (T, D) tensor; got shape "
+                         f"{tuple(x.shape)}, contiguous={x.is_contiguous()}")
+    t, d = x.shape
+    f = w1.shape[0]
+    d2 = w2.shape[0]
+    expected = {"w1": (w1, (f, d)), "w2": (w2, (d2, f)), "b1": (b1, (f,)), "b2": (b2, (d2,))}
+    for name, (tensor, shape) in expected.items():
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"fastattn triton feed-forward: {name} must have shape {shape}; "
+                             f"got {tuple(tensor.shape)}")
+        if tensor.dtype != x.dtype or tensor.device != x.device:
+            raise ValueError(f"fastattn triton feed-forward: {name} must be {x.dtype} on {x.device}; "
+                             f"got {tensor.dtype} on {tensor.device}")
+    if min(d, f, d2) < 1:
+        raise ValueError(f"fastattn triton feed-forward: D, F and D2 must be >= 1; got {d}, {f}, {d2}")
+    return t, d, f, d2
+
+
+class _on_device:
+    """make x's CUDA device current for the launches (a no-op for CPU tensors under the interpreter)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.ctx = torch.cuda.device(x.device) if x.is_cuda else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _linear(role: str, a, b, bias, c, m, n, k, lda, ldb, tune, act="relu", seed=0, p=0.0, scale=1.0):
+    """c (m, n) = A @ B (+ bias) with the operand layouts of LINEAR_ROLES[role]."""
+    flags = LINEAR_ROLES[role]
+    _TUNED["linear", _dtype_class(c.dtype)][_grid(m, n)](
+        a, b, bias if bias is not None else c, c, m, n, k, lda, ldb, seed, p, scale,
+        int(bias is not None), *tune,
+        ACT=ACT_ID[act], INPUT_PRECISION=_input_precision(a.dtype), **flags)
+
+
+def _colsum(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """column sums of a contiguous (R, C) tensor, fp32 accumulation in a fixed order."""
+    r, c = x.shape
+    if r == 0:
+        return torch.zeros(c, dtype=out_dtype, device=x.device)
+    while True:
+        chunks = triton.cdiv(r, COLSUM_ROWS_PER_PROG)
+        out = torch.empty((chunks, c), dtype=out_dtype if chunks == 1 else torch.float32, device=x.device)
+        _ffn_colsum_kernel[(triton.cdiv(c, COLSUM_BLOCK_C), chunks)](
+            x, out, r, c, COLSUM_ROWS_PER_PROG, BLOCK_R=COLSUM_BLOCK_R, BLOCK_C=COLSUM_BLOCK_C,
+            num_warps=COLSUM_NUM_WARPS)
+        if chunks == 1:
+            return out.reshape(c)
+        x, r = out, chunks
+
+
+def _h_in_prologue(activation: str, dropout_p: float, d2: int) -> bool:
+    """True: dW2 recomputes H from pre in its prologue; False: the dH epilogue writes H (module doc)."""
+    if dropout_p > 0.0:
+        return False
+    m_tiles = triton.cdiv(d2, 128)
+    return (activation == "relu" and m_tiles <= 8) or (activation == "gelu_tanh" and m_tiles <= 1)
+
+
+def ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                b2: Optional[torch.Tensor], activation: str, dropout_p: float, seed: Optional[torch.Tensor],
+                save_for_backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """out = dropout(act(x @ w1^T + b1)) @ w2^T + b2.
+
+    x (T, D) contiguous, w1 (F, D), b1 (F,) or None, w2 (D2, F), b2 (D2,) or None, one dtype/device.
+    seed: int64 tensor of shape (1,) (None when dropout_p == 0).
+    Returns (out (T, D2), saved): saved is the pre-activation (T, F) in x's dtype when
+    save_for_backward, else an empty (0,) tensor.
+    """
+    t, d, f, d2 = _check(x, w1, b1, w2, b2, activation, dropout_p)
+    seed_v = _seed_value(dropout_p, seed)
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    b1 = b1.contiguous() if b1 is not None else None
+    b2 = b2.contiguous() if b2 is not None else None
+    out = torch.empty((t, d2), dtype=x.dtype, device=x.device)
+    saved = (torch.empty((t, f), dtype=x.dtype, device=x.device) if save_for_backward
+             else torch.empty(0, dtype=x.dtype, device=x.device))
+    if t == 0:
+        return out, saved
+    p = float(dropout_p)
+    scale = 1.0 / (1.0 - p)
+    tb = _bucket(t)
+    h = torch.empty((t, f), dtype=x.dtype, device=x.device)
+    with _on_device(x):
+        _TUNED["up", _dtype_class(x.dtype)][_grid(t, f)](
+            x, w1, b1 if b1 is not None else h, h, saved if save_for_backward else h, t, f, d,
+            seed_v, p, scale, int(b1 is not None), int(save_for_backward), tb, f, d,
+            ACT=ACT_ID[activation], INPUT_PRECISION=_input_precision(x.dtype))
+        _linear("down", h, w2, b2, out, t, d2, f, f, f, (tb, d2, f))
+    return out, saved
+
+
+def ffn_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                 w2: torch.Tensor, b2: Optional[torch.Tensor], saved: torch.Tensor, activation: str,
+                 dropout_p: float, seed: Optional[torch.Tensor], *, h_in_prologue: Optional[bool] = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ffn_forward.
+
+    grad_out (T, D2), saved: the (T, F) pre-activation from ffn_forward(save_for_backward=True).
+    Returns dx (T, D), dw1 (F, D), db1 (F,), dw2 (D2, F), db2 (D2,) (db1/db2 even without biases).
+    h_in_prologue (tests only): force where dW2 gets H (None: the cost model in _h_in_prologue).
+    """
+    t, d, f, d2 = _check(x, w1, b1, w2, b2, activation, dropout_p)
+    if tuple(grad_out.shape) != (t, d2) or grad_out.dtype != x.dtype:
+        raise ValueError(f"fastattn triton feed-forward: grad_out must be {x.dtype} of shape {(t, d2)}; got "
+                         f"{grad_out.dtype} of shape {tuple(grad_out.shape)}")
+    if tuple(saved.shape) != (t, f) or saved.dtype != x.dtype:
+        raise ValueError(f"fastattn triton feed-forward: saved (the pre-activation) must be {x.dtype} of shape "
+                         f"{(t, f)}; got {saved.dtype} of shape {tuple(saved.shape)}")
+    seed_v = _seed_value(dropout_p, seed)
+    grad_out, saved = grad_out.contiguous(), saved.contiguous()
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    dt, dev = x.dtype, x.device
+    if t == 0:
+        return (torch.empty_like(x), torch.zeros_like(w1), torch.zeros(f, dtype=dt, device=dev),
+                torch.zeros_like(w2), torch.zeros(d2, dtype=dt, device=dev))
+    p = float(dropout_p)
+    scale = 1.0 / (1.0 - p)
+    tb = _bucket(t)
+    prologue = _h_in_prologue(activation, p, d2) if h_in_prologue is None else bool(h_in_prologue)
+    dpre = torch.empty((t, f), dtype=dt, device=dev)
+    h = dpre if prologue else torch.empty((t, f), dtype=dt, device=dev)
+    db1_part = torch.empty((triton.cdiv(t, DB1_ROWS), f), dtype=torch.float32, device=dev)
+    dx = torch.empty((t, d), dtype=dt, device=dev)
+    dw1 = torch.empty((f, d), dtype=dt, device=dev)
+    dw2 = torch.empty((d2, f), dtype=dt, device=dev)
+    with _on_device(x):
+        _TUNED["dh", _dtype_class(dt)][_grid(t, f)](
+            grad_out, w2, saved, dpre, h, db1_part, t, f, d2, seed_v, p, scale, int(not prologue), tb, f, d2,
+            ACT=ACT_ID[activation], INPUT_PRECISION=_input_precision(dt), DB1_ROWS=DB1_ROWS)
+        if prologue:
+            _linear("dw2_recompute", grad_out, saved, None, dw2, d2, f, t, d2, f, (d2, f, tb),
+                    act=activation, seed=seed_v, p=p, scale=scale)
+        else:
+            _linear("dw2", grad_out, h, None, dw2, d2, f, t, d2, f, (d2, f, tb))
+        del h
+        db2 = _colsum(grad_out, dt)
+        db1 = _colsum(db1_part, dt)
+        _linear("dw1", dpre, x, None, dw1, f, d, t, f, d, (f, d, tb))
+        _linear("dx", dpre, w1, None, dx, t, d, f, f, d, (tb, d, f))
+    return dx, dw1, db1, dw2, db2
