@@ -1,0 +1,220 @@
+// Device helpers shared by the attention kernels: tensor-core fragments (mma.sync m16n8k16,
+// ldmatrix), cp.async, element types, the score mask. CUDA headers only (+ ../philox.h).
+#pragma once
+#include <cstdint>
+#include <cmath>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../philox.h"
+#include "attn_params.h"
+
+namespace fastattn {
+namespace cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- element types -------------------------------------------------------------------------------
+template <typename T>
+struct TypeOps;
+
+template <>
+struct TypeOps<float> {
+  static __device__ __forceinline__ float to_float(float x) { return x; }
+  static __device__ __forceinline__ float from_float(float x) { return x; }
+};
+
+template <>
+struct TypeOps<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  // two floats -> one 32-bit register, `lo` in the low half (the lower column of a fragment)
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <>
+struct TypeOps<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// ---- tensor cores ---------------------------------------------------------------------------------
+// D (16x8 f32) += A (16x16, row) * B (16x8, col). Fragment layout (lane = 4*g + t):
+//   a[0]: A[g][2t..2t+1]  a[1]: A[g+8][2t..]  a[2]: A[g][2t+8..]  a[3]: A[g+8][2t+8..]
+//   b[0]: B[2t..2t+1][g]  b[1]: B[2t+8..][g]
+//   c[0..1]: C[g][2t..2t+1]  c[2..3]: C[g+8][2t..2t+1]
+template <typename T>
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b0, const uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float c[4], const uint32_t a[4], const uint32_t b0,
+                                                  const uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float c[4], const uint32_t a[4], const uint32_t b0,
+                                                         const uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices; lane l gives the row address of matrix l/8, row l%8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// A fragment of the 16x16 block at (row0, col0) of a row-major smem tile with row stride lds.
+template <typename T>
+__device__ __forceinline__ void load_a_frag(uint32_t a[4], const T* tile, int lds, int row0, int col0, int lane) {
+  const int r = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int c = col0 + (lane >> 4) * 8;
+  ldmatrix_x4(a, smem_addr(tile + r * lds + c));
+}
+
+// B fragments of two n8 tiles (n0, n0+8) x k16 (k0) where the smem tile is stored [n][k] (row = n):
+// b[0], b[1] for n0 and b[2], b[3] for n0 + 8.
+template <typename T>
+__device__ __forceinline__ void load_b_frag_nk(uint32_t b[4], const T* tile, int lds, int n0, int k0, int lane) {
+  const int r = n0 + (lane & 7) + (lane >> 4) * 8;
+  const int c = k0 + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4(b, smem_addr(tile + r * lds + c));
+}
+
+// Same fragments when the smem tile is stored [k][n] (row = k): ldmatrix with transpose.
+template <typename T>
+__device__ __forceinline__ void load_b_frag_kn(uint32_t b[4], const T* tile, int lds, int k0, int n0, int lane) {
+  const int r = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int c = n0 + (lane >> 4) * 8;
+  ldmatrix_x4_trans(b, smem_addr(tile + r * lds + c));
+}
+
+// ---- cp.async ---------------------------------------------------------------------------------------
+// 16 bytes global -> shared; when !valid nothing is read and the 16 bytes are zero-filled.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copy rows [row0, row0 + R) of a (nrows, ncols) row-major global matrix into a zero-padded
+// R x D smem tile (row stride LDS). vec: ncols % 8 == 0 and 16-byte aligned rows -> cp.async;
+// otherwise plain element loads (the caller's __syncthreads() publishes them either way).
+template <typename T, int R, int D, int LDS, int NT>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int row0, int nrows, int ncols, bool vec, int tid) {
+  constexpr int kChunks = D / 8;
+  if (vec) {
+#pragma unroll 4
+    for (int c = tid; c < R * kChunks; c += NT) {
+      const int r = c / kChunks, col = (c % kChunks) * 8;
+      const bool ok = (row0 + r < nrows) && (col < ncols);
+      const T* src = ok ? g + static_cast<int64_t>(row0 + r) * ncols + col : g;
+      cp_async_16(smem + r * LDS + col, src, ok);
+    }
+  } else {
+    for (int c = tid; c < R * D; c += NT) {
+      const int r = c / D, col = c % D;
+      T x = TypeOps<T>::from_float(0.f);
+      if (row0 + r < nrows && col < ncols) x = g[static_cast<int64_t>(row0 + r) * ncols + col];
+      smem[r * LDS + col] = x;
+    }
+  }
+}
+
+// ---- scores -----------------------------------------------------------------------------------------
+// Everything that decides one score of (batch b, query head h): causal, key padding, additive mask.
+template <typename T>
+struct ScoreMask {
+  const T* mask;  // already offset to (b, h), or null
+  int64_t sl, ss;
+  const uint8_t* kpm;  // already offset to batch b, or null
+  int L, S;
+  bool causal;
+
+  __device__ __forceinline__ ScoreMask(const AttnParams& p, int b, int h)
+      : mask(static_cast<const T*>(p.mask)), sl(p.mask_sl), ss(p.mask_ss), kpm(p.kpm), L(p.L), S(p.S),
+        causal(p.causal) {
+    if (mask) mask += b * p.mask_sb + h * p.mask_sh;
+    if (kpm) kpm += static_cast<int64_t>(b) * p.S;
+  }
+  // Does the tile of queries [i0, i0+bm) x keys [j0, j0+bn) need per-element work?
+  __device__ __forceinline__ bool tile_needs_mask(int i0, int bm, int j0, int bn) const {
+    return mask != nullptr || kpm != nullptr || j0 + bn > S || i0 + bm > L || (causal && j0 + bn - 1 > i0);
+  }
+  // Natural-log score `s` (already scaled) after masking; -inf when (i, j) is not visible.
+  __device__ __forceinline__ float apply(float s, int i, int j) const {
+    if (i >= L || j >= S || (causal && j > i)) return -INFINITY;
+    if (kpm && kpm[j]) return -INFINITY;
+    if (mask) s += TypeOps<T>::to_float(mask[i * sl + j * ss]);
+    return s;
+  }
+};
+
+// Is any key of [j0, j0+bn) not padded? Block-uniform; every thread of the block must call it.
+__device__ __forceinline__ bool key_tile_live(const uint8_t* kpm_b, int j0, int bn, int S) {
+  if (kpm_b == nullptr) return j0 < S;
+  int live = 0;
+  for (int j = j0 + static_cast<int>(threadIdx.x); j < j0 + bn && j < S; j += blockDim.x) live |= (kpm_b[j] == 0);
+  return __syncthreads_or(live) != 0;
+}
+
+// First key tile >= t (of n_tiles tiles of bn keys) that has a key not padded. Block-uniform.
+__device__ __forceinline__ int next_live_tile(const uint8_t* kpm_b, int t, int n_tiles, int bn, int S) {
+  if (kpm_b == nullptr) return t;
+  while (t < n_tiles && !key_tile_live(kpm_b, t * bn, bn, S)) ++t;
+  return t;
+}
+
+__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t counter, float p) {
+  return philox_uniform(seed, counter) >= p;
+}
+
+// Keep bits of the n <= 32 accumulator elements of one mma fragment row-block (bit idx = 4*nn + e,
+// element (row0 + 8*(e>>1), col0 + 8*nn + (e&1)) of an (.., ld) problem, counter base + row*ld + col).
+// A rolled loop: Philox runs once per element without unrolling 10 rounds x 32 elements in registers.
+__device__ __forceinline__ uint32_t dropout_keep_bits(uint64_t seed, float p, int64_t base, int64_t ld, int row0,
+                                                     int col0, int n) {
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int idx = 0; idx < n; ++idx) {
+    const int64_t row = row0 + 8 * ((idx & 3) >> 1);
+    const int64_t col = col0 + 8 * (idx >> 2) + (idx & 1);
+    bits |= static_cast<uint32_t>(dropout_keep(seed, static_cast<uint64_t>(base + row * ld + col), p)) << idx;
+  }
+  return bits;
+}
+
+}  // namespace cuda
+}  // namespace fastattn

@@ -1,0 +1,75 @@
+// Plain-pointer interface between the torch glue (cuda_ops.cpp) and the CUDA kernels (*.cu).
+// Nothing here includes torch, so the kernels compile with nvcc alone (tests/test_cuda_compile.py).
+//
+// Layouts (all contiguous unless said otherwise; see fastattn/backends/README.md):
+//   q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev), out (N, Hq, L, Ev), lse (N, Hq, L) float32
+//   attn_mask: additive, dtype of q, read at mask[b*mask_sb + h*mask_sh + i*mask_sl + j*mask_ss]
+//              (an expanded (N, Hq, L, S) view: strides may be 0)
+//   kpm: key padding, bool (N, S) as bytes, nonzero = key ignored
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace fastattn {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct AttnParams {
+  const void* q = nullptr;     // (N, Hq, L, E)
+  const void* k = nullptr;     // (N, Hkv, S, E)
+  const void* v = nullptr;     // (N, Hkv, S, Ev)
+  void* out = nullptr;         // (N, Hq, L, Ev)      forward output / backward input
+  float* lse = nullptr;        // (N, Hq, L)          forward output / backward input
+  const void* mask = nullptr;  // additive mask, dtype of q, or null
+  int64_t mask_sb = 0, mask_sh = 0, mask_sl = 0, mask_ss = 0;  // its strides in elements
+  const uint8_t* kpm = nullptr;  // (N, S) nonzero = key ignored, or null
+  int N = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
+  float scale = 1.f;
+  bool causal = false;
+  float dropout_p = 0.f;  // keep iff philox_uniform(seed, ((b*Hq+h)*L+i)*S+j) >= dropout_p
+  uint64_t seed = 0;
+  // backward only
+  const void* dout = nullptr;  // (N, Hq, L, Ev)
+  void* dq = nullptr;          // (N, Hq, L, E)
+  void* dk = nullptr;          // (N, Hkv, S, E)
+  void* dv = nullptr;          // (N, Hkv, S, Ev)
+  float* delta = nullptr;      // (N, Hq, L) float32 workspace: rowsum(dout * out)
+};
+
+// Head-dim bucket the kernels are compiled for: the smallest of 32, 64, 96, 128, 256 that holds
+// max(E, Ev); inputs are zero-padded up to it inside the kernel (never copied).
+inline int attention_head_bucket(int e, int ev) {
+  const int d = e > ev ? e : ev;
+  return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : 256;
+}
+
+// Each returns cudaSuccess or the launch error; they launch on `stream` only and never synchronise.
+// fp16 / bf16: tensor cores (mma.sync m16n8k16), flash-attention-2 tiling.
+cudaError_t attention_forward_fp16(const AttnParams& p, cudaStream_t stream);
+cudaError_t attention_forward_bf16(const AttnParams& p, cudaStream_t stream);
+cudaError_t attention_backward_fp16(const AttnParams& p, cudaStream_t stream);
+cudaError_t attention_backward_bf16(const AttnParams& p, cudaStream_t stream);
+// fp32: plain FMA, one warp per query row (forward, dq) or key row (dk, dv).
+cudaError_t attention_forward_fp32(const AttnParams& p, cudaStream_t stream);
+cudaError_t attention_backward_fp32(const AttnParams& p, cudaStream_t stream);
+
+// ---- feed-forward elementwise kernels (the GEMMs are cuBLASLt, in cuda_ops.cpp) -------------------
+enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2 };
+
+// hidden[t, f] = dropout(act(pre[t, f] (+ bias[f] if bias))), and when pre_out is not null it gets
+// the biased pre-activation. pre and hidden may alias. Dropout counter t*F + f.
+cudaError_t ffn_activation_forward(DType dtype, Activation act, const void* pre, const void* bias,
+                                   void* pre_out, void* hidden, int64_t T, int64_t F, float dropout_p,
+                                   uint64_t seed, cudaStream_t stream);
+// From saved pre-activation and d_hidden_dropped = grad wrt the dropped hidden:
+//   hidden_out[t, f] = dropout(act(pre))            (what the second GEMM saw; for dW2)
+//   dpre[t, f]       = d_hidden_dropped * keep/(1-p) * act'(pre)
+// hidden_out may be null. dpre may alias d_hidden_dropped.
+cudaError_t ffn_activation_backward(DType dtype, Activation act, const void* pre,
+                                    const void* d_hidden_dropped, void* hidden_out, void* dpre, int64_t T,
+                                    int64_t F, float dropout_p, uint64_t seed, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastattn

@@ -1,0 +1,458 @@
+// Flash-attention-2 backward on tensor cores (fp16 / bf16), deterministic (no atomics):
+//   1. attn_bwd_delta_kernel: delta = rowsum(dO * O) in fp32 (one warp per row).
+//   2. attn_bwd_dkdv_tc_kernel: a block owns BN = 64 keys of one (batch, kv head) and walks every
+//      query tile of every query head of its GQA group, recomputing P = exp(S - lse) from the saved
+//      lse; dK and dV accumulate in fp32 registers and are written once. For the 256 bucket the
+//      two accumulators do not fit one thread's registers, so dV and dK run as two launches.
+//   3. attn_bwd_dq_tc_kernel: a block owns BM = 64 query rows and walks the key tiles (causal and
+//      key-padding skipping as in the forward); dQ accumulates in registers and is written once.
+// Dropout regenerates the forward's mask from the element's coordinates (csrc/philox.h).
+#pragma once
+#include "attn_common.cuh"
+
+namespace fastattn {
+namespace cuda {
+
+template <typename T>
+__global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const T* __restrict__ dout,  // (rows, Ev)
+                                                             const T* __restrict__ out,   // (rows, Ev)
+                                                             float* __restrict__ delta,   // (rows,)
+                                                             int64_t rows, int Ev) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  float acc = 0.f;
+  for (int c = lane; c < Ev; c += 32)
+    acc += TypeOps<T>::to_float(dout[row * Ev + c]) * TypeOps<T>::to_float(out[row * Ev + c]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) delta[row] = acc;
+}
+
+template <typename T>
+cudaError_t launch_attn_bwd_delta(const AttnParams& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.N) * p.Hq * p.L;
+  if (rows == 0) return cudaSuccess;
+  attn_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+      static_cast<const T*>(p.dout), static_cast<const T*>(p.out), p.delta, rows, p.Ev);
+  return cudaGetLastError();
+}
+
+// ---- dQ ------------------------------------------------------------------------------------------
+template <typename T, int D, int BN>
+struct DqTC {
+  static constexpr int kBM = 64;
+  static constexpr int kThreads = 128;
+  static constexpr int kLds = D + 8;
+  static constexpr size_t kSmem = static_cast<size_t>(2 * kBM + 4 * BN) * kLds * sizeof(T);
+};
+
+template <typename T, int D, int BN>
+__global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams p) {
+  using Cfg = DqTC<T, D, BN>;
+  constexpr int BM = Cfg::kBM, LDS = Cfg::kLds, NT = Cfg::kThreads;
+  constexpr int DN = D / 8, SN = BN / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][LDS]
+  T* sdO = sQ + BM * LDS;                  // [BM][LDS]
+  T* sK = sdO + BM * LDS;                  // [2][BN][LDS]
+  T* sV = sK + 2 * BN * LDS;               // [2][BN][LDS]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const int n_mblocks = (p.L + BM - 1) / BM;
+  const int bh = blockIdx.x / n_mblocks;
+  const int mb = n_mblocks - 1 - blockIdx.x % n_mblocks;
+  const int b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
+  const int i0 = mb * BM;
+  const int E = p.E, Ev = p.Ev, S = p.S;
+
+  const T* q = static_cast<const T*>(p.q) + static_cast<int64_t>(bh) * p.L * E;
+  const T* dout = static_cast<const T*>(p.dout) + static_cast<int64_t>(bh) * p.L * Ev;
+  const T* k = static_cast<const T*>(p.k) + static_cast<int64_t>(b * p.Hkv + hkv) * S * E;
+  const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(b * p.Hkv + hkv) * S * Ev;
+  const bool vec_qk = E % 8 == 0 && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(p.k) % 16 == 0;
+  const bool vec_v = Ev % 8 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(p.dout) % 16 == 0;
+  const ScoreMask<T> sm(p, b, h);
+
+  const int kv_end = p.causal ? min(S, i0 + BM) : S;
+  const int n_tiles = (kv_end + BN - 1) / BN;
+
+  load_tile<T, BM, D, LDS, NT>(sQ, q, i0, p.L, E, vec_qk, tid);
+  load_tile<T, BM, D, LDS, NT>(sdO, dout, i0, p.L, Ev, vec_v, tid);
+  int t = next_live_tile(sm.kpm, 0, n_tiles, BN, S);
+  if (t < n_tiles) {
+    load_tile<T, BN, D, LDS, NT>(sK, k, t * BN, S, E, vec_qk, tid);
+    load_tile<T, BN, D, LDS, NT>(sV, v, t * BN, S, Ev, vec_v, tid);
+  }
+  cp_async_commit();
+
+  const int row_base = i0 + warp * 16 + g;
+  float lse2[2], dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_base + r * 8;
+    lse2[r] = row < p.L ? p.lse[static_cast<int64_t>(bh) * p.L + row] * kLog2e : INFINITY;
+    dl[r] = row < p.L ? p.delta[static_cast<int64_t>(bh) * p.L + row] : 0.f;
+  }
+  float dq[DN][4];
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
+  const float scale = p.scale, scale_log2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.f;
+  const float keep_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+
+  int buf = 0;
+  while (t < n_tiles) {
+    const int t_next = next_live_tile(sm.kpm, t + 1, n_tiles, BN, S);
+    if (t_next < n_tiles) {
+      load_tile<T, BN, D, LDS, NT>(sK + (buf ^ 1) * BN * LDS, k, t_next * BN, S, E, vec_qk, tid);
+      load_tile<T, BN, D, LDS, NT>(sV + (buf ^ 1) * BN * LDS, v, t_next * BN, S, Ev, vec_v, tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* kt = sK + buf * BN * LDS;
+    const T* vt = sV + buf * BN * LDS;
+
+    float s[SN][4], dp[SN][4];
+#pragma unroll
+    for (int nn = 0; nn < SN; ++nn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nn][e] = dp[nn][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4], bf[4];
+      if (kk * 16 < E) {  // S = Q K^T
+        load_a_frag(a, sQ, LDS, warp * 16, kk * 16, lane);
+#pragma unroll
+        for (int nn = 0; nn < SN; nn += 2) {
+          load_b_frag_nk(bf, kt, LDS, nn * 8, kk * 16, lane);
+          mma_16816<T>(s[nn], a, bf[0], bf[1]);
+          mma_16816<T>(s[nn + 1], a, bf[2], bf[3]);
+        }
+      }
+      if (kk * 16 < Ev) {  // dP = dO V^T
+        load_a_frag(a, sdO, LDS, warp * 16, kk * 16, lane);
+#pragma unroll
+        for (int nn = 0; nn < SN; nn += 2) {
+          load_b_frag_nk(bf, vt, LDS, nn * 8, kk * 16, lane);
+          mma_16816<T>(dp[nn], a, bf[0], bf[1]);
+          mma_16816<T>(dp[nn + 1], a, bf[2], bf[3]);
+        }
+      }
+    }
+    // dS = P * (dP_kept - delta), P = exp(S - lse)  (into s)
+    const int j0 = t * BN;
+    const bool need_mask = sm.tile_needs_mask(i0, BM, j0, BN);
+    const uint32_t keep = dropout ? dropout_keep_bits(p.seed, p.dropout_p, static_cast<int64_t>(bh) * p.L * S, S,
+                                                      row_base, j0 + 2 * tq, SN * 4)
+                                  : 0xffffffffu;
+#pragma unroll
+    for (int nn = 0; nn < SN; ++nn) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int row = row_base + r * 8, col = j0 + nn * 8 + 2 * tq + (e & 1);
+        const float x = need_mask ? sm.apply(s[nn][e] * scale, row, col) * kLog2e : s[nn][e] * scale_log2;
+        const float pe = exp2f(x - lse2[r]);
+        const float dpe = (keep >> (4 * nn + e)) & 1u ? dp[nn][e] * keep_scale : 0.f;
+        s[nn][e] = pe * (dpe - dl[r]);
+      }
+    }
+    // dQ += dS K
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = TypeOps<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = TypeOps<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = TypeOps<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = TypeOps<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dn = 0; dn < DN; dn += 2) {
+        if (dn * 8 < E) {
+          uint32_t bf[4];
+          load_b_frag_kn(bf, kt, LDS, kk * 16, dn * 8, lane);
+          mma_16816<T>(dq[dn], a, bf[0], bf[1]);
+          mma_16816<T>(dq[dn + 1], a, bf[2], bf[3]);
+        }
+      }
+    }
+    __syncthreads();
+    buf ^= 1;
+    t = t_next;
+  }
+  cp_async_wait<0>();
+
+  T* dqo = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.L * E;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_base + r * 8;
+    if (row < p.L) {
+#pragma unroll
+      for (int dn = 0; dn < DN; ++dn) {
+        const int col = dn * 8 + 2 * tq;
+        if (col < E) dqo[static_cast<int64_t>(row) * E + col] = TypeOps<T>::from_float(dq[dn][2 * r] * scale);
+        if (col + 1 < E)
+          dqo[static_cast<int64_t>(row) * E + col + 1] = TypeOps<T>::from_float(dq[dn][2 * r + 1] * scale);
+      }
+    }
+  }
+}
+
+// ---- dK, dV --------------------------------------------------------------------------------------
+template <typename T, int D, int BM>
+struct DkdvTC {
+  static constexpr int kBN = 64;  // keys per block: 16 per warp
+  static constexpr int kThreads = 128;
+  static constexpr int kLds = D + 8;
+  static constexpr size_t kSmem =
+      static_cast<size_t>(2 * kBN + 4 * BM) * kLds * sizeof(T) + 4 * BM * sizeof(float);
+};
+
+// Transposed problem: this warp's 16 keys are the rows, the BM queries of a tile the columns.
+//   S^T = K Q^T, P^T = exp(S^T - lse), dV += P_kept^T dO, dP^T = V dO^T,
+//   dS^T = P^T * (dP_kept^T - delta), dK += dS^T Q  (times scale at the end)
+template <typename T, int D, int BM, bool DO_DK, bool DO_DV>
+__global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnParams p) {
+  using Cfg = DkdvTC<T, D, BM>;
+  constexpr int BN = Cfg::kBN, LDS = Cfg::kLds, NT = Cfg::kThreads;
+  constexpr int DN = D / 8, QN = BM / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);  // [BN][LDS]
+  T* sV = sK + BN * LDS;                   // [BN][LDS]
+  T* sQ = sV + BN * LDS;                   // [2][BM][LDS]
+  T* sdO = sQ + 2 * BM * LDS;              // [2][BM][LDS]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * LDS);  // [2][BM], log2 units
+  float* sDelta = sLse + 2 * BM;                               // [2][BM]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const int E = p.E, Ev = p.Ev, S = p.S, L = p.L;
+  const int n_nblocks = (S + BN - 1) / BN;
+  const int bhkv = blockIdx.x / n_nblocks;
+  const int nb = blockIdx.x % n_nblocks;
+  const int b = bhkv / p.Hkv, hkv = bhkv % p.Hkv;
+  const int group = p.Hq / p.Hkv;
+  const int j0 = nb * BN;
+
+  const T* k = static_cast<const T*>(p.k) + static_cast<int64_t>(bhkv) * S * E;
+  const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(bhkv) * S * Ev;
+  const bool vec_qk = E % 8 == 0 && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(p.k) % 16 == 0;
+  const bool vec_v = Ev % 8 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(p.dout) % 16 == 0;
+  const uint8_t* kpm_b = p.kpm ? p.kpm + static_cast<int64_t>(b) * S : nullptr;
+
+  // Query tiles that can see these keys: causal -> from the tile holding query j0 on.
+  const int n_qtiles = (L + BM - 1) / BM;
+  const int qt_begin = p.causal ? min(j0 / BM, n_qtiles) : 0;
+  const int per_head = n_qtiles - qt_begin;
+  // A wholly padded key tile gets zero gradients: visit nothing.
+  const int n_iters = key_tile_live(kpm_b, j0, BN, S) ? group * per_head : 0;
+
+  auto load_q_tile = [&](int it, int bufi) {
+    const int h = hkv * group + it / per_head;
+    const int qi0 = (qt_begin + it % per_head) * BM;
+    const int64_t bh = static_cast<int64_t>(b) * p.Hq + h;
+    load_tile<T, BM, D, LDS, NT>(sQ + bufi * BM * LDS, static_cast<const T*>(p.q) + bh * L * E, qi0, L, E, vec_qk,
+                                 tid);
+    load_tile<T, BM, D, LDS, NT>(sdO + bufi * BM * LDS, static_cast<const T*>(p.dout) + bh * L * Ev, qi0, L, Ev,
+                                 vec_v, tid);
+    for (int r = tid; r < BM; r += NT) {
+      const int row = qi0 + r;
+      sLse[bufi * BM + r] = row < L ? p.lse[bh * L + row] * kLog2e : INFINITY;
+      sDelta[bufi * BM + r] = row < L ? p.delta[bh * L + row] : 0.f;
+    }
+  };
+
+  load_tile<T, BN, D, LDS, NT>(sK, k, j0, S, E, vec_qk, tid);
+  load_tile<T, BN, D, LDS, NT>(sV, v, j0, S, Ev, vec_v, tid);
+  if (n_iters > 0) load_q_tile(0, 0);
+  cp_async_commit();
+
+  float dk[DO_DK ? DN : 1][4], dv[DO_DV ? DN : 1][4];
+#pragma unroll
+  for (int dn = 0; dn < (DO_DK ? DN : 1); ++dn) dk[dn][0] = dk[dn][1] = dk[dn][2] = dk[dn][3] = 0.f;
+#pragma unroll
+  for (int dn = 0; dn < (DO_DV ? DN : 1); ++dn) dv[dn][0] = dv[dn][1] = dv[dn][2] = dv[dn][3] = 0.f;
+  const float scale = p.scale, scale_log2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.f;
+  const float keep_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const int key_base = j0 + warp * 16 + g;  // this thread's keys: key_base, key_base + 8
+
+  for (int it = 0; it < n_iters; ++it) {
+    const int bufi = it & 1;
+    if (it + 1 < n_iters) load_q_tile(it + 1, bufi ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int h = hkv * group + it / per_head;
+    const int qi0 = (qt_begin + it % per_head) * BM;
+    const int64_t bh = static_cast<int64_t>(b) * p.Hq + h;
+    const T* qt = sQ + bufi * BM * LDS;
+    const T* dot = sdO + bufi * BM * LDS;
+    const float* lse_t = sLse + bufi * BM;
+    const float* delta_t = sDelta + bufi * BM;
+    const ScoreMask<T> sm(p, b, h);
+    const bool need_mask = sm.tile_needs_mask(qi0, BM, j0, BN);
+
+    float s[QN][4], dp[QN][4];
+#pragma unroll
+    for (int nn = 0; nn < QN; ++nn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nn][e] = dp[nn][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4], bf[4];
+      if (kk * 16 < E) {  // S^T = K Q^T
+        load_a_frag(a, sK, LDS, warp * 16, kk * 16, lane);
+#pragma unroll
+        for (int nn = 0; nn < QN; nn += 2) {
+          load_b_frag_nk(bf, qt, LDS, nn * 8, kk * 16, lane);
+          mma_16816<T>(s[nn], a, bf[0], bf[1]);
+          mma_16816<T>(s[nn + 1], a, bf[2], bf[3]);
+        }
+      }
+      if (DO_DK && kk * 16 < Ev) {  // dP^T = V dO^T
+        load_a_frag(a, sV, LDS, warp * 16, kk * 16, lane);
+#pragma unroll
+        for (int nn = 0; nn < QN; nn += 2) {
+          load_b_frag_nk(bf, dot, LDS, nn * 8, kk * 16, lane);
+          mma_16816<T>(dp[nn], a, bf[0], bf[1]);
+          mma_16816<T>(dp[nn + 1], a, bf[2], bf[3]);
+        }
+      }
+    }
+    // s <- P_kept^T (for dV), dp <- dS^T (for dK). Counter of (query, key): (bh*L + query)*S + key,
+    // i.e. base + key*1 + query*S: the fragment's rows (keys) have stride 1, its columns stride S.
+    uint32_t keep = 0xffffffffu;
+    if (dropout) {
+      keep = 0;
+#pragma unroll 1
+      for (int idx = 0; idx < QN * 4; ++idx) {
+        const int64_t key = key_base + 8 * ((idx & 3) >> 1);
+        const int64_t query = qi0 + 8 * (idx >> 2) + 2 * tq + (idx & 1);
+        keep |= static_cast<uint32_t>(
+                    dropout_keep(p.seed, static_cast<uint64_t>((bh * L + query) * S + key), p.dropout_p))
+                << idx;
+      }
+    }
+#pragma unroll
+    for (int nn = 0; nn < QN; ++nn) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key_base + (e >> 1) * 8;
+        const int qc = nn * 8 + 2 * tq + (e & 1);  // query column within the tile
+        const int row = qi0 + qc;
+        const float x = need_mask ? sm.apply(s[nn][e] * scale, row, key) * kLog2e : s[nn][e] * scale_log2;
+        const float pe = exp2f(x - lse_t[qc]);
+        const float z = (keep >> (4 * nn + e)) & 1u ? keep_scale : 0.f;  // keep/(1-p) or 0
+        if (DO_DK) dp[nn][e] = pe * (dp[nn][e] * z - delta_t[qc]);
+        s[nn][e] = pe * z;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      if (DO_DV) {  // dV += P_kept^T dO
+        uint32_t a[4];
+        a[0] = TypeOps<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+        a[1] = TypeOps<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+        a[2] = TypeOps<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[3] = TypeOps<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int dn = 0; dn < DN; dn += 2) {
+          if (dn * 8 < Ev) {
+            uint32_t bf[4];
+            load_b_frag_kn(bf, dot, LDS, kk * 16, dn * 8, lane);
+            mma_16816<T>(dv[dn], a, bf[0], bf[1]);
+            mma_16816<T>(dv[dn + 1], a, bf[2], bf[3]);
+          }
+        }
+      }
+      if (DO_DK) {  // dK += dS^T Q
+        uint32_t a[4];
+        a[0] = TypeOps<T>::pack(dp[2 * kk][0], dp[2 * kk][1]);
+        a[1] = TypeOps<T>::pack(dp[2 * kk][2], dp[2 * kk][3]);
+        a[2] = TypeOps<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+        a[3] = TypeOps<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+#pragma unroll
+        for (int dn = 0; dn < DN; dn += 2) {
+          if (dn * 8 < E) {
+            uint32_t bf[4];
+            load_b_frag_kn(bf, qt, LDS, kk * 16, dn * 8, lane);
+            mma_16816<T>(dk[dn], a, bf[0], bf[1]);
+            mma_16816<T>(dk[dn + 1], a, bf[2], bf[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key_base + r * 8;
+    if (key >= S) continue;
+    if (DO_DK) {
+      T* dko = static_cast<T*>(p.dk) + (static_cast<int64_t>(bhkv) * S + key) * E;
+#pragma unroll
+      for (int dn = 0; dn < DN; ++dn) {
+        const int col = dn * 8 + 2 * tq;
+        if (col < E) dko[col] = TypeOps<T>::from_float(dk[dn][2 * r] * scale);
+        if (col + 1 < E) dko[col + 1] = TypeOps<T>::from_float(dk[dn][2 * r + 1] * scale);
+      }
+    }
+    if (DO_DV) {
+      T* dvo = static_cast<T*>(p.dv) + (static_cast<int64_t>(bhkv) * S + key) * Ev;
+#pragma unroll
+      for (int dn = 0; dn < DN; ++dn) {
+        const int col = dn * 8 + 2 * tq;
+        if (col < Ev) dvo[col] = TypeOps<T>::from_float(dv[dn][2 * r]);
+        if (col + 1 < Ev) dvo[col + 1] = TypeOps<T>::from_float(dv[dn][2 * r + 1]);
+      }
+    }
+  }
+}
+
+template <typename Kernel>
+cudaError_t launch_with_smem(Kernel kernel, int64_t blocks, int threads, size_t smem, const AttnParams& p,
+                             cudaStream_t stream) {
+  if (blocks == 0) return cudaSuccess;
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// delta, then dK/dV (one launch, or two when SPLIT), then dQ. p.delta must hold N*Hq*L floats.
+template <typename T, int D, int BN_Q, int BM_KV, bool SPLIT>
+cudaError_t launch_attn_bwd_tc(const AttnParams& p, cudaStream_t stream) {
+  cudaError_t err = launch_attn_bwd_delta<T>(p, stream);
+  if (err != cudaSuccess) return err;
+  using KV = DkdvTC<T, D, BM_KV>;
+  const int64_t kv_blocks = static_cast<int64_t>(p.N) * p.Hkv * ((p.S + KV::kBN - 1) / KV::kBN);
+  if constexpr (SPLIT) {
+    err = launch_with_smem(attn_bwd_dkdv_tc_kernel<T, D, BM_KV, false, true>, kv_blocks, KV::kThreads, KV::kSmem,
+                           p, stream);
+    if (err != cudaSuccess) return err;
+    err = launch_with_smem(attn_bwd_dkdv_tc_kernel<T, D, BM_KV, true, false>, kv_blocks, KV::kThreads, KV::kSmem,
+                           p, stream);
+  } else {
+    err = launch_with_smem(attn_bwd_dkdv_tc_kernel<T, D, BM_KV, true, true>, kv_blocks, KV::kThreads, KV::kSmem, p,
+                           stream);
+  }
+  if (err != cudaSuccess) return err;
+  using Q = DqTC<T, D, BN_Q>;
+  const int64_t q_blocks = static_cast<int64_t>(p.N) * p.Hq * ((p.L + Q::kBM - 1) / Q::kBM);
+  return launch_with_smem(attn_bwd_dq_tc_kernel<T, D, BN_Q>, q_blocks, Q::kThreads, Q::kSmem, p, stream);
+}
+
+}  // namespace cuda
+}  // namespace fastattn
