@@ -1,0 +1,316 @@
+"""The CPU fused feed-forward kernels (csrc/cpu/feed_forward.cpp), called directly as
+torch.ops.fastattn.ffn_fwd / ffn_bwd, against a float64 Linear -> activation -> dropout -> Linear
+written here. Error bound as in the conformance matrix: |kernel - ref64| <= 2 * |torch same dtype -
+ref64| + floor(dtype), for the output, the saved pre-activation and every gradient.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn  # noqa: F401  (loads fastattn._C: registers torch.ops.fastattn.*)
+from fastattn import _philox
+
+ffn_fwd = torch.ops.fastattn.ffn_fwd
+ffn_bwd = torch.ops.fastattn.ffn_bwd
+
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh"]
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _act(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name == "relu":
+        return torch.relu(h)
+    if name == "gelu":
+        return F.gelu(h)
+    return F.gelu(h, approximate="tanh")
+
+
+def _math(x, w1, b1, w2, b2, act, p, seed):
+    """Linear -> act -> dropout -> Linear in the inputs' dtype (autograd-able); returns (out, pre)."""
+    pre = F.linear(x, w1, b1)
+    h = _act(act, pre)
+    if p > 0:
+        keep = _philox.ffn_keep_mask(int(seed[0]), p, x.shape[0], w1.shape[0])
+        h = h * keep.to(h.dtype) * (1.0 / (1.0 - p))
+    return F.linear(h, w2, b2), pre
+
+
+def _make(T, D, Fh, D2, dtype, bias=True, scale=1.0):
+    x = torch.randn(T, D, dtype=torch.float64)
+    w1 = torch.randn(Fh, D, dtype=torch.float64) / D**0.5 * scale
+    w2 = torch.randn(D2, Fh, dtype=torch.float64) / Fh**0.5
+    b1 = torch.randn(Fh, dtype=torch.float64) * 0.5 if bias else None
+    b2 = torch.randn(D2, dtype=torch.float64) * 0.5 if bias else None
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return [cast(t) for t in (x, w1, b1, w2, b2)]
+
+
+def _check(name, got, ref64, same, dtype):
+    """got within 2x torch's own same-dtype error of the float64 reference, plus a floor."""
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(ref64.shape)}"
+    assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
+    err = (got.double() - ref64).abs()
+    bound = 2 * (same.double() - ref64).abs().max().item() + FLOOR[dtype]
+    worst = err.max().item() if err.numel() else 0.0
+    if worst > bound:
+        idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
+        pytest.fail(f"{name}: max |err| {worst:.3e} at {idx} (got {got[idx].item():.6g}, "
+                    f"ref {ref64[idx].item():.6g}) > bound {bound:.3e}")
+
+
+def _seed_for(p):
+    return torch.tensor([1234567890123], dtype=torch.int64) if p > 0 else None
+
+
+def _up(ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+# ---- forward --------------------------------------------------------------------------------------
+
+FWD_SHAPES = [  # (T, D, F, D2)
+    (1, 100, 250, 100),
+    (7, 97, 250, 97),
+    (33, 768, 2048, 768),
+    (300, 100, 2048, 100),
+    (300, 97, 250, 5),
+]
+
+
+@pytest.mark.parametrize("shape", FWD_SHAPES, ids=lambda s: "T{}_D{}_F{}_D2{}".format(*s))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_forward_fp32(shape, act, bias, p):
+    T, D, Fh, D2 = shape
+    args = _make(T, D, Fh, D2, torch.float32, bias)
+    seed = _seed_for(p)
+    out, saved = ffn_fwd(*args, act, p, seed, True)
+    ref, pre_ref = _math(*_up(args), act, p, seed)
+    same, pre_same = _math(*args, act, p, seed)
+    _check("out", out, ref, same, torch.float32)
+    _check("saved", saved, pre_ref, pre_same, torch.float32)
+    out2, empty = ffn_fwd(*args, act, p, seed, False)
+    assert empty.shape == (0,) and empty.dtype == torch.float32
+    assert torch.equal(out, out2), "save_for_backward changed the output"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(7, 97, 250, 97), (300, 100, 2048, 100)], ids=["small", "tiles"])
+def test_forward_other_dtypes(dtype, act, shape):
+    T, D, Fh, D2 = shape
+    p = 0.2
+    args = _make(T, D, Fh, D2, dtype)
+    seed = _seed_for(p)
+    out, saved = ffn_fwd(*args, act, p, seed, True)
+    ref, pre_ref = _math(*_up(args), act, p, seed)
+    same, pre_same = _math(*args, act, p, seed)
+    _check("out", out, ref, same, dtype)
+    _check("saved", saved, pre_ref, pre_same, dtype)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_bits_exact(act, p):
+    """With w2 = identity the output is the dropped hidden itself: its zero pattern must be the
+    shared Philox keep mask bit for bit, and kept values act(pre) / (1 - p)."""
+    T, D, Fh = 70, 16, 97  # two tiles, a row length that is no multiple of the vector width
+    x = torch.randn(T, D)
+    w1 = torch.randn(Fh, D) * 0.1
+    b1 = torch.full((Fh,), 3.0)  # pre > 0, so act(pre) != 0 and a zero can only be dropout
+    w2 = torch.eye(Fh)
+    seed = torch.tensor([987654321], dtype=torch.int64)
+    out, saved = ffn_fwd(x, w1, b1, w2, None, act, p, seed, True)
+    keep = _philox.ffn_keep_mask(987654321, p, T, Fh)
+    assert torch.equal(out != 0, keep), f"{(( out != 0) != keep).sum().item()} dropout decisions differ"
+    expect = _act(act, saved.double()) / (1 - p)
+    torch.testing.assert_close(out.double()[keep], expect[keep], rtol=2e-6, atol=1e-6)
+
+
+def test_dropout_follows_seed():
+    args = _make(40, 32, 64, 32, torch.float32)
+    a, _ = ffn_fwd(*args, "relu", 0.5, torch.tensor([1], dtype=torch.int64), False)
+    b, _ = ffn_fwd(*args, "relu", 0.5, torch.tensor([1], dtype=torch.int64), False)
+    c, _ = ffn_fwd(*args, "relu", 0.5, torch.tensor([2], dtype=torch.int64), False)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+# ---- backward -------------------------------------------------------------------------------------
+
+def _grads(args, act, p, seed, go):
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in args]
+    out, _ = _math(*leaves, act, p, seed)
+    out.backward(go)
+    return [None if t is None else t.grad for t in leaves]
+
+
+BWD_SHAPES = [(1, 100, 250, 100), (7, 97, 250, 97), (33, 768, 2048, 768), (300, 100, 2048, 100)]
+
+
+@pytest.mark.parametrize("shape", BWD_SHAPES, ids=lambda s: "T{}_D{}_F{}_D2{}".format(*s))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_backward(shape, act, p, dtype):
+    if dtype != torch.float32 and shape[2] == 2048 and shape[1] == 768:
+        shape = (33, 97, 250, 97)  # keep the other dtypes' big case cheap
+    T, D, Fh, D2 = shape
+    args = _make(T, D, Fh, D2, dtype)
+    seed = _seed_for(p)
+    go = torch.randn(T, D2, dtype=torch.float64).to(dtype)
+    _, saved = ffn_fwd(*args, act, p, seed, True)
+    got = ffn_bwd(go, *args, saved, act, p, seed)
+    ref = _grads(_up(args), act, p, seed, go.double())
+    same = _grads(args, act, p, seed, go)
+    for name, g, r, s in zip(["dx", "dw1", "db1", "dw2", "db2"], got, ref, same):
+        _check(name, g, r, s, dtype)
+
+
+def test_backward_without_biases_returns_bias_grads():
+    args = _make(9, 20, 30, 11, torch.float32, bias=False)
+    go = torch.randn(9, 11)
+    _, saved = ffn_fwd(*args, "gelu", 0.0, None, True)
+    dx, dw1, db1, dw2, db2 = ffn_bwd(go, *args, saved, "gelu", 0.0, None)
+    assert db1.shape == (30,) and db2.shape == (11,)
+    ref = _grads(_up([args[0], args[1], torch.zeros(30), args[3], torch.zeros(11)]), "gelu", 0.0, None, go.double())
+    torch.testing.assert_close(db1.double(), ref[2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(db2.double(), ref[4], rtol=1e-4, atol=1e-5)
+
+
+class _FusedFFN(torch.autograd.Function):
+    """ffn_fwd / ffn_bwd as one differentiable function (for gradcheck)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, act, p, seed):
+        out, saved = ffn_fwd(x, w1, b1, w2, b2, act, p, seed, True)
+        ctx.save_for_backward(x, w1, b1, w2, b2, saved)
+        ctx.act, ctx.p, ctx.seed = act, p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        x, w1, b1, w2, b2, saved = ctx.saved_tensors
+        dx, dw1, db1, dw2, db2 = ffn_bwd(go.contiguous(), x, w1, b1, w2, b2, saved, ctx.act, ctx.p, ctx.seed)
+        return dx, dw1, db1 if b1 is not None else None, dw2, db2 if b2 is not None else None, None, None, None
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("p", [0.0, 0.4], ids=["p0", "p0.4"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gradcheck_float64(act, p, bias):
+    x, w1, b1, w2, b2 = (None if t is None else t.requires_grad_(True) for t in _make(5, 6, 9, 4, torch.float64, bias))
+    seed = _seed_for(p)
+    assert torch.autograd.gradcheck(lambda *a: _FusedFFN.apply(*a, act, p, seed),
+                                    tuple(t for t in (x, w1, b1, w2, b2)), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_float64_many_tiles():
+    """Enough tokens for several tiles and thread groups, so the partial sums are exercised."""
+    x, w1, b1, w2, b2 = (t.requires_grad_(True) for t in _make(150, 3, 5, 2, torch.float64))
+    assert torch.autograd.gradcheck(lambda *a: _FusedFFN.apply(*a, "gelu_tanh", 0.25, _seed_for(0.25)),
+                                    (x, w1, b1, w2, b2), eps=1e-6, atol=1e-7)
+
+
+# ---- determinism, inputs, threads, errors -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_and_inputs_untouched(dtype):
+    T, D, Fh, D2 = 300, 97, 250, 97
+    args = _make(T, D, Fh, D2, dtype)
+    seed = _seed_for(0.2)
+    go = torch.randn(T, D2).to(dtype)
+    before = [t.clone() for t in args] + [go.clone(), seed.clone()]
+    o1, s1 = ffn_fwd(*args, "gelu", 0.2, seed, True)
+    g1 = ffn_bwd(go, *args, s1, "gelu", 0.2, seed)
+    s1_copy = s1.clone()
+    o2, s2 = ffn_fwd(*args, "gelu", 0.2, seed, True)
+    g2 = ffn_bwd(go, *args, s2, "gelu", 0.2, seed)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    for a, b in zip(args + [go, seed], before):
+        assert torch.equal(a, b), "an input was modified"
+    assert torch.equal(s1, s1_copy), "ffn_bwd modified saved"
+
+
+def test_thread_counts_agree():
+    args = _make(300, 64, 200, 64, torch.float32)
+    go = torch.randn(300, 64)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, saved = ffn_fwd(*args, "relu", 0.1, _seed_for(0.1), True)
+            results.append((out, *ffn_bwd(go, *args, saved, "relu", 0.1, _seed_for(0.1))))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(results[0][0], results[1][0]), "forward depends on the thread count"
+    for a, b in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_tokens():
+    args = _make(0, 8, 16, 4, torch.float32)
+    out, saved = ffn_fwd(*args, "relu", 0.0, None, True)
+    assert out.shape == (0, 4) and saved.shape == (0, 16)
+    dx, dw1, db1, dw2, db2 = ffn_bwd(torch.zeros(0, 4), *args, saved, "relu", 0.0, None)
+    assert dx.shape == (0, 8)
+    for g in (dw1, db1, dw2, db2):
+        assert torch.count_nonzero(g) == 0
+
+
+def test_gemm_fallback_path_matches():
+    """The at::mm fallback (a torch without the brgemm micro-kernel) gives the same meaning."""
+    code = (
+        "import torch, fastattn\n"
+        "torch.manual_seed(0)\n"
+        "x=torch.randn(70,33); w1=torch.randn(50,33)*.2; b1=torch.randn(50); w2=torch.randn(9,50)*.2\n"
+        "out,s=torch.ops.fastattn.ffn_fwd(x,w1,b1,w2,None,'gelu',0.0,None,True)\n"
+        "g=torch.ops.fastattn.ffn_bwd(torch.ones(70,9),x,w1,b1,w2,None,s,'gelu',0.0,None)\n"
+        "xx=x.double().requires_grad_(); ww=w1.double().requires_grad_()\n"
+        "r=torch.nn.functional.gelu(xx@ww.t()+b1.double())@w2.double().t(); r.sum().backward()\n"
+        "assert (out.double()-r).abs().max()<1e-4, 'fwd'\n"
+        "assert (g[0].double()-xx.grad).abs().max()<1e-4, 'dx'\n"
+        "assert (g[1].double()-ww.grad).abs().max()<1e-3, 'dw1'\n"
+        "print('ok')\n")
+    env = dict(os.environ, FASTATTN_FFN_NO_BRGEMM="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(activation="swish"), "activation"),
+    (dict(w1=torch.randn(16, 9)), "w1"),
+    (dict(w2=torch.randn(4, 15)), "w2"),
+    (dict(b1=torch.randn(15)), "b1"),
+    (dict(b2=torch.randn(5)), "b2"),
+    (dict(w1=torch.randn(16, 8, dtype=torch.float64)), "w1 dtype"),
+    (dict(x=torch.randn(3, 8, dtype=torch.float16)), "x dtype"),
+    (dict(x=torch.randn(8, 3).t()), "contiguous"),
+    (dict(dropout_p=0.5, seed=None), "seed"),
+    (dict(dropout_p=1.0, seed=torch.tensor([1])), "dropout_p"),
+    (dict(dropout_p=0.5, seed=torch.tensor([1.0])), "seed"),
+])
+def test_errors_name_the_argument(bad, match):
+    kw = dict(x=torch.randn(3, 8), w1=torch.randn(16, 8), b1=torch.randn(16), w2=torch.randn(4, 16),
+              b2=torch.randn(4), activation="relu", dropout_p=0.0, seed=None)
+    kw.update(bad)
+    with pytest.raises(RuntimeError, match=match):
+        ffn_fwd(kw["x"], kw["w1"], kw["b1"], kw["w2"], kw["b2"], kw["activation"], kw["dropout_p"], kw["seed"], False)
+
+
+def test_backward_checks_saved():
+    x, w1, b1, w2, b2 = _make(3, 8, 16, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="saved"):
+        ffn_bwd(torch.randn(3, 4), x, w1, b1, w2, b2, torch.empty(0), "relu", 0.0, None)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ffn_bwd(torch.randn(3, 5), x, w1, b1, w2, b2, torch.empty(3, 16), "relu", 0.0, None)
