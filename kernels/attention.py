@@ -52,6 +52,21 @@ LN2 = 0.6931471805599453
 # ==================================================================================================
 # Triton programs
 # ==================================================================================================
+# The interpreter of triton 3.9 multiplies bfloat16 tl.dot operands wrongly (it reads them as raw
+# bits); under the interpreter only, bf16 operands are widened to fp32 first. Compiled kernels never
+# take that branch (a compile-time constant).
+_WIDEN_BF16_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, INPUT_PRECISION: tl.constexpr):
+    """a @ b in float32 (a (M, K), b (K, N))."""
+    if _WIDEN_BF16_DOT and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=INPUT_PRECISION)
+
+
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
                start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
@@ -68,7 +83,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
         k = tl.load(k_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)      # (BN, BD)
     else:
         k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale       # (BM, BN) log2 units
+    s = _dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale       # (BM, BN) log2 units
     if HAS_MASK:
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
                         mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
@@ -96,7 +111,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
         v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # (BN, BDV)
     else:
         v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    acc += _dot(p.to(v.dtype), v, INPUT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -223,7 +238,7 @@ def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mas
         q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
         do = tl.load(do_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
     lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # (BN, BM)
+    sT = _dot(k, tl.trans(q), INPUT_PRECISION) * qk_scale      # (BN, BM)
     if HAS_MASK:
         mvals = tl.load(mask_cols[:, None] + offs_m[None, :].to(tl.int64) * stride_ml,
                         mask=(offs_n[:, None] < S) & m_ok[None, :], other=0.0)
@@ -236,17 +251,17 @@ def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mas
         if IS_CAUSAL:
             visible = visible & (offs_n[:, None] <= offs_m[None, :])
         pT = tl.where(visible, pT, 0.0)
-    dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)               # (BN, BM)
+    dpT = _dot(v, tl.trans(do), INPUT_PRECISION)               # (BN, BM)
     if HAS_DROPOUT:
         keep = tl.rand(seed, drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
         pT_kept = tl.where(keep, pT, 0.0)  # the 1/(1-p) scale is applied to dv once, at the end
         dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
     else:
         pT_kept = pT
-    dv = tl.dot(pT_kept.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+    dv += _dot(pT_kept.to(do.dtype), do, INPUT_PRECISION)
     delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
     dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    dk += _dot(dsT.to(q.dtype), q, INPUT_PRECISION)
     return dk, dv
 
 
@@ -357,7 +372,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
         v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # (BN, BDV)
     else:
         v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale       # (BM, BN)
+    s = _dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale       # (BM, BN)
     if HAS_MASK:
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
                         mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
@@ -371,12 +386,12 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
         p = tl.where(visible, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)                # (BM, BN)
+    dp = _dot(do, tl.trans(v), INPUT_PRECISION)                # (BM, BN)
     if HAS_DROPOUT:
         keep = tl.rand(seed, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    dq += _dot(ds.to(k.dtype), k, INPUT_PRECISION)
     return dq
 
 

@@ -1,0 +1,321 @@
+"""The Triton attention kernels' own tests, under the Triton interpreter on CPU tensors.
+
+kernels/attention.py's launchers are called directly with the normalised inputs of the backend
+contract (fastattn/backends/README.md) and compared with a float64 computation written here:
+forward, lse and every gradient, every mask kind, GQA, dropout (the Philox bits must match
+fastattn._philox exactly), head dims 1/25/64/80/128, L != S, rows that see no key, determinism.
+Bound, as the conformance matrix: max|kernel - ref64| <= 2 * max|torch same dtype - ref64| + floor.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import pathlib
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton kernels are imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_kernels():
+    try:
+        return importlib.import_module("fastattn.kernels.attention")
+    except ImportError:  # a checkout that was never installed: import kernels/ from the repo root
+        sys.path.insert(0, str(ROOT))
+        return importlib.import_module("kernels.attention")
+
+
+def _load_philox():
+    # fastattn/_philox.py imports torch only; loading it by path keeps these tests independent of
+    # the rest of the package (and of the C++ build).
+    spec = importlib.util.spec_from_file_location("_fastattn_philox", ROOT / "fastattn" / "_philox.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+A = _load_kernels()
+philox = _load_philox()
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+# ---- float64 (or same-dtype) math ---------------------------------------------------------------
+def reference(q, k, v, mask, kpm, causal, scale, dropout_p=0.0, keep=None, dtype=torch.float64):
+    """Attention by plain math in `dtype`; returns (out, lse). A row that sees no key gives 0 and lse +inf."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, 1)
+    v = v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.to(dtype)
+    l, sl = s.shape[-2:]
+    if causal:
+        s = s.masked_fill(torch.ones(l, sl, dtype=torch.bool).triu(1), -math.inf)
+    if kpm is not None:
+        s = s.masked_fill(kpm[:, None, None, :], -math.inf)
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    s = torch.where(dead, torch.zeros((), dtype=dtype), s)
+    p = torch.softmax(s, -1) * (~dead)
+    lse = torch.where(dead[..., 0], torch.full((), math.inf, dtype=dtype), torch.logsumexp(s, -1))
+    if dropout_p > 0:
+        p = p * keep / (1.0 - dropout_p)
+    return p @ v, lse
+
+
+def _inputs(n, hq, hkv, l, s, e, ev, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, hq, l, e, generator=g).to(dtype)
+    k = torch.randn(n, hkv, s, e, generator=g).to(dtype)
+    v = torch.randn(n, hkv, s, ev, generator=g).to(dtype)
+    do = torch.randn(n, hq, l, ev, generator=g).to(dtype)
+    return q, k, v, do
+
+
+def _mask(kind, n, hq, l, s, dtype, seed=1):
+    """The additive (N, Hq, L, S) view the API hands the kernels, for a user mask of `kind`."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "float2d":  # (L, S) float -> strides (0, 0, S, 1)
+        return torch.randn(l, s, generator=g).to(dtype).expand(n, hq, l, s)
+    if kind == "bool4d":  # (N, Hq, L, S) bool, keep = True -> 0 / -inf
+        keep = torch.rand(n, hq, l, s, generator=g) > 0.3
+        keep[..., 0] = True
+        return torch.zeros(n, hq, l, s, dtype=dtype).masked_fill(~keep, -math.inf)
+    if kind == "float_n1":  # (N, 1, L, S) float -> head stride 0
+        return torch.randn(n, 1, l, s, generator=g).to(dtype).expand(n, hq, l, s)
+    assert kind is None
+    return None
+
+
+def _kpm(n, s, seed=2):
+    """bool (N, S), True = padded: random holes, right padding, and (last batch) left padding;
+    key s // 2 is kept in every batch so every row sees a key."""
+    g = torch.Generator().manual_seed(seed)
+    kpm = torch.rand(n, s, generator=g) < 0.35
+    kpm[:, -1] = True
+    kpm[-1, : s // 2] = True
+    kpm[:, s // 2] = False
+    return kpm
+
+
+def _grads64(q, k, v, do, mask, kpm, causal, scale, dropout_p=0.0, keep=None):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, lse = reference(q64, k64, v64, mask, kpm, causal, scale, dropout_p, keep)
+    out.backward(do.double())
+    return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
+
+
+def _grads_same_dtype(q, k, v, do, mask, kpm, causal, scale, dropout_p=0.0, keep=None):
+    dt = q.dtype
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, _ = reference(qs, ks, vs, mask, kpm, causal, scale, dropout_p, keep, dtype=dt)
+    out.backward(do)
+    return out.detach(), qs.grad, ks.grad, vs.grad
+
+
+def _check(name, got, ref64, same, dtype):
+    """max|got - ref64| <= 2 * max|same - ref64| + floor, with a message naming where it failed."""
+    assert got.shape == ref64.shape, f"{name}: got shape {tuple(got.shape)}, expected {tuple(ref64.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: {int((~torch.isfinite(got)).sum())} non-finite values"
+    err = (got.double() - ref64).abs()
+    bound = 2 * (same.double() - ref64).abs().max().item() + FLOOR[dtype]
+    worst = err.max().item()
+    where = tuple(int(i) for i in torch.nonzero(err == err.max())[0]) if err.numel() else ()
+    assert worst <= bound, f"{name}: max error {worst:.3g} at {where} exceeds bound {bound:.3g} ({dtype})"
+
+
+def run_and_check(n, hq, hkv, l, s, e, ev, dtype=torch.float32, mask_kind=None, use_kpm=False, causal=False,
+                  dropout_p=0.0, seed=0):
+    q, k, v, do = _inputs(n, hq, hkv, l, s, e, ev, dtype, seed)
+    mask = _mask(mask_kind, n, hq, l, s, dtype)
+    kpm = _kpm(n, s) if use_kpm else None
+    scale = 1.0 / math.sqrt(e)
+    seed_t = torch.tensor([123456789012 + seed], dtype=torch.int64) if dropout_p > 0 else None
+    keep = (philox.attention_keep_mask(int(seed_t), dropout_p, n, hq, l, s) if dropout_p > 0 else None)
+
+    out, lse = A.attention_forward(q, k, v, mask, kpm, dropout_p, causal, scale, seed_t)
+    dq, dk, dv = A.attention_backward(do, q, k, v, out, lse, mask, kpm, dropout_p, causal, scale, seed_t)
+
+    out64, lse64, dq64, dk64, dv64 = _grads64(q, k, v, do, mask, kpm, causal, scale, dropout_p, keep)
+    outs, dqs, dks, dvs = _grads_same_dtype(q, k, v, do, mask, kpm, causal, scale, dropout_p, keep)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    _check("out", out, out64, outs, dtype)
+    # lse: +inf exactly where the reference sees no key, and close elsewhere.
+    dead = torch.isinf(lse64)
+    assert torch.equal(torch.isposinf(lse), dead), "lse: +inf rows differ from the rows that see no key"
+    if (~dead).any():
+        lse_err = (lse.double() - lse64)[~dead].abs().max().item()
+        assert lse_err <= 1e-4 * (1 + lse64[~dead].abs().max().item()) * (1 if dtype == torch.float32 else 30), \
+            f"lse: max error {lse_err:.3g}"
+    _check("dq", dq, dq64, dqs, dtype)
+    _check("dk", dk, dk64, dks, dtype)
+    _check("dv", dv, dv64, dvs, dtype)
+    return out, lse, (dq, dk, dv), dead
+
+
+# ---- the cases ----------------------------------------------------------------------------------
+SHAPES = [(1, 17), (17, 33), (33, 65), (65, 17), (17, 1)]
+MASKS = [
+    dict(),
+    dict(causal=True),
+    dict(use_kpm=True),
+    dict(mask_kind="float2d"),
+    dict(mask_kind="bool4d"),
+    dict(mask_kind="float_n1", use_kpm=True, causal=True),
+]
+MASK_IDS = ["none", "causal", "kpm", "float2d", "bool4d", "n1+kpm+causal"]
+
+
+@pytest.mark.parametrize("e", [1, 25, 64, 80, 128])
+@pytest.mark.parametrize("masks", MASKS, ids=MASK_IDS)
+def test_fp32_every_mask_and_head_dim(e, masks):
+    i = [1, 25, 64, 80, 128].index(e) + MASKS.index(masks)
+    l, s = SHAPES[i % len(SHAPES)]
+    run_and_check(2, 2, 2, l, s, e, e, torch.float32, **masks, seed=i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("masks", [dict(), dict(causal=True, use_kpm=True), dict(mask_kind="bool4d")],
+                         ids=["none", "causal+kpm", "bool4d"])
+@pytest.mark.parametrize("e", [25, 64])
+def test_half_precision(dtype, masks, e):
+    run_and_check(2, 2, 1, 33, 17, e, e, dtype, **masks)
+
+
+@pytest.mark.parametrize("l,s", [(17, 33), (65, 17), (1, 65)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_and_value_dim(l, s, causal):
+    # Hq = 2 query heads share Hkv = 1 kv head; Ev != E.
+    run_and_check(2, 2, 1, l, s, 25, 17, torch.float32, causal=causal, use_kpm=True)
+
+
+def test_gqa_four_heads_two_groups():
+    run_and_check(1, 4, 2, 33, 33, 16, 16, torch.float32, mask_kind="float_n1", causal=True)
+
+
+@pytest.mark.parametrize("masks", [dict(), dict(causal=True, use_kpm=True, mask_kind="float2d")],
+                         ids=["plain", "causal+kpm+mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dropout_matches_philox_reference(masks, dtype):
+    run_and_check(2, 2, 1, 33, 17, 25, 25, dtype, dropout_p=0.3, **masks)
+
+
+@pytest.mark.parametrize("l,s", [(33, 17), (17, 16)])
+def test_dropout_bits_are_exactly_the_shared_stream(l, s):
+    # With v = identity (Ev >= S), out[b, h, i, j] = P[i, j] * keep[i, j] / (1 - p): every kept
+    # element is > 0 and every dropped one is exactly 0, so the kernel's mask is read off directly.
+    n, hq, e, p = 2, 2, 16, 0.4
+    q, k, _, _ = _inputs(n, hq, hq, l, s, e, e, torch.float32)
+    v = torch.eye(s, 32).expand(n, hq, s, 32).contiguous()
+    seed = torch.tensor([(1 << 40) + 987654321], dtype=torch.int64)
+    out, lse = A.attention_forward(q, k, v, None, None, p, False, 0.1, seed)
+    got = out[..., :s] > 0
+    want = philox.attention_keep_mask(int(seed), p, n, hq, l, s)
+    assert torch.equal(got, want), f"dropout mask: {int((got != want).sum())} of {want.numel()} bits differ"
+    dropped = 1 - want.float().mean().item()
+    assert abs(dropped - p) < 0.06, f"dropped fraction {dropped:.3f}, expected about {p}"
+    # The backward regenerates the same bits: dv = (P * keep / (1-p))^T dO, checked with the exact mask.
+    do = torch.randn(n, hq, l, 32)
+    dq, dk, dv = A.attention_backward(do, q, k, v, out, lse, None, None, p, False, 0.1, seed)
+    _, _, _, _, dv64 = _grads64(q, k, v, do, None, None, False, 0.1, p, want)
+    assert (dv.double() - dv64).abs().max().item() < 1e-5
+
+
+def test_rows_that_see_no_key_give_zero_and_zero_grads():
+    n, hq, l, s, e = 2, 2, 17, 33, 25
+    q, k, v, do = _inputs(n, hq, hq, l, s, e, e, torch.float32)
+    kpm = torch.zeros(n, s, dtype=torch.bool)
+    kpm[1] = True  # batch 1: every key padded
+    mask = torch.zeros(n, hq, l, s)
+    mask[0, 1, 3] = -math.inf  # one row of batch 0 / head 1 masked out entirely
+    out, lse = A.attention_forward(q, k, v, mask, kpm, 0.0, False, 0.2, None)
+    dq, dk, dv = A.attention_backward(do, q, k, v, out, lse, mask, kpm, 0.0, False, 0.2, None)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv), ("lse", lse)):
+        assert not torch.isnan(t).any(), f"{name}: NaN where no key is visible"
+    assert torch.all(out[1] == 0) and torch.all(out[0, 1, 3] == 0), "out: rows with no visible key must be 0"
+    assert torch.isposinf(lse[1]).all() and torch.isposinf(lse[0, 1, 3]), "lse: must be +inf for those rows"
+    assert torch.isfinite(lse[0, 0]).all() and torch.isfinite(lse[0, 1, :3]).all()
+    assert torch.all(dq[1] == 0) and torch.all(dq[0, 1, 3] == 0), "dq: rows with no visible key must get 0"
+    assert torch.all(dk[1] == 0) and torch.all(dv[1] == 0), "dk/dv: padded keys must get 0"
+    run_and_check(2, 2, 2, 17, 33, 25, 25, torch.float32, mask_kind="bool4d", use_kpm=True)
+
+
+def test_causal_with_more_queries_than_keys_and_fully_masked_rows():
+    # top-left causal, L > S: every row sees key 0; with key 0 padded, row 0 sees nothing.
+    n, hq, l, s, e = 1, 2, 33, 17, 16
+    q, k, v, do = _inputs(n, hq, hq, l, s, e, e, torch.float32)
+    kpm = torch.zeros(n, s, dtype=torch.bool)
+    kpm[0, 0] = True
+    out, lse = A.attention_forward(q, k, v, None, kpm, 0.0, True, 0.25, None)
+    assert torch.isposinf(lse[0, :, 0]).all() and torch.all(out[0, :, 0] == 0)
+    out64, lse64, dq64, dk64, dv64 = _grads64(q, k, v, do, None, kpm, True, 0.25)
+    dq, dk, dv = A.attention_backward(do, q, k, v, out, lse, None, kpm, 0.0, True, 0.25, None)
+    for name, got, want in (("out", out, out64), ("dq", dq, dq64), ("dk", dk, dk64), ("dv", dv, dv64)):
+        err = (got.double() - want).abs().max().item()
+        assert err < 2e-5, f"{name}: max error {err:.3g}"
+
+
+def test_backward_is_deterministic():
+    n, hq, hkv, l, s, e = 2, 2, 1, 33, 65, 25
+    q, k, v, do = _inputs(n, hq, hkv, l, s, e, e, torch.float32)
+    mask = _mask("float2d", n, hq, l, s, torch.float32)
+    kpm = _kpm(n, s)
+    seed = torch.tensor([42], dtype=torch.int64)
+    out, lse = A.attention_forward(q, k, v, mask, kpm, 0.2, True, 0.2, seed)
+    first = A.attention_backward(do, q, k, v, out, lse, mask, kpm, 0.2, True, 0.2, seed)
+    second = A.attention_backward(do, q, k, v, out, lse, mask, kpm, 0.2, True, 0.2, seed)
+    for name, a, b in zip(("dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name}: two backward runs differ (max {(a - b).abs().max().item():.3g})"
+
+
+def test_seed_changes_the_mask_and_reproduces():
+    q, k, v, _ = _inputs(1, 1, 1, 17, 17, 16, 16, torch.float32)
+    s1 = torch.tensor([1], dtype=torch.int64)
+    s2 = torch.tensor([2], dtype=torch.int64)
+    a, _ = A.attention_forward(q, k, v, None, None, 0.5, False, 0.25, s1)
+    b, _ = A.attention_forward(q, k, v, None, None, 0.5, False, 0.25, s1)
+    c, _ = A.attention_forward(q, k, v, None, None, 0.5, False, 0.25, s2)
+    assert torch.equal(a, b), "same seed must give the same output"
+    assert not torch.equal(a, c), "a different seed must give a different mask"
+
+
+def test_errors_name_the_argument():
+    q, k, v, _ = _inputs(1, 2, 2, 5, 7, 8, 8, torch.float32)
+    with pytest.raises(ValueError, match="attn_mask"):
+        A.attention_forward(q, k, v, torch.zeros(5, 7), None, 0.0, False, 0.3, None)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        A.attention_forward(q, k, v, None, torch.zeros(1, 6, dtype=torch.bool), 0.0, False, 0.3, None)
+    with pytest.raises(ValueError, match="seed"):
+        A.attention_forward(q, k, v, None, None, 0.1, False, 0.3, None)
+    with pytest.raises(ValueError, match="heads"):
+        A.attention_forward(q, k[:, :1].repeat(1, 3, 1, 1).contiguous(), v[:, :1].repeat(1, 3, 1, 1).contiguous(),
+                            None, None, 0.0, False, 0.3, None)
+    with pytest.raises(ValueError, match="head dim"):
+        A.head_dim_bucket(257)
+
+
+def _same_config(a, b):
+    return (a.kwargs, a.num_warps, a.num_stages) == (b.kwargs, b.num_warps, b.num_stages)
+
+
+def test_config_tables_cover_every_key():
+    # Every (dtype class, head-dim bucket, seq bucket) a launch can form has candidates, and the AOT
+    # enumeration lists each of them under every specialisation.
+    cases = A.compile_cases()
+    for name, (_kernel, table) in A.KERNELS.items():
+        for dc in A.DTYPE_CLASSES:
+            for hd in A.HEAD_DIM_BUCKETS:
+                for sq in A.SEQ_BUCKETS:
+                    assert table[(dc, hd, sq)], f"{name}: no config for {(dc, hd, sq)}"
+                    for cfg in table[(dc, hd, sq)]:
+                        specs = {c[4] for c in cases if c[0] == name and c[2] == dc and c[3] == hd
+                                 and _same_config(c[5], cfg)}
+                        assert specs == set(A.SPECIALISATIONS), f"{name} {(dc, hd, sq)} {cfg}: not every spec listed"
