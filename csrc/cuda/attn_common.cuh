@@ -14,6 +14,10 @@
 namespace fastattn {
 namespace cuda {
 
+// Largest dynamic shared memory one block may opt into on sm_80 (163 KB); sm_90 allows 227 KB.
+// Every tile configuration below static_asserts it fits the smaller.
+constexpr size_t kMaxSmemSm80 = 166912;
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 

@@ -45,6 +45,8 @@ struct DqTC {
   static constexpr int kThreads = 128;
   static constexpr int kLds = D + 8;
   static constexpr size_t kSmem = static_cast<size_t>(2 * kBM + 4 * BN) * kLds * sizeof(T);
+  static_assert(kSmem <= kMaxSmemSm80, "dQ tile does not fit sm_80 shared memory");
+  static_assert(BN % 16 == 0 && BN <= 64, "keep bits: at most 32 accumulator elements per thread");
 };
 
 template <typename T, int D, int BN>
@@ -210,6 +212,8 @@ struct DkdvTC {
   static constexpr int kLds = D + 8;
   static constexpr size_t kSmem =
       static_cast<size_t>(2 * kBN + 4 * BM) * kLds * sizeof(T) + 4 * BM * sizeof(float);
+  static_assert(kSmem <= kMaxSmemSm80, "dK/dV tile does not fit sm_80 shared memory");
+  static_assert(BM % 16 == 0 && BM <= 64, "keep bits: at most 32 accumulator elements per thread");
 };
 
 // Transposed problem: this warp's 16 keys are the rows, the BM queries of a tile the columns.

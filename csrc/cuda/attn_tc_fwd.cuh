@@ -19,6 +19,8 @@ struct FwdTC {
   static constexpr int kLds = D + 8;  // +16 bytes per row: ldmatrix rows fall in distinct banks
   static constexpr size_t kSmem = static_cast<size_t>(kBM + 4 * BN) * kLds * sizeof(T);
   static_assert(D % 16 == 0 && BN % 16 == 0, "tile shapes must be multiples of the mma shape");
+  static_assert(kSmem <= kMaxSmemSm80, "forward tile does not fit sm_80 shared memory");
+  static_assert(BN <= 64, "keep bits: at most 32 accumulator elements per thread");
 };
 
 template <typename T, int D, int BN>
