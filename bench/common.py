@@ -96,6 +96,7 @@ class Case:
     shape: tuple         # ((name, value), ...) in display order
     variant: str = "none"  # "none", "causal", "kpad50", ...
     family_x: str = ""   # the shape entry that varies along a plot's x axis ("L", "T"); "" = none
+    family_skip: tuple = ()  # other shape entries that vary with x (N = tokens / L); left out of family
 
     def __getitem__(self, name):
         return dict(self.shape)[name]
@@ -113,7 +114,7 @@ class Case:
         if not self.family_x:
             return self.id
         dev = "gpu" if self.device == "cuda" else "cpu"
-        shape = "-".join(f"{k}{v}" for k, v in self.shape if k != self.family_x)
+        shape = "-".join(f"{k}{v}" for k, v in self.shape if k != self.family_x and k not in self.family_skip)
         tail = "" if self.variant == "none" else f"/{self.variant}"
         return f"{dev}/{self.op}/{self.pass_}/{DTYPE_SHORT[self.dtype]}/{shape}{tail}"
 
@@ -196,6 +197,7 @@ def fastattn_backends(device: str) -> list[str]:
     """The kernel backends that may serve tensors on ``device`` here ("reference" is the naive peer).
 
     Triton under TRITON_INTERPRET=1 is left out: interpreted kernels are not worth timing.
+    FASTATTN_BENCH_BACKENDS="a,b" replaces the wanted list (still only available ones are timed).
     """
     fa = fastattn_module()
     if fa is None:
@@ -205,6 +207,9 @@ def fastattn_backends(device: str) -> list[str]:
     except Exception:  # noqa: BLE001
         return []
     wanted = ("cpu",) if device == "cpu" else ("cuda", "triton")
+    override = os.environ.get("FASTATTN_BENCH_BACKENDS")   # e.g. "reference" to try the harness
+    if override:
+        wanted = tuple(b.strip() for b in override.split(",") if b.strip())
     if os.environ.get("TRITON_INTERPRET") == "1":
         wanted = tuple(b for b in wanted if b != "triton")
     return [b for b in avail if b in wanted]

@@ -20,7 +20,8 @@ FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
 def attn_case(device, pass_, dtype, N, H, L, E, variant="none", family_x=""):
-    return Case(device, "attention", pass_, dtype, (("N", N), ("H", H), ("L", L), ("E", E)), variant, family_x)
+    return Case(device, "attention", pass_, dtype, (("N", N), ("H", H), ("L", L), ("E", E)), variant, family_x,
+                ("N",) if family_x else ())
 
 
 CPU_CASES = [
