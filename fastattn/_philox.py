@@ -63,16 +63,34 @@ def keep_mask(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
     return philox_uniform(seed, offsets) >= p
 
 
-def attention_keep_mask(seed: int, p: float, n: int, h: int, l: int, s: int, device=None) -> torch.Tensor:
-    """(n, h, l, s) bool keep mask of attention dropout."""
-    off = torch.arange(n * h * l * s, dtype=torch.int64, device=device).view(n, h, l, s)
-    return keep_mask(seed, off, p)
+@torch.library.custom_op("fastattn::philox_keep_mask", mutates_args=())
+def _keep_mask_op(seed: torch.Tensor, p: float, shape: list[int], device: torch.device) -> torch.Tensor:
+    # An opaque op, so that torch.compile of the reference path does not fuse 10 Philox rounds into
+    # one enormous pointwise kernel (inductor takes minutes on that); counters are 0 .. numel-1.
+    numel = 1
+    for size in shape:
+        numel *= size
+    off = torch.arange(numel, dtype=torch.int64, device=device).view(shape)
+    return keep_mask(int(seed.reshape(-1)[0]), off, p)
 
 
-def ffn_keep_mask(seed: int, p: float, t: int, f: int, device=None) -> torch.Tensor:
-    """(t, f) bool keep mask of feed-forward hidden dropout."""
-    off = torch.arange(t * f, dtype=torch.int64, device=device).view(t, f)
-    return keep_mask(seed, off, p)
+@_keep_mask_op.register_fake
+def _(seed, p, shape, device):
+    return torch.empty(shape, dtype=torch.bool, device=device)
+
+
+def _seed_tensor(seed) -> torch.Tensor:
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor([int(seed)], dtype=torch.int64)
+
+
+def attention_keep_mask(seed, p: float, n: int, h: int, l: int, s: int, device=None) -> torch.Tensor:
+    """(n, h, l, s) bool keep mask of attention dropout; seed an int or the (1,) int64 seed tensor."""
+    return _keep_mask_op(_seed_tensor(seed), float(p), [n, h, l, s], torch.device(device or "cpu"))
+
+
+def ffn_keep_mask(seed, p: float, t: int, f: int, device=None) -> torch.Tensor:
+    """(t, f) bool keep mask of feed-forward hidden dropout; seed an int or the (1,) int64 seed tensor."""
+    return _keep_mask_op(_seed_tensor(seed), float(p), [t, f], torch.device(device or "cpu"))
 
 
 def new_seed() -> torch.Tensor:

@@ -74,7 +74,7 @@ def attention_reference(
     if dropout_p > 0.0:
         if seed is None:
             raise ValueError("attention_reference: dropout_p > 0 needs a seed tensor")
-        keep = _philox.attention_keep_mask(int(seed.reshape(-1)[0]), dropout_p, n, hq, l, s, device=q.device)
+        keep = _philox.attention_keep_mask(seed, dropout_p, n, hq, l, s, device=q.device)
         p = p * keep.to(ct) / (1.0 - dropout_p)
     out = torch.matmul(p, v.to(ct)).to(q.dtype)
     if not return_lse:
@@ -116,6 +116,6 @@ def ffn_reference(
     if dropout_p > 0.0:
         if seed is None:
             raise ValueError("ffn_reference: dropout_p > 0 needs a seed tensor")
-        keep = _philox.ffn_keep_mask(int(seed.reshape(-1)[0]), dropout_p, h.shape[0], h.shape[1], device=x.device)
+        keep = _philox.ffn_keep_mask(seed, dropout_p, h.shape[0], h.shape[1], device=x.device)
         h = h * keep.to(h.dtype) / (1.0 - dropout_p)
     return F.linear(h, w2, b2).reshape(*lead, w2.shape[0])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -86,26 +86,46 @@ def _forced_name(explicit: str | None) -> tuple[str | None, str]:
     return None, ""
 
 
-def select_backend(kind: str, call, explicit: str | None = None) -> Backend:
-    """The backend that serves ``call`` (kind: "attention" or "ffn")."""
-    name, source = _forced_name(explicit)
+class CallInfo(NamedTuple):
+    """What backend choice depends on: plain values, so the choice is a constant under torch.compile."""
+
+    kind: str  # "attention" or "ffn"
+    device_type: str
+    dtype: torch.dtype
+    head_dims: tuple[int, int]  # (E, Ev) for attention, (0, 0) for ffn
+    mask_requires_grad: bool
+
+
+@torch.compiler.assume_constant_result
+def _choose(kind: str, device_type: str, dtype: torch.dtype, e: int, ev: int, mask_requires_grad: bool,
+            name: str | None, source: str) -> str:
+    # Runs eagerly even while torch.compile traces a model: dynamo bakes the chosen name into the graph
+    # (and re-traces if the call's shape class changes), so dispatch costs nothing at run time.
+    # Plain arguments, not a CallInfo: dynamo passes constants through, not named tuples.
+    info = CallInfo(kind, device_type, dtype, (e, ev), mask_requires_grad)
     if name is not None:
         if name not in PRIORITY:
             raise ValueError(f"fastattn: {source} got backend {name!r}; expected one of {list(PRIORITY)}")
-        be = get_backend(name)
-        reasons = be.reasons(kind, call, forced=True)
+        reasons = get_backend(name).reasons(info.kind, info, forced=True)
         if reasons:
-            raise BackendError(f"fastattn: backend {name!r} (from {source}) cannot serve this {kind} call because: "
-                               + "; ".join(reasons))
-        return be
+            raise BackendError(f"fastattn: backend {name!r} (from {source}) cannot serve this {info.kind} call "
+                               "because: " + "; ".join(reasons))
+        return name
     tried = []
     for candidate in PRIORITY:
-        be = get_backend(candidate)
-        reasons = be.reasons(kind, call, forced=False)
+        reasons = get_backend(candidate).reasons(info.kind, info, forced=False)
         if not reasons:
-            return be
+            return candidate
         tried.append(f"{candidate}: " + "; ".join(reasons))
-    raise BackendError(f"fastattn: no backend can serve this {kind} call: " + " | ".join(tried))
+    raise BackendError(f"fastattn: no backend can serve this {info.kind} call: " + " | ".join(tried))
+
+
+def select_backend(kind: str, call, explicit: str | None = None) -> Backend:
+    """The backend that serves ``call`` (kind: "attention" or "ffn")."""
+    name, source = _forced_name(explicit)
+    e, ev = getattr(call, "head_dims", (0, 0))
+    return get_backend(_choose(kind, call.device.type, call.dtype, int(e), int(ev),
+                               bool(getattr(call, "mask_requires_grad", False)), name, source))
 
 
 __all__ = ["Backend", "BackendError", "PRIORITY", "available_backends", "backend_status", "get_backend",

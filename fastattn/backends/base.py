@@ -48,8 +48,8 @@ class Backend:
         if why is not None:
             return [why]
         reasons = []
-        if call.device.type not in self.devices:
-            reasons.append(f"device {call.device.type} not in {list(self.devices)}")
+        if call.device_type not in self.devices:
+            reasons.append(f"device {call.device_type} not in {list(self.devices)}")
         if call.dtype not in self.dtypes:
             reasons.append(f"dtype {call.dtype} not in {[_DTYPE_NAMES.get(d, str(d)) for d in self.dtypes]}")
         return reasons

@@ -36,7 +36,7 @@ class TritonBackend(OpBackend):
         return None
 
     def _device_reasons(self, call, forced: bool) -> list[str]:
-        if call.device.type == "cpu" and not forced:
+        if call.device_type == "cpu" and not forced:
             return ["CPU tensors run under the Triton interpreter only when backend='triton' is asked for"]
         return []
 
