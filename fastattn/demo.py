@@ -1,0 +1,267 @@
+"""The main job: train the text classifier twice, stock torch.nn vs fastattn.convert()-ed, and compare.
+
+    python -m fastattn.demo                       # embedded synthetic data, CPU, ~1-3 minutes
+    python -m fastattn.demo --data aclImdb/ --epochs 1 --device cuda
+
+Both runs start from the same initial weights and see the same batches in the same order with the
+same seeds. Printed: the data set, per-step time of each run, the speedup, final training loss and
+test accuracy of each; a PNG plot of both loss and accuracy curves is written to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import data as _data
+from .models import TextClassifier
+from .modules import convert
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastattn.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", metavar="DIR", help="an aclImdb-layout directory (train/pos, train/neg, test/pos, "
+                   "test/neg of .txt reviews); default: the embedded synthetic data set")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 1 for "
+                   "--data; for synthetic data --steps decides)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (overrides --epochs; "
+                   "default 300 on synthetic data)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=None, help="longest sequence in tokens (synthetic default 48, "
+                   "aclImdb default 256)")
+    p.add_argument("--vocab-size", type=int, default=20000, help="aclImdb vocabulary size")
+    p.add_argument("--limit", type=int, default=None, help="aclImdb: at most this many reviews per split")
+    p.add_argument("--train-size", type=int, default=4000, help="synthetic training sequences")
+    p.add_argument("--test-size", type=int, default=1000, help="synthetic test sequences")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--backend", default=None, help="fastattn backend: cuda, triton, cpu or reference "
+                   "(default: automatic, the fastest available)")
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--nhead", type=int, default=4)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--dim-feedforward", type=int, default=256)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout in the model (default 0, so both runs "
+                   "see identical arithmetic and their curves can be compared step by step)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations "
+                   "(default: 10 points per run)")
+    p.add_argument("--out", default=os.path.join("demo_out", "training.png"), help="PNG plot path")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "epochs", "steps", "max_len", "train_size", "test_size", "eval_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} got {value}; expected a positive integer")
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout got {args.dropout}; expected a value in [0, 1)")
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: TextClassifier, split: _data.Split, device: torch.device, batch_size: int = 256
+             ) -> tuple[float, float]:
+    """(mean BCE loss, accuracy) of ``model`` on ``split`` in eval mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(split), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(split)))
+        tokens, mask, labels = split.batch(idx, device)
+        logits = model(tokens, mask).squeeze(-1)
+        total_loss += float(F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"))
+        correct += int(((logits > 0).float() == labels).sum())
+    model.train(was_training)
+    return total_loss / len(split), correct / len(split)
+
+
+def bag_of_words_baseline(data: _data.TextData, steps: int = 300, seed: int = 0) -> float:
+    """Test accuracy of a logistic regression on word counts: what attention-free models reach."""
+    def counts(split: _data.Split) -> torch.Tensor:
+        x = torch.zeros(len(split), data.vocab_size)
+        x.scatter_add_(1, split.tokens, torch.ones_like(split.tokens, dtype=torch.float32))
+        x[:, _data.PAD] = 0
+        return x
+
+    gen = torch.Generator().manual_seed(seed)
+    x_train, x_test = counts(data.train), counts(data.test)
+    w = (torch.randn(data.vocab_size, generator=gen) * 0.01).requires_grad_()
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x_train @ w + b, data.train.labels) + 1e-4 * w.square().sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((((x_test @ w + b) > 0).float() == data.test.labels).float().mean())
+
+
+def _batches(num: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """The one batch order both runs use: reshuffled every epoch, a fixed generator."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    while len(out) < steps:
+        perm = torch.randperm(num, generator=gen)
+        for start in range(0, num - batch_size + 1, batch_size):
+            out.append(perm[start:start + batch_size])
+            if len(out) == steps:
+                break
+    return out
+
+
+def train(model: TextClassifier, data: _data.TextData, batches: list[torch.Tensor], args, device: torch.device,
+          label: str) -> dict:
+    """Train ``model`` on ``batches``; returns per-step losses/times and the test-accuracy curve."""
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed + 1)  # dropout (if any) starts from the same state in both runs
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps = len(batches)
+    eval_every = args.eval_every or max(1, steps // 10)
+    history = {"label": label, "loss": [], "step_time": [], "eval_step": [], "test_acc": [], "test_loss": []}
+    model.train()
+    bar = tqdm(total=steps, desc=f"{label:>18}", disable=args.no_progress, file=sys.stderr, leave=True)
+    for step, idx in enumerate(batches, start=1):
+        tokens, mask, labels = data.train.batch(idx, device)
+        _sync(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = model(tokens, mask).squeeze(-1)
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        history["step_time"].append(time.perf_counter() - t0)
+        history["loss"].append(float(loss))
+        if step % eval_every == 0 or step == steps:
+            test_loss, test_acc = evaluate(model, data.test, device)
+            history["eval_step"].append(step)
+            history["test_acc"].append(test_acc)
+            history["test_loss"].append(test_loss)
+            bar.set_postfix(loss=f"{float(loss):.3f}", test_acc=f"{test_acc:.1%}")
+        bar.update(1)
+    bar.close()
+    warm = history["step_time"][min(3, steps - 1):]  # the first steps pay one-off allocation costs
+    history["median_step_s"] = statistics.median(warm)
+    history["mean_step_s"] = statistics.fmean(warm)
+    tail = history["loss"][-max(1, min(20, steps // 5)):]
+    history["final_loss"] = statistics.fmean(tail)
+    history["final_test_acc"] = history["test_acc"][-1]
+    return history
+
+
+def plot(histories: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for h, style in zip(histories, ("-", "--")):
+        steps = range(1, len(h["loss"]) + 1)
+        ax_loss.plot(steps, h["loss"], style, alpha=0.8, lw=1, label=h["label"])
+        ax_acc.plot(h["eval_step"], h["test_acc"], style + "o" if style == "-" else style + "s", ms=4,
+                    label=h["label"])
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss (BCE)")
+    ax_loss.set_title("training loss")
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.set_ylim(0.0, 1.02)
+    ax_acc.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
+    ax_acc.set_title("test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    import fastattn
+
+    if args.data:
+        max_len = args.max_len or 256
+        data = _data.load_aclimdb(args.data, vocab_size=args.vocab_size, max_len=max_len, limit=args.limit,
+                                  seed=args.seed)
+        default_steps = None
+    else:
+        max_len = args.max_len or 48
+        data = _data.make_synthetic(args.train_size, args.test_size, min_len=min(8, max_len), max_len=max_len,
+                                    seed=args.seed)
+        default_steps = 300
+    print(data.description)
+    sample = data.train.tokens[0, : int(data.train.lengths[0])]
+    print(f"  example: \"{data.decode(sample)}\" -> label {int(data.train.labels[0])}")
+    bow = bag_of_words_baseline(data, seed=args.seed)
+    print(f"  bag-of-words logistic regression (no attention), test accuracy: {bow:.1%}")
+
+    per_epoch = max(1, len(data.train) // args.batch_size)
+    if args.steps is not None:
+        steps = args.steps
+    elif args.epochs is not None or default_steps is None:
+        steps = (args.epochs or 1) * per_epoch
+    else:
+        steps = default_steps
+    batch_size = min(args.batch_size, len(data.train))
+    batches = _batches(len(data.train), batch_size, steps, args.seed)
+
+    torch.manual_seed(args.seed)
+    stock = TextClassifier(data.vocab_size, args.embedding_dim, args.nhead, args.num_layers, args.dim_feedforward,
+                           dropout=args.dropout, max_len=max_len).to(device)
+    fast = convert(copy.deepcopy(stock), backend=args.backend)
+    backend = args.backend or "automatic"
+    print(f"model: TextClassifier(embedding {args.embedding_dim}, {args.nhead} heads, {args.num_layers} layers, "
+          f"feed-forward {args.dim_feedforward}, dropout {args.dropout}), "
+          f"{sum(p.numel() for p in stock.parameters())} parameters; {steps} steps of batch {batch_size} "
+          f"on {device}; fastattn backend: {backend} (available: {', '.join(fastattn.available_backends())}); "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    runs = [train(stock, data, batches, args, device, "torch.nn"),
+            train(fast, data, batches, args, device, f"fastattn ({backend})")]
+    t, f = runs
+    speedup = t["median_step_s"] / f["median_step_s"]
+    gap = max(abs(a - b) for a, b in zip(t["loss"], f["loss"]))
+    width = max(len(t["label"]), len(f["label"]))
+    print()
+    print(f"{'':24}{t['label']:>{width}}  {f['label']:>{width}}")
+    print(f"{'step time, median (ms)':24}{t['median_step_s'] * 1e3:>{width}.2f}  {f['median_step_s'] * 1e3:>{width}.2f}")
+    print(f"{'step time, mean (ms)':24}{t['mean_step_s'] * 1e3:>{width}.2f}  {f['mean_step_s'] * 1e3:>{width}.2f}")
+    print(f"{'final training loss':24}{t['final_loss']:>{width}.4f}  {f['final_loss']:>{width}.4f}")
+    print(f"{'test accuracy':24}{t['final_test_acc']:>{width}.1%}  {f['final_test_acc']:>{width}.1%}")
+    print(f"speedup of fastattn over torch.nn (median step time): {speedup:.2f}x")
+    print(f"largest per-step training-loss difference between the runs: {gap:.2e}")
+    print(f"chance: 50.0%; bag-of-words: {bow:.1%}")
+    title = (f"{data.name} data: torch.nn vs fastattn ({backend}) on {device}, "
+             f"{steps} steps; speedup {speedup:.2f}x")
+    plot(runs, args.out, title)
+    print(f"plot written to {args.out}")
+    return {"data": data.name, "runs": runs, "speedup": speedup, "bag_of_words_acc": bow,
+            "max_loss_gap": gap, "out": args.out, "steps": steps}
+
+
+if __name__ == "__main__":
+    main()

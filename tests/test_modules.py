@@ -1,0 +1,643 @@
+"""fastattn.MultiheadAttention / TransformerEncoderLayer / convert against the torch.nn modules they replace.
+
+Every parity case loads identical weights into both modules, runs them in float64 (so any difference
+is a real one, not rounding) and compares outputs, input gradients and every parameter's gradient.
+The attention runs on the "reference" backend; the kernels themselves are covered by the
+conformance matrix.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastattn
+import fastattn.api
+from fastattn.modules import MultiheadAttention, TransformerEncoderLayer, convert
+
+BACKEND = "reference"
+DT = torch.float64
+E, H = 8, 2
+L, S, N = 5, 7, 3
+
+
+def _randomize(module: nn.Module, seed: int = 0) -> None:
+    """Every parameter random (torch initialises several biases to 0, which would hide mistakes)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+
+
+def _close(got, want, what: str, atol=1e-10, rtol=1e-9):
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _grads(module: nn.Module) -> dict:
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+def _compare_grads(ours: nn.Module, theirs: nn.Module, what: str, **tol):
+    g_ours, g_theirs = _grads(ours), _grads(theirs)
+    assert g_ours.keys() == g_theirs.keys()
+    for name in g_theirs:
+        assert g_theirs[name] is not None, f"{what}: torch left {name}.grad None"
+        assert g_ours[name] is not None, f"{what}: fastattn left {name}.grad None"
+        _close(g_ours[name], g_theirs[name], f"{what}: grad of {name}", **tol)
+
+
+# -- MultiheadAttention -----------------------------------------------------------------------------
+
+MHA_CONFIGS = {
+    "default": {},
+    "no_bias": {"bias": False},
+    "bias_kv": {"add_bias_kv": True},
+    "zero_attn": {"add_zero_attn": True},
+    "bias_kv_zero_attn": {"add_bias_kv": True, "add_zero_attn": True},
+    "kdim_vdim": {"kdim": 6, "vdim": 5},
+    "batch_first": {"batch_first": True},
+    "batch_first_kdim_vdim_bias_kv": {"batch_first": True, "kdim": 6, "vdim": 5, "add_bias_kv": True},
+}
+
+
+def _mha_pair(config: dict, dropout: float = 0.0, seed: int = 0):
+    theirs = nn.MultiheadAttention(E, H, dropout=dropout, dtype=DT, **config)
+    _randomize(theirs, seed)
+    ours = MultiheadAttention(E, H, dropout=dropout, dtype=DT, backend=BACKEND, **config)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _visible_bool(shape, gen, p=0.35):
+    """A bool 'True = masked out' mask whose first key column stays visible (no fully masked row)."""
+    m = torch.rand(shape, generator=gen) < p
+    m[..., 0] = False
+    return m
+
+
+def _masks(kind: str, n: int, l: int, s: int, gen):
+    kpm = attn = None
+    if "kpm_bool" in kind:
+        kpm = _visible_bool((n, s), gen)
+    if "kpm_float" in kind:
+        kpm = torch.randn(n, s, generator=gen, dtype=DT)
+    if "attn2d_bool" in kind:
+        attn = _visible_bool((l, s), gen)
+    if "attn2d_float" in kind:
+        attn = torch.randn(l, s, generator=gen, dtype=DT)
+    if "attn3d_bool" in kind:
+        attn = _visible_bool((n * H, l, s), gen)
+    if "attn3d_float" in kind:
+        attn = torch.randn(n * H, l, s, generator=gen, dtype=DT)
+    return kpm, attn
+
+
+MASK_KINDS = ["none", "kpm_bool", "kpm_float", "attn2d_bool", "attn2d_float", "attn3d_bool", "attn3d_float",
+              "kpm_bool+attn2d_bool", "kpm_bool+attn3d_bool", "kpm_float+attn2d_float", "kpm_float+attn3d_float"]
+
+
+def _mha_inputs(config: dict, kind_of_inputs: str, gen, batched=True):
+    kd, vd = config.get("kdim", E), config.get("vdim", E)
+    bf = config.get("batch_first", False)
+
+    def make(seq, dim):
+        shape = ((N, seq, dim) if bf else (seq, N, dim)) if batched else (seq, dim)
+        return torch.randn(shape, generator=gen, dtype=DT, requires_grad=True)
+
+    if kind_of_inputs == "self" and kd == E and vd == E:
+        q = make(L, E)
+        return q, q, q
+    if kind_of_inputs == "shared_kv" and kd == vd:
+        k = make(S, kd)
+        return make(L, E), k, k
+    return make(L, E), make(S, kd), make(S, vd)
+
+
+def _run_mha(module, q, k, v, **kw):
+    return module(q, k, v, **kw)
+
+
+def _check_mha(config, inputs, mask_kind, mode, need_weights, average=True):
+    ours, theirs = _mha_pair(config)
+    ours.train(mode == "train")
+    theirs.train(mode == "train")
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = _mha_inputs(config, inputs, gen)
+    same = q is k
+    l_, s_ = (L, L) if same else (L, S)
+    kpm, attn = _masks(mask_kind, N, l_, s_, gen)
+    kw = dict(key_padding_mask=kpm, attn_mask=attn, need_weights=need_weights, average_attn_weights=average)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's "mismatched masks" deprecation (tested apart)
+        out_t, w_t = theirs(q, k, v, **kw)
+        q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        if same:
+            k2 = v2 = q2
+        elif k is v:
+            v2 = k2
+        out_o, w_o = ours(q2, k2, v2, **kw)
+    what = f"{config} inputs={inputs} masks={mask_kind} {mode} need_weights={need_weights}"
+    assert out_o.shape == out_t.shape, what
+    _close(out_o, out_t, f"{what}: output")
+    if need_weights:
+        _close(w_o, w_t, f"{what}: attention weights")
+    else:
+        assert w_o is None and w_t is None
+    grad = torch.randn(out_t.shape, generator=gen, dtype=DT)
+    (out_t * grad).sum().backward()
+    (out_o * grad).sum().backward()
+    for name, a, b in (("query", q2, q), ("key", k2, k), ("value", v2, v)):
+        _close(a.grad, b.grad, f"{what}: grad of {name}")
+    _compare_grads(ours, theirs, what)
+
+
+# Every mask kind on two configurations; every configuration on the mask kinds that mix features.
+MHA_CASES = ([("default", m) for m in MASK_KINDS] + [("batch_first_kdim_vdim_bias_kv", m) for m in MASK_KINDS]
+             + [(c, m) for c in MHA_CONFIGS if c not in ("default", "batch_first_kdim_vdim_bias_kv")
+                for m in ("none", "kpm_bool+attn2d_bool", "kpm_float+attn3d_float", "attn3d_bool")])
+
+
+@pytest.mark.parametrize("config, mask_kind", MHA_CASES)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_mha_matches_torch(config, mask_kind, mode):
+    _check_mha(MHA_CONFIGS[config], "cross", mask_kind, mode, need_weights=False)
+
+
+@pytest.mark.parametrize("config", list(MHA_CONFIGS), ids=str)
+@pytest.mark.parametrize("mask_kind, average", [("none", True), ("kpm_bool+attn2d_bool", False),
+                                                ("kpm_float+attn3d_float", True)])
+def test_mha_need_weights_matches_torch(config, mask_kind, average):
+    _check_mha(MHA_CONFIGS[config], "cross", mask_kind, "train", need_weights=True, average=average)
+
+
+@pytest.mark.parametrize("config", ["default", "no_bias", "bias_kv_zero_attn", "batch_first"])
+@pytest.mark.parametrize("inputs", ["self", "shared_kv"])
+@pytest.mark.parametrize("mask_kind", ["kpm_bool", "attn3d_float"])
+def test_mha_self_and_shared_kv_inputs(config, inputs, mask_kind):
+    _check_mha(MHA_CONFIGS[config], inputs, mask_kind, "train", need_weights=False)
+
+
+@pytest.mark.parametrize("config", ["default", "bias_kv_zero_attn", "kdim_vdim", "batch_first"])
+@pytest.mark.parametrize("mask_kind, need_weights", [("none", True), ("kpm_bool", False),
+                                                     ("kpm_float+attn2d_float", False), ("attn3d_bool", True)])
+def test_mha_unbatched(config, mask_kind, need_weights):
+    cfg = MHA_CONFIGS[config]
+    ours, theirs = _mha_pair(cfg)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _mha_inputs(cfg, "cross", gen, batched=False)
+    kpm, attn = _masks(mask_kind, 1, L, S, gen)
+    kpm = None if kpm is None else kpm[0]  # (S,)
+    if attn is not None and attn.dim() == 3:  # (num_heads, L, S) for an unbatched call
+        attn = attn[:H]
+    out_t, w_t = theirs(q, k, v, key_padding_mask=kpm, attn_mask=attn, need_weights=need_weights)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out_o, w_o = ours(q2, k2, v2, key_padding_mask=kpm, attn_mask=attn, need_weights=need_weights)
+    assert out_o.shape == out_t.shape == (L, E)
+    _close(out_o, out_t, "unbatched output")
+    if need_weights:
+        _close(w_o, w_t, "unbatched weights")
+    out_t.sum().backward()
+    out_o.sum().backward()
+    _close(q2.grad, q.grad, "unbatched grad of query")
+    _compare_grads(ours, theirs, "unbatched")
+
+
+@pytest.mark.parametrize("with_kpm", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, DT])
+def test_mha_is_causal_hint(with_kpm, need_weights, mask_dtype):
+    ours, theirs = _mha_pair({})
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(L, N, E, generator=gen, dtype=DT)
+    causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=DT)
+    mask = causal if mask_dtype == DT else torch.isinf(causal)
+    kpm = None
+    if with_kpm:
+        kpm = torch.zeros(N, L, dtype=torch.bool)
+        kpm[1, 3:] = True
+        kpm = kpm if mask_dtype == torch.bool else torch.zeros(N, L, dtype=DT).masked_fill(kpm, float("-inf"))
+    want = theirs(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=need_weights, is_causal=True)[0]
+    got = ours(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=need_weights, is_causal=True)[0]
+    _close(got, want, "is_causal hint")
+
+
+def test_mha_is_causal_needs_attn_mask():
+    ours, theirs = _mha_pair({})
+    x = torch.randn(L, N, E, dtype=DT)
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        theirs(x, x, x, need_weights=False, is_causal=True)
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        ours(x, x, x, need_weights=False, is_causal=True)
+
+
+def test_mha_fully_padded_batch_row_is_zero_attention_not_nan():
+    """A batch whose every key is padded gets 0 attention (so out_proj's bias), never NaN."""
+    ours, theirs = _mha_pair({})
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(L, N, E, generator=gen, dtype=DT)
+    k = torch.randn(S, N, E, generator=gen, dtype=DT)
+    kpm = torch.zeros(N, S, dtype=torch.bool)
+    kpm[1] = True
+    kpm[2, 4:] = True
+    want = theirs(q, k, k, key_padding_mask=kpm, need_weights=False)[0]
+    got = ours(q, k, k, key_padding_mask=kpm, need_weights=False)[0]
+    # torch gives NaN there (2.11) or 0 attention (newer math kernels); fastattn always gives 0.
+    assert torch.isfinite(got).all()
+    _close(got[:, 1], ours.out_proj.bias.expand(L, E), "fully padded batch -> out_proj.bias")
+    _close(got[:, [0, 2]], want[:, [0, 2]], "the other batches")
+
+
+def test_mha_eval_no_grad_matches_torch_native_fast_path():
+    """Eval + no_grad + batch_first self-attention is where torch runs its native fused MHA."""
+    ours, theirs = _mha_pair({"batch_first": True})
+    ours.eval()
+    theirs.eval()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(N, L, E, generator=gen, dtype=DT)
+    kpm = _visible_bool((N, L), gen)
+    with torch.no_grad():
+        want = theirs(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+        got = ours(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+    _close(got, want, "eval no_grad")
+
+
+def test_mha_mismatched_mask_kinds_warn_like_torch():
+    ours, theirs = _mha_pair({})
+    x = torch.randn(L, N, E, dtype=DT)
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    attn = torch.zeros(L, L, dtype=DT)
+    with pytest.warns(UserWarning, match="mismatched key_padding_mask and attn_mask"):
+        theirs(x, x, x, key_padding_mask=kpm, attn_mask=attn, need_weights=False)
+    with pytest.warns(UserWarning, match="mismatched key_padding_mask and attn_mask"):
+        ours(x, x, x, key_padding_mask=kpm, attn_mask=attn, need_weights=False)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(key_padding_mask=torch.zeros(N, S + 1, dtype=torch.bool)), "key_padding_mask"),
+    (dict(key_padding_mask=torch.zeros(N, S, dtype=torch.int64)), "key_padding_mask"),
+    (dict(attn_mask=torch.zeros(L, S + 2, dtype=torch.bool)), "attn_mask"),
+    (dict(attn_mask=torch.zeros(N, L, S, dtype=torch.bool)), "attn_mask"),
+])
+def test_mha_bad_masks_name_the_argument(bad, match):
+    ours, _ = _mha_pair({})
+    q = torch.randn(L, N, E, dtype=DT)
+    k = torch.randn(S, N, E, dtype=DT)
+    with pytest.raises((AssertionError, RuntimeError, ValueError), match=match):
+        ours(q, k, k, need_weights=False, **bad)
+
+
+def test_mha_bad_feature_dim_names_the_argument():
+    ours, _ = _mha_pair({"kdim": 6, "vdim": 5})
+    q = torch.randn(L, N, E, dtype=DT)
+    with pytest.raises(AssertionError, match="'key' got feature dim 8; expected 6"):
+        ours(q, torch.randn(S, N, E, dtype=DT), torch.randn(S, N, 5, dtype=DT), need_weights=False)
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(fastattn.api, name)
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastattn.api, name, spy)
+    return calls
+
+
+def test_mha_calls_fastattn_with_separate_padding_mask_backend_and_dropout(monkeypatch):
+    calls = _spy(monkeypatch, "scaled_dot_product_attention")
+    mha = MultiheadAttention(E, H, dropout=0.25, dtype=DT, backend="reference")
+    x = torch.randn(L, N, E, dtype=DT)
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[0, -1] = True
+    mha.train()
+    mha(x, x, x, key_padding_mask=kpm, need_weights=False)
+    mha.eval()
+    mha(x, x, x, key_padding_mask=kpm, need_weights=False)
+    assert len(calls) == 2
+    (args_train, kw_train), (args_eval, kw_eval) = calls
+    assert kw_train["key_padding_mask"] is kpm, "a bool padding mask must reach the API unmerged"
+    assert args_train[3] is None, "no dense mask should be built for a bool padding mask alone"
+    assert kw_train["backend"] == "reference"
+    assert args_train[4] == 0.25 and args_eval[4] == 0.0, "dropout_p: the module's p in training, 0 in eval"
+    q = args_train[0]
+    assert q.shape == (N, H, L, E // H)
+
+
+def test_mha_dropout_follows_torch_seed():
+    mha = MultiheadAttention(E, H, dropout=0.5, dtype=DT, backend=BACKEND).train()
+    x = torch.randn(L, N, E, dtype=DT)
+    torch.manual_seed(7)
+    a = mha(x, x, x, need_weights=False)[0]
+    torch.manual_seed(7)
+    b = mha(x, x, x, need_weights=False)[0]
+    torch.manual_seed(8)
+    c = mha(x, x, x, need_weights=False)[0]
+    _close(a, b, "same seed, same dropout")
+    assert not torch.allclose(a, c), "a different seed should draw a different dropout mask"
+    mha.eval()
+    ref = nn.MultiheadAttention(E, H, dropout=0.5, dtype=DT).eval()
+    ref.load_state_dict(mha.state_dict())
+    with torch.no_grad():
+        _close(mha(x, x, x, need_weights=False)[0], ref(x, x, x, need_weights=False)[0], "eval ignores dropout")
+
+
+@pytest.mark.parametrize("config", list(MHA_CONFIGS), ids=str)
+def test_mha_state_dict_round_trip(config):
+    cfg = MHA_CONFIGS[config]
+    ours, theirs = _mha_pair(cfg)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    back = nn.MultiheadAttention(E, H, dtype=DT, **cfg)
+    back.load_state_dict(ours.state_dict())  # strict: same names, same shapes
+    for name, t in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    assert isinstance(ours, nn.MultiheadAttention)
+    assert type(ours.out_proj) is type(theirs.out_proj)
+
+
+# -- TransformerEncoderLayer --------------------------------------------------------------------------
+
+D_MODEL, NHEAD, D_FF = 8, 2, 12
+
+LAYER_CONFIGS = {
+    "relu": {},
+    "relu_str": {"activation": "relu"},
+    "gelu_str": {"activation": "gelu"},
+    "F.gelu": {"activation": F.gelu},
+    "nn.ReLU": {"activation": nn.ReLU()},
+    "nn.GELU": {"activation": nn.GELU()},
+    "nn.GELU_tanh": {"activation": nn.GELU(approximate="tanh")},
+    "callable_silu": {"activation": F.silu},
+    "norm_first": {"norm_first": True},
+    "no_bias": {"bias": False},
+    "eps": {"layer_norm_eps": 1e-2},
+    "batch_first": {"batch_first": True},
+    "batch_first_norm_first_gelu": {"batch_first": True, "norm_first": True, "activation": "gelu"},
+}
+
+
+def _layer_pair(config: dict, dropout: float = 0.0, seed: int = 0):
+    theirs = nn.TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, dropout, dtype=DT, **copy.deepcopy(config))
+    _randomize(theirs, seed)
+    ours = TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, dropout, dtype=DT, backend=BACKEND,
+                                   **copy.deepcopy(config))
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+LAYER_MASKS = ["none", "kpm_bool", "kpm_float", "attn2d_bool", "attn2d_float", "attn3d_float",
+               "kpm_bool+attn2d_bool", "kpm_float+attn3d_float", "causal", "causal+kpm_bool"]
+
+
+def _layer_masks(kind, gen):
+    if kind.startswith("causal"):
+        mask = nn.Transformer.generate_square_subsequent_mask(S, dtype=DT)
+        kpm = _visible_bool((N, S), gen) if "kpm" in kind else None
+        return kpm, mask, True
+    kpm, attn = _masks(kind, N, S, S, gen)
+    return kpm, attn, False
+
+
+# Every mask kind on the default layer and one batch-first layer; every configuration on mixed masks.
+LAYER_CASES = ([("relu", m) for m in LAYER_MASKS] + [("batch_first_norm_first_gelu", m) for m in LAYER_MASKS]
+               + [(c, m) for c in LAYER_CONFIGS if c not in ("relu", "batch_first_norm_first_gelu")
+                  for m in ("kpm_bool", "kpm_float+attn3d_float", "causal+kpm_bool")])
+
+
+@pytest.mark.parametrize("config, mask_kind", LAYER_CASES)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.filterwarnings("ignore:Support for mismatched")
+def test_encoder_layer_matches_torch(config, mask_kind, mode):
+    cfg = LAYER_CONFIGS[config]
+    ours, theirs = _layer_pair(cfg)
+    ours.train(mode == "train")
+    theirs.train(mode == "train")
+    gen = torch.Generator().manual_seed(11)
+    bf = cfg.get("batch_first", False)
+    x = torch.randn((N, S, D_MODEL) if bf else (S, N, D_MODEL), generator=gen, dtype=DT, requires_grad=True)
+    kpm, mask, causal = _layer_masks(mask_kind, gen)
+    want = theirs(x, src_mask=mask, src_key_padding_mask=kpm, is_causal=causal)
+    x2 = x.detach().clone().requires_grad_()
+    got = ours(x2, src_mask=mask, src_key_padding_mask=kpm, is_causal=causal)
+    what = f"layer {config} masks={mask_kind} {mode}"
+    _close(got, want, f"{what}: output")
+    grad = torch.randn(want.shape, generator=gen, dtype=DT)
+    (want * grad).sum().backward()
+    (got * grad).sum().backward()
+    _close(x2.grad, x.grad, f"{what}: grad of src")
+    _compare_grads(ours, theirs, what)
+
+
+@pytest.mark.parametrize("config", ["relu", "norm_first", "callable_silu"])
+def test_encoder_layer_unbatched(config):
+    ours, theirs = _layer_pair(LAYER_CONFIGS[config])
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(S, D_MODEL, generator=gen, dtype=DT)
+    kpm = _visible_bool((S,), gen)
+    _close(ours(x, src_key_padding_mask=kpm), theirs(x, src_key_padding_mask=kpm), f"unbatched {config}")
+
+
+def test_encoder_layer_eval_no_grad_matches_torch_fast_path():
+    """Eval + no_grad + batch_first is where torch runs its fused native encoder layer."""
+    ours, theirs = _layer_pair({"batch_first": True})
+    ours.eval()
+    theirs.eval()
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(N, S, D_MODEL, generator=gen, dtype=DT)
+    kpm = torch.zeros(N, S, dtype=torch.bool)
+    kpm[0, 5:] = True
+    with torch.no_grad():
+        want, got = theirs(x, src_key_padding_mask=kpm), ours(x, src_key_padding_mask=kpm)
+    _close(got, want, "eval no_grad", atol=1e-9)
+
+
+@pytest.mark.parametrize("config, name", [("relu", "relu"), ("relu_str", "relu"), ("nn.ReLU", "relu"),
+                                          ("gelu_str", "gelu"), ("F.gelu", "gelu"), ("nn.GELU", "gelu"),
+                                          ("nn.GELU_tanh", "gelu_tanh"), ("callable_silu", None)])
+def test_encoder_layer_feed_forward_goes_through_fastattn(monkeypatch, config, name):
+    calls = _spy(monkeypatch, "feed_forward")
+    ours, _ = _layer_pair(LAYER_CONFIGS[config], dropout=0.2)
+    x = torch.randn(S, N, D_MODEL, dtype=DT)
+    ours.train()
+    ours(x)
+    ours.eval()
+    ours(x)
+    if name is None:
+        assert calls == [], "an arbitrary callable activation must run as plain torch ops"
+        return
+    assert len(calls) == 2
+    (args_t, kw_t), (args_e, _) = calls
+    assert args_t[5] == name
+    assert args_t[6] == 0.2 and args_e[6] == 0.0, "ffn dropout: self.dropout.p in training, 0 in eval"
+    assert kw_t["backend"] == BACKEND
+    assert args_t[1] is ours.linear1.weight and args_t[4] is ours.linear2.bias
+
+
+def test_encoder_layer_refuses_nested_tensors():
+    ours, _ = _layer_pair({"batch_first": True})
+    nested = torch.nested.nested_tensor([torch.randn(3, D_MODEL, dtype=DT), torch.randn(5, D_MODEL, dtype=DT)])
+    with pytest.raises(ValueError, match="NestedTensor"):
+        ours(nested)
+
+
+@pytest.mark.parametrize("config", list(LAYER_CONFIGS), ids=str)
+def test_encoder_layer_state_dict_round_trip(config):
+    cfg = LAYER_CONFIGS[config]
+    ours, theirs = _layer_pair(cfg)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    back = nn.TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, 0.0, dtype=DT, **copy.deepcopy(cfg))
+    back.load_state_dict(ours.state_dict())
+    for name, t in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    assert ours.activation_relu_or_gelu == theirs.activation_relu_or_gelu
+
+
+def test_encoder_layer_bad_activation_names_the_argument():
+    with pytest.raises(RuntimeError, match="'activation' got 'tanh'"):
+        TransformerEncoderLayer(D_MODEL, NHEAD, activation="tanh")
+
+
+# -- inside nn.TransformerEncoder -----------------------------------------------------------------------
+
+def _nested_seen(encoder: nn.TransformerEncoder) -> list:
+    seen = []
+    for layer in encoder.layers:
+        layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_nested))
+    return seen
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (DT, 1e-10)])
+def test_converted_encoder_never_gets_nested_tensors_and_matches_stock(dtype, atol):
+    torch.manual_seed(0)
+    stock = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, 0.1, batch_first=True, dtype=dtype), 2)
+    stock.eval()
+    assert stock.use_nested_tensor, "the stock encoder should take its NestedTensor path (test premise)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # convert() must not warn
+        converted = convert(copy.deepcopy(stock), backend=BACKEND)
+    assert all(type(layer) is TransformerEncoderLayer for layer in converted.layers)
+    assert not converted.use_nested_tensor
+    lengths = torch.tensor([6, 3, 1, 5])
+    x = torch.randn(4, 6, 16, dtype=dtype)
+    kpm = torch.arange(6).unsqueeze(0) >= lengths.unsqueeze(1)  # left-aligned padding, as nested tensors need
+    seen_stock, seen_ours = _nested_seen(stock), _nested_seen(converted)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = stock(x, src_key_padding_mask=kpm)
+        got = converted(x, src_key_padding_mask=kpm)
+    assert seen_stock == [True, True], "stock encoder did not use NestedTensors; the comparison lost its point"
+    assert seen_ours == [False, False]
+    keep = ~kpm
+    _close(got[keep], want[keep], "converted encoder, non-padded positions", atol=atol, rtol=atol)
+    assert torch.isfinite(got).all()
+
+
+def test_encoder_built_around_fastattn_layer():
+    torch.manual_seed(0)
+    layer = TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True, backend=BACKEND)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True), 2,
+                                enable_nested_tensor=False)
+    ref.load_state_dict(enc.state_dict())
+    enc.eval()
+    ref.eval()
+    seen = _nested_seen(enc)
+    x = torch.randn(3, 5, 16)
+    kpm = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] + [True] * 4])
+    with torch.no_grad():
+        got, want = enc(x, src_key_padding_mask=kpm), ref(x, src_key_padding_mask=kpm)
+    assert seen == [False, False]
+    _close(got[~kpm], want[~kpm], "encoder of fastattn layers", atol=1e-5, rtol=1e-5)
+
+
+# -- convert ------------------------------------------------------------------------------------------
+
+class _Custom(nn.TransformerEncoderLayer):
+    """A user's subclass: its own forward must survive, only its attention converts."""
+
+    def forward(self, src, *args, **kwargs):
+        return super().forward(src, *args, **kwargs) * 2.0
+
+
+def test_convert_roots_and_idempotence():
+    mha = nn.MultiheadAttention(E, H, dtype=DT)
+    new = convert(mha, backend=BACKEND)
+    assert type(new) is MultiheadAttention and new.backend == BACKEND
+    assert new.in_proj_weight is mha.in_proj_weight, "convert keeps the very same Parameters"
+    layer = nn.TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, dtype=DT)
+    new_layer = convert(layer)
+    assert type(new_layer) is TransformerEncoderLayer and type(new_layer.self_attn) is MultiheadAttention
+    assert convert(new_layer, backend=BACKEND) is new_layer and new_layer.self_attn.backend == BACKEND
+    with pytest.raises(TypeError, match="'module'"):
+        convert("not a module")
+
+
+def test_convert_keeps_parameters_mode_dtype_and_outputs():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({
+        "enc": nn.TransformerEncoder(nn.TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, 0.0, dtype=DT), 2,
+                                     enable_nested_tensor=False),
+        "dec": nn.TransformerDecoderLayer(D_MODEL, NHEAD, D_FF, 0.0, dtype=DT),
+        "custom": _Custom(D_MODEL, NHEAD, D_FF, 0.0, dtype=DT),
+    })
+    _randomize(model)
+    model.train()
+    model["enc"].layers[1].eval()  # mixed modes must survive
+    x = torch.randn(S, N, D_MODEL, dtype=DT)
+    mem = torch.randn(L, N, D_MODEL, dtype=DT)
+
+    def run(m):
+        return m["enc"](x) + m["dec"](x, mem) + m["custom"](x)
+
+    want = run(model)
+    params_before = dict(model.named_parameters())
+    sd_before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert(model, backend=BACKEND)
+    assert converted is model
+    assert dict(model.named_parameters()).keys() == params_before.keys()
+    for name, p in model.named_parameters():
+        assert p is params_before[name], f"{name} is no longer the same Parameter"
+        assert p.dtype == DT
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd_before.items())
+    assert all(type(layer) is TransformerEncoderLayer for layer in model["enc"].layers)
+    assert type(model["dec"].self_attn) is MultiheadAttention
+    assert type(model["dec"].multihead_attn) is MultiheadAttention
+    assert type(model["custom"]) is _Custom and type(model["custom"].self_attn) is MultiheadAttention
+    assert model.training and model["enc"].layers[0].training and not model["enc"].layers[1].training
+    assert not model["enc"].layers[1].self_attn.training
+    _close(run(model), want, "outputs after convert")
+
+
+def test_convert_threads_backend_to_the_api(monkeypatch):
+    attn_calls = _spy(monkeypatch, "scaled_dot_product_attention")
+    ffn_calls = _spy(monkeypatch, "feed_forward")
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, 0.0), 2, enable_nested_tensor=False)
+    convert(enc, backend="reference")
+    enc(torch.randn(S, N, D_MODEL))
+    assert [kw["backend"] for _, kw in attn_calls] == ["reference"] * 2
+    assert [kw["backend"] for _, kw in ffn_calls] == ["reference"] * 2
+
+
+def test_forced_backend_that_cannot_serve_raises():
+    if "cuda" in fastattn.available_backends():
+        pytest.skip("cuda backend is available here; the refusal case needs a machine without it")
+    mha = MultiheadAttention(E, H, backend="cuda")
+    x = torch.randn(L, N, E)
+    with pytest.raises(Exception, match="cuda"):
+        mha(x, x, x, need_weights=False)
+
+
+def test_encoder_layer_mismatched_mask_kinds_warn_like_torch():
+    ours, theirs = _layer_pair({})
+    x = torch.randn(S, N, D_MODEL, dtype=DT)
+    kpm = torch.zeros(N, S, dtype=torch.bool)
+    mask = torch.zeros(S, S, dtype=DT)
+    for layer in (theirs, ours):
+        with pytest.warns(UserWarning, match="mismatched src_key_padding_mask and src_mask"):
+            layer(x, src_mask=mask, src_key_padding_mask=kpm)
