@@ -65,38 +65,44 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# The triton 3.9 interpreter's tl.dot returns garbage for bfloat16 operands (fp16 and fp32 are fine), so
+# under the interpreter the GEMM tiles upcast bf16 operands to fp32 first (exact: products of bf16
+# values are exact in fp32, as on the tensor cores). Compiled kernels never take this branch.
+_INTERPRETER_BF16_DOT_UPCAST = tl.constexpr(INTERPRET)
+
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 ACT_ID = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                         num_warps=warps, num_stages=stages)
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, split: Optional[int] = None) -> triton.Config:
+    """a GEMM tile config; split (epilogue kernels only) = EPI_SPLIT, the epilogue runs on BLOCK_N/split
+    column halves one after the other, which bounds the registers the Philox/activation math holds."""
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    if split is not None:
+        meta["EPI_SPLIT"] = split
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 # ---- autotune config lists (module-level so the AOT test enumerates exactly these) -------------------
 # Keys: "16bit" serves fp16 and bf16, "fp32" serves fp32 (ieee or tf32). Every BLOCK_M is a multiple of
-# DB1_ROWS (the row granule of db1's partial sums, see _ffn_dh_kernel).
+# DB1_ROWS (the row granule of db1's partial sums, see _ffn_dh_kernel). Configs that spill registers on
+# sm_80 or sm_90 are not listed (tests/test_triton_aot_ffn.py checks every one).
 if INTERPRET:
-    _ONE = [_cfg(32, 32, 32, 4, 1)]
-    UP_CONFIGS = {"16bit": _ONE, "fp32": _ONE}
-    LINEAR_CONFIGS = {"16bit": _ONE, "fp32": _ONE}
-    DH_CONFIGS = {"16bit": _ONE, "fp32": _ONE}
+    UP_CONFIGS = {"16bit": [_cfg(32, 32, 32, 4, 1, 1)], "fp32": [_cfg(32, 32, 32, 4, 1, 1)]}
+    DH_CONFIGS = {"16bit": [_cfg(32, 32, 32, 4, 1, 2)], "fp32": [_cfg(32, 32, 32, 4, 1, 2)]}
+    LINEAR_CONFIGS = {"16bit": [_cfg(32, 32, 32, 4, 1)], "fp32": [_cfg(32, 32, 32, 4, 1)]}
 else:
     UP_CONFIGS = {
-        "16bit": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
-                  _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 3)],
-        "fp32": [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3)],
-    }
-    LINEAR_CONFIGS = {
-        "16bit": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
-                  _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 3)],
-        "fp32": [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3)],
+        "16bit": [_cfg(128, 128, 64, 8, 4, 2), _cfg(64, 128, 64, 4, 4, 2), _cfg(64, 64, 64, 4, 3, 1)],
+        "fp32": [_cfg(128, 64, 32, 8, 3, 1), _cfg(64, 64, 32, 4, 3, 1)],
     }
     DH_CONFIGS = {
-        "16bit": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
-                  _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 3)],
-        "fp32": [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3)],
+        "16bit": [_cfg(128, 128, 64, 8, 4, 2), _cfg(64, 128, 64, 4, 4, 2), _cfg(64, 64, 64, 4, 3, 1)],
+        "fp32": [_cfg(128, 64, 32, 8, 3, 1), _cfg(64, 64, 32, 4, 3, 1)],
+    }
+    LINEAR_CONFIGS = {
+        "16bit": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 3)],
+        "fp32": [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
     }
 
 # The column-sum kernel is not autotuned (its summation order must not depend on timing).
@@ -127,11 +133,11 @@ def _tanh(u):
 
 
 @triton.jit
-def _act_fwd(x, ACT: tl.constexpr):
-    """activation of an fp32 tile: 0 relu, 1 gelu (erf), 2 gelu (tanh approximation)."""
-    if ACT == 0:
+def _act_fwd(x, act):
+    """activation of an fp32 tile: act 0 relu, 1 gelu (erf), 2 gelu (tanh approximation)."""
+    if act == 0:
         y = tl.maximum(x, 0.0)
-    elif ACT == 1:
+    elif act == 1:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     else:
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
@@ -140,11 +146,11 @@ def _act_fwd(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(x, ACT: tl.constexpr):
+def _act_grad(x, act):
     """d act(x) / dx of an fp32 tile (relu'(0) = 0, as torch)."""
-    if ACT == 0:
+    if act == 0:
         d = tl.where(x > 0.0, 1.0, 0.0)
-    elif ACT == 1:
+    elif act == 1:
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
         d = cdf + x * pdf
@@ -171,8 +177,8 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n, seed, p, drop_scale,
-               A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, B_FROM_PRE: tl.constexpr, ACT: tl.constexpr,
+def _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n,
+               A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, B_FROM_PRE: tl.constexpr, act,
                INPUT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 (BLOCK_M, BLOCK_N) tile of A @ B.
@@ -180,7 +186,7 @@ def _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n, seed, p, drop_scal
     A element (m, k) sits at m*lda + k, or at k*lda + m when A_TRANS; B element (k, n) at k*ldb + n, or
     at n*ldb + k when B_TRANS. Rows/columns past M/N are read wrapped (valid memory, never stored);
     the K tail is masked to 0 (BLOCK_K >= 16 whatever K is, as tl.dot needs). B_FROM_PRE: B holds the
-    pre-activation (K=T, N=F) and the operand is dropout(act(B)) with counter k*ldb + n.
+    pre-activation and the operand is act(B) (no dropout: see _h_in_prologue).
     """
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
@@ -203,19 +209,35 @@ def _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n, seed, p, drop_scal
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if B_FROM_PRE:
-            hb = _act_fwd(b.to(tl.float32), ACT)
-            if p > 0.0:
-                ctr = (k0 + rk)[:, None].to(tl.int64) * ldb + rn[None, :]
-                hb = tl.where(tl.rand(seed, ctr) >= p, hb * drop_scale, 0.0)
-            b = tl.where(k_ok[:, None], hb, 0.0).to(a.dtype)
+            b = _act_fwd(b.to(tl.float32), act).to(a.dtype)  # act(0) == 0 keeps the K tail at 0
+        if _INTERPRETER_BF16_DOT_UPCAST:
+            if a.dtype == tl.bfloat16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += a_step
         b_ptrs += b_step
     return acc
 
 
-# ---- kernels -----------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed", "has_bias", "store_pre", "tune_m", "tune_n", "tune_k"])
+@triton.jit
+def _up_epilogue(acc, offs_m, offs_n, b1_ptr, h_ptr, pre_ptr, T, F, seed, p, drop_scale, has_bias, store_pre,
+                 act):
+    n_ok = offs_n < F
+    ok = (offs_m < T)[:, None] & n_ok[None, :]
+    if has_bias != 0:
+        acc += tl.load(b1_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    pre = acc.to(h_ptr.dtype.element_ty)
+    off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]  # memory offset == dropout counter
+    if store_pre != 0:
+        tl.store(pre_ptr + off, pre, mask=ok)
+    h = _act_fwd(pre.to(tl.float32), act)  # from the rounded pre, exactly what the backward sees
+    if p > 0.0:
+        h = tl.where(tl.rand(seed, off) >= p, h * drop_scale, 0.0)
+    tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["seed", "has_bias", "store_pre", "act", "tune_m", "tune_n", "tune_k"])
 def _ffn_up_kernel(
     x_ptr,      # (T, D) input
     w1_ptr,     # (F, D) up weight
@@ -227,46 +249,44 @@ def _ffn_up_kernel(
     p,          # dropout probability (no dropout when 0)
     drop_scale,  # 1 / (1 - p)
     has_bias, store_pre,
+    act,        # 0 relu, 1 gelu, 2 gelu_tanh
     tune_m, tune_n, tune_k,  # autotune key only
-    ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(T, F, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _gemm_tile(x_ptr, w1_ptr, T, F, D, D, D, pid_m, pid_n, seed, p, drop_scale,
-                     False, True, False, ACT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _gemm_tile(x_ptr, w1_ptr, T, F, D, D, D, pid_m, pid_n, False, True, False, 0, INPUT_PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < F
-    ok = (offs_m < T)[:, None] & n_ok[None, :]
-    if has_bias != 0:
-        acc += tl.load(b1_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    pre = acc.to(h_ptr.dtype.element_ty)
-    off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]  # memory offset == dropout counter
-    if store_pre != 0:
-        tl.store(pre_ptr + off, pre, mask=ok)
-    h = _act_fwd(pre.to(tl.float32), ACT)  # from the rounded pre, exactly what the backward sees
-    if p > 0.0:
-        h = tl.where(tl.rand(seed, off) >= p, h * drop_scale, 0.0)
-    tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
+    if EPI_SPLIT == 1:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _up_epilogue(acc, offs_m, offs_n, b1_ptr, h_ptr, pre_ptr, T, F, seed, p, drop_scale, has_bias, store_pre,
+                     act)
+    else:
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        _up_epilogue(acc0, offs_m, offs_n, b1_ptr, h_ptr, pre_ptr, T, F, seed, p, drop_scale, has_bias,
+                     store_pre, act)
+        _up_epilogue(acc1, offs_m, offs_n + BLOCK_N // 2, b1_ptr, h_ptr, pre_ptr, T, F, seed, p, drop_scale,
+                     has_bias, store_pre, act)
 
 
-@triton.jit(do_not_specialize=["seed", "has_bias", "tune_m", "tune_n", "tune_k"])
+@triton.jit(do_not_specialize=["has_bias", "act", "tune_m", "tune_n", "tune_k"])
 def _ffn_linear_kernel(
     a_ptr,      # A operand, (M, K) or (K, M) when A_TRANS
     b_ptr,      # B operand, (K, N) or (N, K) when B_TRANS; the pre-activation (T, F) when B_FROM_PRE
     bias_ptr,   # (N,) added to every row (read only when has_bias)
     c_ptr,      # (M, N) out, contiguous
     M, N, K, lda, ldb,
-    seed, p, drop_scale,  # dropout of the recomputed B (B_FROM_PRE only)
     has_bias,
+    act,        # activation of the recomputed B (B_FROM_PRE only)
     tune_m, tune_n, tune_k,  # autotune key only
-    A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, B_FROM_PRE: tl.constexpr, ACT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, B_FROM_PRE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n, seed, p, drop_scale,
-                     A_TRANS, B_TRANS, B_FROM_PRE, ACT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n, A_TRANS, B_TRANS, B_FROM_PRE, act,
+                     INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -276,7 +296,29 @@ def _ffn_linear_kernel(
     tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["seed", "store_h", "tune_m", "tune_n", "tune_k"])
+@triton.jit
+def _dh_epilogue(acc, offs_m, offs_n, pid_m, pre_ptr, dpre_ptr, h_ptr, db1p_ptr, T, F, seed, p, drop_scale,
+                 store_h, act, DB1_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr):
+    n_ok = offs_n < F
+    ok = (offs_m < T)[:, None] & n_ok[None, :]
+    off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
+    pre = tl.load(pre_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    mult = tl.full(acc.shape, 1.0, tl.float32)
+    if p > 0.0:
+        mult = tl.where(tl.rand(seed, off) >= p, drop_scale, 0.0)
+    dpre = tl.where(ok, acc * mult * _act_grad(pre, act), 0.0)
+    tl.store(dpre_ptr + off, dpre.to(dpre_ptr.dtype.element_ty), mask=ok)
+    # db1 partials: one row per DB1_ROWS rows of the hidden, a layout that does not depend on BLOCK_M
+    part = tl.sum(tl.reshape(dpre, (BLOCK_M // DB1_ROWS, DB1_ROWS, SUB_N)), axis=1)
+    prow = pid_m * (BLOCK_M // DB1_ROWS) + tl.arange(0, BLOCK_M // DB1_ROWS)
+    p_ok = (prow < tl.cdiv(T, DB1_ROWS))[:, None] & n_ok[None, :]
+    tl.store(db1p_ptr + prow[:, None].to(tl.int64) * F + offs_n[None, :], part, mask=p_ok)
+    if store_h != 0:
+        h = _act_fwd(pre, act) * mult
+        tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["seed", "store_h", "act", "tune_m", "tune_n", "tune_k"])
 def _ffn_dh_kernel(
     go_ptr,     # (T, D2) grad of the output
     w2_ptr,     # (D2, F) down weight
@@ -287,32 +329,26 @@ def _ffn_dh_kernel(
     T, F, D2,
     seed, p, drop_scale,
     store_h,
+    act,        # 0 relu, 1 gelu, 2 gelu_tanh
     tune_m, tune_n, tune_k,  # autotune key only
-    ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DB1_ROWS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DB1_ROWS: tl.constexpr, EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(T, F, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _gemm_tile(go_ptr, w2_ptr, T, F, D2, D2, F, pid_m, pid_n, seed, p, drop_scale,
-                     False, False, False, ACT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _gemm_tile(go_ptr, w2_ptr, T, F, D2, D2, F, pid_m, pid_n, False, False, False, 0, INPUT_PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < F
-    ok = (offs_m < T)[:, None] & n_ok[None, :]
-    off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
-    pre = tl.load(pre_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    mult = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
-    if p > 0.0:
-        mult = tl.where(tl.rand(seed, off) >= p, drop_scale, 0.0)
-    dpre = tl.where(ok, acc * mult * _act_grad(pre, ACT), 0.0)
-    tl.store(dpre_ptr + off, dpre.to(dpre_ptr.dtype.element_ty), mask=ok)
-    # db1 partials: a fixed DB1_ROWS-row granule, so the layout does not depend on BLOCK_M
-    part = tl.sum(tl.reshape(dpre, (BLOCK_M // DB1_ROWS, DB1_ROWS, BLOCK_N)), axis=1)
-    prow = pid_m * (BLOCK_M // DB1_ROWS) + tl.arange(0, BLOCK_M // DB1_ROWS)
-    p_ok = (prow < tl.cdiv(T, DB1_ROWS))[:, None] & n_ok[None, :]
-    tl.store(db1p_ptr + prow[:, None].to(tl.int64) * F + offs_n[None, :], part, mask=p_ok)
-    if store_h != 0:
-        h = _act_fwd(pre, ACT) * mult
-        tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
+    if EPI_SPLIT == 1:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _dh_epilogue(acc, offs_m, offs_n, pid_m, pre_ptr, dpre_ptr, h_ptr, db1p_ptr, T, F, seed, p, drop_scale,
+                     store_h, act, DB1_ROWS, BLOCK_M, BLOCK_N)
+    else:
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        _dh_epilogue(acc0, offs_m, offs_n, pid_m, pre_ptr, dpre_ptr, h_ptr, db1p_ptr, T, F, seed, p,
+                     drop_scale, store_h, act, DB1_ROWS, BLOCK_M, BLOCK_N // 2)
+        _dh_epilogue(acc1, offs_m, offs_n + BLOCK_N // 2, pid_m, pre_ptr, dpre_ptr, h_ptr, db1p_ptr, T, F, seed,
+                     p, drop_scale, store_h, act, DB1_ROWS, BLOCK_M, BLOCK_N // 2)
 
 
 @triton.jit
@@ -347,7 +383,7 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-_KEY = ["tune_m", "tune_n", "tune_k", "ACT", "INPUT_PRECISION"]  # tensor dtypes are added by triton
+_KEY = ["tune_m", "tune_n", "tune_k", "act", "INPUT_PRECISION"]  # tensor dtypes are added by triton
 _TUNED = {
     (name, cls): triton.autotune(configs=table[cls], key=key, prune_configs_by={"early_config_prune": _prune})(fn)
     for name, fn, table, key in (
@@ -436,13 +472,13 @@ class _on_device:
             self.ctx.__exit__(*exc)
 
 
-def _linear(role: str, a, b, bias, c, m, n, k, lda, ldb, tune, act="relu", seed=0, p=0.0, scale=1.0):
+def _linear(role: str, a, b, bias, c, m, n, k, lda, ldb, tune, act: str = "relu"):
     """c (m, n) = A @ B (+ bias) with the operand layouts of LINEAR_ROLES[role]."""
     flags = LINEAR_ROLES[role]
     _TUNED["linear", _dtype_class(c.dtype)][_grid(m, n)](
-        a, b, bias if bias is not None else c, c, m, n, k, lda, ldb, seed, p, scale,
-        int(bias is not None), *tune,
-        ACT=ACT_ID[act], INPUT_PRECISION=_input_precision(a.dtype), **flags)
+        a, b, bias if bias is not None else c, c, m, n, k, lda, ldb, int(bias is not None),
+        ACT_ID[act] if flags["B_FROM_PRE"] else 0, *tune,
+        INPUT_PRECISION=_input_precision(a.dtype), **flags)
 
 
 def _colsum(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -496,8 +532,8 @@ def ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     with _on_device(x):
         _TUNED["up", _dtype_class(x.dtype)][_grid(t, f)](
             x, w1, b1 if b1 is not None else h, h, saved if save_for_backward else h, t, f, d,
-            seed_v, p, scale, int(b1 is not None), int(save_for_backward), tb, f, d,
-            ACT=ACT_ID[activation], INPUT_PRECISION=_input_precision(x.dtype))
+            seed_v, p, scale, int(b1 is not None), int(save_for_backward), ACT_ID[activation], tb, f, d,
+            INPUT_PRECISION=_input_precision(x.dtype))
         _linear("down", h, w2, b2, out, t, d2, f, f, f, (tb, d2, f))
     return out, saved
 
@@ -530,6 +566,9 @@ def ffn_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: 
     scale = 1.0 / (1.0 - p)
     tb = _bucket(t)
     prologue = _h_in_prologue(activation, p, d2) if h_in_prologue is None else bool(h_in_prologue)
+    if prologue and p > 0.0:
+        raise ValueError("fastattn triton feed-forward: h_in_prologue=True needs dropout_p == 0 (the dW2 "
+                         f"prologue recomputes act(pre) without dropout); got dropout_p={p}")
     dpre = torch.empty((t, f), dtype=dt, device=dev)
     h = dpre if prologue else torch.empty((t, f), dtype=dt, device=dev)
     db1_part = torch.empty((triton.cdiv(t, DB1_ROWS), f), dtype=torch.float32, device=dev)
@@ -538,11 +577,10 @@ def ffn_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: 
     dw2 = torch.empty((d2, f), dtype=dt, device=dev)
     with _on_device(x):
         _TUNED["dh", _dtype_class(dt)][_grid(t, f)](
-            grad_out, w2, saved, dpre, h, db1_part, t, f, d2, seed_v, p, scale, int(not prologue), tb, f, d2,
-            ACT=ACT_ID[activation], INPUT_PRECISION=_input_precision(dt), DB1_ROWS=DB1_ROWS)
+            grad_out, w2, saved, dpre, h, db1_part, t, f, d2, seed_v, p, scale, int(not prologue),
+            ACT_ID[activation], tb, f, d2, INPUT_PRECISION=_input_precision(dt), DB1_ROWS=DB1_ROWS)
         if prologue:
-            _linear("dw2_recompute", grad_out, saved, None, dw2, d2, f, t, d2, f, (d2, f, tb),
-                    act=activation, seed=seed_v, p=p, scale=scale)
+            _linear("dw2_recompute", grad_out, saved, None, dw2, d2, f, t, d2, f, (d2, f, tb), act=activation)
         else:
             _linear("dw2", grad_out, h, None, dw2, d2, f, t, d2, f, (d2, f, tb))
         del h
