@@ -1,0 +1,326 @@
+// fastattn attention on the CPU: torch.ops.fastattn.attention_fwd / attention_bwd for CPU tensors.
+//
+// The kernels (csrc/cpu/attention_kernel.h) are compiled three times in this file, for AVX-512,
+// AVX2+FMA and plain x86-64 / any CPU, each under `#pragma GCC target` in its own namespace; the
+// instruction set is picked at run time (torch's own capability, so ATEN_CPU_CAPABILITY=avx2 or
+// =default selects the narrower ones, and FASTATTN_CPU_ISA=avx512|avx2|default overrides it).
+// Nothing is built with -march: the wheel runs on any x86-64.
+//
+// float32 and float64 run natively (float64 accumulates in float64); bfloat16 and float16 are
+// converted to float32 on the way in and back on the way out (accumulation in float32).
+// Work is split with at::parallel_for (honours torch.set_num_threads):
+//   forward  over (batch, query head, block of queries);
+//   backward over (batch, kv head[, range of keys]) — each task owns its keys' dK/dV, and dQ is
+//            either owned too or written per key range and summed in a fixed order, so results do
+//            not depend on scheduling.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FASTATTN_X86 1
+#endif
+
+#include "philox.h"
+
+namespace fastattn {
+namespace cpu_attn {
+
+// Everything a kernel task needs, as raw pointers to contiguous buffers of the compute type T
+// (float or double) except lse (always float) and kpm (bool).
+struct AttnParams {
+  int64_t N = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
+  const void* q = nullptr;  // (N, Hq, L, E)
+  const void* k = nullptr;  // (N, Hkv, S, E)
+  const void* v = nullptr;  // (N, Hkv, S, Ev)
+  const void* mask = nullptr;  // additive, type T, element (b,h,i,j) at b*msb + h*msh + i*msl + j*mss
+  int64_t msb = 0, msh = 0, msl = 0, mss = 0;
+  const bool* kpm = nullptr;  // (N, S), true = key ignored
+  double dropout_p = 0;
+  uint64_t seed = 0;
+  bool causal = false;
+  double scale = 1;
+  int64_t bm = 64, bn = 64;  // query / key block sizes
+  // forward outputs
+  void* out = nullptr;  // (N, Hq, L, Ev)
+  float* lse = nullptr; // (N, Hq, L); backward input
+  // backward
+  const void* dout = nullptr;  // (N, Hq, L, Ev)
+  const void* o = nullptr;     // (N, Hq, L, Ev)
+  void* dq = nullptr;          // (N, Hq, L, E)
+  void* dk = nullptr;          // (N, Hkv, S, E)
+  void* dv = nullptr;          // (N, Hkv, S, Ev)
+  int64_t key_parts = 1;       // key ranges per (b, kv head) in the backward
+  void* dq_part = nullptr;     // (key_parts, N, Hq, L, E) when key_parts > 1
+};
+
+using TaskFn = void (*)(const AttnParams&, int64_t, int64_t);
+
+struct KernelSet {
+  const char* name;
+  TaskFn fwd_f32, fwd_f64, bwd_f32, bwd_f64;
+  int lanes_f32;
+};
+
+#if defined(FASTATTN_X86) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2")
+namespace avx512 {
+#define FA_VEC_AVX512 1
+#include "attention_kernel.h"
+#undef FA_VEC_AVX512
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2")
+namespace avx2 {
+#define FA_VEC_AVX2 1
+#include "attention_kernel.h"
+#undef FA_VEC_AVX2
+}  // namespace avx2
+#pragma GCC pop_options
+#define FASTATTN_HAVE_WIDE 1
+#endif
+
+namespace base {
+#include "attention_kernel.h"
+}  // namespace base
+
+#define FA_SET(ns) \
+  KernelSet{#ns, &ns::fwd_f32, &ns::fwd_f64, &ns::bwd_f32, &ns::bwd_f64, ns::lanes_f32()}
+
+// The widest kernel set this CPU runs and the user allows.
+KernelSet pick_kernels() {
+  std::string want;
+  if (const char* env = std::getenv("FASTATTN_CPU_ISA")) {
+    want = env;
+  } else {
+    want = at::get_cpu_capability();  // "AVX512", "AVX2" or "DEFAULT"; honours ATEN_CPU_CAPABILITY
+  }
+  for (auto& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+#if defined(FASTATTN_HAVE_WIDE)
+  __builtin_cpu_init();
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
+  if (want == "avx512" && has_avx512) return FA_SET(avx512);
+  if ((want == "avx512" || want == "avx2") && has_avx2) return FA_SET(avx2);
+#endif
+  return FA_SET(base);
+}
+
+// Block sizes: BM queries (a multiple of every lane count, 16) by BN keys.
+void choose_blocks(AttnParams& p) {
+  p.bm = 64;
+  p.bn = 64;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Argument checks (the Python dispatcher guarantees these; a direct caller gets a clear error).
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& attn_mask,
+                  const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
+                  const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(q.dim() == 4, "attention (cpu): q must be 4-D (N, Hq, L, E), got ", q.dim(), "-D");
+  TORCH_CHECK(k.dim() == 4, "attention (cpu): k must be 4-D (N, Hkv, S, E), got ", k.dim(), "-D");
+  TORCH_CHECK(v.dim() == 4, "attention (cpu): v must be 4-D (N, Hkv, S, Ev), got ", v.dim(), "-D");
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu(), "attention (cpu): q, k, v must be CPU tensors, got ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "attention (cpu): q, k, v must be contiguous (got strides ",
+                t->strides(), ")");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "attention (cpu): q, k, v must share one dtype, got q ",
+                q.scalar_type(), " and ", t->scalar_type());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "attention (cpu): dtype must be float32, float64, bfloat16 or float16, got ", dt);
+  const int64_t N = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == N && v.size(0) == N, "attention (cpu): batch sizes differ: q ", N, ", k ",
+              k.size(0), ", v ", v.size(0));
+  TORCH_CHECK(k.size(3) == E, "attention (cpu): k's head dim ", k.size(3), " != q's ", E);
+  TORCH_CHECK(v.size(1) == Hkv && v.size(2) == S, "attention (cpu): v must be (N, ", Hkv, ", ", S,
+              ", Ev) like k, got ", v.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "attention (cpu): q heads (", Hq,
+              ") must be a multiple of k/v heads (", Hkv, ")");
+  TORCH_CHECK(E >= 1 && v.size(3) >= 1, "attention (cpu): head dims must be >= 1, got E=", E,
+              " Ev=", v.size(3));
+  if (attn_mask.has_value()) {
+    const auto& m = *attn_mask;
+    TORCH_CHECK(m.device().is_cpu(), "attention (cpu): attn_mask must be on the CPU, got ", m.device());
+    TORCH_CHECK(m.scalar_type() == dt, "attention (cpu): attn_mask must be additive with q's dtype ", dt,
+                ", got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == N && m.size(1) == Hq && m.size(2) == L && m.size(3) == S,
+                "attention (cpu): attn_mask must be an expanded (N, Hq, L, S) = (", N, ", ", Hq, ", ", L,
+                ", ", S, ") view, got ", m.sizes());
+  }
+  if (key_padding_mask.has_value()) {
+    const auto& m = *key_padding_mask;
+    TORCH_CHECK(m.device().is_cpu(), "attention (cpu): key_padding_mask must be on the CPU, got ", m.device());
+    TORCH_CHECK(m.scalar_type() == at::kBool, "attention (cpu): key_padding_mask must be bool, got ",
+                m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == N && m.size(1) == S,
+                "attention (cpu): key_padding_mask must be (N, S) = (", N, ", ", S, "), got ", m.sizes());
+    TORCH_CHECK(m.is_contiguous(), "attention (cpu): key_padding_mask must be contiguous");
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention (cpu): dropout_p must be in [0, 1), got ",
+              dropout_p);
+  if (dropout_p > 0) {
+    TORCH_CHECK(seed.has_value(), "attention (cpu): seed is required when dropout_p > 0 (got None)");
+    TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+                "attention (cpu): seed must be an int64 CPU tensor of shape (1,), got ", seed->scalar_type(),
+                " ", seed->sizes(), " on ", seed->device());
+  }
+}
+
+at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The mask as the kernel reads it: same strides, in the compute dtype. A float32/float64 mask is
+// used in place; a bfloat16/float16 one is converted on its underlying (un-expanded) extent only,
+// so a broadcast (L, S) mask costs L*S, never N*Hq*L*S.
+at::Tensor mask_for_kernel(const at::Tensor& m, at::ScalarType ct) {
+  if (m.scalar_type() == ct) return m;
+  std::vector<int64_t> real_sizes(m.sizes().begin(), m.sizes().end());
+  for (int64_t d = 0; d < m.dim(); ++d)
+    if (m.stride(d) == 0) real_sizes[d] = 1;
+  at::Tensor base = m.as_strided(real_sizes, m.strides()).to(ct);
+  return base.expand(m.sizes());
+}
+
+void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& mask, const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
+                 bool is_causal, double scale, const std::optional<at::Tensor>& seed) {
+  p.N = q.size(0);
+  p.Hq = q.size(1);
+  p.L = q.size(2);
+  p.E = q.size(3);
+  p.Hkv = k.size(1);
+  p.S = k.size(2);
+  p.Ev = v.size(3);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  if (mask.defined()) {
+    p.mask = mask.data_ptr();
+    p.msb = mask.stride(0);
+    p.msh = mask.stride(1);
+    p.msl = mask.stride(2);
+    p.mss = mask.stride(3);
+  }
+  if (key_padding_mask.has_value()) p.kpm = key_padding_mask->data_ptr<bool>();
+  p.dropout_p = dropout_p;
+  p.seed = dropout_p > 0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+  p.causal = is_causal;
+  p.scale = scale;
+  choose_blocks(p);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in,
+                                                     const std::optional<at::Tensor>& attn_mask,
+                                                     const std::optional<at::Tensor>& key_padding_mask,
+                                                     double dropout_p, bool is_causal, double scale,
+                                                     const std::optional<at::Tensor>& seed) {
+  check_inputs(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed);
+  const auto dt = q_in.scalar_type(), ct = compute_type(dt);
+  const at::Tensor q = q_in.to(ct), k = k_in.to(ct), v = v_in.to(ct);
+  const at::Tensor mask = attn_mask.has_value() ? mask_for_kernel(*attn_mask, ct) : at::Tensor();
+  const int64_t N = q.size(0), Hq = q.size(1), L = q.size(2), Ev = v.size(3);
+  at::Tensor out = at::empty({N, Hq, L, Ev}, q.options());
+  at::Tensor lse = at::empty({N, Hq, L}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out.to(dt), lse};
+  AttnParams p;
+  fill_common(p, q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  const KernelSet ks = pick_kernels();
+  const TaskFn fn = ct == at::kDouble ? ks.fwd_f64 : ks.fwd_f32;
+  const int64_t ntasks = N * Hq * ((L + p.bm - 1) / p.bm);
+  at::parallel_for(0, ntasks, 1, [&](int64_t b, int64_t e) { fn(p, b, e); });
+  return {dt == ct ? out : out.to(dt), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
+    const std::optional<at::Tensor>& seed) {
+  check_inputs(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed);
+  const int64_t N = q_in.size(0), Hq = q_in.size(1), L = q_in.size(2), Ev = v_in.size(3);
+  for (const auto* t : {&grad_out, &out_in}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({N, Hq, L, Ev}), "attention_bwd (cpu): grad_out and out must be (",
+                N, ", ", Hq, ", ", L, ", ", Ev, "), got ", t->sizes());
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q_in.scalar_type(),
+                "attention_bwd (cpu): grad_out and out must be CPU tensors of q's dtype ", q_in.scalar_type(),
+                ", got ", t->scalar_type(), " on ", t->device());
+  }
+  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == at::kFloat &&
+                  lse_in.sizes() == at::IntArrayRef({N, Hq, L}),
+              "attention_bwd (cpu): lse must be a float32 CPU tensor (", N, ", ", Hq, ", ", L, "), got ",
+              lse_in.scalar_type(), " ", lse_in.sizes());
+  const auto dt = q_in.scalar_type(), ct = compute_type(dt);
+  const at::Tensor q = q_in.to(ct), k = k_in.to(ct), v = v_in.to(ct);
+  const at::Tensor go = grad_out.to(ct).contiguous(), o = out_in.to(ct).contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor mask = attn_mask.has_value() ? mask_for_kernel(*attn_mask, ct) : at::Tensor();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0 || go.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  }
+  AttnParams p;
+  fill_common(p, q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed);
+  p.dout = go.data_ptr();
+  p.o = o.data_ptr();
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  // Few (batch, kv head) pairs: split the keys into ranges so that every thread has work. The
+  // split depends on the shape only (not on the thread count), so results are reproducible.
+  const int64_t heads = p.N * p.Hkv;
+  const int64_t kblocks = (p.S + p.bn - 1) / p.bn;
+  p.key_parts = heads >= 16 ? 1 : std::max<int64_t>(1, std::min<int64_t>(kblocks, 16 / heads));
+  at::Tensor dq_part;
+  if (p.key_parts > 1) {
+    dq_part = at::zeros({p.key_parts, N, Hq, L, p.E}, q.options());
+    p.dq_part = dq_part.data_ptr();
+  }
+  const KernelSet ks = pick_kernels();
+  const TaskFn fn = ct == at::kDouble ? ks.bwd_f64 : ks.bwd_f32;
+  at::parallel_for(0, heads * p.key_parts, 1, [&](int64_t b, int64_t e) { fn(p, b, e); });
+  if (p.key_parts > 1) {
+    // fixed summation order over key ranges
+    dq.copy_(dq_part.select(0, 0));
+    for (int64_t r = 1; r < p.key_parts; ++r) dq.add_(dq_part.select(0, r));
+  }
+  if (dt == ct) return {dq, dk, dv};
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+}  // namespace cpu_attn
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("attention_fwd", &fastattn::cpu_attn::attention_fwd_cpu);
+  m.impl("attention_bwd", &fastattn::cpu_attn::attention_bwd_cpu);
+}

@@ -1,0 +1,530 @@
+// Flash-style attention kernels for the CPU, written once and compiled once per instruction set.
+//
+// NO include guard on purpose: csrc/cpu/attention.cpp includes this file several times, each time
+// inside its own namespace (fastattn::cpu_attn::avx512 / avx2 / base) and under a matching
+// `#pragma GCC target(...)`, after defining FA_VEC_AVX512 or FA_VEC_AVX2 (or neither). The code
+// below is therefore plain C++ on raw pointers plus <immintrin.h>; it never calls into torch, so no
+// inline function compiled for a wide instruction set can leak into code run on a narrower CPU.
+//
+// Layout: score tiles are kept TRANSPOSED, st[j][i] (key j, query i), one SIMD vector spanning
+// W consecutive queries. Every block GEMM is then of one form,
+//     C[y][x..x+W) (+)= sum_z A(y, z) * B[z][x..x+W)      (A broadcast, B rows contiguous),
+// which needs no packing of K or V at all and wastes no lanes for odd head dims (E = 25):
+//   forward   S^T  = K  Q^T   (y=key,   x=query, z=e)      O^T += V^T P^T (y=ev,  x=query, z=key)
+//   backward  dP^T = V  dO^T  (y=key,   x=query, z=ev)     dV  += P^T dO  (y=key, x=ev,    z=query)
+//             dK   += dS^T Q  (y=key,   x=e,     z=query)  dQ^T += K^T dS^T (y=e, x=query, z=key)
+// and the online softmax runs down the columns of st: per-query max and sum are plain vector ops.
+
+// ------------------------------------------------------------------------------------------------
+// SIMD vectors: value_type T, W lanes, kRegs architectural registers (sizes the register tiles).
+
+template <typename T, int N>
+struct VecArr {  // portable: a fixed array the compiler vectorises for the enclosing target
+  using value_type = T;
+  static constexpr int W = N;
+  static constexpr int kRegs = 16;
+  T v[N];
+  static inline VecArr load(const T* p) {
+    VecArr r;
+    for (int i = 0; i < N; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static inline VecArr set1(T x) {
+    VecArr r;
+    for (int i = 0; i < N; ++i) r.v[i] = x;
+    return r;
+  }
+  inline void store(T* p) const {
+    for (int i = 0; i < N; ++i) p[i] = v[i];
+  }
+  friend inline VecArr fmadd(const VecArr& a, const VecArr& b, const VecArr& c) {
+    VecArr r;
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return r;
+  }
+  friend inline VecArr operator+(const VecArr& a, const VecArr& b) {
+    VecArr r;
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
+  friend inline VecArr operator-(const VecArr& a, const VecArr& b) {
+    VecArr r;
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] - b.v[i];
+    return r;
+  }
+  friend inline VecArr operator*(const VecArr& a, const VecArr& b) {
+    VecArr r;
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] * b.v[i];
+    return r;
+  }
+  friend inline VecArr vmax(const VecArr& a, const VecArr& b) {
+    VecArr r;
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+    return r;
+  }
+  // e^x, exact to the library's exp; e^-inf = 0.
+  friend inline VecArr vexp(const VecArr& a) {
+    VecArr r;
+    for (int i = 0; i < N; ++i) r.v[i] = std::exp(a.v[i]);
+    return r;
+  }
+};
+
+#if defined(FA_VEC_AVX512)
+struct VecF {  // 16 floats in a zmm register
+  using value_type = float;
+  static constexpr int W = 16;
+  static constexpr int kRegs = 32;
+  __m512 v;
+  static inline VecF load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static inline VecF set1(float x) { return {_mm512_set1_ps(x)}; }
+  inline void store(float* p) const { _mm512_storeu_ps(p, v); }
+};
+inline VecF fmadd(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VecF operator*(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline VecF vmax(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
+  // e^x = 2^(x log2 e): 2^f on f in [-1/2, 1/2] by a degree-7 polynomial (error ~5e-9), times 2^n
+  // by vscalefps, which also takes care of underflow (x = -inf -> 0).
+inline VecF vexp(VecF a) {
+    __m512 x = _mm512_mul_ps(a.v, _mm512_set1_ps(1.4426950408889634f));
+    x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(128.f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return {_mm512_scalef_ps(p, n)};
+}
+#elif defined(FA_VEC_AVX2)
+struct VecF {  // 8 floats in a ymm register
+  using value_type = float;
+  static constexpr int W = 8;
+  static constexpr int kRegs = 16;
+  __m256 v;
+  static inline VecF load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static inline VecF set1(float x) { return {_mm256_set1_ps(x)}; }
+  inline void store(float* p) const { _mm256_storeu_ps(p, v); }
+};
+inline VecF fmadd(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline VecF operator*(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline VecF vmax(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
+  // As the AVX-512 one; 2^n is built in the exponent bits, and inputs below 2^-126 give 0.
+inline VecF vexp(VecF a) {
+    const __m256 x0 = _mm256_mul_ps(a.v, _mm256_set1_ps(1.4426950408889634f));
+    __m256 x = _mm256_max_ps(x0, _mm256_set1_ps(-126.f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(127.f));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(1.525273380405984e-05f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381606e-04f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-02f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    const __m256 under = _mm256_cmp_ps(x0, _mm256_set1_ps(-126.f), _CMP_LT_OQ);
+    return {_mm256_andnot_ps(under, r)};
+}
+#else
+using VecF = VecArr<float, 8>;
+#endif
+using VecD = VecArr<double, 8>;
+
+// ------------------------------------------------------------------------------------------------
+// The one block GEMM: C[y][x] (+)= sum_{z<Z} A[y*ay + z*az] * B[z*ldb + x], for y < YR and
+// x < XV*W, the YR x XV accumulator tile held in registers.
+
+template <typename V, int YR, int XV, bool ACC>
+inline void micro_tile(int64_t Z, const typename V::value_type* A, int64_t ay, int64_t az,
+                       const typename V::value_type* B, int64_t ldb, typename V::value_type* C,
+                       int64_t ldc) {
+  constexpr int W = V::W;
+  V c[YR][XV];
+#pragma GCC unroll 16
+  for (int y = 0; y < YR; ++y)
+#pragma GCC unroll 4
+    for (int x = 0; x < XV; ++x) c[y][x] = ACC ? V::load(C + y * ldc + x * W) : V::set1(0);
+  for (int64_t z = 0; z < Z; ++z) {
+    V b[XV];
+#pragma GCC unroll 4
+    for (int x = 0; x < XV; ++x) b[x] = V::load(B + z * ldb + x * W);
+    const auto* a = A + z * az;
+#pragma GCC unroll 16
+    for (int y = 0; y < YR; ++y) {
+      const V ay_ = V::set1(a[y * ay]);
+#pragma GCC unroll 4
+      for (int x = 0; x < XV; ++x) c[y][x] = fmadd(ay_, b[x], c[y][x]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int y = 0; y < YR; ++y)
+#pragma GCC unroll 4
+    for (int x = 0; x < XV; ++x) c[y][x].store(C + y * ldc + x * W);
+}
+
+template <typename V>
+constexpr int max_rows(int xv) {
+  // accumulators + XV loads of B + one broadcast must fit in the register file
+  return (V::kRegs - xv - 1) / xv < 16 ? (V::kRegs - xv - 1) / xv : 16;
+}
+
+template <typename V, int XV, bool ACC>
+inline void micro_rows(int yr, int64_t Z, const typename V::value_type* A, int64_t ay, int64_t az,
+                       const typename V::value_type* B, int64_t ldb, typename V::value_type* C,
+                       int64_t ldc) {
+#define FA_CASE(R)                                                           \
+  case R:                                                                    \
+    if constexpr (R <= max_rows<V>(XV)) {                                    \
+      micro_tile<V, R, XV, ACC>(Z, A, ay, az, B, ldb, C, ldc);               \
+      return;                                                                \
+    }                                                                        \
+    break;
+  switch (yr) {
+    FA_CASE(1) FA_CASE(2) FA_CASE(3) FA_CASE(4) FA_CASE(5) FA_CASE(6) FA_CASE(7) FA_CASE(8)
+    FA_CASE(9) FA_CASE(10) FA_CASE(11) FA_CASE(12) FA_CASE(13) FA_CASE(14) FA_CASE(15) FA_CASE(16)
+    default: break;
+  }
+#undef FA_CASE
+}
+
+// C (Y x X) (+)= A (Y x Z, strides ay, az) * B (Z x X, row stride ldb); X a multiple of W.
+template <typename V, bool ACC>
+inline void block_gemm(int64_t Y, int64_t X, int64_t Z, const typename V::value_type* A, int64_t ay,
+                       int64_t az, const typename V::value_type* B, int64_t ldb,
+                       typename V::value_type* C, int64_t ldc) {
+  constexpr int W = V::W;
+  constexpr int kMaxXV = V::kRegs >= 32 ? 4 : 2;
+  int64_t xv_left = X / W;
+  int64_t x0 = 0;
+  while (xv_left > 0) {
+    const int xv = static_cast<int>(xv_left < kMaxXV ? xv_left : kMaxXV);
+    const int rmax = max_rows<V>(xv);
+    const int64_t tiles = (Y + rmax - 1) / rmax;
+    const int64_t yr_even = tiles > 0 ? (Y + tiles - 1) / tiles : 0;  // balanced row tiles
+    for (int64_t y0 = 0; y0 < Y; y0 += yr_even) {
+      const int yr = static_cast<int>(Y - y0 < yr_even ? Y - y0 : yr_even);
+      const auto* a = A + y0 * ay;
+      const auto* b = B + x0;
+      auto* c = C + y0 * ldc + x0;
+      switch (xv) {
+        case 4: micro_rows<V, kMaxXV >= 4 ? 4 : 1, ACC>(yr, Z, a, ay, az, b, ldb, c, ldc); break;
+        case 3: micro_rows<V, kMaxXV >= 3 ? 3 : 1, ACC>(yr, Z, a, ay, az, b, ldb, c, ldc); break;
+        case 2: micro_rows<V, 2, ACC>(yr, Z, a, ay, az, b, ldb, c, ldc); break;
+        default: micro_rows<V, 1, ACC>(yr, Z, a, ay, az, b, ldb, c, ldc); break;
+      }
+    }
+    x0 += xv * W;
+    xv_left -= xv;
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// True when every key in [j0, j0 + n) of batch row b is padded out.
+inline bool keys_all_padded(const AttnParams& p, int64_t b, int64_t j0, int64_t n) {
+  if (p.kpm == nullptr) return false;
+  const bool* row = p.kpm + b * p.S + j0;
+  for (int64_t j = 0; j < n; ++j)
+    if (!row[j]) return false;
+  return true;
+}
+
+// Applies attn_mask, causality and key padding to the transposed score tile st[j][i] (ld = BM) of
+// queries i0.. (mrows valid) against keys j0.. (nb of them), head (b, h).
+template <typename T>
+inline void mask_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t mrows, int64_t j0,
+                      int64_t nb, T* st, int64_t BM) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  if (p.mask != nullptr) {
+    const T* m = static_cast<const T*>(p.mask) + b * p.msb + h * p.msh + i0 * p.msl + j0 * p.mss;
+    for (int64_t i = 0; i < mrows; ++i) {
+      const T* row = m + i * p.msl;
+      for (int64_t j = 0; j < nb; ++j) st[j * BM + i] += row[j * p.mss];
+    }
+  }
+  if (p.causal && j0 + nb - 1 > i0) {
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t first = j0 + j - i0;  // queries i < first (i.e. i0+i < j0+j) cannot see key j
+      const int64_t stop = first < BM ? first : BM;
+      for (int64_t i = 0; i < stop; ++i) st[j * BM + i] = kNegInf;
+    }
+  }
+  if (p.kpm != nullptr) {
+    const bool* row = p.kpm + b * p.S + j0;
+    for (int64_t j = 0; j < nb; ++j)
+      if (row[j])
+        for (int64_t i = 0; i < BM; ++i) st[j * BM + i] = kNegInf;
+  }
+}
+
+inline uint64_t dropout_offset(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  return static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward: one task = (batch b, query head h, query block qb) of BM queries.
+
+template <typename V>
+void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
+  using T = typename V::value_type;
+  constexpr int W = V::W;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t BM = p.bm, BN = p.bn, E = p.E, Ev = p.Ev, L = p.L, S = p.S;
+  const int64_t nqb = (L + BM - 1) / BM;
+  const int64_t group = p.Hq / p.Hkv;
+  std::vector<T> buf(E * BM + BN * BM + Ev * BM + 3 * BM);
+  T* qt = buf.data();     // (E, BM)   Q^T of the block, times scale
+  T* st = qt + E * BM;    // (BN, BM)  scores, then probabilities, transposed
+  T* ot = st + BN * BM;   // (Ev, BM)  unnormalised output, transposed
+  T* mrow = ot + Ev * BM; // (BM)      running max
+  T* lrow = mrow + BM;    // (BM)      running sum
+  T* arow = lrow + BM;    // (BM)      rescale factor of this step
+  const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t qb = task % nqb, bh = task / nqb, h = bh % p.Hq, b = bh / p.Hq;
+    const int64_t i0 = qb * BM, mrows = std::min(BM, L - i0);
+    const T* Q = static_cast<const T*>(p.q) + (bh * L + i0) * E;
+    const int64_t bhk = b * p.Hkv + h / group;
+    const T* K = static_cast<const T*>(p.k) + bhk * S * E;
+    const T* Vm = static_cast<const T*>(p.v) + bhk * S * Ev;
+    const T scale = static_cast<T>(p.scale);
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t i = 0; i < mrows; ++i) qt[e * BM + i] = Q[i * E + e] * scale;
+      for (int64_t i = mrows; i < BM; ++i) qt[e * BM + i] = T(0);
+    }
+    std::fill(ot, ot + Ev * BM, T(0));
+    std::fill(mrow, mrow + BM, kNegInf);
+    std::fill(lrow, lrow + BM, T(0));
+    const int64_t kend = p.causal ? std::min(S, i0 + mrows) : S;
+    for (int64_t j0 = 0; j0 < kend; j0 += BN) {
+      const int64_t nb = std::min(BN, kend - j0);
+      if (keys_all_padded(p, b, j0, nb)) continue;
+      block_gemm<V, false>(nb, BM, E, K + j0 * E, E, 1, qt, BM, st, BM);
+      mask_tile<T>(p, b, h, i0, mrows, j0, nb, st, BM);
+      for (int64_t x = 0; x < BM; x += W) {
+        V mb = V::load(mrow + x);
+        const V mold = mb;
+        for (int64_t j = 0; j < nb; ++j) mb = vmax(mb, V::load(st + j * BM + x));
+        mb.store(mrow + x);
+        // a column that has seen only -inf keeps max -inf; subtracting the lowest finite value
+        // instead makes its probabilities and its rescale factor exact zeros, never NaN
+        const V msafe = vmax(mb, V::set1(std::numeric_limits<T>::lowest()));
+        const V alpha = vexp(mold - msafe);
+        alpha.store(arow + x);
+        V sum = V::set1(0);
+        for (int64_t j = 0; j < nb; ++j) {
+          const V pj = vexp(V::load(st + j * BM + x) - msafe);
+          pj.store(st + j * BM + x);
+          sum = sum + pj;
+        }
+        fmadd(V::load(lrow + x), alpha, sum).store(lrow + x);
+      }
+      if (p.dropout_p > 0) {
+        for (int64_t i = 0; i < mrows; ++i) {
+          const uint64_t off = dropout_offset(p, b, h, i0 + i, j0);
+          for (int64_t j = 0; j < nb; ++j) {
+            const bool keep = fastattn::philox_uniform(p.seed, off + j) >= p.dropout_p;
+            st[j * BM + i] = keep ? st[j * BM + i] * keep_scale : T(0);
+          }
+        }
+      }
+      for (int64_t e = 0; e < Ev; ++e)
+        for (int64_t x = 0; x < BM; x += W) (V::load(ot + e * BM + x) * V::load(arow + x)).store(ot + e * BM + x);
+      block_gemm<V, true>(Ev, BM, nb, Vm + j0 * Ev, 1, Ev, st, BM, ot, BM);
+    }
+    T* O = static_cast<T*>(p.out) + (bh * L + i0) * Ev;
+    float* lse = p.lse + bh * L + i0;
+    for (int64_t i = 0; i < mrows; ++i) {
+      const T l = lrow[i];
+      const T inv = l > T(0) ? T(1) / l : T(0);
+      for (int64_t e = 0; e < Ev; ++e) O[i * Ev + e] = ot[e * BM + i] * inv;
+      lse[i] = l > T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The log-sum-exp of every query row of head (b, h), recomputed in T. The float32 lse the forward
+// hands over would cap float64 gradients at float32 accuracy; float64 calls recompute it instead.
+// qt: (E, Lp) Q^T times scale; st: (BN, BM) scratch; m, l: (BM) scratch; lse: (Lp) result.
+
+template <typename V>
+void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::value_type* qt, int64_t Lp,
+               typename V::value_type* st, typename V::value_type* m, typename V::value_type* l,
+               typename V::value_type* lse) {
+  using T = typename V::value_type;
+  constexpr int W = V::W;
+  const int64_t BM = p.bm, BN = p.bn, E = p.E, L = p.L, S = p.S;
+  const T* K = static_cast<const T*>(p.k) + (b * p.Hkv + h / (p.Hq / p.Hkv)) * S * E;
+  for (int64_t i0 = 0; i0 < L; i0 += BM) {
+    const int64_t mrows = std::min(BM, L - i0);
+    std::fill(m, m + BM, -std::numeric_limits<T>::infinity());
+    std::fill(l, l + BM, T(0));
+    const int64_t kend = p.causal ? std::min(S, i0 + mrows) : S;
+    for (int64_t j0 = 0; j0 < kend; j0 += BN) {
+      const int64_t nb = std::min(BN, kend - j0);
+      if (keys_all_padded(p, b, j0, nb)) continue;
+      block_gemm<V, false>(nb, BM, E, K + j0 * E, E, 1, qt + i0, Lp, st, BM);
+      mask_tile<T>(p, b, h, i0, mrows, j0, nb, st, BM);
+      for (int64_t x = 0; x < BM; x += W) {
+        V mb = V::load(m + x);
+        const V mold = mb;
+        for (int64_t j = 0; j < nb; ++j) mb = vmax(mb, V::load(st + j * BM + x));
+        mb.store(m + x);
+        const V msafe = vmax(mb, V::set1(std::numeric_limits<T>::lowest()));
+        V sum = V::set1(0);
+        for (int64_t j = 0; j < nb; ++j) sum = sum + vexp(V::load(st + j * BM + x) - msafe);
+        fmadd(V::load(l + x), vexp(mold - msafe), sum).store(l + x);
+      }
+    }
+    for (int64_t i = 0; i < mrows; ++i)
+      lse[i0 + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : std::numeric_limits<T>::infinity();
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward: one task = (batch b, kv head hk, key range [key_lo, key_hi)); it walks the GQA group's
+// query heads, its key blocks, and every query block that can see them, in a fixed order.
+// dK and dV of its keys are its own; dQ goes to p.dq_part[part] (float, (N, Hq, L, E)), one
+// partial per key range, summed in a fixed order by the caller (or written straight to p.dq when
+// there is a single key range).
+
+template <typename V>
+void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
+  using T = typename V::value_type;
+  constexpr int W = V::W;
+  const int64_t BM = p.bm, BN = p.bn, E = p.E, Ev = p.Ev, L = p.L, S = p.S;
+  const int64_t Lp = round_up(L, BM), Ep = round_up(E, W), Evp = round_up(Ev, W);
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t nparts = p.key_parts;
+  const int64_t part_len = round_up((S + nparts - 1) / nparts, BN);
+  std::vector<T> buf(E * Lp + Lp * Ep + Ev * Lp + Lp * Evp + 2 * Lp + E * Lp + 2 * BN * BM +
+                     part_len * Ep + part_len * Evp + 2 * BM);
+  T* qt = buf.data();        // (E, Lp)   Q^T times scale
+  T* qn = qt + E * Lp;       // (Lp, Ep)  Q, zero padded
+  T* dot = qn + Lp * Ep;     // (Ev, Lp)  dO^T
+  T* don = dot + Ev * Lp;    // (Lp, Evp) dO, zero padded
+  T* delta = don + Lp * Evp; // (Lp)      rowsum(dO * O)
+  T* lse = delta + Lp;       // (Lp)      forward log-sum-exp (+inf on padding rows)
+  T* dqt = lse + Lp;         // (E, Lp)   dQ^T accumulator
+  T* st = dqt + E * Lp;      // (BN, BM)  P^T, then dropped P^T
+  T* dst = st + BN * BM;     // (BN, BM)  dP^T, then dS^T
+  T* dk = dst + BN * BM;     // (part_len, Ep)
+  T* dv = dk + part_len * Ep; // (part_len, Evp)
+  T* mrow = dv + part_len * Evp; // (BM) running max / sum of the float64 log-sum-exp pass
+  T* lrow = mrow + BM;
+  const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
+  const T scale = static_cast<T>(p.scale);
+  const int64_t nqb = Lp / BM;
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t part = task % nparts, bhk = task / nparts, b = bhk / p.Hkv, hk = bhk % p.Hkv;
+    const int64_t key_lo = std::min(S, part * part_len), key_hi = std::min(S, key_lo + part_len);
+    const int64_t nk = key_hi - key_lo;
+    const T* K = static_cast<const T*>(p.k) + (bhk * S + key_lo) * E;
+    const T* Vm = static_cast<const T*>(p.v) + (bhk * S + key_lo) * Ev;
+    std::fill(dk, dk + part_len * Ep, T(0));
+    std::fill(dv, dv + part_len * Evp, T(0));
+    for (int64_t g = 0; g < group && nk > 0; ++g) {
+      const int64_t h = hk * group + g, bh = b * p.Hq + h;
+      const T* Q = static_cast<const T*>(p.q) + bh * L * E;
+      const T* dO = static_cast<const T*>(p.dout) + bh * L * Ev;
+      const T* O = static_cast<const T*>(p.o) + bh * L * Ev;
+      const float* LSE = p.lse + bh * L;
+      for (int64_t i = 0; i < Lp; ++i) {
+        const bool real = i < L;
+        for (int64_t e = 0; e < E; ++e) {
+          const T qv = real ? Q[i * E + e] : T(0);
+          qt[e * Lp + i] = qv * scale;
+          qn[i * Ep + e] = qv;
+        }
+        for (int64_t e = E; e < Ep; ++e) qn[i * Ep + e] = T(0);
+        T d = 0;
+        for (int64_t e = 0; e < Ev; ++e) {
+          const T g_ = real ? dO[i * Ev + e] : T(0);
+          dot[e * Lp + i] = g_;
+          don[i * Evp + e] = g_;
+          if (real) d += g_ * O[i * Ev + e];
+        }
+        for (int64_t e = Ev; e < Evp; ++e) don[i * Evp + e] = T(0);
+        delta[i] = d;
+        lse[i] = real ? static_cast<T>(LSE[i]) : std::numeric_limits<T>::infinity();
+      }
+      if constexpr (std::is_same<T, double>::value) exact_lse<V>(p, b, h, qt, Lp, st, mrow, lrow, lse);
+      std::fill(dqt, dqt + E * Lp, T(0));
+      for (int64_t jj = 0; jj < nk; jj += BN) {
+        const int64_t j0 = key_lo + jj, nb = std::min(BN, nk - jj);
+        if (keys_all_padded(p, b, j0, nb)) continue;
+        const int64_t qb0 = p.causal ? std::min(nqb, j0 / BM) : 0;
+        for (int64_t qb = qb0; qb < nqb; ++qb) {
+          const int64_t i0 = qb * BM, mrows = std::min(BM, L - i0);
+          block_gemm<V, false>(nb, BM, E, K + jj * E, E, 1, qt + i0, Lp, st, BM);
+          mask_tile<T>(p, b, h, i0, mrows, j0, nb, st, BM);
+          for (int64_t j = 0; j < nb; ++j)
+            for (int64_t x = 0; x < BM; x += W)
+              vexp(V::load(st + j * BM + x) - V::load(lse + i0 + x)).store(st + j * BM + x);
+          block_gemm<V, false>(nb, BM, Ev, Vm + jj * Ev, Ev, 1, dot + i0, Lp, dst, BM);
+          if (p.dropout_p > 0) {
+            for (int64_t i = 0; i < mrows; ++i) {
+              const uint64_t off = dropout_offset(p, b, h, i0 + i, j0);
+              const T di = delta[i0 + i];
+              for (int64_t j = 0; j < nb; ++j) {
+                const bool keep = fastattn::philox_uniform(p.seed, off + j) >= p.dropout_p;
+                const T pij = st[j * BM + i];
+                const T dpij = keep ? dst[j * BM + i] * keep_scale : T(0);
+                dst[j * BM + i] = pij * (dpij - di);
+                st[j * BM + i] = keep ? pij * keep_scale : T(0);
+              }
+            }
+            for (int64_t i = mrows; i < BM; ++i)
+              for (int64_t j = 0; j < nb; ++j) dst[j * BM + i] = T(0);
+          } else {
+            for (int64_t j = 0; j < nb; ++j)
+              for (int64_t x = 0; x < BM; x += W) {
+                const V pj = V::load(st + j * BM + x);
+                (pj * (V::load(dst + j * BM + x) - V::load(delta + i0 + x))).store(dst + j * BM + x);
+              }
+          }
+          block_gemm<V, true>(nb, Evp, BM, st, BM, 1, don + i0 * Evp, Evp, dv + jj * Evp, Evp);
+          block_gemm<V, true>(nb, Ep, BM, dst, BM, 1, qn + i0 * Ep, Ep, dk + jj * Ep, Ep);
+          block_gemm<V, true>(E, BM, nb, K + jj * E, 1, E, dst, BM, dqt + i0, Lp);
+        }
+      }
+      // dQ of this head from this key range
+      if (nparts == 1) {
+        T* DQ = static_cast<T*>(p.dq) + bh * L * E;
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t e = 0; e < E; ++e) DQ[i * E + e] = dqt[e * Lp + i] * scale;
+      } else {
+        T* DQ = static_cast<T*>(p.dq_part) + (part * p.N * p.Hq + bh) * L * E;
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t e = 0; e < E; ++e) DQ[i * E + e] = dqt[e * Lp + i] * scale;
+      }
+    }
+    T* DK = static_cast<T*>(p.dk) + (bhk * S + key_lo) * E;
+    T* DV = static_cast<T*>(p.dv) + (bhk * S + key_lo) * Ev;
+    for (int64_t j = 0; j < nk; ++j) {
+      for (int64_t e = 0; e < E; ++e) DK[j * E + e] = dk[j * Ep + e] * scale;
+      for (int64_t e = 0; e < Ev; ++e) DV[j * Ev + e] = dv[j * Evp + e];
+    }
+  }
+}
+
+// Entry points of this instruction set.
+inline void fwd_f32(const AttnParams& p, int64_t b, int64_t e) { fwd_tasks<VecF>(p, b, e); }
+inline void fwd_f64(const AttnParams& p, int64_t b, int64_t e) { fwd_tasks<VecD>(p, b, e); }
+inline void bwd_f32(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecF>(p, b, e); }
+inline void bwd_f64(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecD>(p, b, e); }
+inline int lanes_f32() { return VecF::W; }

@@ -1,0 +1,361 @@
+"""The C++ CPU attention kernels, called directly through torch.ops.fastattn.attention_fwd/_bwd.
+
+Ground truth is a float64 computation written here from the contract (fastattn/backends/README.md):
+additive attn_mask, key_padding_mask (True = ignore), top-left causal, GQA, dropout from the shared
+Philox stream (fastattn._philox.attention_keep_mask), rows that see no key -> out 0, lse +inf,
+gradients 0. Error bound as the conformance matrix: |out - ref64| <= 2 * |same_dtype - ref64| + floor.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    """fastattn._C and fastattn._philox, straight from their files if the package cannot import."""
+    try:
+        import fastattn._C  # noqa: F401
+        from fastattn import _philox
+        return _philox
+    except Exception:  # the package's Python side may be mid-edit; the kernels do not need it
+        libs = glob.glob(os.path.join(ROOT, "fastattn", "_C*.so"))
+        if not libs:
+            raise
+        torch.ops.load_library(libs[0])
+        spec = importlib.util.spec_from_file_location("fastattn_philox", os.path.join(ROOT, "fastattn", "_philox.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+
+philox = _load()
+fwd_op = torch.ops.fastattn.attention_fwd
+bwd_op = torch.ops.fastattn.attention_bwd
+
+FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 math of the contract
+
+
+def reference(q, k, v, mask=None, kpm=None, p=0.0, causal=False, scale=None, seed=None, dtype=torch.float64):
+    """(out, lse) computed in `dtype` with plain torch ops; differentiable in q, k, v."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    n, hq, l, e = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(e) if scale is None else scale
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    sc = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        sc = sc + mask.to(dtype)
+    if causal:
+        tri = torch.ones(l, s, dtype=torch.bool).tril()
+        sc = sc.masked_fill(~tri, -math.inf)
+    if kpm is not None:
+        sc = sc.masked_fill(kpm[:, None, None, :], -math.inf)
+    m = sc.amax(-1, keepdim=True).detach()
+    msafe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    ex = torch.exp(sc - msafe)
+    den = ex.sum(-1, keepdim=True)
+    pr = ex / torch.where(den > 0, den, torch.ones_like(den))
+    lse = torch.where(den > 0, msafe + torch.log(den), torch.full_like(den, math.inf)).squeeze(-1)
+    if p > 0:
+        keep = philox.attention_keep_mask(int(seed.item()), p, n, hq, l, s)
+        pr = pr * keep.to(dtype) / (1 - p)
+    return pr @ v, lse
+
+
+def expanded_mask(kind, n, h, l, s, dtype, gen):
+    """An additive mask as the dispatcher hands it: an (n, h, l, s) view, strides 0 where broadcast."""
+    if kind == "none":
+        return None
+    if kind == "float2d":  # (L, S) -> strides (0, 0, S, 1)
+        return torch.randn(l, s, generator=gen).to(dtype).expand(n, h, l, s)
+    if kind == "bool2d":  # user bool mask converted: keep -> 0, drop -> -inf; keep the diagonal
+        keep = torch.rand(l, s, generator=gen) > 0.4
+        keep[torch.arange(min(l, s)), torch.arange(min(l, s))] = True
+        return torch.zeros(l, s).masked_fill(~keep, -math.inf).to(dtype).expand(n, h, l, s)
+    if kind == "per_batch":  # (N, 1, L, S)
+        return torch.randn(n, 1, l, s, generator=gen).to(dtype).expand(n, h, l, s)
+    if kind == "full":
+        return torch.randn(n, h, l, s, generator=gen).to(dtype)
+    if kind == "col":  # (1, 1, 1, S): strides (0, 0, 0, 1)
+        return torch.randn(1, 1, 1, s, generator=gen).to(dtype).expand(n, h, l, s)
+    raise ValueError(kind)
+
+
+def make(n, hq, hkv, l, s, e, ev, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, hq, l, e, generator=gen).to(dtype)
+    k = torch.randn(n, hkv, s, e, generator=gen).to(dtype)
+    v = torch.randn(n, hkv, s, ev, generator=gen).to(dtype)
+    go = torch.randn(n, hq, l, ev, generator=gen).to(dtype)
+    return q, k, v, go, gen
+
+
+def ref_grads(q, k, v, go, dtype=torch.float64, **kw):
+    qr, kr, vr = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = reference(qr, kr, vr, dtype=dtype, **kw)
+    dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), go.to(dtype))
+    return out.detach(), lse, dq, dk, dv
+
+
+def assert_close_bound(name, got, ref, same, dtype):
+    """|got - ref| <= 2 |same - ref| + floor (max norms), printing where it fails."""
+    got, ref, same = got.double(), ref.double(), same.double()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(got))[:5].tolist()}"
+    err = (got - ref).abs()
+    bound = 2 * (same - ref).abs().max().item() + FLOOR[dtype]
+    worst = err.max().item() if err.numel() else 0.0
+    if worst > bound:
+        idx = torch.nonzero(err == err.max())[0].tolist()
+        pytest.fail(f"{name}: max error {worst:.3e} > bound {bound:.3e} at {idx}: got {got[tuple(idx)].item():.6g}, "
+                    f"ref {ref[tuple(idx)].item():.6g}")
+
+
+def run_and_check(n, hq, hkv, l, s, e, ev, dtype, mask_kind="none", use_kpm=False, causal=False, p=0.0,
+                  grads=True, seed=0):
+    q, k, v, go, gen = make(n, hq, hkv, l, s, e, ev, dtype, seed)
+    mask = expanded_mask(mask_kind, n, hq, l, s, dtype, gen)
+    kpm = None
+    if use_kpm:
+        kpm = torch.rand(n, s, generator=gen) > 0.7
+        kpm[:, 0] = False
+    sd = torch.tensor([1234 + seed], dtype=torch.int64) if p > 0 else None
+    scale = 1 / math.sqrt(e)
+    kw = dict(mask=mask, kpm=kpm, p=p, causal=causal, scale=scale, seed=sd)
+    out, lse = fwd_op(q, k, v, mask, kpm, p, causal, scale, sd)
+    assert out.shape == (n, hq, l, ev) and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (n, hq, l) and lse.dtype == torch.float32
+    r_out, r_lse, r_dq, r_dk, r_dv = ref_grads(q, k, v, go, **kw)
+    same_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    s_out, s_lse, s_dq, s_dk, s_dv = ref_grads(q, k, v, go, dtype=same_dtype, **kw)
+    if dtype in (torch.bfloat16, torch.float16):
+        # the same-dtype peer: torch's math in that dtype (outputs rounded to it)
+        s_out, s_dq, s_dk, s_dv = (t.to(dtype) for t in (s_out, s_dq, s_dk, s_dv))
+    assert_close_bound("out", out, r_out, s_out, dtype)
+    fin = torch.isfinite(r_lse)
+    assert torch.equal(torch.isfinite(lse), fin), "lse must be +inf exactly on rows that see no key"
+    assert (lse[~fin] == math.inf).all()
+    assert_close_bound("lse", lse[fin], r_lse[fin], s_lse[fin].float(), max(dtype, torch.float32, key=_rank))
+    if not grads:
+        return
+    dq, dk, dv = bwd_op(go, q, k, v, out, lse, mask, kpm, p, causal, scale, sd)
+    for name, g, t in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        assert g.shape == t.shape and g.dtype == dtype and g.is_contiguous(), name
+    assert_close_bound("dq", dq, r_dq, s_dq, dtype)
+    assert_close_bound("dk", dk, r_dk, s_dk, dtype)
+    assert_close_bound("dv", dv, r_dv, s_dv, dtype)
+
+
+def _rank(dt):
+    return {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}[dt]
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes
+
+HEAD_DIMS = [1, 25, 64, 80, 128, 256]
+SEQS = [(1, 1), (17, 17), (128, 128), (257, 257), (17, 130), (130, 17)]
+
+
+@pytest.mark.parametrize("e", HEAD_DIMS)
+@pytest.mark.parametrize("l,s", SEQS)
+def test_shapes_fp32(e, l, s):
+    run_and_check(1, 2, 2, l, s, e, e, torch.float32)
+
+
+@pytest.mark.parametrize("e,ev", [(25, 7), (16, 64), (3, 130), (80, 25)])
+def test_ev_differs_from_e(e, ev):
+    run_and_check(2, 2, 2, 33, 70, e, ev, torch.float32, causal=True)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "float2d", "bool2d", "per_batch", "full", "col"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("use_kpm", [False, True])
+@pytest.mark.parametrize("l,s", [(70, 70), (40, 133), (133, 40)])
+def test_masks(mask_kind, causal, use_kpm, l, s):
+    run_and_check(2, 2, 2, l, s, 25, 25, torch.float32, mask_kind=mask_kind, use_kpm=use_kpm, causal=causal)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (4, 1), (6, 3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa(hq, hkv, causal):
+    run_and_check(2, hq, hkv, 45, 77, 25, 25, torch.float32, causal=causal, mask_kind="float2d")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("mask_kind,causal,use_kpm", [("none", False, False), ("bool2d", True, True)])
+def test_dropout(p, mask_kind, causal, use_kpm):
+    run_and_check(2, 4, 2, 37, 70, 25, 20, torch.float32, mask_kind=mask_kind, causal=causal,
+                  use_kpm=use_kpm, p=p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal,mask_kind", [(False, "none"), (True, "float2d")])
+def test_dtypes(dtype, causal, mask_kind):
+    run_and_check(2, 2, 2, 70, 90, 25, 25, dtype, causal=causal, mask_kind=mask_kind)
+
+
+def test_long_keys_few_heads_split():
+    # N * Hkv < 16: the backward splits keys into ranges and sums dQ partials in a fixed order
+    run_and_check(1, 1, 1, 100, 700, 32, 32, torch.float32, causal=False, use_kpm=True)
+    run_and_check(1, 2, 1, 300, 300, 25, 25, torch.float32, causal=True, mask_kind="float2d")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_narrower_instruction_sets(isa, monkeypatch):
+    monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
+    run_and_check(2, 4, 2, 45, 70, 25, 25, torch.float32, causal=True, mask_kind="bool2d", use_kpm=True)
+    run_and_check(1, 2, 2, 33, 20, 80, 64, torch.float32, p=0.2)
+    run_and_check(1, 2, 1, 20, 33, 7, 9, torch.float64, mask_kind="float2d")
+
+
+# ------------------------------------------------------------------------------------------------
+# rows that see no key
+
+
+def test_fully_masked_rows():
+    n, h, l, s, e = 2, 2, 20, 30, 25
+    q, k, v, go, gen = make(n, h, h, l, s, e, e, torch.float32)
+    mask = torch.zeros(n, h, l, s)
+    mask[0, 1, 3] = -math.inf          # one row of one head
+    mask[1, :, 7:9] = -math.inf        # two rows of every head
+    kpm = torch.zeros(n, s, dtype=torch.bool)
+    kpm[1, :] = True                   # batch 1 ignores every key: all its rows are empty
+    kpm[1, 0] = False
+    mask[1, :, :, 0] = -math.inf
+    out, lse = fwd_op(q, k, v, mask, kpm, 0.0, False, 0.2, None)
+    empty = torch.zeros(n, h, l, dtype=torch.bool)
+    empty[0, 1, 3] = True
+    empty[1] = True
+    assert torch.equal(lse == math.inf, empty)
+    assert (out[empty] == 0).all() and torch.isfinite(out).all()
+    dq, dk, dv = bwd_op(go, q, k, v, out, lse, mask, kpm, 0.0, False, 0.2, None)
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert (dq[empty] == 0).all()
+    assert (dk[1] == 0).all() and (dv[1] == 0).all()
+    r_out, r_lse, r_dq, r_dk, r_dv = ref_grads(q, k, v, go, mask=mask, kpm=kpm, scale=0.2)
+    torch.testing.assert_close(out.double(), r_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(dq.double(), r_dq, atol=2e-5, rtol=0)
+    torch.testing.assert_close(dk.double(), r_dk, atol=2e-5, rtol=0)
+    torch.testing.assert_close(dv.double(), r_dv, atol=2e-5, rtol=0)
+
+
+def test_every_key_padded_and_lowest_mask():
+    # key padding of every key -> all rows empty; a finite lowest-value mask is NOT "no key"
+    q, k, v, go, _ = make(1, 1, 1, 5, 6, 8, 8, torch.float32)
+    kpm = torch.ones(1, 6, dtype=torch.bool)
+    out, lse = fwd_op(q, k, v, None, kpm, 0.0, False, 0.3, None)
+    assert (out == 0).all() and (lse == math.inf).all()
+    mask = torch.full((1, 1, 5, 6), torch.finfo(torch.float32).min)
+    out, lse = fwd_op(q, k, v, mask, None, 0.0, False, 0.3, None)
+    r_out, _ = reference(q, k, v, mask=mask, scale=0.3)
+    assert torch.isfinite(lse).all()
+    torch.testing.assert_close(out.double(), r_out, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# gradcheck in float64 through an autograd.Function over the two ops
+
+
+class _Attn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, kpm, p, causal, scale, seed):
+        out, lse = fwd_op(q, k, v, mask, kpm, p, causal, scale, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (mask, kpm, p, causal, scale, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(go.contiguous(), q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+@pytest.mark.parametrize("causal,mask_kind,use_kpm,p,hkv", [
+    (False, "none", False, 0.0, 2),
+    (True, "float2d", True, 0.0, 2),
+    (False, "bool2d", False, 0.0, 1),
+    (True, "none", False, 0.3, 1),
+])
+def test_gradcheck_float64(causal, mask_kind, use_kpm, p, hkv):
+    n, hq, l, s, e, ev = 1, 2, 6, 9, 5, 3
+    q, k, v, _, gen = make(n, hq, hkv, l, s, e, ev, torch.float64)
+    mask = expanded_mask(mask_kind, n, hq, l, s, torch.float64, gen)
+    kpm = None
+    if use_kpm:
+        kpm = torch.zeros(n, s, dtype=torch.bool)
+        kpm[0, 2] = kpm[0, 7] = True
+    seed = torch.tensor([77], dtype=torch.int64) if p > 0 else None
+    args = [t.requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda a, b, c: _Attn.apply(a, b, c, mask, kpm, p, causal, 0.4, seed),
+                                    args, eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# determinism, purity
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    q, k, v, go, gen = make(1, 2, 1, 150, 400, 25, 25, torch.float32)  # few heads: key ranges split
+    mask = expanded_mask("float2d", 1, 2, 150, 400, torch.float32, gen)
+    seed = torch.tensor([5], dtype=torch.int64)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (old, 1, old):
+            torch.set_num_threads(threads)
+            out, lse = fwd_op(q, k, v, mask, None, 0.2, True, 0.2, seed)
+            grads = bwd_op(go, q, k, v, out, lse, mask, None, 0.2, True, 0.2, seed)
+            results.append((out, lse) + tuple(grads))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_inputs_untouched_outputs_fresh():
+    q, k, v, go, gen = make(2, 2, 2, 30, 40, 25, 25, torch.bfloat16)
+    mask = expanded_mask("float2d", 2, 2, 30, 40, torch.bfloat16, gen)
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[:, 5] = True
+    seed = torch.tensor([9], dtype=torch.int64)
+    before = [t.clone() for t in (q, k, v, go, mask, kpm, seed)]
+    out, lse = fwd_op(q, k, v, mask, kpm, 0.1, True, 0.2, seed)
+    lse_before, out_before = lse.clone(), out.clone()
+    grads = bwd_op(go, q, k, v, out, lse, mask, kpm, 0.1, True, 0.2, seed)
+    for a, b in zip(before, (q, k, v, go, mask, kpm, seed)):
+        assert torch.equal(a, b)
+    assert torch.equal(lse, lse_before) and torch.equal(out, out_before)
+    inputs = {t.data_ptr() for t in (q, k, v, go, mask, kpm)}
+    for t in (out, lse):
+        assert t.is_contiguous() and t.data_ptr() not in inputs
+    for t in grads:
+        assert t.is_contiguous() and t.data_ptr() not in inputs | {out.data_ptr(), lse.data_ptr()}
+
+
+def test_bad_arguments_name_themselves():
+    q, k, v, _, _ = make(1, 2, 2, 8, 8, 4, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="k's head dim"):
+        fwd_op(q, k[..., :3].contiguous(), v, None, None, 0.0, False, 1.0, None)
+    with pytest.raises(RuntimeError, match="seed is required"):
+        fwd_op(q, k, v, None, None, 0.5, False, 1.0, None)
+    with pytest.raises(RuntimeError, match="multiple of k/v heads"):
+        fwd_op(torch.randn(1, 3, 8, 4), k, v, None, None, 0.0, False, 1.0, None)
+    with pytest.raises(RuntimeError, match="attn_mask must be additive"):
+        fwd_op(q, k, v, torch.zeros(1, 2, 8, 8, dtype=torch.bool), None, 0.0, False, 1.0, None)
+    with pytest.raises(RuntimeError, match="dtype must be"):
+        fwd_op(q.int(), k.int(), v.int(), None, None, 0.0, False, 1.0, None)
