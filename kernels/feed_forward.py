@@ -84,25 +84,43 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, split: Optional[int
 
 
 # ---- autotune config lists (module-level so the AOT test enumerates exactly these) -------------------
-# Keys: "16bit" serves fp16 and bf16, "fp32" serves fp32 (ieee or tf32). Every BLOCK_M is a multiple of
-# DB1_ROWS (the row granule of db1's partial sums, see _ffn_dh_kernel). Configs that spill registers on
-# sm_80 or sm_90 are not listed (tests/test_triton_aot_ffn.py checks every one).
+# Keyed by (dtype class, alignment). "16bit" serves fp16 and bf16, "fp32" serves fp32 (ieee or tf32).
+# "aligned": every leading dimension / size the kernel's addresses use is a multiple of 16 elements and
+# every pointer 16-byte aligned, so triton vectorises the loads and pipelines them through shared memory
+# (cp.async / TMA-free multi-stage); "unaligned" (d_model 100, 97 ...): scalar loads staged in registers,
+# which needs smaller tiles to stay spill-free. Every BLOCK_M is a multiple of DB1_ROWS (the row granule
+# of db1's partial sums, see _ffn_dh_kernel). A config that spills on sm_80 or sm_90 is not listed:
+# tests/test_triton_aot_ffn.py compiles every one and fails on spills.
+TABLE_KEYS = (("16bit", "aligned"), ("16bit", "unaligned"), ("fp32", "aligned"), ("fp32", "unaligned"))
 if INTERPRET:
-    UP_CONFIGS = {"16bit": [_cfg(32, 32, 32, 4, 1, 1)], "fp32": [_cfg(32, 32, 32, 4, 1, 1)]}
-    DH_CONFIGS = {"16bit": [_cfg(32, 32, 32, 4, 1, 2)], "fp32": [_cfg(32, 32, 32, 4, 1, 2)]}
-    LINEAR_CONFIGS = {"16bit": [_cfg(32, 32, 32, 4, 1)], "fp32": [_cfg(32, 32, 32, 4, 1)]}
+    UP_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1, 2)] for k in TABLE_KEYS}
+    DH_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1, 2)] for k in TABLE_KEYS}
+    LINEAR_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1)] for k in TABLE_KEYS}
+    PROLOGUE_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1)] for k in TABLE_KEYS}
 else:
     UP_CONFIGS = {
-        "16bit": [_cfg(128, 128, 64, 8, 4, 2), _cfg(64, 128, 64, 4, 4, 2), _cfg(64, 64, 64, 4, 3, 1)],
-        "fp32": [_cfg(128, 64, 32, 8, 3, 1), _cfg(64, 64, 32, 4, 3, 1)],
+        ("16bit", "aligned"): [_cfg(128, 128, 64, 8, 4, 2), _cfg(64, 128, 64, 4, 4, 2), _cfg(64, 64, 64, 4, 3, 1)],
+        ("16bit", "unaligned"): [_cfg(128, 64, 32, 8, 3, 2), _cfg(64, 64, 32, 4, 3, 2)],
+        ("fp32", "aligned"): [_cfg(128, 64, 32, 8, 3, 1), _cfg(64, 64, 32, 4, 3, 1)],
+        ("fp32", "unaligned"): [_cfg(64, 64, 32, 4, 3, 2)],
     }
     DH_CONFIGS = {
-        "16bit": [_cfg(128, 128, 64, 8, 4, 2), _cfg(64, 128, 64, 4, 4, 2), _cfg(64, 64, 64, 4, 3, 1)],
-        "fp32": [_cfg(128, 64, 32, 8, 3, 1), _cfg(64, 64, 32, 4, 3, 1)],
+        ("16bit", "aligned"): [_cfg(128, 128, 64, 8, 4, 2), _cfg(64, 128, 64, 4, 4, 2), _cfg(64, 64, 64, 4, 3, 1)],
+        ("16bit", "unaligned"): [_cfg(128, 64, 32, 8, 3, 2), _cfg(64, 64, 32, 4, 3, 2)],
+        ("fp32", "aligned"): [_cfg(128, 64, 32, 8, 3, 1), _cfg(64, 64, 32, 4, 3, 1)],
+        ("fp32", "unaligned"): [_cfg(64, 64, 32, 4, 3, 2)],
     }
-    LINEAR_CONFIGS = {
-        "16bit": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 3)],
-        "fp32": [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
+    LINEAR_CONFIGS = {  # down, dW1, dW2 (H read), dx
+        ("16bit", "aligned"): [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 3)],
+        ("16bit", "unaligned"): [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
+        ("fp32", "aligned"): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
+        ("fp32", "unaligned"): [_cfg(64, 64, 32, 4, 3)],
+    }
+    PROLOGUE_CONFIGS = {  # dW2 with H recomputed from pre in the B-operand prologue
+        ("16bit", "aligned"): [_cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 3)],
+        ("16bit", "unaligned"): [_cfg(64, 64, 32, 4, 3)],
+        ("fp32", "aligned"): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
+        ("fp32", "unaligned"): [_cfg(64, 64, 32, 4, 3)],
     }
 
 # The column-sum kernel is not autotuned (its summation order must not depend on timing).
@@ -113,7 +131,8 @@ COLSUM_ROWS_PER_PROG = 256 if INTERPRET else 1024
 DB1_ROWS = 32  # db1 partial sums: one fp32 row per DB1_ROWS rows of the hidden, whatever the tile
 
 # The operand layouts each _ffn_linear_kernel launch uses (A_TRANS: A is stored (K, M); B_TRANS: B is
-# stored (N, K)). The launchers index this table, so the AOT test enumerates exactly what can run.
+# stored (N, K)); B_FROM_PRE launches take PROLOGUE_CONFIGS, the others LINEAR_CONFIGS. The launchers
+# index this table, so the AOT test enumerates exactly what can run.
 LINEAR_ROLES = {
     "down": dict(A_TRANS=False, B_TRANS=True, B_FROM_PRE=False),   # out = H @ w2^T
     "dw2": dict(A_TRANS=True, B_TRANS=False, B_FROM_PRE=False),    # dW2 = dOut^T @ H
@@ -385,14 +404,23 @@ def _prune(configs, named_args, **kwargs):
 
 _KEY = ["tune_m", "tune_n", "tune_k", "act", "INPUT_PRECISION"]  # tensor dtypes are added by triton
 _TUNED = {
-    (name, cls): triton.autotune(configs=table[cls], key=key, prune_configs_by={"early_config_prune": _prune})(fn)
+    (name, cls, align): triton.autotune(configs=table[cls, align], key=key,
+                                        prune_configs_by={"early_config_prune": _prune})(fn)
     for name, fn, table, key in (
         ("up", _ffn_up_kernel, UP_CONFIGS, _KEY),
-        ("linear", _ffn_linear_kernel, LINEAR_CONFIGS, _KEY + ["A_TRANS", "B_TRANS", "B_FROM_PRE"]),
+        ("linear", _ffn_linear_kernel, LINEAR_CONFIGS, _KEY + ["A_TRANS", "B_TRANS"]),
+        ("prologue", _ffn_linear_kernel, PROLOGUE_CONFIGS, _KEY + ["A_TRANS", "B_TRANS"]),
         ("dh", _ffn_dh_kernel, DH_CONFIGS, _KEY),
     )
-    for cls in ("16bit", "fp32")
+    for cls, align in TABLE_KEYS
 }
+
+
+def _alignment(tensors, sizes) -> str:
+    """"aligned" when every pointer is 16-byte aligned and every address-forming size a multiple of 16
+    (what triton's JIT specialises on), else "unaligned"."""
+    ok = all(t.data_ptr() % 16 == 0 for t in tensors if t is not None) and all(n % 16 == 0 for n in sizes)
+    return "aligned" if ok else "unaligned"
 
 
 # ---- host launchers ----------------------------------------------------------------------------------
@@ -475,7 +503,9 @@ class _on_device:
 def _linear(role: str, a, b, bias, c, m, n, k, lda, ldb, tune, act: str = "relu"):
     """c (m, n) = A @ B (+ bias) with the operand layouts of LINEAR_ROLES[role]."""
     flags = LINEAR_ROLES[role]
-    _TUNED["linear", _dtype_class(c.dtype)][_grid(m, n)](
+    kernel = "prologue" if flags["B_FROM_PRE"] else "linear"
+    align = _alignment((a, b, bias, c), (n, k, lda, ldb))
+    _TUNED[kernel, _dtype_class(c.dtype), align][_grid(m, n)](
         a, b, bias if bias is not None else c, c, m, n, k, lda, ldb, int(bias is not None),
         ACT_ID[act] if flags["B_FROM_PRE"] else 0, *tune,
         INPUT_PRECISION=_input_precision(a.dtype), **flags)
@@ -530,7 +560,8 @@ def ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     tb = _bucket(t)
     h = torch.empty((t, f), dtype=x.dtype, device=x.device)
     with _on_device(x):
-        _TUNED["up", _dtype_class(x.dtype)][_grid(t, f)](
+        align = _alignment((x, w1, b1, h, saved), (f, d))
+        _TUNED["up", _dtype_class(x.dtype), align][_grid(t, f)](
             x, w1, b1 if b1 is not None else h, h, saved if save_for_backward else h, t, f, d,
             seed_v, p, scale, int(b1 is not None), int(save_for_backward), ACT_ID[activation], tb, f, d,
             INPUT_PRECISION=_input_precision(x.dtype))
@@ -576,7 +607,8 @@ def ffn_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: 
     dw1 = torch.empty((f, d), dtype=dt, device=dev)
     dw2 = torch.empty((d2, f), dtype=dt, device=dev)
     with _on_device(x):
-        _TUNED["dh", _dtype_class(dt)][_grid(t, f)](
+        align = _alignment((grad_out, w2, saved, dpre, h, db1_part), (f, d2))
+        _TUNED["dh", _dtype_class(dt), align][_grid(t, f)](
             grad_out, w2, saved, dpre, h, db1_part, t, f, d2, seed_v, p, scale, int(not prologue),
             ACT_ID[activation], tb, f, d2, INPUT_PRECISION=_input_precision(dt), DB1_ROWS=DB1_ROWS)
         if prologue:

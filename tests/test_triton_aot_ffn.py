@@ -110,31 +110,28 @@ def _jobs(ff) -> list[dict]:
                    + (f" split{meta['EPI_SPLIT']}" if "EPI_SPLIT" in meta else "")) if cfg is not None \
             else " ".join(f"{k}={v}" for k, v in consts.items()) + f" w{warps}"
         for cc in ARCHS:
-            jobs.append(dict(kernel=kernel, fn=fn_name, dtype=dt, spec=spec + ("" if aligned else " unaligned"),
+            jobs.append(dict(kernel=kernel, fn=fn_name, dtype=dt, spec=spec,
                              consts={**consts, **meta}, warps=warps, stages=stages, cc=cc, config=cfg_txt,
                              aligned=aligned, types=types or _arg_types(kernel, dt)))
 
+    layouts = {}  # _ffn_linear_kernel specialisations: operand layouts -> roles that launch them
+    for role, flags in ff.LINEAR_ROLES.items():
+        layouts.setdefault(tuple(sorted(flags.items())), []).append(role)
     for dt, cls, prec in DTYPES:
         tag = f" {prec}" if dt == "fp32" else ""
-        for cfg in ff.UP_CONFIGS[cls]:
-            add("up", "_ffn_up_kernel", dt, "up" + tag, dict(INPUT_PRECISION=prec), cfg)
-        for cfg in ff.DH_CONFIGS[cls]:
-            add("dh", "_ffn_dh_kernel", dt, "dh" + tag, dict(INPUT_PRECISION=prec, DB1_ROWS=ff.DB1_ROWS), cfg)
-        layouts = {}
-        for role, flags in ff.LINEAR_ROLES.items():
-            layouts.setdefault(tuple(sorted(flags.items())), []).append(role)
-        for flags, roles in layouts.items():
-            for cfg in ff.LINEAR_CONFIGS[cls]:
-                add("linear", "_ffn_linear_kernel", dt, "/".join(roles) + tag,
-                    dict(INPUT_PRECISION=prec, **dict(flags)), cfg)
-        # the JIT also sees unaligned sizes (d_model 100, 97): one config per kernel, fp16 only
-        if dt == "fp16":
-            add("up", "_ffn_up_kernel", dt, "up", dict(INPUT_PRECISION=prec), ff.UP_CONFIGS[cls][0], False)
-            add("dh", "_ffn_dh_kernel", dt, "dh", dict(INPUT_PRECISION=prec, DB1_ROWS=ff.DB1_ROWS),
-                ff.DH_CONFIGS[cls][0], False)
+        for align in ("aligned", "unaligned"):
+            aligned = align == "aligned"
+            atag = tag + ("" if aligned else " unaligned")
+            for cfg in ff.UP_CONFIGS[cls, align]:
+                add("up", "_ffn_up_kernel", dt, "up" + atag, dict(INPUT_PRECISION=prec), cfg, aligned)
+            for cfg in ff.DH_CONFIGS[cls, align]:
+                add("dh", "_ffn_dh_kernel", dt, "dh" + atag, dict(INPUT_PRECISION=prec, DB1_ROWS=ff.DB1_ROWS), cfg,
+                    aligned)
             for flags, roles in layouts.items():
-                add("linear", "_ffn_linear_kernel", dt, "/".join(roles), dict(INPUT_PRECISION=prec, **dict(flags)),
-                    ff.LINEAR_CONFIGS[cls][0], False)
+                table = ff.PROLOGUE_CONFIGS if dict(flags)["B_FROM_PRE"] else ff.LINEAR_CONFIGS
+                for cfg in table[cls, align]:
+                    add("linear", "_ffn_linear_kernel", dt, "/".join(roles) + atag,
+                        dict(INPUT_PRECISION=prec, **dict(flags)), cfg, aligned)
     # column sums: dOut (any dtype) -> fp32 partials or the bias dtype; fp32 partials -> bias dtype
     pairs = sorted({(src, dst) for dt in ("fp16", "bf16", "fp32") for src, dst in
                     ((dt, dt), (dt, "fp32"), ("fp32", dt))})
@@ -220,16 +217,16 @@ def aot_results():
 
 def _print_table(results: list[dict], seconds: float) -> None:
     rows = sorted(results, key=lambda r: (r["kernel"], r["spec"], r["dtype"], r["config"], r["cc"]))
-    head = f"{'kernel':7} {'spec':24} {'dtype':5} {'config':28} {'sm':3} {'regs':>4} {'smem':>7} {'spill':>5} {'s':>5}"
+    head = f"{'kernel':7} {'spec':30} {'dtype':5} {'config':28} {'sm':3} {'regs':>4} {'smem':>7} {'spill':>5} {'s':>5}"
     print(f"\nAOT feed-forward kernels: {len(results)} compiles in {seconds:.0f} s")
     print(head)
     print("-" * len(head))
     for r in rows:
         if r["ok"]:
-            print(f"{r['kernel']:7} {r['spec']:24} {r['dtype']:5} {r['config']:28} {r['cc']:3} {r['regs']:4d} "
+            print(f"{r['kernel']:7} {r['spec']:30} {r['dtype']:5} {r['config']:28} {r['cc']:3} {r['regs']:4d} "
                   f"{r['smem']:7d} {r['spill']:5d} {r['seconds']:5.1f}")
         else:
-            print(f"{r['kernel']:7} {r['spec']:24} {r['dtype']:5} {r['config']:28} {r['cc']:3} FAILED "
+            print(f"{r['kernel']:7} {r['spec']:30} {r['dtype']:5} {r['config']:28} {r['cc']:3} FAILED "
                   f"{r['error'].splitlines()[0][:80]}")
 
 
