@@ -76,12 +76,13 @@ def make_synthetic(num_train: int = 4000, num_test: int = 1000, min_len: int = 8
     """A deterministic sentiment task that a bag of words cannot solve.
 
     Every sequence holds filler words, exactly one sentiment word (positive: good/great/superb/fun,
-    negative: bad/dull/awful/boring) and exactly one "not". The "not" stands either right before the
-    sentiment word (it negates it) or anywhere else, after it included (it does not). The label is
-    1 (positive) iff the sentiment word is positive XOR negated. Whether it is negated is drawn
-    independently of everything else in the bag (the sentiment word, the fillers, the length), so the
-    multiset of words carries no information about the label: any bag-of-words model scores 50% in
-    expectation. Learning it takes attention from the sentiment word to its left neighbour.
+    negative: bad/dull/awful/boring) and exactly one "not", at two distinct random positions. The
+    "not" negates the sentiment word when it comes anywhere before it, not when it comes after. The
+    label is 1 (positive) iff the sentiment word is positive XOR negated. Whether it is negated is
+    drawn independently of everything else in the bag (the sentiment word, the fillers, the length),
+    so the multiset of words carries no information about the label: any bag-of-words model scores
+    50% in expectation. Learning it takes attention between the two words across the sequence and
+    their order (the positions).
     """
     if min_len < 3 or max_len < min_len:
         raise ValueError(f"make_synthetic: arguments 'min_len', 'max_len' got {min_len}, {max_len}; expected "
@@ -104,13 +105,11 @@ def make_synthetic(num_train: int = 4000, num_test: int = 1000, min_len: int = 8
             positive = rand_int(0, 1) == 1
             negated = rand_int(0, 1) == 1
             word = (pos_ids if positive else bad_ids)[rand_int(0, len(pos_ids) - 1)]
-            if negated:  # "not" at p - 1, the sentiment word at p
-                p = rand_int(1, length - 1)
-                seq[p - 1], seq[p] = neg_id, word
-            else:  # the sentiment word at p, "not" anywhere except p - 1 and p
-                p = rand_int(0, length - 1)
-                choices = [j for j in range(length) if j not in (p - 1, p)]
-                seq[p], seq[choices[rand_int(0, len(choices) - 1)]] = word, neg_id
+            # two distinct positions: "not" at a, the sentiment word at b; negated iff a < b
+            a, b = torch.randperm(length, generator=gen)[:2].tolist()
+            if (a < b) != negated:
+                a, b = b, a
+            seq[a], seq[b] = neg_id, word
             seqs.append(seq)
             labels.append(int(positive != negated))
         return _pack(seqs, labels)
@@ -119,9 +118,9 @@ def make_synthetic(num_train: int = 4000, num_test: int = 1000, min_len: int = 8
     description = (
         f"SYNTHETIC data (generated, seed {seed}): {num_train} train / {num_test} test sequences of "
         f"{min_len}-{max_len} tokens, vocabulary {len(vocab)}. Each holds one sentiment word and one "
-        f"'{NEGATION}'; the label is the sentiment, flipped when '{NEGATION}' stands right before the word. "
-        "Bag-of-words cannot solve it (the bag is independent of the label); attention to the left "
-        "neighbour can.")
+        f"'{NEGATION}' somewhere; the label is the sentiment, flipped when '{NEGATION}' comes before the word. "
+        "A bag of words cannot solve it (the bag is independent of the label); attention across the "
+        "sequence with word order can.")
     return TextData("synthetic", description, vocab, train, test)
 
 

@@ -35,13 +35,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 1 for "
                    "--data; for synthetic data --steps decides)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (overrides --epochs; "
-                   "default 300 on synthetic data)")
+                   "default 500 on synthetic data)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-len", type=int, default=None, help="longest sequence in tokens (synthetic default 48, "
+    p.add_argument("--max-len", type=int, default=None, help="longest sequence in tokens (synthetic default 32, "
                    "aclImdb default 256)")
     p.add_argument("--vocab-size", type=int, default=20000, help="aclImdb vocabulary size")
     p.add_argument("--limit", type=int, default=None, help="aclImdb: at most this many reviews per split")
-    p.add_argument("--train-size", type=int, default=4000, help="synthetic training sequences")
+    p.add_argument("--train-size", type=int, default=16000, help="synthetic training sequences (the default "
+                   "run sees each about once)")
     p.add_argument("--test-size", type=int, default=1000, help="synthetic test sequences")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--backend", default=None, help="fastattn backend: cuda, triton, cpu or reference "
@@ -148,13 +149,13 @@ def train(model: TextClassifier, data: _data.TextData, batches: list[torch.Tenso
         opt.step()
         _sync(device)
         history["step_time"].append(time.perf_counter() - t0)
-        history["loss"].append(float(loss))
+        history["loss"].append(loss.detach().item())
         if step % eval_every == 0 or step == steps:
             test_loss, test_acc = evaluate(model, data.test, device)
             history["eval_step"].append(step)
             history["test_acc"].append(test_acc)
             history["test_loss"].append(test_loss)
-            bar.set_postfix(loss=f"{float(loss):.3f}", test_acc=f"{test_acc:.1%}")
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", test_acc=f"{test_acc:.1%}")
         bar.update(1)
     bar.close()
     warm = history["step_time"][min(3, steps - 1):]  # the first steps pay one-off allocation costs
@@ -209,10 +210,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                   seed=args.seed)
         default_steps = None
     else:
-        max_len = args.max_len or 48
+        max_len = args.max_len or 32
         data = _data.make_synthetic(args.train_size, args.test_size, min_len=min(8, max_len), max_len=max_len,
                                     seed=args.seed)
-        default_steps = 300
+        default_steps = 500
     print(data.description)
     sample = data.train.tokens[0, : int(data.train.lengths[0])]
     print(f"  example: \"{data.decode(sample)}\" -> label {int(data.train.labels[0])}")

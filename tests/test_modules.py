@@ -23,6 +23,15 @@ E, H = 8, 2
 L, S, N = 5, 7, 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread is faster than two and leaves the shared CPU to others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomize(module: nn.Module, seed: int = 0) -> None:
     """Every parameter random (torch initialises several biases to 0, which would hide mistakes)."""
     gen = torch.Generator().manual_seed(seed)
@@ -476,6 +485,7 @@ def test_encoder_layer_feed_forward_goes_through_fastattn(monkeypatch, config, n
     assert args_t[1] is ours.linear1.weight and args_t[4] is ours.linear2.bias
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_encoder_layer_refuses_nested_tensors():
     ours, _ = _layer_pair({"batch_first": True})
     nested = torch.nested.nested_tensor([torch.randn(3, D_MODEL, dtype=DT), torch.randn(5, D_MODEL, dtype=DT)])
