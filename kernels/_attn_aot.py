@@ -188,13 +188,80 @@ def all_jobs(archs=(80, 90), name_filter: str | None = None) -> list:
     return jobs
 
 
+def _indexed(item):
+    i, job = item
+    return i, compile_one(job)
+
+
+# The heaviest specialisation of each config-table variant: the most code, registers and loads.
+HEAVIEST = {"plain": (False, True, True, False), "mask": (True, True, True, False),
+            "dropout": (True, True, True, True)}
+
+
+def ci_jobs(archs=(80, 90)) -> list:
+    """The subset `make test` compiles on a 2-core CI machine: for every kernel and arch, every config
+    the fp16 tables hold for head-dim buckets 64, 128 and 256, each with the heaviest specialisation
+    of its variant (plain: kpm + causal; mask: + attn_mask; dropout: all four), fp16 and bf16 alike
+    for hd 128, fp32 (ieee) and tf32 at hd 64, plus the delta pre-pass. all_jobs() is the full
+    cross product (every dtype, bucket and specialisation), run with FASTATTN_AOT_FULL=1."""
+    from kernels import attention as A
+
+    jobs = []
+    for i, (name, _k, dc, hd, spec, _cfg) in enumerate(A.compile_cases()):
+        if spec is None:
+            dtypes = ("f16",) if dc == "f16" else ()
+        elif spec != HEAVIEST[A.variant(spec)]:
+            continue
+        elif dc == "f16" and hd in (64, 256):
+            dtypes = ("f16",)
+        elif dc == "f16" and hd == 128:
+            dtypes = ("f16", "bf16")
+        elif dc in ("f32", "tf32") and hd == 64:
+            dtypes = ("f32",)
+        else:
+            continue
+        for arch in archs:
+            for dt in dtypes:
+                jobs.append((i, arch, dt))
+    return jobs
+
+
+def _indexed(item):
+    i, job = item
+    return i, compile_one(job)
+
+
+HEAVIEST = (True, True, True, True)  # mask + key padding + causal + dropout: the most code, registers, loads
+HEAVIEST_NO_DROPOUT = (True, True, True, False)  # the same for the configs of the no-dropout tables
+
+
+def ci_jobs(archs=(80, 90)) -> list:
+    """The subset `make test` compiles on a 2-core CI machine: for every kernel and arch, every config
+    the tables hold for head-dim buckets 64, 128 and 256, in fp16, with the heaviest specialisation
+    of its table (mask + kpm + causal, with dropout for the dropout tables: the most registers and
+    loads), plus the delta pre-pass. all_jobs() is the full
+    cross product (every dtype, bucket and specialisation), run with FASTATTN_AOT_FULL=1."""
+    from kernels import attention as A
+
+    jobs = []
+    for i, (name, _k, dc, hd, spec, _cfg) in enumerate(A.compile_cases()):
+        if dc != "f16" or hd not in (64, 128, 256):
+            continue
+        if spec is not None and spec not in (HEAVIEST, HEAVIEST_NO_DROPOUT):
+            continue
+        for arch in archs:
+            jobs.append((i, arch, "f16"))
+    return jobs
+
+
 def _init_worker():
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 
-def run_cases(jobs, processes: int = 2) -> list[dict]:
-    """Compile `jobs` in `processes` fresh worker processes (spawned, interpreter variable removed)."""
+def run_cases(jobs, processes: int = 2, progress=None) -> list[dict]:
+    """Compile `jobs` in `processes` fresh worker processes (spawned, interpreter variable removed).
+    progress(row) is called as each finishes; rows come back in job order."""
     import multiprocessing as mp
 
     env_before = os.environ.get("TRITON_INTERPRET")
@@ -202,7 +269,12 @@ def run_cases(jobs, processes: int = 2) -> list[dict]:
     try:
         ctx = mp.get_context("spawn")
         with ctx.Pool(processes, initializer=_init_worker) as pool:
-            return list(pool.imap(compile_one, jobs, chunksize=1))
+            rows = [None] * len(jobs)
+            for i, row in pool.imap_unordered(_indexed, list(enumerate(jobs)), chunksize=1):
+                rows[i] = row
+                if progress is not None:
+                    progress(row)
+            return rows
     finally:
         if env_before is not None:
             os.environ["TRITON_INTERPRET"] = env_before
@@ -224,12 +296,15 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--filter", default=None, help="only kernels whose name contains this")
     p.add_argument("--limit", type=int, default=0, help="compile only the first N jobs")
+    p.add_argument("--subset", choices=("ci", "full"), default="full")
     p.add_argument("--json", default=None)
+    p.add_argument("--verbose", action="store_true", help="print each row as it finishes")
     a = p.parse_args(argv)
-    jobs = all_jobs(tuple(a.arch), a.filter)
+    jobs = all_jobs(tuple(a.arch), a.filter) if a.subset == "full" else ci_jobs(tuple(a.arch))
     if a.limit:
         jobs = jobs[: a.limit]
-    rows = run_cases(jobs, a.jobs)
+    rows = run_cases(jobs, a.jobs, progress=lambda r: print(format_table([r]).splitlines()[1], flush=True)
+                     if a.verbose else None)
     print(format_table(rows))
     if a.json:
         with open(a.json, "w") as f:

@@ -53,18 +53,10 @@ LN2 = 0.6931471805599453
 # Triton programs
 # ==================================================================================================
 # The interpreter of triton 3.9 multiplies bfloat16 tl.dot operands wrongly (it reads them as raw
-# bits); under the interpreter only, bf16 operands are widened to fp32 first. Compiled kernels never
-# take that branch (a compile-time constant).
-_WIDEN_BF16_DOT = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, INPUT_PRECISION: tl.constexpr):
-    """a @ b in float32 (a (M, K), b (K, N))."""
-    if _WIDEN_BF16_DOT and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=INPUT_PRECISION)
+# bits); under the interpreter only, bf16 operands are widened to fp32 as they are loaded. Compiled
+# kernels never take that branch (a compile-time constant). (A helper function would cost the
+# interpreter a re-patch of triton.language per call, so the test is written inline.)
+_WIDEN_BF16 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -83,7 +75,9 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
         k = tl.load(k_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)      # (BN, BD)
     else:
         k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
-    s = _dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale       # (BM, BN) log2 units
+    if _WIDEN_BF16 and k.dtype == tl.bfloat16:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale       # (BM, BN) log2 units
     if HAS_MASK:
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
                         mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
@@ -111,7 +105,9 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
         v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # (BN, BDV)
     else:
         v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
-    acc += _dot(p.to(v.dtype), v, INPUT_PRECISION)
+    if _WIDEN_BF16 and v.dtype == tl.bfloat16:
+        v = v.to(tl.float32)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -147,6 +143,8 @@ def _attn_fwd_kernel(
     v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
     q = tl.load(q_base + offs_m[:, None] * HEAD_D + offs_d[None, :],
                 mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)       # (BM, BD)
+    if _WIDEN_BF16 and q.dtype == tl.bfloat16:
+        q = q.to(tl.float32)
 
     mask_rows = Mask
     if HAS_MASK:
@@ -237,8 +235,12 @@ def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mas
     else:
         q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
         do = tl.load(do_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+    if _WIDEN_BF16 and q.dtype == tl.bfloat16:
+        q = q.to(tl.float32)
+    if _WIDEN_BF16 and do.dtype == tl.bfloat16:
+        do = do.to(tl.float32)
     lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    sT = _dot(k, tl.trans(q), INPUT_PRECISION) * qk_scale      # (BN, BM)
+    sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # (BN, BM)
     if HAS_MASK:
         mvals = tl.load(mask_cols[:, None] + offs_m[None, :].to(tl.int64) * stride_ml,
                         mask=(offs_n[:, None] < S) & m_ok[None, :], other=0.0)
@@ -251,17 +253,17 @@ def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mas
         if IS_CAUSAL:
             visible = visible & (offs_n[:, None] <= offs_m[None, :])
         pT = tl.where(visible, pT, 0.0)
-    dpT = _dot(v, tl.trans(do), INPUT_PRECISION)               # (BN, BM)
+    dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)               # (BN, BM)
     if HAS_DROPOUT:
         keep = tl.rand(seed, drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
         pT_kept = tl.where(keep, pT, 0.0)  # the 1/(1-p) scale is applied to dv once, at the end
         dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
     else:
         pT_kept = pT
-    dv += _dot(pT_kept.to(do.dtype), do, INPUT_PRECISION)
+    dv = tl.dot(pT_kept.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
     delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
     dsT = pT * (dpT - delta[None, :])
-    dk += _dot(dsT.to(q.dtype), q, INPUT_PRECISION)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
 
@@ -293,6 +295,10 @@ def _attn_bwd_dkdv_kernel(
                 mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)       # (BN, BD)
     v = tl.load(V + bhk.to(tl.int64) * S * HEAD_DV + offs_n[:, None] * HEAD_DV + offs_dv[None, :],
                 mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)     # (BN, BDV)
+    if _WIDEN_BF16 and k.dtype == tl.bfloat16:
+        k = k.to(tl.float32)
+    if _WIDEN_BF16 and v.dtype == tl.bfloat16:
+        v = v.to(tl.float32)
 
     # Query blocks to visit: [m_lo, m_end). Those in [f_lo, f_hi) need no boundary/causal test.
     m_end = tl.cdiv(L, BLOCK_M) * BLOCK_M
@@ -372,7 +378,11 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
         v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # (BN, BDV)
     else:
         v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
-    s = _dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale       # (BM, BN)
+    if _WIDEN_BF16 and k.dtype == tl.bfloat16:
+        k = k.to(tl.float32)
+    if _WIDEN_BF16 and v.dtype == tl.bfloat16:
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale       # (BM, BN)
     if HAS_MASK:
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
                         mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
@@ -386,12 +396,12 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
         p = tl.where(visible, p, 0.0)
-    dp = _dot(do, tl.trans(v), INPUT_PRECISION)                # (BM, BN)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)                # (BM, BN)
     if HAS_DROPOUT:
         keep = tl.rand(seed, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
-    dq += _dot(ds.to(k.dtype), k, INPUT_PRECISION)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq
 
 
@@ -427,6 +437,10 @@ def _attn_bwd_dq_kernel(
                 mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)       # (BM, BD)
     do = tl.load(DOut + bh.to(tl.int64) * L * HEAD_DV + offs_m[:, None] * HEAD_DV + offs_dv[None, :],
                  mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)    # (BM, BDV)
+    if _WIDEN_BF16 and q.dtype == tl.bfloat16:
+        q = q.to(tl.float32)
+    if _WIDEN_BF16 and do.dtype == tl.bfloat16:
+        do = do.to(tl.float32)
     lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
     k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
@@ -480,55 +494,77 @@ SEQ_BUCKETS = ("short", "long")            # max(L, S) <= SHORT_SEQ, else long
 SHORT_SEQ = 512
 DTYPE_CLASSES = ("f16", "f32", "tf32")     # fp16/bf16 | fp32 computed in fp32 | fp32 allowed tf32
 
-# Candidate configs per (dtype class, head-dim bucket, seq bucket); on a GPU the launcher measures the
-# candidates of a key once and keeps the fastest. BLOCK_M is the query block, BLOCK_N the key block
-# (for dK/dV: BLOCK_N keys stay resident while BLOCK_M query rows stream past).
-# Every entry is compiled for sm_80 and sm_90 by tests/test_triton_aot_attention.py, which asserts
-# no register spills and shared memory within the chip; configs that failed that were removed.
-FWD_CONFIGS: dict[tuple[str, int, str], list[triton.Config]] = {}
-BWD_DKDV_CONFIGS: dict[tuple[str, int, str], list[triton.Config]] = {}
-BWD_DQ_CONFIGS: dict[tuple[str, int, str], list[triton.Config]] = {}
+# Candidate configs per (dtype class, head-dim bucket, seq bucket, variant); on a GPU the launcher
+# measures the candidates of a key once and keeps the fastest. BLOCK_M is the query block, BLOCK_N
+# the key block (for dK/dV: BLOCK_N keys stay resident while BLOCK_M query rows stream past).
+# Variants: "plain" (no attn_mask, no dropout; key padding and causal cost little), "mask" (an
+# attn_mask tile is loaded per block: its strided pointers and values cost registers, and a load
+# through a runtime stride is prefetched in registers, not shared memory), "dropout" (a Philox draw
+# of 10 rounds per score element): heavier variants get fewer score elements per thread.
+# tests/test_triton_aot_attention.py compiles them for sm_80 and sm_90 and asserts no register
+# spills and shared memory within the chip. Removed after that check (spills or smem): fwd
+# (128,128,w8,s3) [224 KB smem > sm_80], fwd hd64 (128,64,w4,s3) with masks, fwd hd128
+# (64,64,w4,s3)/(128,64,w8,s2-3) with masks, every dK/dV config with num_stages 3 (the pipeliner
+# keeps the prefetched q/dO tiles in registers: 255 regs + spills even when plain), and dropout
+# configs with 32 score elements per thread.
+VARIANTS = ("plain", "mask", "dropout")
+FWD_CONFIGS: dict[tuple[str, int, str, str], list[triton.Config]] = {}
+BWD_DKDV_CONFIGS: dict[tuple[str, int, str, str], list[triton.Config]] = {}
+BWD_DQ_CONFIGS: dict[tuple[str, int, str, str], list[triton.Config]] = {}
 
 
-def _fill(table, dtype_classes, buckets, seqs, configs):
+def _fill(table, dtype_classes, buckets, seqs, variants, configs):
     for dc in dtype_classes:
         for hd in buckets:
             for sq in seqs:
-                table[(dc, hd, sq)] = list(configs)
+                for var in variants:
+                    table[(dc, hd, sq, var)] = list(configs)
 
 
-# Forward, fp16/bf16 (tensor cores).
-_fill(FWD_CONFIGS, ("f16",), (16, 32), ("short",), [_cfg(64, 64, 4, 3)])
-_fill(FWD_CONFIGS, ("f16",), (16, 32), ("long",), [_cfg(128, 64, 4, 3), _cfg(128, 128, 4, 3)])
-_fill(FWD_CONFIGS, ("f16",), (64,), ("short",), [_cfg(64, 64, 4, 3)])
-_fill(FWD_CONFIGS, ("f16",), (64,), ("long",), [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4)])
-_fill(FWD_CONFIGS, ("f16",), (128,), ("short",), [_cfg(64, 64, 4, 3)])
-_fill(FWD_CONFIGS, ("f16",), (128,), ("long",), [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3)])
-_fill(FWD_CONFIGS, ("f16",), (256,), SEQ_BUCKETS, [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)])
-# Forward, fp32.
-_fill(FWD_CONFIGS, ("f32", "tf32"), (16, 32, 64), SEQ_BUCKETS, [_cfg(64, 32, 4, 2)])
-_fill(FWD_CONFIGS, ("f32", "tf32"), (128,), SEQ_BUCKETS, [_cfg(32, 32, 4, 2)])
-_fill(FWD_CONFIGS, ("f32", "tf32"), (256,), SEQ_BUCKETS, [_cfg(32, 32, 4, 1)])
+F16, F32 = ("f16",), ("f32", "tf32")
+SHORT, LONG, ANY_SEQ = ("short",), ("long",), SEQ_BUCKETS
+PLAIN, MASK, DROP, ANY_VAR = ("plain",), ("mask",), ("dropout",), VARIANTS
+SMALL_HD = (16, 32, 64)
 
-# dK/dV, fp16/bf16.
-_fill(BWD_DKDV_CONFIGS, ("f16",), (16, 32, 64), ("short",), [_cfg(32, 64, 4, 3)])
-_fill(BWD_DKDV_CONFIGS, ("f16",), (16, 32, 64), ("long",), [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3)])
-_fill(BWD_DKDV_CONFIGS, ("f16",), (128,), ("short",), [_cfg(32, 64, 4, 3)])
-_fill(BWD_DKDV_CONFIGS, ("f16",), (128,), ("long",), [_cfg(32, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2)])
-_fill(BWD_DKDV_CONFIGS, ("f16",), (256,), SEQ_BUCKETS, [_cfg(32, 64, 8, 2)])
-# dK/dV, fp32.
-_fill(BWD_DKDV_CONFIGS, ("f32", "tf32"), (16, 32, 64, 128), SEQ_BUCKETS, [_cfg(32, 32, 4, 2)])
-_fill(BWD_DKDV_CONFIGS, ("f32", "tf32"), (256,), SEQ_BUCKETS, [_cfg(16, 32, 4, 1)])
+# Forward.
+_fill(FWD_CONFIGS, F16, SMALL_HD, SHORT, PLAIN, [_cfg(64, 64, 4, 3)])
+_fill(FWD_CONFIGS, F16, (16, 32), LONG, PLAIN, [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3)])
+_fill(FWD_CONFIGS, F16, (64,), LONG, PLAIN, [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2)])
+_fill(FWD_CONFIGS, F16, (128,), SHORT, PLAIN, [_cfg(64, 64, 8, 3)])
+_fill(FWD_CONFIGS, F16, (128,), LONG, PLAIN, [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)])
+_fill(FWD_CONFIGS, F16, SMALL_HD, ANY_SEQ, MASK + DROP, [_cfg(64, 64, 8, 2)])
+_fill(FWD_CONFIGS, F16, (128,), ANY_SEQ, MASK + DROP, [_cfg(64, 32, 8, 2)])
+_fill(FWD_CONFIGS, F16, (256,), ANY_SEQ, PLAIN, [_cfg(64, 32, 8, 2)])
+_fill(FWD_CONFIGS, F16, (256,), ANY_SEQ, MASK + DROP, [_cfg(32, 32, 8, 2)])
+_fill(FWD_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(32, 32, 4, 2)])
+_fill(FWD_CONFIGS, F32, (128,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
+_fill(FWD_CONFIGS, F32, (256,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 1)])
 
-# dQ, fp16/bf16.
-_fill(BWD_DQ_CONFIGS, ("f16",), (16, 32, 64), ("short",), [_cfg(64, 32, 4, 3)])
-_fill(BWD_DQ_CONFIGS, ("f16",), (16, 32, 64), ("long",), [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)])
-_fill(BWD_DQ_CONFIGS, ("f16",), (128,), ("short",), [_cfg(64, 32, 4, 3)])
-_fill(BWD_DQ_CONFIGS, ("f16",), (128,), ("long",), [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)])
-_fill(BWD_DQ_CONFIGS, ("f16",), (256,), SEQ_BUCKETS, [_cfg(64, 32, 8, 2)])
-# dQ, fp32.
-_fill(BWD_DQ_CONFIGS, ("f32", "tf32"), (16, 32, 64, 128), SEQ_BUCKETS, [_cfg(32, 32, 4, 2)])
-_fill(BWD_DQ_CONFIGS, ("f32", "tf32"), (256,), SEQ_BUCKETS, [_cfg(16, 32, 4, 1)])
+# dK/dV: num_stages 1-2 (see above).
+_fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, PLAIN, [_cfg(32, 64, 4, 1), _cfg(16, 64, 4, 2)])
+_fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, MASK, [_cfg(32, 64, 4, 1)])
+_fill(BWD_DKDV_CONFIGS, F16, (128,), ANY_SEQ, PLAIN + MASK, [_cfg(32, 64, 8, 1)])
+_fill(BWD_DKDV_CONFIGS, F16, SMALL_HD + (128,), ANY_SEQ, DROP, [_cfg(16, 64, 8, 1)])
+_fill(BWD_DKDV_CONFIGS, F16, (256,), ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
+_fill(BWD_DKDV_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(16, 32, 4, 1)])
+_fill(BWD_DKDV_CONFIGS, F32, (128, 256), ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
+
+# dQ.
+_fill(BWD_DQ_CONFIGS, F16, SMALL_HD, ANY_SEQ, PLAIN + MASK, [_cfg(64, 32, 4, 2)])
+_fill(BWD_DQ_CONFIGS, F16, SMALL_HD, LONG, PLAIN, [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)])
+_fill(BWD_DQ_CONFIGS, F16, (128,), ANY_SEQ, PLAIN + MASK, [_cfg(64, 32, 8, 2)])
+_fill(BWD_DQ_CONFIGS, F16, (128,), LONG, PLAIN, [_cfg(64, 32, 8, 2), _cfg(128, 32, 8, 2)])
+_fill(BWD_DQ_CONFIGS, F16, SMALL_HD + (128,), ANY_SEQ, DROP, [_cfg(64, 32, 8, 2)])
+_fill(BWD_DQ_CONFIGS, F16, (256,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
+_fill(BWD_DQ_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(32, 32, 4, 2)])
+_fill(BWD_DQ_CONFIGS, F32, (128,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
+_fill(BWD_DQ_CONFIGS, F32, (256,), ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
+
+
+def variant(spec) -> str:
+    """The config-table variant of a specialisation (HAS_MASK, HAS_KPM, IS_CAUSAL, HAS_DROPOUT)."""
+    return "dropout" if spec[3] else "mask" if spec[0] else "plain"
+
 
 # The delta pre-pass is memory bound and tiny: one config.
 DELTA_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)
@@ -573,19 +609,19 @@ def input_precision(dc: str) -> str:
 
 def compile_cases():
     """Every (kernel name, kernel, dtype class, head-dim bucket, specialisation, config) a GPU launch
-    can choose (union over sequence buckets), for ahead-of-time compilation checks. The delta
-    pre-pass is listed with the specialisation None."""
+    can choose (union over sequence buckets; each specialisation takes its variant's table), for
+    ahead-of-time compilation checks. The delta pre-pass is listed with the specialisation None."""
     cases = []
     for name, (kernel, table) in KERNELS.items():
         for dc in DTYPE_CLASSES:
             for hd in HEAD_DIM_BUCKETS:
-                seen = []
-                for sq in SEQ_BUCKETS:
-                    for cfg in table[(dc, hd, sq)]:
-                        key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
-                        if key not in seen:
-                            seen.append(key)
-                            for spec in SPECIALISATIONS:
+                for spec in SPECIALISATIONS:
+                    seen = []
+                    for sq in SEQ_BUCKETS:
+                        for cfg in table[(dc, hd, sq, variant(spec))]:
+                            key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+                            if key not in seen:
+                                seen.append(key)
                                 cases.append((name, kernel, dc, hd, spec, cfg))
     for hd in HEAD_DIM_BUCKETS:
         for dc in ("f16", "f32"):
@@ -629,7 +665,7 @@ def _choose(name: str, key: tuple, candidates: list[triton.Config], launch) -> t
 
 
 def chosen_configs() -> dict:
-    """The configs picked so far, {(kernel, dtype class, head-dim bucket, seq bucket, spec): config}."""
+    """The configs picked so far, {(kernel, dtype class, head-dim bucket, seq bucket, variant, spec): config}."""
     return dict(_CHOSEN)
 
 
@@ -704,8 +740,8 @@ def _common(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, seed):
     flags = dict(HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None,
                  IS_CAUSAL=bool(is_causal), HAS_DROPOUT=float(dropout_p) > 0.0,
                  INPUT_PRECISION=input_precision(dc))
-    key = (dc, max(block_d, block_dv), seq_bucket(l, s),
-           (flags["HAS_MASK"], flags["HAS_KPM"], flags["IS_CAUSAL"], flags["HAS_DROPOUT"]))
+    spec = (flags["HAS_MASK"], flags["HAS_KPM"], flags["IS_CAUSAL"], flags["HAS_DROPOUT"])
+    key = (dc, max(block_d, block_dv), seq_bucket(l, s), variant(spec), spec)
     dims = dict(Hq=hq, GROUP=hq // hkv, L=l, S=s, HEAD_D=e, HEAD_DV=ev, BLOCK_D=block_d, BLOCK_DV=block_dv)
     return mask, mstrides, kpm, kv_range, seed_val, flags, key, dims
 
@@ -737,7 +773,7 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is
                                ms[0], ms[1], ms[2], ms[3], **dims, **flags, **cfg.kwargs,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = _choose("fwd", key, FWD_CONFIGS[key[:3]], launch)
+    cfg = _choose("fwd", key, FWD_CONFIGS[key[:4]], launch)
     launch(cfg)
     return out, lse
 
@@ -785,6 +821,6 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
                                   float(dropout_p), qk_scale, float(scale), ms[0], ms[1], ms[2], ms[3], **dims,
                                   **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    launch_dkdv(_choose("bwd_dkdv", key, BWD_DKDV_CONFIGS[key[:3]], launch_dkdv))
-    launch_dq(_choose("bwd_dq", key, BWD_DQ_CONFIGS[key[:3]], launch_dq))
+    launch_dkdv(_choose("bwd_dkdv", key, BWD_DKDV_CONFIGS[key[:4]], launch_dkdv))
+    launch_dq(_choose("bwd_dq", key, BWD_DQ_CONFIGS[key[:4]], launch_dq))
     return dq, dk, dv

@@ -307,15 +307,18 @@ def _same_config(a, b):
 
 
 def test_config_tables_cover_every_key():
-    # Every (dtype class, head-dim bucket, seq bucket) a launch can form has candidates, and the AOT
-    # enumeration lists each of them under every specialisation.
+    # Every (dtype class, head-dim bucket, seq bucket, variant) a launch can form has candidates, and
+    # the AOT enumeration lists each of them under every specialisation of that variant.
     cases = A.compile_cases()
     for name, (_kernel, table) in A.KERNELS.items():
         for dc in A.DTYPE_CLASSES:
             for hd in A.HEAD_DIM_BUCKETS:
                 for sq in A.SEQ_BUCKETS:
-                    assert table[(dc, hd, sq)], f"{name}: no config for {(dc, hd, sq)}"
-                    for cfg in table[(dc, hd, sq)]:
-                        specs = {c[4] for c in cases if c[0] == name and c[2] == dc and c[3] == hd
-                                 and _same_config(c[5], cfg)}
-                        assert specs == set(A.SPECIALISATIONS), f"{name} {(dc, hd, sq)} {cfg}: not every spec listed"
+                    for var in A.VARIANTS:
+                        cfgs = table[(dc, hd, sq, var)]
+                        assert cfgs, f"{name}: no config for {(dc, hd, sq, var)}"
+                        want = {sp for sp in A.SPECIALISATIONS if A.variant(sp) == var}
+                        for cfg in cfgs:
+                            specs = {c[4] for c in cases if c[0] == name and c[2] == dc and c[3] == hd
+                                     and A.variant(c[4]) == var and _same_config(c[5], cfg)}
+                            assert specs == want, f"{name} {(dc, hd, sq, var)} {cfg}: not every spec listed"
