@@ -96,7 +96,7 @@ if INTERPRET:
     UP_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1, 2)] for k in TABLE_KEYS}
     DH_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1, 2)] for k in TABLE_KEYS}
     LINEAR_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1)] for k in TABLE_KEYS}
-    PROLOGUE_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1)] for k in TABLE_KEYS}
+    PROLOGUE_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1)] for k in TABLE_KEYS if k[0] == "16bit"}
 else:
     UP_CONFIGS = {
         ("16bit", "aligned"): [_cfg(128, 128, 64, 8, 4, 2), _cfg(64, 128, 64, 4, 4, 2), _cfg(64, 64, 64, 4, 3, 1)],
@@ -116,11 +116,9 @@ else:
         ("fp32", "aligned"): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
         ("fp32", "unaligned"): [_cfg(64, 64, 32, 4, 3)],
     }
-    PROLOGUE_CONFIGS = {  # dW2 with H recomputed from pre in the B-operand prologue
+    PROLOGUE_CONFIGS = {  # dW2 with H recomputed from pre in the B-operand prologue (16-bit only)
         ("16bit", "aligned"): [_cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 3)],
-        ("16bit", "unaligned"): [_cfg(64, 64, 32, 4, 3)],
-        ("fp32", "aligned"): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
-        ("fp32", "unaligned"): [_cfg(64, 64, 32, 4, 3)],
+        ("16bit", "unaligned"): [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
     }
 
 # The column-sum kernel is not autotuned (its summation order must not depend on timing).
@@ -413,6 +411,7 @@ _TUNED = {
         ("dh", _ffn_dh_kernel, DH_CONFIGS, _KEY),
     )
     for cls, align in TABLE_KEYS
+    if (cls, align) in table
 }
 
 
@@ -527,9 +526,12 @@ def _colsum(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         x, r = out, chunks
 
 
-def _h_in_prologue(activation: str, dropout_p: float, d2: int) -> bool:
-    """True: dW2 recomputes H from pre in its prologue; False: the dH epilogue writes H (module doc)."""
-    if dropout_p > 0.0:
+def _h_in_prologue(activation: str, dropout_p: float, d2: int, dtype: torch.dtype) -> bool:
+    """True: dW2 recomputes H from pre in its prologue; False: the dH epilogue writes H (module doc).
+
+    16-bit only: with fp32 operands in true fp32 (FMA) the activation on the B operand's dot layout
+    spills registers, and fp32 is the accuracy path, where one extra T*F store does not matter."""
+    if dropout_p > 0.0 or dtype not in (torch.float16, torch.bfloat16):
         return False
     m_tiles = triton.cdiv(d2, 128)
     return (activation == "relu" and m_tiles <= 8) or (activation == "gelu_tanh" and m_tiles <= 1)
@@ -596,10 +598,10 @@ def ffn_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: 
     p = float(dropout_p)
     scale = 1.0 / (1.0 - p)
     tb = _bucket(t)
-    prologue = _h_in_prologue(activation, p, d2) if h_in_prologue is None else bool(h_in_prologue)
-    if prologue and p > 0.0:
-        raise ValueError("fastattn triton feed-forward: h_in_prologue=True needs dropout_p == 0 (the dW2 "
-                         f"prologue recomputes act(pre) without dropout); got dropout_p={p}")
+    prologue = _h_in_prologue(activation, p, d2, dt) if h_in_prologue is None else bool(h_in_prologue)
+    if prologue and (p > 0.0 or dt not in (torch.float16, torch.bfloat16)):
+        raise ValueError("fastattn triton feed-forward: h_in_prologue=True needs dropout_p == 0 and float16 or "
+                         f"bfloat16 (the dW2 prologue recomputes act(pre) without dropout); got dropout_p={p}, {dt}")
     dpre = torch.empty((t, f), dtype=dt, device=dev)
     h = dpre if prologue else torch.empty((t, f), dtype=dt, device=dev)
     db1_part = torch.empty((triton.cdiv(t, DB1_ROWS), f), dtype=torch.float32, device=dev)

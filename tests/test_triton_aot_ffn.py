@@ -129,7 +129,7 @@ def _jobs(ff) -> list[dict]:
                     aligned)
             for flags, roles in layouts.items():
                 table = ff.PROLOGUE_CONFIGS if dict(flags)["B_FROM_PRE"] else ff.LINEAR_CONFIGS
-                for cfg in table[cls, align]:
+                for cfg in table.get((cls, align), []):  # the prologue path is 16-bit only
                     add("linear", "_ffn_linear_kernel", dt, "/".join(roles) + atag,
                         dict(INPUT_PRECISION=prec, **dict(flags)), cfg, aligned)
     # column sums: dOut (any dtype) -> fp32 partials or the bias dtype; fp32 partials -> bias dtype

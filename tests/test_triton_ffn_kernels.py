@@ -149,8 +149,8 @@ def test_no_bias_gradients_are_column_sums():
 def test_h_recomputed_in_prologue_equals_h_stored(activation):
     """dW2 from H recomputed in the GEMM prologue == dW2 from H written by the dH epilogue (bitwise),
     and both match float64."""
-    check_against_reference(20, 48, 72, 40, torch.float32, activation, 0.0, h_in_prologue=True)
-    x, w1, b1, w2, b2, grad = make_inputs(20, 48, 72, 40, torch.float32)
+    check_against_reference(20, 48, 72, 40, torch.float16, activation, 0.0, h_in_prologue=True)
+    x, w1, b1, w2, b2, grad = make_inputs(20, 48, 72, 40, torch.float16)
     _, _, g_pro = run_kernels((x, w1, b1, w2, b2), grad, activation, 0.0, SEED, h_in_prologue=True)
     _, _, g_epi = run_kernels((x, w1, b1, w2, b2), grad, activation, 0.0, SEED, h_in_prologue=False)
     for name, a, b in zip(("dx", "dw1", "db1", "dw2", "db2"), g_pro, g_epi):
@@ -158,17 +158,20 @@ def test_h_recomputed_in_prologue_equals_h_stored(activation):
 
 
 def test_h_strategy_choice():
-    assert ff._h_in_prologue("relu", 0.0, 768)
-    assert not ff._h_in_prologue("relu", 0.0, 4096)
-    assert not ff._h_in_prologue("relu", 0.1, 768)
-    assert not ff._h_in_prologue("gelu", 0.0, 768)
-    assert ff._h_in_prologue("gelu_tanh", 0.0, 100)
+    bf16 = torch.bfloat16
+    assert ff._h_in_prologue("relu", 0.0, 768, bf16)
+    assert not ff._h_in_prologue("relu", 0.0, 4096, bf16)
+    assert not ff._h_in_prologue("relu", 0.1, 768, bf16)
+    assert not ff._h_in_prologue("gelu", 0.0, 768, bf16)
+    assert ff._h_in_prologue("gelu_tanh", 0.0, 100, bf16)
+    assert not ff._h_in_prologue("relu", 0.0, 768, torch.float32)
 
 
-def test_prologue_refuses_dropout():
-    x, w1, b1, w2, b2, grad = make_inputs(4, 16, 16, 16, torch.float32)
+@pytest.mark.parametrize("dtype,p", [(torch.float16, 0.1), (torch.float32, 0.0)])
+def test_prologue_refuses_dropout_and_fp32(dtype, p):
+    x, w1, b1, w2, b2, grad = make_inputs(4, 16, 16, 16, dtype)
     with pytest.raises(ValueError, match="h_in_prologue"):
-        run_kernels((x, w1, b1, w2, b2), grad, "relu", 0.1, SEED, h_in_prologue=True)
+        run_kernels((x, w1, b1, w2, b2), grad, "relu", p, SEED, h_in_prologue=True)
 
 
 # ---- dropout ------------------------------------------------------------------------------------
