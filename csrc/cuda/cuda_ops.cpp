@@ -302,11 +302,11 @@ void linear_into(const LtResources& r, DType dtype, const Tensor& a, const Tenso
   }
 }
 
-Activation activation_of(const std::string& name) {
+Activation activation_of(c10::string_view name) {
   if (name == "relu") return Activation::kRelu;
   if (name == "gelu") return Activation::kGelu;
   if (name == "gelu_tanh") return Activation::kGeluTanh;
-  TORCH_CHECK(false, "fastattn cuda: activation = '", name, "'; expected 'relu', 'gelu' or 'gelu_tanh'");
+  TORCH_CHECK(false, "fastattn cuda: activation = '", std::string(name), "'; expected 'relu', 'gelu' or 'gelu_tanh'");
   return Activation::kRelu;
 }
 
@@ -351,7 +351,7 @@ std::optional<Tensor> contig(const std::optional<Tensor>& t) {
 
 std::tuple<Tensor, Tensor> ffn_fwd_cuda(const Tensor& x_in, const Tensor& w1_in, const std::optional<Tensor>& b1_in,
                                         const Tensor& w2_in, const std::optional<Tensor>& b2_in,
-                                        std::string activation, double dropout_p, const std::optional<Tensor>& seed,
+                                        c10::string_view activation, double dropout_p, const std::optional<Tensor>& seed,
                                         bool save_for_backward) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
@@ -423,7 +423,7 @@ std::tuple<Tensor, Tensor> ffn_fwd_cuda(const Tensor& x_in, const Tensor& w1_in,
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_cuda(
     const Tensor& grad_out_in, const Tensor& x_in, const Tensor& w1_in, const std::optional<Tensor>& b1_in,
-    const Tensor& w2_in, const std::optional<Tensor>& b2_in, const Tensor& saved_in, std::string activation,
+    const Tensor& w2_in, const std::optional<Tensor>& b2_in, const Tensor& saved_in, c10::string_view activation,
     double dropout_p, const std::optional<Tensor>& seed) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();

@@ -20,11 +20,18 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;    // 1/sqrt(2*pi)
 constexpr float kSqrt2OverPi = 0.79788456080286536f;   // sqrt(2/pi)
 constexpr float kGeluTanhCubic = 0.044715f;
 
+// tanh through exp: under --use_fast_math (setup.py) tanhf becomes MUFU.TANH, good to ~2^-11 only,
+// too coarse for fp32 gelu_tanh; this form's absolute error stays ~1e-7.
+__device__ __forceinline__ float tanh_accurate(float u) {
+  const float e = expf(2.f * fabsf(u));
+  return copysignf(1.f - 2.f / (e + 1.f), u);
+}
+
 __device__ __forceinline__ float act_fwd(Activation act, float x) {
   switch (act) {
     case Activation::kRelu: return x > 0.f ? x : 0.f;
     case Activation::kGelu: return 0.5f * x * (1.f + erff(x * kSqrt1_2));
-    default: return 0.5f * x * (1.f + tanhf(kSqrt2OverPi * (x + kGeluTanhCubic * x * x * x)));
+    default: return 0.5f * x * (1.f + tanh_accurate(kSqrt2OverPi * (x + kGeluTanhCubic * x * x * x)));
   }
 }
 
@@ -34,7 +41,7 @@ __device__ __forceinline__ float act_grad(Activation act, float x) {
     case Activation::kGelu: return 0.5f * (1.f + erff(x * kSqrt1_2)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
     default: {
       const float u = kSqrt2OverPi * (x + kGeluTanhCubic * x * x * x);
-      const float t = tanhf(u);
+      const float t = tanh_accurate(u);
       return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kGeluTanhCubic * x * x);
     }
   }
