@@ -184,19 +184,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         batched = query.dim() == 3
         h, e = self.num_heads, self.embed_dim
         hd = e // h
-        # Work batch-first internally: (N, L, E).
+        # Projections and K/V appends stay in the caller's layout: seq-first (L, N, E) when
+        # seq_dim == 0, batch-first (N, L, E) when seq_dim == 1 (unbatched input: batch-first, N = 1).
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            same_kv = key is value
-            same_qk = query is key
-            query = query.transpose(0, 1)
-            key = query if same_qk else key.transpose(0, 1)
-            value = key if same_kv else value.transpose(0, 1)
-        n, l, _ = query.shape
-        s = key.shape[1]
+        seq_dim = 1 if (self.batch_first or not batched) else 0
+        l, n = query.shape[seq_dim], query.shape[1 - seq_dim]
+        s = key.shape[seq_dim]
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (n, s):
             raise AssertionError(f"fastattn.MultiheadAttention: argument 'key_padding_mask' got shape "
                                  f"{tuple(key_padding_mask.shape)}; expected (batch, source length) = {(n, s)}")
@@ -216,24 +212,30 @@ class MultiheadAttention(nn.MultiheadAttention):
             is_causal = False
 
         q, k, v = self._project(query, key, value)
+        extra_shape = (1, n, e) if seq_dim == 0 else (n, 1, e)
         if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.reshape(1, 1, e).expand(n, 1, e)], dim=1)
-            v = torch.cat([v, self.bias_v.reshape(1, 1, e).expand(n, 1, e)], dim=1)
+            k = torch.cat([k, self.bias_k.reshape(1, 1, e).expand(extra_shape)], dim=seq_dim)
+            v = torch.cat([v, self.bias_v.reshape(1, 1, e).expand(extra_shape)], dim=seq_dim)
             attn_mask = _pad_last(attn_mask)
             key_padding_mask = _pad_last(key_padding_mask)
         elif self.bias_k is not None or self.bias_v is not None:
             raise AssertionError("fastattn.MultiheadAttention: bias_k and bias_v must both be set or both None")
         if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(n, 1, e)], dim=1)
-            v = torch.cat([v, v.new_zeros(n, 1, e)], dim=1)
+            k = torch.cat([k, k.new_zeros(extra_shape)], dim=seq_dim)
+            v = torch.cat([v, v.new_zeros(extra_shape)], dim=seq_dim)
             attn_mask = _pad_last(attn_mask)
             key_padding_mask = _pad_last(key_padding_mask)
-        s = k.shape[1]
+        s = k.shape[seq_dim]
 
-        # (N, L, E) -> (N, H, L, hd)
-        q = q.reshape(n, l, h, hd).transpose(1, 2)
-        k = k.reshape(n, s, h, hd).transpose(1, 2)
-        v = v.reshape(n, s, h, hd).transpose(1, 2)
+        # -> (N, H, seq, hd), the API's layout
+        if seq_dim == 0:
+            q = q.reshape(l, n, h, hd).permute(1, 2, 0, 3)
+            k = k.reshape(s, n, h, hd).permute(1, 2, 0, 3)
+            v = v.reshape(s, n, h, hd).permute(1, 2, 0, 3)
+        else:
+            q = q.reshape(n, l, h, hd).transpose(1, 2)
+            k = k.reshape(n, s, h, hd).transpose(1, 2)
+            v = v.reshape(n, s, h, hd).transpose(1, 2)
 
         # torch.nn's bool masks mean True = masked out; the API's bool attn_mask means True = keep.
         sdpa_mask = None
@@ -255,11 +257,12 @@ class MultiheadAttention(nn.MultiheadAttention):
         dropout_p = self.dropout if self.training else 0.0
         out = _api.scaled_dot_product_attention(q, k, v, sdpa_mask, dropout_p, is_causal,
                                                 key_padding_mask=kpm, backend=self.backend)
-        out = out.transpose(1, 2).reshape(n, l, e)
-        out = self.out_proj(out)
-        if not batched:
-            return out.squeeze(0)
-        return out if self.batch_first else out.transpose(0, 1)
+        # (N, H, L, hd) -> the caller's layout, contiguous, then the output projection
+        if seq_dim == 0:
+            out = self.out_proj(out.permute(2, 0, 1, 3).reshape(l, n, e))
+        else:
+            out = self.out_proj(out.transpose(1, 2).reshape(n, l, e))
+        return out if batched else out.squeeze(0)
 
 
 _RELU_GELU_NAMES = {"relu": "relu", "gelu": "gelu"}

@@ -134,22 +134,41 @@ def test_converted_classifier_trains_with_dropout():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def _recording_backend(seen: dict):
+    """A torch.compile backend (AOT autograd, no codegen) that records the ops of the fw/bw graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            seen[kind] |= {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+
+
 def test_compile_fullgraph_converted_classifier():
-    """torch.compile(fullgraph=True) of the converted classifier: no graph break, same logits and grads."""
+    """torch.compile(fullgraph=True) of the converted classifier: no graph break, same logits and grads,
+    and (when the C++ kernels are built) forward and backward graphs that hold fastattn's ops whole."""
     torch._dynamo.reset()
     model = convert(_model(), backend=None).train()
     tokens, mask = _batch()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    seen = {"forward": set(), "backward": set()}
+    compiled = torch.compile(model, fullgraph=True, backend=_recording_backend(seen), dynamic=False)
     want = model(tokens, mask)
     got = compiled(tokens, mask)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     got.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    want.detach_()
     model(tokens, mask).sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    if "cpu" in fastattn.available_backends():  # the automatic choice on CPU tensors
+        for kind, ops in (("forward", ("attention_fwd", "ffn_fwd")), ("backward", ("attention_bwd", "ffn_bwd"))):
+            for op in ops:
+                assert f"fastattn.{op}.default" in seen[kind], f"{kind} graph lacks fastattn.{op}: {sorted(seen[kind])}"
 
 
 def test_models_reachable_from_package():
