@@ -6,8 +6,8 @@
 // =default selects the narrower ones, and FASTATTN_CPU_ISA=avx512|avx2|default overrides it).
 // Nothing is built with -march: the wheel runs on any x86-64.
 //
-// float32 and float64 run natively (float64 accumulates in float64); bfloat16 and float16 are
-// converted to float32 on the way in and back on the way out (accumulation in float32).
+// float32 and float64 run natively (float64 accumulates in float64); bfloat16 and float16 are read
+// and written in place and computed in float32 (Q packed, K/V blocks converted as they are used).
 // Work is split with at::parallel_for (honours torch.set_num_threads):
 //   forward  over (batch, query head, block of queries);
 //   backward over (batch, kv head[, range of keys]) — each task owns its keys' dK/dV, and dQ is
@@ -70,7 +70,7 @@ using TaskFn = void (*)(const AttnParams&, int64_t, int64_t);
 
 struct KernelSet {
   const char* name;
-  TaskFn fwd_f32, fwd_f64, bwd_f32, bwd_f64;
+  TaskFn fwd_f32, fwd_f64, fwd_bf16, fwd_f16, bwd_f32, bwd_f64, bwd_bf16, bwd_f16;
   int lanes_f32;
 };
 
@@ -99,8 +99,27 @@ namespace base {
 #include "attention_kernel.h"
 }  // namespace base
 
-#define FA_SET(ns) \
-  KernelSet{#ns, &ns::fwd_f32, &ns::fwd_f64, &ns::bwd_f32, &ns::bwd_f64, ns::lanes_f32()}
+#define FA_SET(ns)                                                                              \
+  KernelSet{#ns,          &ns::fwd_f32, &ns::fwd_f64, &ns::fwd_bf16, &ns::fwd_f16, &ns::bwd_f32, \
+            &ns::bwd_f64, &ns::bwd_bf16, &ns::bwd_f16, ns::lanes_f32()}
+
+TaskFn pick_fwd(const KernelSet& ks, at::ScalarType dt) {
+  switch (dt) {
+    case at::kDouble: return ks.fwd_f64;
+    case at::kBFloat16: return ks.fwd_bf16;
+    case at::kHalf: return ks.fwd_f16;
+    default: return ks.fwd_f32;
+  }
+}
+
+TaskFn pick_bwd(const KernelSet& ks, at::ScalarType dt) {
+  switch (dt) {
+    case at::kDouble: return ks.bwd_f64;
+    case at::kBFloat16: return ks.bwd_bf16;
+    case at::kHalf: return ks.bwd_f16;
+    default: return ks.bwd_f32;
+  }
+}
 
 // The widest kernel set this CPU runs and the user allows.
 KernelSet pick_kernels() {
@@ -123,10 +142,19 @@ KernelSet pick_kernels() {
   return FA_SET(base);
 }
 
-// Block sizes: BM queries (a multiple of every lane count, 16) by BN keys.
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoll(v) : fallback;
+}
+
+// Block sizes: BM queries (a multiple of 16, every lane count) by BN keys. FASTATTN_CPU_BM / _BN
+// override them (for tuning).
 void choose_blocks(AttnParams& p) {
-  p.bm = 64;
-  p.bn = 64;
+  p.bm = env_int("FASTATTN_CPU_BM", 64);
+  p.bn = env_int("FASTATTN_CPU_BN", 64);
+  TORCH_CHECK(p.bm >= 16 && p.bm <= 512 && p.bm % 16 == 0,
+              "attention (cpu): FASTATTN_CPU_BM must be a multiple of 16 in [16, 512], got ", p.bm);
+  TORCH_CHECK(p.bn >= 1 && p.bn <= 1024, "attention (cpu): FASTATTN_CPU_BN must be in [1, 1024], got ", p.bn);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -190,18 +218,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The mask as the kernel reads it: same strides, in the compute dtype. A float32/float64 mask is
-// used in place; a bfloat16/float16 one is converted on its underlying (un-expanded) extent only,
-// so a broadcast (L, S) mask costs L*S, never N*Hq*L*S.
-at::Tensor mask_for_kernel(const at::Tensor& m, at::ScalarType ct) {
-  if (m.scalar_type() == ct) return m;
-  std::vector<int64_t> real_sizes(m.sizes().begin(), m.sizes().end());
-  for (int64_t d = 0; d < m.dim(); ++d)
-    if (m.stride(d) == 0) real_sizes[d] = 1;
-  at::Tensor base = m.as_strided(real_sizes, m.strides()).to(ct);
-  return base.expand(m.sizes());
-}
-
 void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& mask, const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
                  bool is_causal, double scale, const std::optional<at::Tensor>& seed) {
@@ -237,22 +253,22 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
                                                      double dropout_p, bool is_causal, double scale,
                                                      const std::optional<at::Tensor>& seed) {
   check_inputs(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed);
-  const auto dt = q_in.scalar_type(), ct = compute_type(dt);
-  const at::Tensor q = q_in.to(ct), k = k_in.to(ct), v = v_in.to(ct);
-  const at::Tensor mask = attn_mask.has_value() ? mask_for_kernel(*attn_mask, ct) : at::Tensor();
+  const auto dt = q_in.scalar_type();
+  const at::Tensor &q = q_in, &k = k_in, &v = v_in;
+  const at::Tensor mask = attn_mask.has_value() ? *attn_mask : at::Tensor();  // read in place
   const int64_t N = q.size(0), Hq = q.size(1), L = q.size(2), Ev = v.size(3);
   at::Tensor out = at::empty({N, Hq, L, Ev}, q.options());
   at::Tensor lse = at::empty({N, Hq, L}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 && lse.numel() == 0) return {out.to(dt), lse};
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   AttnParams p;
   fill_common(p, q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const KernelSet ks = pick_kernels();
-  const TaskFn fn = ct == at::kDouble ? ks.fwd_f64 : ks.fwd_f32;
+  const TaskFn fn = pick_fwd(ks, dt);
   const int64_t ntasks = N * Hq * ((L + p.bm - 1) / p.bm);
   at::parallel_for(0, ntasks, 1, [&](int64_t b, int64_t e) { fn(p, b, e); });
-  return {dt == ct ? out : out.to(dt), lse};
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
@@ -274,10 +290,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
               "attention_bwd (cpu): lse must be a float32 CPU tensor (", N, ", ", Hq, ", ", L, "), got ",
               lse_in.scalar_type(), " ", lse_in.sizes());
   const auto dt = q_in.scalar_type(), ct = compute_type(dt);
-  const at::Tensor q = q_in.to(ct), k = k_in.to(ct), v = v_in.to(ct);
-  const at::Tensor go = grad_out.to(ct).contiguous(), o = out_in.to(ct).contiguous();
+  const at::Tensor &q = q_in, &k = k_in, &v = v_in;
+  const at::Tensor go = grad_out.contiguous(), o = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  const at::Tensor mask = attn_mask.has_value() ? mask_for_kernel(*attn_mask, ct) : at::Tensor();
+  const at::Tensor mask = attn_mask.has_value() ? *attn_mask : at::Tensor();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -285,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq.to(dt), dk.to(dt), dv.to(dt)};
+    return {dq, dk, dv};
   }
   AttnParams p;
   fill_common(p, q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed);
@@ -302,19 +318,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   p.key_parts = heads >= 16 ? 1 : std::max<int64_t>(1, std::min<int64_t>(kblocks, 16 / heads));
   at::Tensor dq_part;
   if (p.key_parts > 1) {
-    dq_part = at::zeros({p.key_parts, N, Hq, L, p.E}, q.options());
+    dq_part = at::zeros({p.key_parts, N, Hq, L, p.E}, q.options().dtype(ct));
     p.dq_part = dq_part.data_ptr();
   }
   const KernelSet ks = pick_kernels();
-  const TaskFn fn = ct == at::kDouble ? ks.bwd_f64 : ks.bwd_f32;
+  const TaskFn fn = pick_bwd(ks, dt);
   at::parallel_for(0, heads * p.key_parts, 1, [&](int64_t b, int64_t e) { fn(p, b, e); });
   if (p.key_parts > 1) {
-    // fixed summation order over key ranges
-    dq.copy_(dq_part.select(0, 0));
-    for (int64_t r = 1; r < p.key_parts; ++r) dq.add_(dq_part.select(0, r));
+    // fixed summation order over key ranges, in the compute type, then one rounding to q's dtype
+    at::Tensor sum = dq_part.select(0, 0).clone();
+    for (int64_t r = 1; r < p.key_parts; ++r) sum.add_(dq_part.select(0, r));
+    dq.copy_(sum);
   }
-  if (dt == ct) return {dq, dk, dv};
-  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  return {dq, dk, dv};
 }
 
 }  // namespace cpu_attn

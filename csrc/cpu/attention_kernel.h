@@ -3,8 +3,10 @@
 // NO include guard on purpose: csrc/cpu/attention.cpp includes this file several times, each time
 // inside its own namespace (fastattn::cpu_attn::avx512 / avx2 / base) and under a matching
 // `#pragma GCC target(...)`, after defining FA_VEC_AVX512 or FA_VEC_AVX2 (or neither). The code
-// below is therefore plain C++ on raw pointers plus <immintrin.h>; it never calls into torch, so no
-// inline function compiled for a wide instruction set can leak into code run on a narrower CPU.
+// below is therefore plain C++ on raw pointers plus <immintrin.h>; from torch it uses only the
+// scalar conversions of c10::BFloat16 / c10::Half (defined outside any target region, so when not
+// inlined they are baseline code): no function compiled for a wide instruction set can leak into
+// code run on a narrower CPU.
 //
 // Layout: score tiles are kept TRANSPOSED, st[j][i] (key j, query i), one SIMD vector spanning
 // W consecutive queries. Every block GEMM is then of one form,
@@ -244,15 +246,15 @@ inline bool keys_all_padded(const AttnParams& p, int64_t b, int64_t j0, int64_t 
 
 // Applies attn_mask, causality and key padding to the transposed score tile st[j][i] (ld = BM) of
 // queries i0.. (mrows valid) against keys j0.. (nb of them), head (b, h).
-template <typename T>
+template <typename T, typename In>
 inline void mask_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t mrows, int64_t j0,
                       int64_t nb, T* st, int64_t BM) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   if (p.mask != nullptr) {
-    const T* m = static_cast<const T*>(p.mask) + b * p.msb + h * p.msh + i0 * p.msl + j0 * p.mss;
+    const In* m = static_cast<const In*>(p.mask) + b * p.msb + h * p.msh + i0 * p.msl + j0 * p.mss;
     for (int64_t i = 0; i < mrows; ++i) {
-      const T* row = m + i * p.msl;
-      for (int64_t j = 0; j < nb; ++j) st[j * BM + i] += row[j * p.mss];
+      const In* row = m + i * p.msl;
+      for (int64_t j = 0; j < nb; ++j) st[j * BM + i] += static_cast<T>(row[j * p.mss]);
     }
   }
   if (p.causal && j0 + nb - 1 > i0) {
@@ -270,6 +272,18 @@ inline void mask_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int
   }
 }
 
+// Copies rows x cols of `src` (type In) into `dst` (type T); returns dst, or src itself when the
+// types agree (no copy needed).
+template <typename T, typename In>
+inline const T* as_compute(const In* src, int64_t n, T* dst) {
+  if constexpr (std::is_same<T, In>::value) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+    return dst;
+  }
+}
+
 inline uint64_t dropout_offset(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
   return static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j);
 }
@@ -277,7 +291,7 @@ inline uint64_t dropout_offset(const AttnParams& p, int64_t b, int64_t h, int64_
 // ------------------------------------------------------------------------------------------------
 // Forward: one task = (batch b, query head h, query block qb) of BM queries.
 
-template <typename V>
+template <typename V, typename In>
 void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   using T = typename V::value_type;
   constexpr int W = V::W;
@@ -285,24 +299,27 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   const int64_t BM = p.bm, BN = p.bn, E = p.E, Ev = p.Ev, L = p.L, S = p.S;
   const int64_t nqb = (L + BM - 1) / BM;
   const int64_t group = p.Hq / p.Hkv;
-  std::vector<T> buf(E * BM + BN * BM + Ev * BM + 3 * BM);
+  constexpr bool kConvert = !std::is_same<T, In>::value;
+  std::vector<T> buf(E * BM + BN * BM + Ev * BM + 3 * BM + (kConvert ? BN * (E + Ev) : 0));
   T* qt = buf.data();     // (E, BM)   Q^T of the block, times scale
   T* st = qt + E * BM;    // (BN, BM)  scores, then probabilities, transposed
   T* ot = st + BN * BM;   // (Ev, BM)  unnormalised output, transposed
   T* mrow = ot + Ev * BM; // (BM)      running max
   T* lrow = mrow + BM;    // (BM)      running sum
   T* arow = lrow + BM;    // (BM)      rescale factor of this step
+  T* kbuf = arow + BM;    // (BN, E), (BN, Ev): the K and V blocks in T when In is narrower
+  T* vbuf = kbuf + BN * E;
   const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t qb = task % nqb, bh = task / nqb, h = bh % p.Hq, b = bh / p.Hq;
     const int64_t i0 = qb * BM, mrows = std::min(BM, L - i0);
-    const T* Q = static_cast<const T*>(p.q) + (bh * L + i0) * E;
+    const In* Q = static_cast<const In*>(p.q) + (bh * L + i0) * E;
     const int64_t bhk = b * p.Hkv + h / group;
-    const T* K = static_cast<const T*>(p.k) + bhk * S * E;
-    const T* Vm = static_cast<const T*>(p.v) + bhk * S * Ev;
+    const In* K = static_cast<const In*>(p.k) + bhk * S * E;
+    const In* Vm = static_cast<const In*>(p.v) + bhk * S * Ev;
     const T scale = static_cast<T>(p.scale);
     for (int64_t e = 0; e < E; ++e) {
-      for (int64_t i = 0; i < mrows; ++i) qt[e * BM + i] = Q[i * E + e] * scale;
+      for (int64_t i = 0; i < mrows; ++i) qt[e * BM + i] = static_cast<T>(Q[i * E + e]) * scale;
       for (int64_t i = mrows; i < BM; ++i) qt[e * BM + i] = T(0);
     }
     std::fill(ot, ot + Ev * BM, T(0));
@@ -312,8 +329,9 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
     for (int64_t j0 = 0; j0 < kend; j0 += BN) {
       const int64_t nb = std::min(BN, kend - j0);
       if (keys_all_padded(p, b, j0, nb)) continue;
-      block_gemm<V, false>(nb, BM, E, K + j0 * E, E, 1, qt, BM, st, BM);
-      mask_tile<T>(p, b, h, i0, mrows, j0, nb, st, BM);
+      const T* Kb = as_compute<T, In>(K + j0 * E, nb * E, kbuf);
+      block_gemm<V, false>(nb, BM, E, Kb, E, 1, qt, BM, st, BM);
+      mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
       for (int64_t x = 0; x < BM; x += W) {
         V mb = V::load(mrow + x);
         const V mold = mb;
@@ -343,14 +361,15 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
       }
       for (int64_t e = 0; e < Ev; ++e)
         for (int64_t x = 0; x < BM; x += W) (V::load(ot + e * BM + x) * V::load(arow + x)).store(ot + e * BM + x);
-      block_gemm<V, true>(Ev, BM, nb, Vm + j0 * Ev, 1, Ev, st, BM, ot, BM);
+      const T* Vb = as_compute<T, In>(Vm + j0 * Ev, nb * Ev, vbuf);
+      block_gemm<V, true>(Ev, BM, nb, Vb, 1, Ev, st, BM, ot, BM);
     }
-    T* O = static_cast<T*>(p.out) + (bh * L + i0) * Ev;
+    In* O = static_cast<In*>(p.out) + (bh * L + i0) * Ev;
     float* lse = p.lse + bh * L + i0;
     for (int64_t i = 0; i < mrows; ++i) {
       const T l = lrow[i];
       const T inv = l > T(0) ? T(1) / l : T(0);
-      for (int64_t e = 0; e < Ev; ++e) O[i * Ev + e] = ot[e * BM + i] * inv;
+      for (int64_t e = 0; e < Ev; ++e) O[i * Ev + e] = static_cast<In>(ot[e * BM + i] * inv);
       lse[i] = l > T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
     }
   }
@@ -378,7 +397,7 @@ void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::valu
       const int64_t nb = std::min(BN, kend - j0);
       if (keys_all_padded(p, b, j0, nb)) continue;
       block_gemm<V, false>(nb, BM, E, K + j0 * E, E, 1, qt + i0, Lp, st, BM);
-      mask_tile<T>(p, b, h, i0, mrows, j0, nb, st, BM);
+      mask_tile<T, T>(p, b, h, i0, mrows, j0, nb, st, BM);
       for (int64_t x = 0; x < BM; x += W) {
         V mb = V::load(m + x);
         const V mold = mb;
@@ -402,7 +421,7 @@ void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::valu
 // partial per key range, summed in a fixed order by the caller (or written straight to p.dq when
 // there is a single key range).
 
-template <typename V>
+template <typename V, typename In>
 void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   using T = typename V::value_type;
   constexpr int W = V::W;
@@ -411,8 +430,9 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   const int64_t group = p.Hq / p.Hkv;
   const int64_t nparts = p.key_parts;
   const int64_t part_len = round_up((S + nparts - 1) / nparts, BN);
+  constexpr bool kConvert = !std::is_same<T, In>::value;
   std::vector<T> buf(E * Lp + Lp * Ep + Ev * Lp + Lp * Evp + 2 * Lp + E * Lp + 2 * BN * BM +
-                     part_len * Ep + part_len * Evp + 2 * BM);
+                     part_len * Ep + part_len * Evp + 2 * BM + (kConvert ? part_len * (E + Ev) : 0));
   T* qt = buf.data();        // (E, Lp)   Q^T times scale
   T* qn = qt + E * Lp;       // (Lp, Ep)  Q, zero padded
   T* dot = qn + Lp * Ep;     // (Ev, Lp)  dO^T
@@ -426,6 +446,8 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   T* dv = dk + part_len * Ep; // (part_len, Evp)
   T* mrow = dv + part_len * Evp; // (BM) running max / sum of the float64 log-sum-exp pass
   T* lrow = mrow + BM;
+  T* kbuf = lrow + BM;             // (part_len, E), (part_len, Ev): K, V of the range in T
+  T* vbuf = kbuf + part_len * E;
   const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
   const T scale = static_cast<T>(p.scale);
   const int64_t nqb = Lp / BM;
@@ -433,30 +455,30 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
     const int64_t part = task % nparts, bhk = task / nparts, b = bhk / p.Hkv, hk = bhk % p.Hkv;
     const int64_t key_lo = std::min(S, part * part_len), key_hi = std::min(S, key_lo + part_len);
     const int64_t nk = key_hi - key_lo;
-    const T* K = static_cast<const T*>(p.k) + (bhk * S + key_lo) * E;
-    const T* Vm = static_cast<const T*>(p.v) + (bhk * S + key_lo) * Ev;
+    const T* K = as_compute<T, In>(static_cast<const In*>(p.k) + (bhk * S + key_lo) * E, nk * E, kbuf);
+    const T* Vm = as_compute<T, In>(static_cast<const In*>(p.v) + (bhk * S + key_lo) * Ev, nk * Ev, vbuf);
     std::fill(dk, dk + part_len * Ep, T(0));
     std::fill(dv, dv + part_len * Evp, T(0));
     for (int64_t g = 0; g < group && nk > 0; ++g) {
       const int64_t h = hk * group + g, bh = b * p.Hq + h;
-      const T* Q = static_cast<const T*>(p.q) + bh * L * E;
-      const T* dO = static_cast<const T*>(p.dout) + bh * L * Ev;
-      const T* O = static_cast<const T*>(p.o) + bh * L * Ev;
+      const In* Q = static_cast<const In*>(p.q) + bh * L * E;
+      const In* dO = static_cast<const In*>(p.dout) + bh * L * Ev;
+      const In* O = static_cast<const In*>(p.o) + bh * L * Ev;
       const float* LSE = p.lse + bh * L;
       for (int64_t i = 0; i < Lp; ++i) {
         const bool real = i < L;
         for (int64_t e = 0; e < E; ++e) {
-          const T qv = real ? Q[i * E + e] : T(0);
+          const T qv = real ? static_cast<T>(Q[i * E + e]) : T(0);
           qt[e * Lp + i] = qv * scale;
           qn[i * Ep + e] = qv;
         }
         for (int64_t e = E; e < Ep; ++e) qn[i * Ep + e] = T(0);
         T d = 0;
         for (int64_t e = 0; e < Ev; ++e) {
-          const T g_ = real ? dO[i * Ev + e] : T(0);
+          const T g_ = real ? static_cast<T>(dO[i * Ev + e]) : T(0);
           dot[e * Lp + i] = g_;
           don[i * Evp + e] = g_;
-          if (real) d += g_ * O[i * Ev + e];
+          if (real) d += g_ * static_cast<T>(O[i * Ev + e]);
         }
         for (int64_t e = Ev; e < Evp; ++e) don[i * Evp + e] = T(0);
         delta[i] = d;
@@ -471,7 +493,7 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
         for (int64_t qb = qb0; qb < nqb; ++qb) {
           const int64_t i0 = qb * BM, mrows = std::min(BM, L - i0);
           block_gemm<V, false>(nb, BM, E, K + jj * E, E, 1, qt + i0, Lp, st, BM);
-          mask_tile<T>(p, b, h, i0, mrows, j0, nb, st, BM);
+          mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
           for (int64_t j = 0; j < nb; ++j)
             for (int64_t x = 0; x < BM; x += W)
               vexp(V::load(st + j * BM + x) - V::load(lse + i0 + x)).store(st + j * BM + x);
@@ -504,27 +526,31 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
       }
       // dQ of this head from this key range
       if (nparts == 1) {
-        T* DQ = static_cast<T*>(p.dq) + bh * L * E;
+        In* DQ = static_cast<In*>(p.dq) + bh * L * E;
         for (int64_t i = 0; i < L; ++i)
-          for (int64_t e = 0; e < E; ++e) DQ[i * E + e] = dqt[e * Lp + i] * scale;
+          for (int64_t e = 0; e < E; ++e) DQ[i * E + e] = static_cast<In>(dqt[e * Lp + i] * scale);
       } else {
         T* DQ = static_cast<T*>(p.dq_part) + (part * p.N * p.Hq + bh) * L * E;
         for (int64_t i = 0; i < L; ++i)
           for (int64_t e = 0; e < E; ++e) DQ[i * E + e] = dqt[e * Lp + i] * scale;
       }
     }
-    T* DK = static_cast<T*>(p.dk) + (bhk * S + key_lo) * E;
-    T* DV = static_cast<T*>(p.dv) + (bhk * S + key_lo) * Ev;
+    In* DK = static_cast<In*>(p.dk) + (bhk * S + key_lo) * E;
+    In* DV = static_cast<In*>(p.dv) + (bhk * S + key_lo) * Ev;
     for (int64_t j = 0; j < nk; ++j) {
-      for (int64_t e = 0; e < E; ++e) DK[j * E + e] = dk[j * Ep + e] * scale;
-      for (int64_t e = 0; e < Ev; ++e) DV[j * Ev + e] = dv[j * Evp + e];
+      for (int64_t e = 0; e < E; ++e) DK[j * E + e] = static_cast<In>(dk[j * Ep + e] * scale);
+      for (int64_t e = 0; e < Ev; ++e) DV[j * Ev + e] = static_cast<In>(dv[j * Evp + e]);
     }
   }
 }
 
 // Entry points of this instruction set.
-inline void fwd_f32(const AttnParams& p, int64_t b, int64_t e) { fwd_tasks<VecF>(p, b, e); }
-inline void fwd_f64(const AttnParams& p, int64_t b, int64_t e) { fwd_tasks<VecD>(p, b, e); }
-inline void bwd_f32(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecF>(p, b, e); }
-inline void bwd_f64(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecD>(p, b, e); }
+inline void fwd_f32(const AttnParams& p, int64_t b, int64_t e) { fwd_tasks<VecF, float>(p, b, e); }
+inline void fwd_f64(const AttnParams& p, int64_t b, int64_t e) { fwd_tasks<VecD, double>(p, b, e); }
+inline void fwd_bf16(const AttnParams& p, int64_t b, int64_t e) { fwd_tasks<VecF, c10::BFloat16>(p, b, e); }
+inline void fwd_f16(const AttnParams& p, int64_t b, int64_t e) { fwd_tasks<VecF, c10::Half>(p, b, e); }
+inline void bwd_f32(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecF, float>(p, b, e); }
+inline void bwd_f64(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecD, double>(p, b, e); }
+inline void bwd_bf16(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecF, c10::BFloat16>(p, b, e); }
+inline void bwd_f16(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecF, c10::Half>(p, b, e); }
 inline int lanes_f32() { return VecF::W; }
