@@ -65,10 +65,12 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# The triton 3.9 interpreter's tl.dot returns garbage for bfloat16 operands (fp16 and fp32 are fine), so
-# under the interpreter the GEMM tiles upcast bf16 operands to fp32 first (exact: products of bf16
-# values are exact in fp32, as on the tensor cores). Compiled kernels never take this branch.
-_INTERPRETER_BF16_DOT_UPCAST = tl.constexpr(INTERPRET)
+# Two bfloat16 defects of the triton 3.9 interpreter, worked around only when interpreting (compiled
+# kernels never take these branches): tl.dot returns garbage for bf16 operands, so the GEMM tiles
+# upcast them to fp32 first (exact: products of bf16 values are exact in fp32, as on the tensor cores);
+# and fp32 -> bf16 casts truncate instead of rounding to nearest even as the GPU does (cvt.rn), so
+# _cast rounds the fp32 bits to nearest even first.
+_INTERPRETER_BF16_WORKAROUNDS = tl.constexpr(INTERPRET)
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 ACT_ID = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -141,6 +143,17 @@ LINEAR_ROLES = {
 
 
 # ---- device helpers ----------------------------------------------------------------------------------
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """fp32 tile -> dtype, rounding to nearest even (see _INTERPRETER_BF16_WORKAROUNDS)."""
+    if _INTERPRETER_BF16_WORKAROUNDS:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
 @triton.jit
 def _tanh(u):
     # overflow-free tanh: exp of a non-positive argument only
@@ -226,8 +239,8 @@ def _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n,
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if B_FROM_PRE:
-            b = _act_fwd(b.to(tl.float32), act).to(a.dtype)  # act(0) == 0 keeps the K tail at 0
-        if _INTERPRETER_BF16_DOT_UPCAST:
+            b = _cast(_act_fwd(b.to(tl.float32), act), a.dtype)  # act(0) == 0 keeps the K tail at 0
+        if _INTERPRETER_BF16_WORKAROUNDS:
             if a.dtype == tl.bfloat16:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -244,14 +257,14 @@ def _up_epilogue(acc, offs_m, offs_n, b1_ptr, h_ptr, pre_ptr, T, F, seed, p, dro
     ok = (offs_m < T)[:, None] & n_ok[None, :]
     if has_bias != 0:
         acc += tl.load(b1_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    pre = acc.to(h_ptr.dtype.element_ty)
+    pre = _cast(acc, h_ptr.dtype.element_ty)
     off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]  # memory offset == dropout counter
     if store_pre != 0:
         tl.store(pre_ptr + off, pre, mask=ok)
     h = _act_fwd(pre.to(tl.float32), act)  # from the rounded pre, exactly what the backward sees
     if p > 0.0:
         h = tl.where(tl.rand(seed, off) >= p, h * drop_scale, 0.0)
-    tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
+    tl.store(h_ptr + off, _cast(h, h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["seed", "has_bias", "store_pre", "act", "tune_m", "tune_n", "tune_k"])
@@ -310,7 +323,7 @@ def _ffn_linear_kernel(
     if has_bias != 0:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+    tl.store(c_ptr + off, _cast(acc, c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -324,7 +337,7 @@ def _dh_epilogue(acc, offs_m, offs_n, pid_m, pre_ptr, dpre_ptr, h_ptr, db1p_ptr,
     if p > 0.0:
         mult = tl.where(tl.rand(seed, off) >= p, drop_scale, 0.0)
     dpre = tl.where(ok, acc * mult * _act_grad(pre, act), 0.0)
-    tl.store(dpre_ptr + off, dpre.to(dpre_ptr.dtype.element_ty), mask=ok)
+    tl.store(dpre_ptr + off, _cast(dpre, dpre_ptr.dtype.element_ty), mask=ok)
     # db1 partials: one row per DB1_ROWS rows of the hidden, a layout that does not depend on BLOCK_M
     part = tl.sum(tl.reshape(dpre, (BLOCK_M // DB1_ROWS, DB1_ROWS, SUB_N)), axis=1)
     prow = pid_m * (BLOCK_M // DB1_ROWS) + tl.arange(0, BLOCK_M // DB1_ROWS)
@@ -332,7 +345,7 @@ def _dh_epilogue(acc, offs_m, offs_n, pid_m, pre_ptr, dpre_ptr, h_ptr, db1p_ptr,
     tl.store(db1p_ptr + prow[:, None].to(tl.int64) * F + offs_n[None, :], part, mask=p_ok)
     if store_h != 0:
         h = _act_fwd(pre, act) * mult
-        tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
+        tl.store(h_ptr + off, _cast(h, h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["seed", "store_h", "act", "tune_m", "tune_n", "tune_k"])
@@ -386,7 +399,7 @@ def _ffn_colsum_kernel(
         rows = r0 + tl.arange(0, BLOCK_R)
         ptrs = x_ptr + rows[:, None].to(tl.int64) * C + cols[None, :]
         acc += tl.load(ptrs, mask=(rows < r_end)[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid_r.to(tl.int64) * C + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + pid_r.to(tl.int64) * C + cols, _cast(tl.sum(acc, axis=0), out_ptr.dtype.element_ty),
              mask=c_ok)
 
 
