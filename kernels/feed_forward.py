@@ -17,7 +17,7 @@ launchers, the op registration lives in fastattn/ops.py):
                                   per-32-row column sums of dPre (-> db1, deterministic two-pass) and,
                                   when chosen, H itself (see below)
               _ffn_linear_kernel  dW2 = dOut^T @ H, H either read or recomputed from pre in the
-                                  B-operand prologue (act + dropout applied to the loaded tile)
+                                  B-operand prologue (act applied to each loaded tile; see below)
               _ffn_linear_kernel  dW1 = dPre^T @ x ;  dx = dPre @ w1
               _ffn_colsum_kernel  db2 = colsum(dOut) and the second pass of db1 (fixed order)
 
@@ -30,9 +30,10 @@ Save or recompute the pre-activation (decision: SAVE it, the contract's ``saved`
     Recomputing pre = x @ w1^T + b1 in the backward is a whole GEMM of 2*T*D*F flops. For BERT-base
     (D=768, F=3072) and T=64k tokens that is 0.31 TFLOP, about 0.45 ms at ~700 TFLOP/s on an H100, i.e.
     one of the six GEMMs of forward+backward (~17% of the time). Saving it costs T*F*2 bytes = 384 MiB
-    in bf16 at that size; torch eager keeps more (pre, H and the dropout mask: 2.3x that). The mask is
-    never stored: it is regenerated from the counter. So we save pre (time wins; memory stays below
-    eager), and ops.py recomputes it with F.linear when a forward ran with save_for_backward=False.
+    in bf16 at that size; torch eager keeps 2.5x that (linear2's input H, the activation's input or
+    output, the bool dropout mask: 5 bytes per hidden element). The mask is never stored: it is
+    regenerated from the counter. So we save pre (time wins; memory stays at 40% of eager), and
+    fastattn/ops.py recomputes it with F.linear when a forward ran with save_for_backward=False.
 
 Recompute H in dW2's prologue, or write it from dH's epilogue (decision: per call, ``_h_in_prologue``)
     dW2 = dOut^T @ H needs H = dropout(act(pre)). The dH epilogue already has act(pre) and the mask
@@ -44,15 +45,23 @@ Recompute H in dW2's prologue, or write it from dH's epilogue (decision: per cal
     relu ~2, gelu_tanh ~15, gelu (erf) ~25, Philox-4x32-10 dropout ~70. So the prologue is cheaper
     only when (act + dropout cost) * ceil(D2/128) < 18: relu without dropout up to D2 = 1024 (covers
     768), gelu_tanh without dropout for D2 <= 128; with dropout never (one Philox per M-tile already
-    costs 4x the store). Everything else writes H from the dH epilogue. Both paths are tested.
+    costs 4x the store), so the prologue has no dropout code at all. It is also 16-bit only: with
+    true-fp32 operands (FMA dot) the activation on the B operand spills registers (AOT-checked), and
+    fp32 is the accuracy path. Everything else writes H from the dH epilogue. Both paths are tested.
 
-Tiles: fp16/bf16 use 128x128x64 / 128x256x64 / 64x128x64 tiles, 4-8 warps, 3-4 stages (sized for
-H100/A100 shared memory) with grouped tile ordering (GROUP_M=8) for L2 reuse; fp32 uses smaller
-tiles (its smem footprint doubles). fp32 is true fp32 (input_precision="ieee") unless
-torch.backends.cuda.matmul.allow_tf32 is set. Under TRITON_INTERPRET=1 (read once at import) every
-kernel has one small 32x32x32 config so the interpreter stays fast. tests/test_triton_aot_ffn.py
-compiles every config of every kernel specialisation listed here for sm_80 and sm_90.
-Nothing here queries a GPU at import time.
+Tiles (the AOT test compiles every one for sm_80 and sm_90: no spills, smem within the chip)
+    Config lists are keyed by (dtype class, alignment). Aligned problems (every leading dimension a
+    multiple of 16, 768/3072, 4096/16384) get the H100/A100 tiles: 128x256x64 (8 warps, 3 stages) and
+    128x128x64 (8 warps, 4 stages) for the plain GEMMs, 128x128x64 with the epilogue split in two
+    column halves for the up and dH kernels (their Philox/activation epilogue on a full 128x128 tile
+    held by 8 warps spills), 64-wide tiles for small problems; grouped tile ordering (GROUP_M=8) keeps
+    B tiles in L2. Unaligned problems (d_model 100, 97) load without vectorisation and without
+    shared-memory pipelining, which costs registers, so they get 32-deep K tiles of at most 128x128.
+    fp32 uses 128x64x32 / 64x64x32 (true fp32 via input_precision="ieee" unless
+    torch.backends.cuda.matmul.allow_tf32). The activation is a runtime argument (one compiled kernel
+    serves relu/gelu/gelu_tanh; the branch is uniform), so the number of compiled variants stays small.
+    Under TRITON_INTERPRET=1 (read once at import) every kernel has one 32x32x32 config so the
+    interpreter stays fast. Nothing here queries a GPU at import time.
 """
 from __future__ import annotations
 
