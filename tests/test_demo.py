@@ -140,3 +140,12 @@ def test_demo_rejects_bad_options():
         demo.parse_args(["--steps", "0"])
     with pytest.raises(SystemExit):
         demo.parse_args(["--dropout", "1.5"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_demo_on_cuda(tmp_path):
+    out = tmp_path / "cuda.png"
+    args = [a for a in TINY if a not in ("--backend", "reference")]
+    result = demo.main(args + ["--device", "cuda", "--out", str(out)])
+    assert _is_png(out) and result["max_loss_gap"] < 1e-3

@@ -174,3 +174,33 @@ def test_compile_fullgraph_converted_classifier():
 def test_models_reachable_from_package():
     assert fastattn.models.TextClassifier is TextClassifier
     assert fastattn.convert is convert
+
+
+def test_convert_keeps_device_meta():
+    """A model on the meta device stays there: convert never moves or copies parameters."""
+    model = TextClassifier(VOCAB, embedding_dim=16, nhead=2, dim_feedforward=8).to("meta")
+    convert(model)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_convert_classifier_on_cuda_same_logits_and_grads():
+    stock = _model(torch.float32).cuda().train()
+    fast = convert(copy.deepcopy(stock))
+    assert all(p.is_cuda for p in fast.parameters())
+    tokens, mask = (t.cuda() for t in _batch())
+    labels = torch.tensor([0, 2, 1, 2], device="cuda")
+    outs = []
+    for model in (stock, fast):
+        logits = model(tokens, mask)
+        F.cross_entropy(logits, labels).backward()
+        outs.append(logits)
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-4, rtol=2e-4)
+    grads_stock = dict(stock.named_parameters())
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, grads_stock[name].grad, atol=2e-4, rtol=2e-3,
+                                   msg=lambda m: f"grad of {name}: {m}")
