@@ -5,7 +5,7 @@ Run:  python -m pytest -q bench --benchmark-json=bench/results/cpu-latest.json
       python -m pytest -q bench -k "cpu/attn"     (one family)
 
 Each benchmark warms up (compiles, autotunes), estimates one call, then times as many rounds as
-fit ``--bench-seconds`` (default 1.0 s on the CPU, 0.3 s on a GPU; env FASTATTN_BENCH_SECONDS sets
+fit ``--bench-seconds`` (default 1.0 s on the CPU, 0.25 s on a GPU; env FASTATTN_BENCH_SECONDS sets
 both), at least ``--bench-min-rounds``. pytest-benchmark's own calibration is not used (every
 benchmark runs through ``benchmark.pedantic``), so its --benchmark-min-rounds / --benchmark-max-time
 have no effect here; --benchmark-disable runs each case once as a smoke test.
@@ -27,7 +27,7 @@ def pytest_addoption(parser):
     g = parser.getgroup("fastattn-bench")
     env_s = os.environ.get("FASTATTN_BENCH_SECONDS")
     g.addoption("--bench-seconds", type=float, default=float(env_s) if env_s else None,
-                help="timed seconds per benchmark (default 1.0 on CPU, 0.3 on GPU)")
+                help="timed seconds per benchmark (default 1.0 on CPU, 0.25 on GPU)")
     g.addoption("--bench-min-rounds", type=int, default=common.SETTINGS.min_rounds,
                 help="at least this many timed rounds per benchmark")
     g.addoption("--bench-warmup", type=int, default=common.SETTINGS.warmup,

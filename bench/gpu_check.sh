@@ -15,7 +15,7 @@
 #
 # Environment knobs: PYTHON (python3), GPU_ARCH (else nvidia-smi's compute_cap, else 9.0),
 # MAX_JOBS (16), GPU_BENCH_ARGS (extra pytest args for the benchmarks, e.g. -k "E128"),
-# FASTATTN_BENCH_SECONDS (timed seconds per benchmark, default 0.3 on a GPU),
+# FASTATTN_BENCH_SECONDS (timed seconds per benchmark, default 0.25 on a GPU),
 # TIMEOUT_BUILD/TIMEOUT_TEST/TIMEOUT_SANITIZE/TIMEOUT_BENCH_ATTN/TIMEOUT_BENCH_FFN (seconds).
 set -u
 cd "$(dirname "$0")/.."
@@ -131,7 +131,8 @@ step_test() {
 # ---------------------------------------------------------------------------------------------------
 step_sanitize() {
   local t0=$(date +%s) log="$P-sanitizer.log" cs
-  cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+       /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)
   if [ -z "$cs" ]; then
     record sanitize "not run" 0 "compute-sanitizer not found (not a failure)"; return
   fi
@@ -244,7 +245,7 @@ for s in $STEPS; do
   esac
 done
 if [ "$KERNELS_LINK" = 1 ]; then rm -f fastattn/kernels; fi
-echo "| total (this call: $STEPS) | $([ $FAILED = 0 ] && echo ok || echo FAILED) | $(( $(date +%s) - START_ALL )) | |" >> "$STATUS"
+echo "| total (this call: $STEPS) | $([ $FAILED = 0 ] && echo ok || echo FAILED) | $(( $(date +%s) - START_ALL )) s | |" >> "$STATUS"
 step_report
 
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then

@@ -278,7 +278,11 @@ def targets_table(run: Run) -> list[str]:
            "groups (for time ratios lower is better), `met` counts the groups that meet it.", "",
            "| issue | target | method | vs | goal | groups | reached (min / median / max) | met | verdict | worst group |",
            "|---|---|---|---|---:|---:|---|---:|---|---|"]
+    present = {r.info.get("device_type") for rows in run.rows.values() for r in rows.values()}
+    skipped = [t for t in TARGETS if t.where.get("device_type") not in present]
     for t in TARGETS:
+        if t in skipped:
+            continue
         r = evaluate(t, run)
         if t.kind == "speedup":
             goal, vs = f"≥ {t.goal:g}×", t.peer
@@ -290,6 +294,10 @@ def targets_table(run: Run) -> list[str]:
         verdict = {"met": "met", "MISSED": "**MISSED**", "not measured": "not measured"}[r["verdict"]]
         out.append(f"| {t.issue} | {t.what} | {t.method} | {vs} | {goal} | {r['n']} | {reached} | "
                    f"{r['met']}/{r['n']} | {verdict} | {('`' + r['worst'] + '`') if r['n'] else ''} |")
+    if skipped:
+        issues = sorted({t.issue for t in skipped})
+        out += ["", f"({len(skipped)} targets of issue(s) {', '.join(map(str, issues))} are for a device with no "
+                "results in this run and are not listed.)"]
     out.append("")
     return out
 
@@ -359,6 +367,14 @@ def header(run: Run, title: str | None) -> list[str]:
                    if i.get("device_type") == "cpu"})
     torch_v = sorted({str(i.get("torch")) for i in infos if i.get("torch")})
     triton_v = sorted({str(i.get("triton")) for i in infos if "triton" in i})
+    if not infos:   # no results: say at least what the machine writing the report has
+        try:
+            import torch
+            torch_v = [f"{torch.__version__} (here, no results)"]
+            import triton
+            triton_v = [f"{triton.__version__} (here)"]
+        except Exception:  # noqa: BLE001 - versions are a nicety
+            pass
     if not title:
         title = "fastattn benchmarks — " + (", ".join(d.split(" (")[0] for d in devices) if devices else
                                              (cpus[0].split(",")[0] if cpus else "no results"))
