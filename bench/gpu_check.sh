@@ -56,9 +56,15 @@ if [ "$STEPS" = "$ALL_STEPS" ] || [ ! -f "$STATUS" ]; then
 fi
 
 record() {  # step result seconds detail
-  echo "| $1 | $2 | $3 s | $4 |" >> "$STATUS"
+  local detail=${4//|//}
+  echo "| $1 | $2 | $3 s | ${detail//\`/\'} |" >> "$STATUS"
   echo "gpu_check: $1: $2 ($3 s) $4"
   if [ "$2" = "FAILED" ]; then FAILED=1; fi
+}
+
+pytest_summary() {  # log: the final "N passed, M failed ... in Xs" line, with or without -q
+  grep -E "^[0-9]+ (passed|failed|skipped|error|errors|deselected)|^=+ .*(passed|failed|skipped|error|no tests ran).* =+$|^no tests ran" "$1" \
+    | tail -1 | sed 's/^=* //; s/ =*$//'
 }
 
 run_timed() {  # seconds logfile cmd... : runs with SIGINT at the limit (pytest then still writes its JSON)
@@ -118,7 +124,7 @@ step_test() {
   run_timed "${TIMEOUT_TEST:-600}" "$log" $PY -m pytest -q -ra -p no:cacheprovider tests --junitxml="$xml"
   local rc=$? dt=$(( $(date +%s) - t0 ))
   local summary
-  summary=$(grep -E "^=+ .*(passed|failed|error|skipped|no tests ran).* =+$" "$log" | tail -1 | sed 's/^=* //; s/ =*$//')
+  summary=$(pytest_summary "$log")
   summary=${summary:-"no pytest summary line (rc $rc)"}
   echo "- pytest on the GPU: \`$summary\`" > "$P-tests.summary"
   if [ $rc -eq 0 ]; then record test ok $dt "$summary"
@@ -194,7 +200,7 @@ step_bench() {
       "bench/test_bench_$suite.py" --benchmark-json="$P-$suite.json" ${GPU_BENCH_ARGS:-}
     rc=$?; dt=$(( $(date +%s) - t0 ))
     local summary
-    summary=$(grep -E "^[0-9]+ (passed|failed|skipped|error)|^=+ .*(passed|failed|skipped|error).* =+$" "$P-bench-$suite.log" | tail -1 | sed 's/^=* //; s/ =*$//')
+    summary=$(pytest_summary "$P-bench-$suite.log")
     if [ $rc -eq 0 ]; then record "bench $suite" ok $dt "${summary:-?}"
     elif grep -q "KeyboardInterrupt" "$P-bench-$suite.log"; then record "bench $suite" FAILED $dt "stopped at the $limit s limit (results so far kept): ${summary:-?}"
     else record "bench $suite" FAILED $dt "rc $rc: ${summary:-?} (see $(basename "$P-bench-$suite.log"))"
