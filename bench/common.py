@@ -48,7 +48,7 @@ class Settings:
     seconds_gpu: float = 0.25    # ... on a GPU
     min_rounds: int = 3
     max_rounds: int = 2000
-    warmup: int = 2              # calls before timing (the first one compiles / autotunes)
+    warmup: int = 1              # untimed calls in measure(), after the check call that compiled / autotuned
     min_call_s: float = 1e-3     # calls shorter than this are batched per timed round
 
 
@@ -124,7 +124,8 @@ class Case:
 
     def params(self) -> dict:
         p = {"op": self.op, "pass": self.pass_, "dtype": str(self.dtype).replace("torch.", ""),
-             "device_type": self.device, "variant": self.variant, "family": self.family}
+             "device_type": self.device, "variant": self.variant, "family": self.family,
+             "shape": "-".join(f"{k}{v}" for k, v in self.shape)}
         p.update(dict(self.shape))
         if self.family_x:
             p["x_name"] = self.family_x
@@ -285,7 +286,7 @@ def measure(benchmark, fn: Callable[[], object], case: Case, method: str, *, bas
         info["first_call_s"] = time.perf_counter() - t0   # after the correctness check's call
         for _ in range(max(SETTINGS.warmup - 1, 0)):
             fn()
-        sync()
+        sync()   # the warm-up calls: this first one and warmup - 1 more
         t0 = time.perf_counter()
         fn()
         sync()
