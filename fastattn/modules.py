@@ -265,9 +265,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         return out if batched else out.squeeze(0)
 
 
-_RELU_GELU_NAMES = {"relu": "relu", "gelu": "gelu"}
-
-
 def _activation_name(activation) -> Optional[str]:
     """The fastattn.feed_forward activation name for torch's relu/gelu spellings, else None."""
     if activation is F.relu or isinstance(activation, nn.ReLU):
@@ -314,7 +311,7 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         if isinstance(activation, str):
-            if activation not in _RELU_GELU_NAMES:
+            if activation not in ("relu", "gelu"):
                 raise RuntimeError(f"fastattn.TransformerEncoderLayer: argument 'activation' got {activation!r}; "
                                    "expected 'relu', 'gelu' or a callable")
             activation = F.relu if activation == "relu" else F.gelu
