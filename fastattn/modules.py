@@ -290,6 +290,8 @@ class TransformerEncoderLayer(nn.Module):
     (N, S, E) when batch_first, or unbatched (S, E)); src_mask (S, S) or (N * nhead, S, S), bool
     (True = not allowed) or float (added); src_key_padding_mask (N, S), bool (True = padding) or float.
     Returns a tensor shaped like src. NestedTensors are refused: pass a padded batch and a mask.
+    To stack it yourself, build ``nn.TransformerEncoder(layer, n, enable_nested_tensor=False)`` (the
+    NestedTensor path is torch's own layer's; torch warns when it is asked for with another layer).
     """
 
     __constants__ = ["norm_first"]

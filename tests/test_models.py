@@ -1,5 +1,6 @@
 """fastattn.models.TextClassifier, and fastattn.convert() on it: same logits and gradients as before."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -109,9 +110,13 @@ def test_convert_classifier_same_logits_and_grads(mode, dtype, tol):
 
 
 def test_convert_classifier_in_place_keeps_mode_and_parameters():
-    model = _model(torch.float64).eval()
-    params = list(model.parameters())
-    assert convert(model) is model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither building, converting nor running it warns
+        model = _model(torch.float64).eval()
+        params = list(model.parameters())
+        assert convert(model) is model
+        tokens, mask = _batch()
+        model(tokens, mask)
     assert not model.training and not any(m.training for m in model.modules())
     assert all(a is b for a, b in zip(model.parameters(), params))
     assert not model.encoder.use_nested_tensor
