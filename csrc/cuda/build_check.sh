@@ -70,10 +70,37 @@ mkdir -p "$SRC"
 
 # ---- 3. the build ----------------------------------------------------------------------------------
 t2=$(date +%s)
-(cd "$SRC" && FORCE_CUDA=1 nice "$PY" -m pip install -q --no-build-isolation --no-deps . 2>&1 \
-   | grep -v "^WARNING: Location" || true)
+TIMEFORMAT="TIME build_cpu: real=%R user=%U sys=%S"
+set +e
+time (cd "$SRC" && FORCE_CUDA=1 nice "$PY" -m pip install -q --no-build-isolation --no-deps . >"$VENV/build.log" 2>&1)
+rc=$?
+set -e
+grep -v "^WARNING: Location" "$VENV/build.log" | tail -n 200 || true
 t3=$(date +%s)
 echo "TIME build=$((t3 - t2))"
+if [ "$rc" -ne 0 ]; then
+  echo "build_check: pip install of the CUDA build failed (exit $rc); full log in $VENV/build.log" >&2
+  exit "$rc"
+fi
+
+# The installed extension carries SASS for every requested arch (cuobjdump ships in the triton wheel
+# torch pulls in; skipped with a note when absent).
+SO="$(ls "$SITE"/fastattn/_C*.so | head -n 1)"
+CUOBJDUMP="$SITE/triton/backends/nvidia/bin/cuobjdump"
+if [ -x "$CUOBJDUMP" ]; then
+  elves="$("$CUOBJDUMP" --list-elf "$SO")"
+  for arch in $(echo "$TORCH_CUDA_ARCH_LIST" | tr ';' ' '); do
+    sm="sm_${arch//./}"
+    n=$(echo "$elves" | grep -c "$sm" || true)
+    echo "build_check: $n ELF images for $sm in $(basename "$SO")"
+    if [ "$n" -eq 0 ]; then
+      echo "build_check: no $sm code in $SO; expected one per TORCH_CUDA_ARCH_LIST entry" >&2
+      exit 1
+    fi
+  done
+else
+  echo "build_check: no cuobjdump at $CUOBJDUMP; arch images not listed"
+fi
 
 # ---- 4. load it and look at the dispatcher -------------------------------------------------------
 cd "$(mktemp -d)"
