@@ -96,16 +96,33 @@ template <typename scalar_t, typename acc_t>
 using BwdEpilogueFn = void (*)(int64_t, int64_t, acc_t*, const scalar_t*, acc_t*, acc_t*, uint64_t, uint64_t, float,
                                acc_t, acc_t*);
 
-#define FFN_DEFINE_EPILOGUES(SUFFIX, ATTR)                                                                        \
-  template <typename scalar_t, typename acc_t, Act A, bool DROP>                                                 \
-  ATTR void fwd_epilogue_##SUFFIX(int64_t rows, int64_t F, acc_t* h, const acc_t* b1, scalar_t* saved,           \
-                                  uint64_t seed, uint64_t off0, float p, acc_t scale, acc_t* keep) {             \
-    fwd_epilogue_impl<scalar_t, acc_t, A, DROP>(rows, F, h, b1, saved, seed, off0, p, scale, keep);             \
-  }                                                                                                              \
-  template <typename scalar_t, typename acc_t, Act A, bool DROP>                                                 \
-  ATTR void bwd_epilogue_##SUFFIX(int64_t rows, int64_t F, acc_t* dh, const scalar_t* pre, acc_t* hid,           \
+// One row per (non-inlined) call: GCC vectorises the row loops reliably only outside a row nest.
+#define FFN_DEFINE_EPILOGUES(SUFFIX, ATTR)                                                                       \
+  template <typename scalar_t, typename acc_t, Act A, bool DROP>                                                \
+  ATTR __attribute__((noinline)) void fwd_row_##SUFFIX(int64_t F, acc_t* h, const acc_t* b1, scalar_t* saved,   \
+                                                       uint64_t seed, uint64_t off0, float p, acc_t scale,      \
+                                                       acc_t* keep) {                                           \
+    fwd_row_impl<scalar_t, acc_t, A, DROP>(F, h, b1, saved, seed, off0, p, scale, keep);                        \
+  }                                                                                                             \
+  template <typename scalar_t, typename acc_t, Act A, bool DROP>                                                \
+  ATTR void fwd_epilogue_##SUFFIX(int64_t rows, int64_t F, acc_t* h, const acc_t* b1, scalar_t* saved,          \
+                                  uint64_t seed, uint64_t off0, float p, acc_t scale, acc_t* keep) {            \
+    for (int64_t r = 0; r < rows; ++r)                                                                          \
+      fwd_row_##SUFFIX<scalar_t, acc_t, A, DROP>(F, h + r * F, b1, saved != nullptr ? saved + r * F : nullptr,  \
+                                                 seed, off0 + static_cast<uint64_t>(r * F), p, scale, keep);    \
+  }                                                                                                             \
+  template <typename scalar_t, typename acc_t, Act A, bool DROP>                                                \
+  ATTR __attribute__((noinline)) void bwd_row_##SUFFIX(int64_t F, acc_t* dh, const scalar_t* pre, acc_t* hid,   \
+                                                       acc_t* db1, uint64_t seed, uint64_t off0, float p,       \
+                                                       acc_t scale, acc_t* keep) {                              \
+    bwd_row_impl<scalar_t, acc_t, A, DROP>(F, dh, pre, hid, db1, seed, off0, p, scale, keep);                   \
+  }                                                                                                             \
+  template <typename scalar_t, typename acc_t, Act A, bool DROP>                                                \
+  ATTR void bwd_epilogue_##SUFFIX(int64_t rows, int64_t F, acc_t* dh, const scalar_t* pre, acc_t* hid,          \
                                   acc_t* db1, uint64_t seed, uint64_t off0, float p, acc_t scale, acc_t* keep) { \
-    bwd_epilogue_impl<scalar_t, acc_t, A, DROP>(rows, F, dh, pre, hid, db1, seed, off0, p, scale, keep);        \
+    for (int64_t r = 0; r < rows; ++r)                                                                          \
+      bwd_row_##SUFFIX<scalar_t, acc_t, A, DROP>(F, dh + r * F, pre + r * F, hid + r * F, db1, seed,            \
+                                                 off0 + static_cast<uint64_t>(r * F), p, scale, keep);          \
   }
 
 FFN_DEFINE_EPILOGUES(base, )

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "philox.h"
 
@@ -31,8 +32,15 @@ constexpr double kTanhCoef = 0.044715;
 
 // ---- exp(x) for x <= 0 (all the callers need), float: range reduction + degree-7 polynomial ----
 FFN_INLINE float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // clamp to [-87, 0] on the bit pattern: for x <= 0, a larger magnitude is a larger signed int.
+  // (A float compare-and-select here, next to the int conversion, keeps GCC from vectorising.)
+  int32_t xi;
+  __builtin_memcpy(&xi, &x, sizeof(float));
+  constexpr int32_t kMinBits = static_cast<int32_t>(0xC2AE0000u);  // -87.0f
+  xi = xi > kMinBits ? kMinBits : xi;
+  __builtin_memcpy(&x, &xi, sizeof(float));
+  // n = round(x / ln2) (x <= 0: truncating y - 0.5 rounds to nearest)
+  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));
   float r = x - n * 0.693145751953125f;  // ln2 split in two for an exact product
   r = r - n * 1.42860682030941723212e-6f;
   float p = 1.0f / 5040.0f;
@@ -52,7 +60,7 @@ FFN_INLINE double exp_nonpos(double x) { return std::exp(x); }
 
 // ---- erf: float by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7); double exact ----
 FFN_INLINE float erf_approx(float x) {
-  const float ax = std::fabs(x);
+  const float ax = __builtin_fabsf(x);
   const float t = 1.0f / (1.0f + 0.3275911f * ax);
   float y = 1.061405429f;
   y = y * t - 1.453152027f;
@@ -66,7 +74,7 @@ FFN_INLINE double erf_approx(double x) { return std::erf(x); }
 
 // ---- tanh through exp(-2|u|) (no overflow); float keeps absolute error ~1e-7 ----
 FFN_INLINE float tanh_approx(float u) {
-  const float e = exp_nonpos(-2.0f * std::fabs(u));
+  const float e = exp_nonpos(-2.0f * __builtin_fabsf(u));
   const float t = (1.0f - e) / (1.0f + e);
   return u < 0.0f ? -t : t;
 }
@@ -106,72 +114,80 @@ FFN_INLINE void act_value_grad(acc_t p, acc_t& value, acc_t& grad) {
   }
 }
 
-template <typename T>
-FFN_INLINE float to_float(T v) { return static_cast<float>(v); }
+// bfloat16 <-> float written out here (always inlined) so that the loops that use them vectorise
+// inside the per-ISA functions; same rounding as c10::BFloat16 (nearest even, NaN kept NaN).
+FFN_INLINE float load_acc(float v, float) { return v; }
+FFN_INLINE double load_acc(double v, double) { return v; }
+FFN_INLINE float load_acc(c10::BFloat16 v, float) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof(float));
+  return f;
+}
+FFN_INLINE void store_as(float v, float* dst) { *dst = v; }
+FFN_INLINE void store_as(double v, double* dst) { *dst = v; }
+FFN_INLINE void store_as(float v, c10::BFloat16* dst) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &v, sizeof(float));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  dst->x = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+}
 
 // keep[f] = scale if philox_uniform(seed, off0 + f) >= p else 0, for f in [0, n)
 template <typename acc_t>
-FFN_INLINE void dropout_row(uint64_t seed, uint64_t off0, int64_t n, float p, acc_t scale, acc_t* keep) {
+FFN_INLINE void dropout_row(uint64_t seed, uint64_t off0, int64_t n, float p, acc_t scale, acc_t* __restrict__ keep) {
   for (int64_t f = 0; f < n; ++f) {
     const float u = philox_uniform(seed, off0 + static_cast<uint64_t>(f));
     keep[f] = u >= p ? scale : acc_t(0);
   }
 }
 
-// Forward epilogue of `rows` hidden rows h (rows, F) holding x @ w1^T (no bias yet):
+// Forward epilogue of one hidden row h (F,) holding x_t @ w1^T (no bias yet):
 //   pre = h + b1; saved <- pre (when saved != nullptr); h <- act(pre) * keep.
-// keep (F,) scratch; row r of the tile has dropout counter base off0 + r*F.
+// keep (F,) scratch; off0 = t * F, the row's dropout counter base.
 template <typename scalar_t, typename acc_t, Act A, bool DROP>
-FFN_INLINE void fwd_epilogue_impl(int64_t rows, int64_t F, acc_t* __restrict__ h, const acc_t* __restrict__ b1,
-                                  scalar_t* __restrict__ saved, uint64_t seed, uint64_t off0, float p,
-                                  acc_t scale, acc_t* __restrict__ keep) {
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* __restrict__ hr = h + r * F;
-    if (b1 != nullptr) {
-      for (int64_t f = 0; f < F; ++f) hr[f] += b1[f];
+FFN_INLINE void fwd_row_impl(int64_t F, acc_t* __restrict__ hr, const acc_t* __restrict__ b1,
+                             scalar_t* __restrict__ sr, uint64_t seed, uint64_t off0, float p, acc_t scale,
+                             acc_t* __restrict__ keep) {
+  if (b1 != nullptr) {
+    for (int64_t f = 0; f < F; ++f) hr[f] += b1[f];
+  }
+  if (sr != nullptr) {
+    for (int64_t f = 0; f < F; ++f) store_as(hr[f], sr + f);
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      // the backward recomputes from the rounded pre-activation; use the same value here
+      for (int64_t f = 0; f < F; ++f) hr[f] = load_acc(sr[f], acc_t());
     }
-    if (saved != nullptr) {
-      scalar_t* __restrict__ sr = saved + r * F;
-      for (int64_t f = 0; f < F; ++f) sr[f] = static_cast<scalar_t>(hr[f]);
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-        // the backward recomputes from the rounded pre-activation; use the same value here
-        for (int64_t f = 0; f < F; ++f) hr[f] = static_cast<acc_t>(sr[f]);
-      }
-    }
-    if constexpr (DROP) {
-      dropout_row<acc_t>(seed, off0 + static_cast<uint64_t>(r * F), F, p, scale, keep);
-      for (int64_t f = 0; f < F; ++f) hr[f] = act_value<A, acc_t>(hr[f]) * keep[f];
-    } else {
-      for (int64_t f = 0; f < F; ++f) hr[f] = act_value<A, acc_t>(hr[f]);
-    }
+  }
+  if constexpr (DROP) {
+    dropout_row<acc_t>(seed, off0, F, p, scale, keep);
+    for (int64_t f = 0; f < F; ++f) hr[f] = act_value<A, acc_t>(hr[f]) * keep[f];
+  } else {
+    for (int64_t f = 0; f < F; ++f) hr[f] = act_value<A, acc_t>(hr[f]);
   }
 }
 
-// Backward epilogue of `rows` rows. In: dh (rows, F) = grad_out @ w2, pre (rows, F) saved.
-// Out: hid (rows, F) = act(pre) * keep (the forward's hidden, for dW2), dh <- dh * keep * act'(pre)
-// (= d pre), db1 (F,) += column sums of d pre in row order.
+// Backward epilogue of one row. In: dr (F,) = grad_out_t @ w2, pr (F,) the saved pre-activation.
+// Out: hr (F,) = act(pre) * keep (the forward's hidden, for dW2), dr <- dr * keep * act'(pre)
+// (= d pre), db1 (F,) += d pre.
 template <typename scalar_t, typename acc_t, Act A, bool DROP>
-FFN_INLINE void bwd_epilogue_impl(int64_t rows, int64_t F, acc_t* __restrict__ dh, const scalar_t* __restrict__ pre,
-                                  acc_t* __restrict__ hid, acc_t* __restrict__ db1, uint64_t seed, uint64_t off0,
-                                  float p, acc_t scale, acc_t* __restrict__ keep) {
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* __restrict__ dr = dh + r * F;
-    acc_t* __restrict__ hr = hid + r * F;
-    const scalar_t* __restrict__ pr = pre + r * F;
-    if constexpr (DROP) dropout_row<acc_t>(seed, off0 + static_cast<uint64_t>(r * F), F, p, scale, keep);
-    for (int64_t f = 0; f < F; ++f) {
-      acc_t v, g;
-      act_value_grad<A, acc_t>(static_cast<acc_t>(pr[f]), v, g);
-      if constexpr (DROP) {
-        const acc_t k = keep[f];
-        hr[f] = v * k;
-        dr[f] = dr[f] * k * g;
-      } else {
-        hr[f] = v;
-        dr[f] = dr[f] * g;
-      }
-      db1[f] += dr[f];
+FFN_INLINE void bwd_row_impl(int64_t F, acc_t* __restrict__ dr, const scalar_t* __restrict__ pr,
+                             acc_t* __restrict__ hr, acc_t* __restrict__ db1, uint64_t seed, uint64_t off0, float p,
+                             acc_t scale, acc_t* __restrict__ keep) {
+  if constexpr (DROP) dropout_row<acc_t>(seed, off0, F, p, scale, keep);
+  for (int64_t f = 0; f < F; ++f) {
+    acc_t v, g;
+    act_value_grad<A, acc_t>(load_acc(pr[f], acc_t()), v, g);
+    if constexpr (DROP) {
+      const acc_t k = keep[f];
+      hr[f] = v * k;
+      dr[f] = dr[f] * k * g;
+    } else {
+      hr[f] = v;
+      dr[f] = dr[f] * g;
     }
+    db1[f] += dr[f];
   }
 }
 
