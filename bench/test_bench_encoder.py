@@ -43,6 +43,8 @@ def _baseline(case: Case) -> str:
 def _params():
     ps = []
     for case in CASES:
+        if case.op == "classifier" and common.fastattn_module() is None:
+            continue   # the classifier itself is fastattn.models.TextClassifier
         methods = [_baseline(case)]
         if common.fastattn_module() is not None:
             methods += [common.fastattn_method(b) for b in common.fastattn_backends(case.device)]
