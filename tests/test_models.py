@@ -110,6 +110,29 @@ def test_convert_classifier_same_logits_and_grads(mode, dtype, tol):
         torch.testing.assert_close(p.grad, g, atol=tol, rtol=tol, msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("backend", fastattn.available_backends())
+def test_convert_classifier_every_backend(backend):
+    """The converted classifier (float padding masks from nn.TransformerEncoder, head dim 4) on each
+    backend usable here, float32, on the backend's device: logits and grads as the stock model's."""
+    on_gpu = backend in ("cuda", "triton") and torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    tol = 2e-3 if on_gpu else 2e-5  # GPU kernels may use TF32 tensor cores for float32
+    stock = _model(torch.float32).to(device).train()
+    fast = convert(copy.deepcopy(stock), backend=backend)
+    tokens, mask = (t.to(device) for t in _batch())
+    labels = torch.tensor([0, 2, 1, 2], device=device)
+    outs = []
+    for model in (stock, fast):
+        logits = model(tokens, mask)
+        F.cross_entropy(logits, labels).backward()
+        outs.append(logits)
+    torch.testing.assert_close(outs[1], outs[0], atol=tol, rtol=tol)
+    grads_stock = dict(stock.named_parameters())
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, grads_stock[name].grad, atol=2.5 * tol, rtol=5 * tol,
+                                   msg=lambda m: f"{backend}: grad of {name}: {m}")
+
+
 def test_convert_classifier_in_place_keeps_mode_and_parameters():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither building, converting nor running it warns
