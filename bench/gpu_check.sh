@@ -14,7 +14,9 @@
 # every step starts it afresh. Outputs also go, flat, into $OUT when that variable is set.
 #
 # Environment knobs: PYTHON (python3), GPU_ARCH (else nvidia-smi's compute_cap, else 9.0),
-# MAX_JOBS (16), GPU_BENCH_ARGS (extra pytest args for the benchmarks, e.g. -k "E128"),
+# MAX_JOBS (16), NINJA (a ninja binary when none is on PATH; .venv/bin/ninja is tried too: without
+# ninja torch compiles the sources one after another), GPU_BENCH_ARGS (extra pytest arguments for
+# the benchmarks, e.g. -k "not L2048 and not L8192" for a shorter run),
 # FASTATTN_BENCH_SECONDS (timed seconds per benchmark, default 0.25 on a GPU),
 # TIMEOUT_BUILD/TIMEOUT_TEST/TIMEOUT_SANITIZE/TIMEOUT_BENCH_ATTN/TIMEOUT_BENCH_FFN (seconds).
 set -u
@@ -77,6 +79,23 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
 fi
 
 # ---------------------------------------------------------------------------------------------------
+# torch builds in parallel (MAX_JOBS) only through ninja; without it every source compiles in turn.
+# No network here, so use a ninja binary that came along (e.g. this checkout's .venv/bin/ninja,
+# carried to the GPU machine), linked alone into a PATH directory (never the venv's python).
+find_ninja() {
+  if command -v ninja >/dev/null; then echo "ninja $(ninja --version)"; return; fi
+  local c abs
+  for c in ${NINJA:-} .venv/bin/ninja .venv-cuda/bin/ninja; do
+    if [ -x "$c" ] && "$c" --version >/dev/null 2>&1; then
+      abs="$(cd "$(dirname "$c")" && pwd)/$(basename "$c")"
+      mkdir -p /tmp/fastattn-ninja && ln -sf "$abs" /tmp/fastattn-ninja/ninja
+      echo "ninja $("$abs" --version) from $c"
+      return
+    fi
+  done
+  echo "no ninja: the sources compile one after another"
+}
+
 step_build() {
   local t0=$(date +%s) arch=${GPU_ARCH:-}
   if [ -z "$arch" ] && command -v nvidia-smi >/dev/null; then
@@ -90,8 +109,12 @@ step_build() {
     command -v nvcc >/dev/null && nvcc --version | tail -2
     echo "== build: FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-16}"
   } > "$log" 2>&1
+  local ninja_note
+  ninja_note=$(find_ninja)
+  if [ -x /tmp/fastattn-ninja/ninja ]; then export PATH="/tmp/fastattn-ninja:$PATH"; fi
+  echo "== $ninja_note" >> "$log"
   export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16}
-  if ! timeout "${TIMEOUT_BUILD:-900}" $PY -m pip install --no-build-isolation --no-deps --no-index -e . >> "$log" 2>&1; then
+  if ! PIP_BREAK_SYSTEM_PACKAGES=1 timeout "${TIMEOUT_BUILD:-900}" $PY -m pip install --no-build-isolation --no-deps --no-index -e . >> "$log" 2>&1; then
     how="setup.py build_ext --inplace (the editable install failed; see the log)"
     echo "== editable install failed; falling back to build_ext --inplace" >> "$log"
     timeout "${TIMEOUT_BUILD:-900}" $PY setup.py build_ext --inplace >> "$log" 2>&1
@@ -110,11 +133,11 @@ EOF
   ); local rc=$?
   local dt=$(( $(date +%s) - t0 ))
   if [ $rc -eq 0 ]; then
-    record build ok $dt "$how, arch $arch; backends: $($PY -c 'import fastattn; print(", ".join(fastattn.available_backends()))' 2>/dev/null)"
+    record build ok $dt "$how, arch $arch, $ninja_note; backends: $($PY -c 'import fastattn; print(", ".join(fastattn.available_backends()))' 2>/dev/null)"
   elif [ $rc -eq 3 ]; then
     record build FAILED $dt "built ($how) but the cuda backend is not available: $(grep -o "'cuda': [^,}]*" "$log" | tail -1)"
   else
-    record build FAILED $dt "$how, arch $arch: $(grep -m1 -iE 'error' "$log" | cut -c1-200) (see $(basename "$log"))"
+    record build FAILED $dt "$how, arch $arch, $ninja_note: $(grep -m1 -iE 'error' "$log" | cut -c1-200) (see $(basename "$log"))"
   fi
 }
 
