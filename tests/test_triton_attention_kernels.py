@@ -15,10 +15,14 @@ import os
 import pathlib
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton kernels are imported
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU the kernels run under the interpreter on CPU tensors (set before triton kernels are
+# imported, as tests/conftest.py does); with one, the same cases run on the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,6 +46,24 @@ def _load_philox():
 
 A = _load_kernels()
 philox = _load_philox()
+
+
+def _dev(t):
+    """t on DEVICE; a stride-0 (expanded) view stays a view: its base moves, then expands again."""
+    if t is None or DEVICE == "cpu":
+        return t
+    idx = tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())
+    return t[idx].to(DEVICE).expand(t.shape)
+
+
+def _fwd(q, k, v, mask, kpm, p, causal, scale, seed):
+    out, lse = A.attention_forward(_dev(q), _dev(k), _dev(v), _dev(mask), _dev(kpm), p, causal, scale, seed)
+    return out.cpu(), lse.cpu()
+
+
+def _bwd(do, q, k, v, out, lse, mask, kpm, p, causal, scale, seed):
+    grads = A.attention_backward(*(_dev(t) for t in (do, q, k, v, out, lse, mask, kpm)), p, causal, scale, seed)
+    return tuple(g.cpu() for g in grads)
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -140,8 +162,8 @@ def run_and_check(n, hq, hkv, l, s, e, ev, dtype=torch.float32, mask_kind=None, 
     seed_t = torch.tensor([123456789012 + seed], dtype=torch.int64) if dropout_p > 0 else None
     keep = (philox.attention_keep_mask(int(seed_t), dropout_p, n, hq, l, s) if dropout_p > 0 else None)
 
-    out, lse = A.attention_forward(q, k, v, mask, kpm, dropout_p, causal, scale, seed_t)
-    dq, dk, dv = A.attention_backward(do, q, k, v, out, lse, mask, kpm, dropout_p, causal, scale, seed_t)
+    out, lse = _fwd(q, k, v, mask, kpm, dropout_p, causal, scale, seed_t)
+    dq, dk, dv = _bwd(do, q, k, v, out, lse, mask, kpm, dropout_p, causal, scale, seed_t)
 
     out64, lse64, dq64, dk64, dv64 = _grads64(q, k, v, do, mask, kpm, causal, scale, dropout_p, keep)
     outs, dqs, dks, dvs = _grads_same_dtype(q, k, v, do, mask, kpm, causal, scale, dropout_p, keep)
@@ -216,7 +238,7 @@ def test_dropout_bits_are_exactly_the_shared_stream(l, s):
     q, k, _, _ = _inputs(n, hq, hq, l, s, e, e, torch.float32)
     v = torch.eye(s, 32).expand(n, hq, s, 32).contiguous()
     seed = torch.tensor([(1 << 40) + 987654321], dtype=torch.int64)
-    out, lse = A.attention_forward(q, k, v, None, None, p, False, 0.1, seed)
+    out, lse = _fwd(q, k, v, None, None, p, False, 0.1, seed)
     got = out[..., :s] > 0
     want = philox.attention_keep_mask(int(seed), p, n, hq, l, s)
     assert torch.equal(got, want), f"dropout mask: {int((got != want).sum())} of {want.numel()} bits differ"
@@ -224,7 +246,7 @@ def test_dropout_bits_are_exactly_the_shared_stream(l, s):
     assert abs(dropped - p) < 0.06, f"dropped fraction {dropped:.3f}, expected about {p}"
     # The backward regenerates the same bits: dv = (P * keep / (1-p))^T dO, checked with the exact mask.
     do = torch.randn(n, hq, l, 32)
-    dq, dk, dv = A.attention_backward(do, q, k, v, out, lse, None, None, p, False, 0.1, seed)
+    dq, dk, dv = _bwd(do, q, k, v, out, lse, None, None, p, False, 0.1, seed)
     _, _, _, _, dv64 = _grads64(q, k, v, do, None, None, False, 0.1, p, want)
     assert (dv.double() - dv64).abs().max().item() < 1e-5
 
@@ -236,8 +258,8 @@ def test_rows_that_see_no_key_give_zero_and_zero_grads():
     kpm[1] = True  # batch 1: every key padded
     mask = torch.zeros(n, hq, l, s)
     mask[0, 1, 3] = -math.inf  # one row of batch 0 / head 1 masked out entirely
-    out, lse = A.attention_forward(q, k, v, mask, kpm, 0.0, False, 0.2, None)
-    dq, dk, dv = A.attention_backward(do, q, k, v, out, lse, mask, kpm, 0.0, False, 0.2, None)
+    out, lse = _fwd(q, k, v, mask, kpm, 0.0, False, 0.2, None)
+    dq, dk, dv = _bwd(do, q, k, v, out, lse, mask, kpm, 0.0, False, 0.2, None)
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv), ("lse", lse)):
         assert not torch.isnan(t).any(), f"{name}: NaN where no key is visible"
     assert torch.all(out[1] == 0) and torch.all(out[0, 1, 3] == 0), "out: rows with no visible key must be 0"
@@ -254,10 +276,10 @@ def test_causal_with_more_queries_than_keys_and_fully_masked_rows():
     q, k, v, do = _inputs(n, hq, hq, l, s, e, e, torch.float32)
     kpm = torch.zeros(n, s, dtype=torch.bool)
     kpm[0, 0] = True
-    out, lse = A.attention_forward(q, k, v, None, kpm, 0.0, True, 0.25, None)
+    out, lse = _fwd(q, k, v, None, kpm, 0.0, True, 0.25, None)
     assert torch.isposinf(lse[0, :, 0]).all() and torch.all(out[0, :, 0] == 0)
     out64, lse64, dq64, dk64, dv64 = _grads64(q, k, v, do, None, kpm, True, 0.25)
-    dq, dk, dv = A.attention_backward(do, q, k, v, out, lse, None, kpm, 0.0, True, 0.25, None)
+    dq, dk, dv = _bwd(do, q, k, v, out, lse, None, kpm, 0.0, True, 0.25, None)
     for name, got, want in (("out", out, out64), ("dq", dq, dq64), ("dk", dk, dk64), ("dv", dv, dv64)):
         err = (got.double() - want).abs().max().item()
         assert err < 2e-5, f"{name}: max error {err:.3g}"
@@ -269,9 +291,9 @@ def test_backward_is_deterministic():
     mask = _mask("float2d", n, hq, l, s, torch.float32)
     kpm = _kpm(n, s)
     seed = torch.tensor([42], dtype=torch.int64)
-    out, lse = A.attention_forward(q, k, v, mask, kpm, 0.2, True, 0.2, seed)
-    first = A.attention_backward(do, q, k, v, out, lse, mask, kpm, 0.2, True, 0.2, seed)
-    second = A.attention_backward(do, q, k, v, out, lse, mask, kpm, 0.2, True, 0.2, seed)
+    out, lse = _fwd(q, k, v, mask, kpm, 0.2, True, 0.2, seed)
+    first = _bwd(do, q, k, v, out, lse, mask, kpm, 0.2, True, 0.2, seed)
+    second = _bwd(do, q, k, v, out, lse, mask, kpm, 0.2, True, 0.2, seed)
     for name, a, b in zip(("dq", "dk", "dv"), first, second):
         assert torch.equal(a, b), f"{name}: two backward runs differ (max {(a - b).abs().max().item():.3g})"
 
@@ -280,9 +302,9 @@ def test_seed_changes_the_mask_and_reproduces():
     q, k, v, _ = _inputs(1, 1, 1, 17, 17, 16, 16, torch.float32)
     s1 = torch.tensor([1], dtype=torch.int64)
     s2 = torch.tensor([2], dtype=torch.int64)
-    a, _ = A.attention_forward(q, k, v, None, None, 0.5, False, 0.25, s1)
-    b, _ = A.attention_forward(q, k, v, None, None, 0.5, False, 0.25, s1)
-    c, _ = A.attention_forward(q, k, v, None, None, 0.5, False, 0.25, s2)
+    a, _ = _fwd(q, k, v, None, None, 0.5, False, 0.25, s1)
+    b, _ = _fwd(q, k, v, None, None, 0.5, False, 0.25, s1)
+    c, _ = _fwd(q, k, v, None, None, 0.5, False, 0.25, s2)
     assert torch.equal(a, b), "same seed must give the same output"
     assert not torch.equal(a, c), "a different seed must give a different mask"
 
