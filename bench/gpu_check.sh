@@ -79,6 +79,19 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
 fi
 
 # ---------------------------------------------------------------------------------------------------
+# fastattn.kernels is the top-level kernels/ folder, mapped by an install (package_dir). After an
+# in-place build without an install, link it for the length of this call and put the checkout on
+# PYTHONPATH, so that tests and benchmarks import this checkout with its kernels.
+ensure_importable() {
+  if $PY -c "import fastattn._C" >/dev/null 2>&1 && ! $PY -c "import fastattn.kernels" >/dev/null 2>&1 \
+     && [ ! -e fastattn/kernels ]; then
+    ln -s ../kernels fastattn/kernels && KERNELS_LINK=1
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    echo "gpu_check: linked fastattn/kernels -> ../kernels for this call (in-place build, no install)"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------------
 # torch builds in parallel (MAX_JOBS) only through ninja; without it every source compiles in turn.
 # No network here, so use a ninja binary that came along (e.g. this checkout's .venv/bin/ninja,
 # carried to the GPU machine), linked alone into a PATH directory (never the venv's python).
@@ -118,9 +131,7 @@ step_build() {
     how="setup.py build_ext --inplace (the editable install failed; see the log)"
     echo "== editable install failed; falling back to build_ext --inplace" >> "$log"
     timeout "${TIMEOUT_BUILD:-900}" $PY setup.py build_ext --inplace >> "$log" 2>&1
-    # fastattn.kernels is kernels/ (a package_dir mapping that only an install sets up)
-    if [ ! -e fastattn/kernels ]; then ln -s ../kernels fastattn/kernels && KERNELS_LINK=1; fi
-    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    ensure_importable
   fi
   local facts
   facts=$($PY - >> "$log" 2>&1 <<'EOF'
@@ -266,6 +277,7 @@ step_report() {
 
 KERNELS_LINK=0
 for s in $STEPS; do
+  [ "$s" != build ] && ensure_importable
   case $s in
     build) step_build ;;
     test) step_test ;;
