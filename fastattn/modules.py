@@ -276,6 +276,14 @@ def _activation_name(activation) -> Optional[str]:
     return None
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast gives linear layers on x's device, or None when autocast is off there."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 class TransformerEncoderLayer(nn.Module):
     """``torch.nn.TransformerEncoderLayer`` with attention and feed-forward computed by fastattn.
 
@@ -379,8 +387,11 @@ class TransformerEncoderLayer(nn.Module):
             x = self.linear2(self.dropout(self.activation(self.linear1(x))))
         else:
             p = self.dropout.p if self.training else 0.0
-            x = _api.feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight,
-                                  self.linear2.bias, name, p, backend=self._backend)
+            w1, b1, w2, b2 = self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias
+            dtype = _autocast_dtype(x)
+            if dtype is not None:  # the fused op is not autocast-aware: cast as autocast casts nn.Linear
+                x, w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2))
+            x = _api.feed_forward(x, w1, b1, w2, b2, name, p, backend=self._backend)
         return self.dropout2(x)
 
 

@@ -651,3 +651,23 @@ def test_encoder_layer_mismatched_mask_kinds_warn_like_torch():
     for layer in (theirs, ours):
         with pytest.warns(UserWarning, match="mismatched src_key_padding_mask and src_mask"):
             layer(x, src_mask=mask, src_key_padding_mask=kpm)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_encoder_layer_under_cpu_autocast(monkeypatch, backend):
+    """Under autocast the feed-forward runs in the autocast dtype, like torch's nn.Linear layers."""
+    if backend not in fastattn.available_backends():
+        pytest.skip(f"backend {backend!r} is not available here: {fastattn.backend_status()[backend]}")
+    theirs = nn.TransformerEncoderLayer(16, 2, 32, 0.0)
+    _randomize(theirs)
+    ours = convert(copy.deepcopy(theirs), backend=backend)
+    calls = _spy(monkeypatch, "feed_forward")
+    x = torch.randn(6, 3, 16)
+    kpm = torch.zeros(3, 6, dtype=torch.bool)
+    kpm[1, 4:] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = theirs(x, src_key_padding_mask=kpm)
+        got = ours(x, src_key_padding_mask=kpm)
+    assert got.dtype == want.dtype
+    assert [args[0].dtype for args, _ in calls] == [torch.bfloat16]
+    _close(got.float(), want.float(), f"autocast bf16, {backend}", atol=5e-2, rtol=5e-2)
