@@ -1,0 +1,76 @@
+"""bench/report.py on hand-made pytest-benchmark JSON: tables, speedups and the targets' verdicts.
+
+No benchmark runs here (these are plain tests collected with the suites); they pin what the report
+computes, so a wrong ratio in a results file cannot come from the report.
+"""
+from __future__ import annotations
+
+import json
+
+import report
+
+
+def _bench(group, method, median, *, baseline, flops=1e9, **info):
+    extra = {"method": method, "baseline": baseline, "flops": flops, "device_type": "cuda",
+             "device_name": "Test GPU", "torch": "9.9", "triton": "9.9", **info}
+    return {"group": group, "name": f"t[{group}::{method}]", "extra_info": extra,
+            "stats": {"median": median, "iqr": median / 10, "rounds": 5}}
+
+
+def _write(tmp_path, benchmarks):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"benchmarks": benchmarks, "datetime": "2026-01-01T00:00:00"}))
+    return str(path)
+
+
+FWD = {"op": "attention", "pass": "fwd", "dtype": "bfloat16", "E": 128, "variant": "none"}
+
+
+def test_speedup_tflops_and_time_ratio(tmp_path):
+    g1 = "gpu/attention/fwd/bf16/N4-H16-L4096-E128"
+    g2 = "gpu/attention/fwd/bf16/N16-H16-L1024-E128"
+    gpad = g1 + "/kpad50"
+    benches = [
+        _bench(g1, "torch SDPA", 2e-3, baseline="torch SDPA", L=4096, flops=1e12, **FWD),
+        _bench(g1, "fastattn[triton]", 1e-3, baseline="torch SDPA", L=4096, flops=1e12, **FWD),   # 2x, 1000 TFLOP/s
+        _bench(g2, "torch SDPA", 1e-3, baseline="torch SDPA", L=1024, **FWD),
+        _bench(g2, "fastattn[triton]", 1e-3, baseline="torch SDPA", L=1024, **FWD),               # 1x
+        _bench(gpad, "fastattn[triton]", 0.5e-3, baseline="torch SDPA", L=4096, twin=g1,
+               **{**FWD, "variant": "kpad50"}),                                                    # 0.5 of g1
+    ]
+    run = report.load([_write(tmp_path, benches)])
+    by_what = {t.what: t for t in report.TARGETS if t.method == "fastattn[triton]"}
+
+    r = report.evaluate(by_what["attention fwd vs SDPA flash"], run)
+    assert r["n"] == 2 and r["met"] == 1 and r["verdict"] == "MISSED"
+    assert abs(r["min"] - 1.0) < 1e-12 and abs(r["max"] - 2.0) < 1e-12 and r["worst"] == g2
+
+    r = report.evaluate(by_what["attention fwd TFLOP/s, hd128 seq>=4k, non-causal"], run)
+    assert r["n"] == 1 and abs(r["min"] - 1000.0) < 1e-9 and r["verdict"] == "met"   # L=1024 left out
+
+    r = report.evaluate(by_what["half the keys padded: time / unpadded"], run)
+    assert r["n"] == 1 and abs(r["min"] - 0.5) < 1e-12 and r["verdict"] == "met"
+
+    r = report.evaluate(by_what["attention fwd+bwd vs SDPA flash"], run)
+    assert r["n"] == 0 and r["verdict"] == "not measured"
+
+
+def test_markdown_and_plots(tmp_path):
+    g = "gpu/ffn/fwd/bf16/T8192-D768-F3072"
+    info = {"op": "ffn", "pass": "fwd", "dtype": "bfloat16", "family": "gpu/ffn/fwd/bf16/D768-F3072",
+            "x": 8192, "x_name": "T"}
+    benches = [_bench(g, "eager Linear-ReLU-Linear", 4e-3, baseline="eager Linear-ReLU-Linear", **info),
+               _bench(g, "fastattn[cuda]", 2e-3, baseline="eager Linear-ReLU-Linear", **info)]
+    out = tmp_path / "r.md"
+    assert report.main([_write(tmp_path, benches), "--out", str(out), "--plots", str(tmp_path / "p")]) == 0
+    text = out.read_text()
+    assert "Test GPU" in text and "torch 9.9" in text
+    row = next(line for line in text.splitlines() if line.startswith("| fastattn[cuda]"))
+    assert "2×" in row and "2 ms" in row and "| 0.5 |" in row      # 1e9 FLOP in 2 ms = 0.5 TFLOP/s
+    assert (tmp_path / "p" / "gpu-ffn.png").stat().st_size > 0
+    assert "issue(s) 5" in text                                       # CPU targets: no CPU results here
+
+
+def test_missing_input_is_an_error(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope.json"), "--out", str(tmp_path / "x.md")]) == 2
+    assert "nope.json" in capsys.readouterr().err
