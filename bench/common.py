@@ -275,10 +275,17 @@ def measure(benchmark, fn: Callable[[], object], case: Case, method: str, *, bas
     info = benchmark.extra_info
     info.update(case.params())
     info.update(env_info(case.device))
-    info.update({"method": method, "baseline": baseline, "is_baseline": method == baseline,
+    info.update({"method": method, "baseline": baseline, "peer": baseline, "is_baseline": method == baseline,
                  "flops": flops})
     if extra:
         info.update(extra)
+    # which implementation ran: a fastattn backend, torch's SDPA backend, or plain torch
+    if method.startswith("fastattn["):
+        info["backend"] = method[len("fastattn["):-1]
+    elif method == NAIVE:
+        info["backend"] = "reference"
+    else:
+        info["backend"] = f"torch:{info['sdpa_backend']}" if "sdpa_backend" in info else "torch"
     with context if context is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
         fn()

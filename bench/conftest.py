@@ -36,6 +36,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skips cleanly without one)")
+    # torch's own modules warn about its deprecated jit decorators on import; not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
     s = common.SETTINGS
     seconds = config.getoption("--bench-seconds", default=None)
     if seconds is not None:
