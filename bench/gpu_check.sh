@@ -290,10 +290,12 @@ echo "| total (this call: $STEPS) | $([ $FAILED = 0 ] && echo ok || echo FAILED)
 step_report
 
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-  n=0
-  for f in "$P.md" "$P.json" "$P-tests.xml" "$P-tests.log" "$P-build.log" "$P-sanitizer.log" \
-           "$P-plots/gpu-attention.png" "$P-plots/gpu-ffn.png"; do
-    if [ -f "$f" ] && [ $n -lt 8 ]; then cp "$f" "$OUT/" && n=$((n + 1)); fi
+  # at most 8 flat files: the report, the raw JSON, the tests' log and XML, the other logs in one, plots
+  for f in "$P-build.log" "$P-sanitizer.log" "$P-bench-attention.log" "$P-bench-ffn.log" "$P-report.log"; do
+    [ -f "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; echo; }
+  done > "$OUT/$SLUG-logs.txt"
+  for f in "$P.md" "$P.json" "$P-tests.xml" "$P-tests.log" "$P-plots/gpu-attention.png" "$P-plots/gpu-ffn.png"; do
+    if [ -f "$f" ]; then cp "$f" "$OUT/"; fi
   done
 fi
 echo "gpu_check: report in $P.md$([ $FAILED = 0 ] || echo '; some steps FAILED')"
