@@ -160,7 +160,13 @@ step_test() {
   local summary
   summary=$(pytest_summary "$log")
   summary=${summary:-"no pytest summary line (rc $rc)"}
-  echo "- pytest on the GPU: \`$summary\`" > "$P-tests.summary"
+  {
+    echo "- pytest on the GPU: \`$summary\`"
+    if grep -qE "^(FAILED|ERROR) " "$log"; then
+      echo; echo "Failed tests (first 40; all in $(basename "$log") and $(basename "$xml")):"; echo; echo '```'
+      grep -E "^(FAILED|ERROR) " "$log" | head -40 | cut -c1-300; echo '```'
+    fi
+  } > "$P-tests.summary"
   if [ $rc -eq 0 ]; then record test ok $dt "$summary"
   elif [ $rc -eq 130 ] || [ $rc -eq 124 ] || [ $rc -eq 2 ] && grep -q "KeyboardInterrupt" "$log"; then
     record test FAILED $dt "stopped at the ${TIMEOUT_TEST:-600} s limit: $summary"

@@ -390,7 +390,8 @@ def header(run: Run, title: str | None) -> list[str]:
                f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     if run.commits:
         out.append(f"- commit: {', '.join(sorted(set(run.commits)))}")
-    out.append(f"- raw data: {', '.join(os.path.basename(p) for p in run.sources)} (pytest-benchmark JSON)")
+    if run.rows:
+        out.append(f"- raw data: {', '.join(os.path.basename(p) for p in run.sources)} (pytest-benchmark JSON)")
     if run.replaced:
         out.append(f"- {run.replaced} (group, method) pairs appeared in more than one file; the last one is shown")
     out += ["", "Times are medians of one call (GPU calls synchronize inside the timed call). A ratio holds "
