@@ -119,7 +119,7 @@ else:
         ("16bit", "aligned"): [_cfg(128, 128, 64, 8, 4, 2), _cfg(64, 128, 64, 4, 4, 2), _cfg(64, 64, 64, 4, 3, 1)],
         ("16bit", "unaligned"): [_cfg(128, 64, 32, 8, 3, 2), _cfg(64, 64, 32, 4, 3, 2)],
         ("fp32", "aligned"): [_cfg(128, 64, 32, 8, 3, 1), _cfg(64, 64, 32, 4, 3, 1)],
-        ("fp32", "unaligned"): [_cfg(64, 64, 32, 8, 3, 2)],  # 4 warps spill 16 B on sm_80 (tf32)
+        ("fp32", "unaligned"): [_cfg(64, 64, 32, 8, 3, 1)],  # 4 warps or split 2 spill 16 B on sm_80
     }
     LINEAR_CONFIGS = {  # down, dW1, dW2 (H read), dx
         ("16bit", "aligned"): [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 3)],
