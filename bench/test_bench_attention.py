@@ -154,13 +154,12 @@ def test_attention(benchmark, case: Case, method: str):
     if case.variant == "kpad50":
         extra["twin"] = attn_case(case.device, case.pass_, case.dtype, case["N"], case["H"], case["L"],
                                   case["E"], "none", "L").id   # the same call without padding
-    context = None
-    if method == SDPA:
+    make_ctx = contextlib.nullcontext
+    if method == SDPA:   # time torch's SDPA under the backend it used, named in extra_info
         make_ctx, extra["sdpa_backend"] = _sdpa_context(call)
-        context = make_ctx()
-    with (make_ctx() if method == SDPA else contextlib.nullcontext()):
+    with make_ctx():
         got = common.skip_if_refused(call, method)
     common.check_close(got, inp["want"], case.dtype, f"{method} on {case.id}")
     del got
-    common.measure(benchmark, call, case, method, baseline=SDPA, flops=_flops(case), context=context,
+    common.measure(benchmark, call, case, method, baseline=SDPA, flops=_flops(case), context=make_ctx(),
                    extra=extra)
