@@ -4,7 +4,8 @@
     python -m fastattn.demo --data aclImdb/ --epochs 1 --device cuda
 
 Both runs start from the same initial weights and see the same batches in the same order with the
-same seeds. Printed: the data set, per-step time of each run, the speedup, final training loss and
+same seeds; they train in lockstep (a step of one, then the same step of the other), so both step
+times are taken under the same machine load. Printed: the data set, per-step time of each run, the speedup, final training loss and
 test accuracy of each; a PNG plot of both loss and accuracy curves is written to --out.
 """
 from __future__ import annotations
@@ -137,45 +138,76 @@ def _batches(num: int, batch_size: int, steps: int, seed: int) -> list[torch.Ten
     return out
 
 
-def train(model: TextClassifier, data: _data.TextData, batches: list[torch.Tensor], args, device: torch.device,
-          label: str) -> dict:
-    """Train ``model`` on ``batches``; returns per-step losses/times and the test-accuracy curve."""
+class _Run:
+    """One training run: its model, optimizer, random-number state and history."""
+
+    def __init__(self, model: TextClassifier, label: str, lr: float, seed: int, device: torch.device):
+        self.model = model.train()
+        self.opt = torch.optim.Adam(model.parameters(), lr=lr)
+        # Each run keeps its own generator state, so dropout (if any) draws as if it ran alone.
+        gen = torch.Generator().manual_seed(seed)
+        self.cpu_rng = gen.get_state()
+        self.cuda_rng = None
+        if device.type == "cuda":
+            cuda_gen = torch.Generator(device).manual_seed(seed)
+            self.cuda_rng = cuda_gen.get_state()
+        self.device = device
+        self.history = {"label": label, "loss": [], "step_time": [], "eval_step": [], "test_acc": [],
+                        "test_loss": []}
+
+    def step(self, tokens, mask, labels) -> float:
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(self.model(tokens, mask).squeeze(-1), labels)
+        loss.backward()
+        self.opt.step()
+        _sync(self.device)
+        self.history["step_time"].append(time.perf_counter() - t0)
+        self.cpu_rng = torch.get_rng_state()
+        if self.cuda_rng is not None:
+            self.cuda_rng = torch.cuda.get_rng_state(self.device)
+        self.history["loss"].append(loss.detach().item())
+        return self.history["loss"][-1]
+
+
+def train(models: list[tuple[str, TextClassifier]], data: _data.TextData, batches: list[torch.Tensor], args,
+          device: torch.device) -> list[dict]:
+    """Train the models in lockstep, step i of each on batch i, so that both step-time series are taken
+    under the same machine conditions; returns each run's history (losses, step times, test curve)."""
     from tqdm import tqdm
 
-    torch.manual_seed(args.seed + 1)  # dropout (if any) starts from the same state in both runs
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    runs = [_Run(model, label, args.lr, args.seed + 1, device) for label, model in models]
     steps = len(batches)
     eval_every = args.eval_every or max(1, steps // 10)
-    history = {"label": label, "loss": [], "step_time": [], "eval_step": [], "test_acc": [], "test_loss": []}
-    model.train()
-    bar = tqdm(total=steps, desc=f"{label:>18}", disable=args.no_progress, file=sys.stderr, leave=True)
+    bar = tqdm(total=steps, desc="training both", disable=args.no_progress, file=sys.stderr, leave=True)
     for step, idx in enumerate(batches, start=1):
         tokens, mask, labels = data.train.batch(idx, device)
-        _sync(device)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        logits = model(tokens, mask).squeeze(-1)
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
-        loss.backward()
-        opt.step()
-        _sync(device)
-        history["step_time"].append(time.perf_counter() - t0)
-        history["loss"].append(loss.detach().item())
+        for run in runs:
+            run.step(tokens, mask, labels)
         if step % eval_every == 0 or step == steps:
-            test_loss, test_acc = evaluate(model, data.test, device)
-            history["eval_step"].append(step)
-            history["test_acc"].append(test_acc)
-            history["test_loss"].append(test_loss)
-            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", test_acc=f"{test_acc:.1%}")
+            for run in runs:
+                test_loss, test_acc = evaluate(run.model, data.test, device)
+                run.history["eval_step"].append(step)
+                run.history["test_acc"].append(test_acc)
+                run.history["test_loss"].append(test_loss)
+            bar.set_postfix(loss=" / ".join(f"{r.history['loss'][-1]:.3f}" for r in runs),
+                            test_acc=" / ".join(f"{r.history['test_acc'][-1]:.1%}" for r in runs))
         bar.update(1)
     bar.close()
-    warm = history["step_time"][min(3, steps - 1):]  # the first steps pay one-off allocation costs
-    history["median_step_s"] = statistics.median(warm)
-    history["mean_step_s"] = statistics.fmean(warm)
-    tail = history["loss"][-max(1, min(20, steps // 5)):]
-    history["final_loss"] = statistics.fmean(tail)
-    history["final_test_acc"] = history["test_acc"][-1]
-    return history
+    out = []
+    for run in runs:
+        h = run.history
+        warm = h["step_time"][min(3, steps - 1):]  # the first steps pay one-off allocation costs
+        h["median_step_s"] = statistics.median(warm)
+        h["mean_step_s"] = statistics.fmean(warm)
+        h["final_loss"] = statistics.fmean(h["loss"][-max(1, min(20, steps // 5)):])
+        h["final_test_acc"] = h["test_acc"][-1]
+        out.append(h)
+    return out
 
 
 def plot(histories: list[dict], path: str, title: str) -> None:
@@ -254,8 +286,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"on {device}; fastattn backend: {backend} (available: {', '.join(fastattn.available_backends())}); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    runs = [train(stock, data, batches, args, device, "torch.nn"),
-            train(fast, data, batches, args, device, f"fastattn ({backend})")]
+    runs = train([("torch.nn", stock), (f"fastattn ({backend})", fast)], data, batches, args, device)
     t, f = runs
     speedup = t["median_step_s"] / f["median_step_s"]
     gap = max(abs(a - b) for a, b in zip(t["loss"], f["loss"]))
