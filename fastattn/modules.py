@@ -6,8 +6,9 @@ feed-forward through :func:`fastattn.feed_forward`. :func:`convert` swaps them i
 
 Differences from torch, on purpose:
 
-- A query row whose every key is masked gives 0 attention (the output projection's bias after the
-  projection) where torch gives NaN.
+- A query row whose every key is masked gives 0 attention (so the output projection's bias) where
+  torch may give NaN (torch 2.11 does). With need_weights=True the module runs torch's own math
+  (as torch does there), so that call matches torch exactly, NaN included.
 - Dropout inside the attention and the feed-forward draws its mask from fastattn's Philox stream
   (seeded from torch's generator), so it is reproducible with ``torch.manual_seed`` but is not the
   same mask torch's dropout would draw.
