@@ -33,9 +33,11 @@ info: build
 test: build
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -ra tests
 
+# CPU benchmarks; the report is written even when a case fails its correctness check.
 bench: build
-	$(VPY) -m pytest -q bench --benchmark-json=bench/results/cpu-latest.json
-	$(VPY) bench/report.py bench/results/cpu-latest.json --out bench/results/cpu-latest.md
+	$(VPY) -m pytest -q bench --benchmark-json=bench/results/cpu-latest.json; status=$$?; \
+	$(VPY) bench/report.py bench/results/cpu-latest.json --out bench/results/cpu-latest.md \
+	  --plots bench/results/cpu-latest-plots; exit $$status
 
 # On a machine with a CUDA GPU: build the CUDA kernels, run every test on the GPU, run the GPU
 # benchmarks and write bench/results/<gpu>.md beside the raw pytest-benchmark JSON.
