@@ -223,12 +223,16 @@ def _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n,
     """fp32 (BLOCK_M, BLOCK_N) tile of A @ B.
 
     A element (m, k) sits at m*lda + k, or at k*lda + m when A_TRANS; B element (k, n) at k*ldb + n, or
-    at n*ldb + k when B_TRANS. Rows/columns past M/N are read wrapped (valid memory, never stored);
-    the K tail is masked to 0 (BLOCK_K >= 16 whatever K is, as tl.dot needs). B_FROM_PRE: B holds the
+    at n*ldb + k when B_TRANS. Loads are masked (rows/columns past M/N and the K tail read as 0;
+    BLOCK_K >= 16 whatever K is, as tl.dot needs). Masks rather than wrapped indices, so that when the
+    JIT sees M/N/K divisible by 16 the masks are constant over 16 elements and the loads along the
+    contiguous dimension (m for A_TRANS, n for B (K, N)) stay vectorised. B_FROM_PRE: B holds the
     pre-activation and the operand is act(B) (no dropout: see _h_in_prologue).
     """
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
     if A_TRANS:
         a_ptrs = a_ptr + rk[None, :].to(tl.int64) * lda + rm[:, None]
@@ -245,8 +249,8 @@ def _gemm_tile(a_ptr, b_ptr, M, N, K, lda, ldb, pid_m, pid_n,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if B_FROM_PRE:
             b = _cast(_act_fwd(b.to(tl.float32), act), a.dtype)  # act(0) == 0 keeps the K tail at 0
         if _INTERPRETER_BF16_WORKAROUNDS:
@@ -525,7 +529,7 @@ def _linear(role: str, a, b, bias, c, m, n, k, lda, ldb, tune, act: str = "relu"
     """c (m, n) = A @ B (+ bias) with the operand layouts of LINEAR_ROLES[role]."""
     flags = LINEAR_ROLES[role]
     kernel = "prologue" if flags["B_FROM_PRE"] else "linear"
-    align = _alignment((a, b, bias, c), (n, k, lda, ldb))
+    align = _alignment((a, b, bias, c), (m, n, k, lda, ldb) if flags["A_TRANS"] else (n, k, lda, ldb))
     _TUNED[kernel, _dtype_class(c.dtype), align][_grid(m, n)](
         a, b, bias if bias is not None else c, c, m, n, k, lda, ldb, int(bias is not None),
         ACT_ID[act] if flags["B_FROM_PRE"] else 0, *tune,

@@ -63,9 +63,11 @@ def _arg_types(kernel: str, dt: str) -> dict:
     raise KeyError(kernel)
 
 
-# integer arguments the JIT never specialises (do_not_specialize) or that are not shape-like
+# integer arguments the JIT never specialises (do_not_specialize) or that are not shape-like; in the
+# "aligned" variant every other int (T, D, F, M, N, K, lda, ldb ...) is divisible by 16, the usual
+# case of token counts that are a multiple of 16 with 768/3072-like sizes
 _NOT_ALIGNED = {"seed", "p", "drop_scale", "has_bias", "store_pre", "store_h", "act", "tune_m", "tune_n",
-                "tune_k", "T", "M", "R", "rows_per_prog"}
+                "tune_k", "R", "rows_per_prog"}
 
 
 def make_ast_source(fn, types: dict, constexprs: dict, aligned: bool):
