@@ -502,11 +502,12 @@ DTYPE_CLASSES = ("f16", "f32", "tf32")     # fp16/bf16 | fp32 computed in fp32 |
 # through a runtime stride is prefetched in registers, not shared memory), "dropout" (a Philox draw
 # of 10 rounds per score element): heavier variants get fewer score elements per thread.
 # tests/test_triton_aot_attention.py compiles them for sm_80 and sm_90 and asserts no register
-# spills and shared memory within the chip. Removed after that check (spills or smem): fwd
-# (128,128,w8,s3) [224 KB smem > sm_80], fwd hd64 (128,64,w4,s3) with masks, fwd hd128
-# (64,64,w4,s3)/(128,64,w8,s2-3) with masks, every dK/dV config with num_stages 3 (the pipeliner
-# keeps the prefetched q/dO tiles in registers: 255 regs + spills even when plain), and dropout
-# configs with 32 score elements per thread.
+# spills and shared memory within the chip. Removed after that check (triton 3.9, ptxas 13.4):
+#   fwd (128,128,w8,s3): 224 KB smem, over sm_80's 163 KB; fwd hd128 (128,64,w8,s3): spills on sm_80
+#   (kpm+causal); fwd hd64 (128,64,w4,s3) and hd128 (64,64,w4,s3) with attn_mask: spill;
+#   every dK/dV config with num_stages 3 (the pipeliner holds the prefetched q/dO tiles in registers:
+#   255 registers and spills even in the plain case) and with 64 resident keys (spills with masks);
+#   dropout configs with 32 score elements per thread; fp32 configs with 4 warps (spill with masks).
 VARIANTS = ("plain", "mask", "dropout")
 FWD_CONFIGS: dict[tuple[str, int, str, str], list[triton.Config]] = {}
 BWD_DKDV_CONFIGS: dict[tuple[str, int, str, str], list[triton.Config]] = {}
@@ -531,24 +532,24 @@ _fill(FWD_CONFIGS, F16, SMALL_HD, SHORT, PLAIN, [_cfg(64, 64, 4, 3)])
 _fill(FWD_CONFIGS, F16, (16, 32), LONG, PLAIN, [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3)])
 _fill(FWD_CONFIGS, F16, (64,), LONG, PLAIN, [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2)])
 _fill(FWD_CONFIGS, F16, (128,), SHORT, PLAIN, [_cfg(64, 64, 8, 3)])
-_fill(FWD_CONFIGS, F16, (128,), LONG, PLAIN, [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)])
+_fill(FWD_CONFIGS, F16, (128,), LONG, PLAIN, [_cfg(128, 32, 8, 3), _cfg(64, 64, 8, 3)])
 _fill(FWD_CONFIGS, F16, SMALL_HD, ANY_SEQ, MASK + DROP, [_cfg(64, 64, 8, 2)])
 _fill(FWD_CONFIGS, F16, (128,), ANY_SEQ, MASK + DROP, [_cfg(64, 32, 8, 2)])
 _fill(FWD_CONFIGS, F16, (256,), ANY_SEQ, PLAIN, [_cfg(64, 32, 8, 2)])
 _fill(FWD_CONFIGS, F16, (256,), ANY_SEQ, MASK + DROP, [_cfg(32, 32, 8, 2)])
-_fill(FWD_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(32, 32, 4, 2)])
+_fill(FWD_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
 _fill(FWD_CONFIGS, F32, (128,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
 _fill(FWD_CONFIGS, F32, (256,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 1)])
 
 # dK/dV: num_stages 1 (see above), 32 resident keys.
-_fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, PLAIN, [_cfg(32, 64, 4, 1), _cfg(32, 32, 4, 1)])
+_fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, PLAIN, [_cfg(16, 32, 4, 1)])
 _fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, MASK, [_cfg(32, 32, 4, 1)])
 _fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, DROP, [_cfg(16, 32, 4, 1)])
 _fill(BWD_DKDV_CONFIGS, F16, (128,), ANY_SEQ, PLAIN + MASK, [_cfg(32, 32, 8, 1)])
 _fill(BWD_DKDV_CONFIGS, F16, (128,), ANY_SEQ, DROP, [_cfg(16, 32, 8, 1)])
 _fill(BWD_DKDV_CONFIGS, F16, (256,), ANY_SEQ, PLAIN + MASK, [_cfg(16, 32, 8, 1)])
-_fill(BWD_DKDV_CONFIGS, F16, (256,), ANY_SEQ, DROP, [_cfg(16, 16, 4, 1)])
-_fill(BWD_DKDV_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(16, 32, 4, 1)])
+_fill(BWD_DKDV_CONFIGS, F16, (256,), ANY_SEQ, DROP, [_cfg(16, 16, 8, 1)])
+_fill(BWD_DKDV_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
 _fill(BWD_DKDV_CONFIGS, F32, (128, 256), ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
 
 # dQ.
@@ -557,7 +558,7 @@ _fill(BWD_DQ_CONFIGS, F16, SMALL_HD, ANY_SEQ, MASK + DROP, [_cfg(32, 32, 4, 2)])
 _fill(BWD_DQ_CONFIGS, F16, (128,), ANY_SEQ, PLAIN + MASK, [_cfg(64, 32, 8, 2)])
 _fill(BWD_DQ_CONFIGS, F16, (128, 256), ANY_SEQ, DROP, [_cfg(32, 32, 8, 2)])
 _fill(BWD_DQ_CONFIGS, F16, (256,), ANY_SEQ, PLAIN + MASK, [_cfg(32, 32, 8, 2)])
-_fill(BWD_DQ_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(32, 32, 4, 2)])
+_fill(BWD_DQ_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
 _fill(BWD_DQ_CONFIGS, F32, (128,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
 _fill(BWD_DQ_CONFIGS, F32, (256,), ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
 

@@ -9,9 +9,10 @@ it compiled, shared memory fits the chip (A100 163 KB, H100 227 KB), ptxas repor
 spills and the cubin has no stack/local memory. A table (kernel, dtype, head dim, arch,
 specialisation, config, regs, smem, spills) is printed.
 
-Default (`make test`, 2 cores): the "ci" subset, every config of the fp16 tables for head-dim
-buckets 64/128/256 with the heaviest specialisation (mask + key padding + causal + dropout), plus
-the delta pre-pass. FASTATTN_AOT_FULL=1: the whole cross product (all dtypes incl. bf16/fp32/tf32,
+Default (`make test`, 2 cores): the "ci" subset (kernels/_attn_aot.py: ci_jobs), every config of
+the fp16 tables for head-dim buckets 64/128/256 and of the fp32/tf32 tables at 64, each compiled
+with the heaviest specialisation of its table variant (plain: kpm + causal; mask: + attn_mask;
+dropout: all four), plus the delta pre-pass. FASTATTN_AOT_FULL=1: the whole cross product (all dtypes incl. bf16/fp32/tf32,
 all buckets, all 16 specialisations), e.g. on a many-core machine with FASTATTN_AOT_JOBS=16.
 """
 from __future__ import annotations
