@@ -5,8 +5,9 @@
 
 Both runs start from the same initial weights and see the same batches in the same order with the
 same seeds; they train in lockstep (a step of one, then the same step of the other), so both step
-times are taken under the same machine load. Printed: the data set, per-step time of each run, the speedup, final training loss and
-test accuracy of each; a PNG plot of both loss and accuracy curves is written to --out.
+times are taken under the same machine load. Printed: the data set, per-step time of each run, the
+speedup, final training loss and test accuracy of each; a PNG plot of both loss and accuracy
+curves is written to --out.
 """
 from __future__ import annotations
 
@@ -36,28 +37,29 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "--data; for synthetic data --steps decides)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (overrides --epochs; "
                    "default 500 on synthetic data)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
     p.add_argument("--max-len", type=int, default=None, help="longest sequence in tokens (synthetic default 32, "
                    "aclImdb default 256)")
-    p.add_argument("--vocab-size", type=int, default=20000, help="aclImdb vocabulary size")
+    p.add_argument("--vocab-size", type=int, default=20000, help="aclImdb vocabulary size (default 20000)")
     p.add_argument("--limit", type=int, default=None, help="aclImdb: at most this many reviews per split")
     p.add_argument("--train-size", type=int, default=16000, help="synthetic training sequences (the default "
                    "run sees each about once)")
-    p.add_argument("--test-size", type=int, default=1000, help="synthetic test sequences")
+    p.add_argument("--test-size", type=int, default=1000, help="synthetic test sequences (default 1000)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--backend", default=None, help="fastattn backend: cuda, triton, cpu or reference "
                    "(default: automatic, the fastest available)")
-    p.add_argument("--embedding-dim", type=int, default=64)
-    p.add_argument("--nhead", type=int, default=4)
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--dim-feedforward", type=int, default=256)
+    p.add_argument("--embedding-dim", type=int, default=64, help="model width (default 64)")
+    p.add_argument("--nhead", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--num-layers", type=int, default=2, help="encoder layers (default 2)")
+    p.add_argument("--dim-feedforward", type=int, default=256, help="feed-forward width (default 256)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout in the model (default 0, so both runs "
                    "see identical arithmetic and their curves can be compared step by step)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, weights and batch order (default 0)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations "
                    "(default: 10 points per run)")
-    p.add_argument("--out", default=os.path.join("demo_out", "training.png"), help="PNG plot path")
+    p.add_argument("--out", default=os.path.join("demo_out", "training.png"),
+                   help="PNG plot path (default demo_out/training.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for name in ("batch_size", "epochs", "steps", "max_len", "train_size", "test_size", "eval_every"):
