@@ -671,3 +671,16 @@ def test_encoder_layer_under_cpu_autocast(monkeypatch, backend):
     assert got.dtype == want.dtype
     assert [args[0].dtype for args, _ in calls] == [torch.bfloat16]
     _close(got.float(), want.float(), f"autocast bf16, {backend}", atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("shape", [(L, S), (N * H, L, S)])
+def test_mha_float_attn_mask_gets_gradient_like_torch(shape):
+    ours, theirs = _mha_pair({})
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(L, N, E, generator=gen, dtype=DT)
+    k = torch.randn(S, N, E, generator=gen, dtype=DT)
+    mask_t = torch.randn(shape, generator=gen, dtype=DT, requires_grad=True)
+    mask_o = mask_t.detach().clone().requires_grad_()
+    theirs(q, k, k, attn_mask=mask_t, need_weights=False)[0].sum().backward()
+    ours(q, k, k, attn_mask=mask_o, need_weights=False)[0].sum().backward()
+    _close(mask_o.grad, mask_t.grad, f"grad of a float attn_mask {shape}")
