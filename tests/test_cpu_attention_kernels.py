@@ -359,3 +359,28 @@ def test_bad_arguments_name_themselves():
         fwd_op(q, k, v, torch.zeros(1, 2, 8, 8, dtype=torch.bool), None, 0.0, False, 1.0, None)
     with pytest.raises(RuntimeError, match="dtype must be"):
         fwd_op(q.int(), k.int(), v.int(), None, None, 0.0, False, 1.0, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# bfloat16 forward: the AVX512_BF16 dot-product path (when the CPU has it) and the float32 path
+
+
+@pytest.mark.parametrize("dot", ["1", "0"])
+@pytest.mark.parametrize("e,ev,l,s,causal,mask_kind,p", [
+    (25, 25, 70, 37, False, "none", 0.0),     # odd E (packed K pairs), odd key count (padded pair)
+    (64, 64, 130, 129, True, "float2d", 0.0),  # even E (K pairs read in place)
+    (7, 12, 33, 50, True, "bool2d", 0.2),
+    (1, 1, 5, 1, False, "none", 0.0),
+])
+def test_bf16_forward_paths(dot, e, ev, l, s, causal, mask_kind, p, monkeypatch):
+    monkeypatch.setenv("FASTATTN_CPU_BF16DOT", dot)
+    run_and_check(2, 2, 1, l, s, e, ev, torch.bfloat16, causal=causal, mask_kind=mask_kind, p=p, use_kpm=True)
+
+
+@pytest.mark.parametrize("bm,bn", [(16, 7), (128, 33), (48, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sizes(bm, bn, dtype, monkeypatch):
+    # every block size a tuner may pick gives the same meaning (edges: odd BN, BN=1, BM not % 64)
+    monkeypatch.setenv("FASTATTN_CPU_BM", str(bm))
+    monkeypatch.setenv("FASTATTN_CPU_BN", str(bn))
+    run_and_check(1, 2, 2, 100, 75, 25, 19, dtype, causal=True, mask_kind="float2d", use_kpm=True)

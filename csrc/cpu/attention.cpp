@@ -72,6 +72,7 @@ struct KernelSet {
   const char* name;
   TaskFn fwd_f32, fwd_f64, fwd_bf16, fwd_f16, bwd_f32, bwd_f64, bwd_bf16, bwd_f16;
   int lanes_f32;
+  TaskFn fwd_bf16_any_bm = nullptr;  // fwd_bf16 when that one needs BM % 64 == 0 (bf16 dot path)
 };
 
 #if defined(FASTATTN_X86) && defined(__GNUC__)
@@ -82,6 +83,19 @@ namespace avx512 {
 #include "attention_kernel.h"
 #undef FA_VEC_AVX512
 }  // namespace avx512
+#pragma GCC pop_options
+
+// AVX-512 plus bf16 dot products: only the bfloat16 forward, chosen when the CPU has avx512_bf16.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2,avx512bf16")
+namespace avx512bf16 {
+#define FA_VEC_AVX512 1
+#define FA_HELPERS_ONLY 1
+#include "attention_kernel.h"
+#include "attention_bf16dot.h"
+#undef FA_HELPERS_ONLY
+#undef FA_VEC_AVX512
+}  // namespace avx512bf16
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -136,7 +150,16 @@ KernelSet pick_kernels() {
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl");
-  if (want == "avx512" && has_avx512) return FA_SET(avx512);
+  if (want == "avx512" && has_avx512) {
+    KernelSet ks = FA_SET(avx512);
+    const char* dot = std::getenv("FASTATTN_CPU_BF16DOT");  // "0" turns the bf16 dot path off
+    if (__builtin_cpu_supports("avx512bf16") && !(dot != nullptr && std::string(dot) == "0")) {
+      ks.fwd_bf16_any_bm = ks.fwd_bf16;
+      ks.fwd_bf16 = &avx512bf16::fwd_bf16_dot;
+      ks.name = "avx512bf16";
+    }
+    return ks;
+  }
   if ((want == "avx512" || want == "avx2") && has_avx2) return FA_SET(avx2);
 #endif
   return FA_SET(base);
@@ -150,7 +173,7 @@ int64_t env_int(const char* name, int64_t fallback) {
 // Block sizes: BM queries (a multiple of 16, every lane count) by BN keys. FASTATTN_CPU_BM / _BN
 // override them (for tuning).
 void choose_blocks(AttnParams& p) {
-  p.bm = env_int("FASTATTN_CPU_BM", 64);
+  p.bm = env_int("FASTATTN_CPU_BM", 64);  // the bf16 dot path needs a multiple of 64
   p.bn = env_int("FASTATTN_CPU_BN", 64);
   TORCH_CHECK(p.bm >= 16 && p.bm <= 512 && p.bm % 16 == 0,
               "attention (cpu): FASTATTN_CPU_BM must be a multiple of 16 in [16, 512], got ", p.bm);
@@ -265,7 +288,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const KernelSet ks = pick_kernels();
-  const TaskFn fn = pick_fwd(ks, dt);
+  TaskFn fn = pick_fwd(ks, dt);
+  if (dt == at::kBFloat16 && ks.fwd_bf16_any_bm != nullptr && p.bm % 64 != 0) fn = ks.fwd_bf16_any_bm;
   const int64_t ntasks = N * Hq * ((L + p.bm - 1) / p.bm);
   at::parallel_for(0, ntasks, 1, [&](int64_t b, int64_t e) { fn(p, b, e); });
   return {out, lse};

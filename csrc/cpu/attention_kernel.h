@@ -278,6 +278,12 @@ template <typename T, typename In>
 inline const T* as_compute(const In* src, int64_t n, T* dst) {
   if constexpr (std::is_same<T, In>::value) {
     return src;
+  } else if constexpr (std::is_same<T, float>::value && std::is_same<In, c10::BFloat16>::value) {
+    // bfloat16 is the top half of a float: a shift the compiler vectorises
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+    return dst;
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
     return dst;
@@ -544,6 +550,7 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   }
 }
 
+#ifndef FA_HELPERS_ONLY
 // Entry points of this instruction set.
 inline void fwd_f32(const AttnParams& p, int64_t b, int64_t e) { fwd_tasks<VecF, float>(p, b, e); }
 inline void fwd_f64(const AttnParams& p, int64_t b, int64_t e) { fwd_tasks<VecD, double>(p, b, e); }
@@ -554,3 +561,4 @@ inline void bwd_f64(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecD,
 inline void bwd_bf16(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecF, c10::BFloat16>(p, b, e); }
 inline void bwd_f16(const AttnParams& p, int64_t b, int64_t e) { bwd_tasks<VecF, c10::Half>(p, b, e); }
 inline int lanes_f32() { return VecF::W; }
+#endif  // FA_HELPERS_ONLY
