@@ -151,7 +151,9 @@ def compile_one(args) -> dict:
                spec="-" if spec is None else "".join(t for t, on in zip(("mask", "kpm", "causal", "drop"), spec) if on)
                or "plain",
                config="BM%d" % cfg.kwargs["BLOCK_M"] + ("/BN%d" % cfg.kwargs["BLOCK_N"] if "BLOCK_N" in cfg.kwargs else "")
-               + f" w{cfg.num_warps} s{cfg.num_stages}", error=None)
+               + f" w{cfg.num_warps} s{cfg.num_stages}" + ("" if A.config_archs(cfg) == A.ARCH_FAMILIES
+                                                         else " only sm%d" % A.config_archs(cfg)[0]),
+               error=None)
     t0 = time.perf_counter()
     buf = io.StringIO()
     try:
@@ -182,10 +184,10 @@ def all_jobs(archs=(80, 90), name_filter: str | None = None) -> list:
     from kernels import attention as A
 
     jobs = []
-    for i, (name, _k, dc, _hd, _spec, _cfg) in enumerate(A.compile_cases()):
+    for i, (name, _k, dc, _hd, _spec, cfg) in enumerate(A.compile_cases()):
         if name_filter and name_filter not in name:
             continue
-        for arch in archs:
+        for arch in (a for a in archs if A.arch_family(a) in A.config_archs(cfg)):
             for dt in _dtypes(dc):
                 jobs.append((i, arch, dt))
     return jobs
@@ -210,7 +212,7 @@ def ci_jobs(archs=(80, 90)) -> list:
     from kernels import attention as A
 
     jobs = []
-    for i, (name, _k, dc, hd, spec, _cfg) in enumerate(A.compile_cases()):
+    for i, (name, _k, dc, hd, spec, cfg) in enumerate(A.compile_cases()):
         if spec is None:
             dtypes = ("f16",) if dc == "f16" else ()
         elif spec != HEAVIEST[A.variant(spec)]:
@@ -221,7 +223,7 @@ def ci_jobs(archs=(80, 90)) -> list:
             dtypes = ("f32",)
         else:
             continue
-        for arch in archs:
+        for arch in (a for a in archs if A.arch_family(a) in A.config_archs(cfg)):
             for dt in dtypes:
                 jobs.append((i, arch, dt))
     return jobs
@@ -255,9 +257,9 @@ def run_cases(jobs, processes: int = 2, progress=None) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     head = ("kernel", "dtype", "hd", "arch", "spec", "config", "regs", "smem", "spills", "error")
-    lines = ["%-9s %-5s %4s %4s %-22s %-19s %5s %7s %6s %s" % head]
+    lines = ["%-9s %-5s %4s %4s %-22s %-24s %5s %7s %6s %s" % head]
     for r in rows:
-        lines.append("%-9s %-5s %4d %4d %-22s %-19s %5s %7s %6s %s" % (
+        lines.append("%-9s %-5s %4d %4d %-22s %-24s %5s %7s %6s %s" % (
             r["kernel"], r["dtype"], r["head_dim"], r["arch"], r["spec"], r["config"], r.get("regs", "-"),
             r.get("smem", "-"), r.get("spills", "-"), r["error"] or ""))
     return "\n".join(lines)

@@ -485,8 +485,23 @@ def _attn_bwd_dq_kernel(
 # ==================================================================================================
 # Configurations
 # ==================================================================================================
-def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+ARCH_FAMILIES = (80, 90)  # sm_80..sm_89 (A100 class) and sm_90+ (H100 class)
+
+
+def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int, archs=ARCH_FAMILIES) -> triton.Config:
+    """A candidate config; `archs` names the families it is offered on (some compile without spills
+    for only one of them)."""
+    cfg = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+    cfg.archs = tuple(archs)
+    return cfg
+
+
+def config_archs(cfg: triton.Config) -> tuple:
+    return getattr(cfg, "archs", ARCH_FAMILIES)
+
+
+def arch_family(arch: int) -> int:
+    return 90 if arch >= 90 else 80
 
 
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # padded head dim (a power of two, >= 16 for tl.dot)
@@ -532,24 +547,27 @@ _fill(FWD_CONFIGS, F16, SMALL_HD, SHORT, PLAIN, [_cfg(64, 64, 4, 3)])
 _fill(FWD_CONFIGS, F16, (16, 32), LONG, PLAIN, [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3)])
 _fill(FWD_CONFIGS, F16, (64,), LONG, PLAIN, [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2)])
 _fill(FWD_CONFIGS, F16, (128,), SHORT, PLAIN, [_cfg(64, 64, 8, 3)])
-_fill(FWD_CONFIGS, F16, (128,), LONG, PLAIN, [_cfg(128, 32, 8, 3), _cfg(64, 64, 8, 3)])
+_fill(FWD_CONFIGS, F16, (128,), LONG, PLAIN, [_cfg(128, 32, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 8, 3, (90,))])
 _fill(FWD_CONFIGS, F16, SMALL_HD, ANY_SEQ, MASK + DROP, [_cfg(64, 64, 8, 2)])
 _fill(FWD_CONFIGS, F16, (128,), ANY_SEQ, MASK + DROP, [_cfg(64, 32, 8, 2)])
 _fill(FWD_CONFIGS, F16, (256,), ANY_SEQ, PLAIN, [_cfg(64, 32, 8, 2)])
 _fill(FWD_CONFIGS, F16, (256,), ANY_SEQ, MASK + DROP, [_cfg(32, 32, 8, 2)])
-_fill(FWD_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
+_fill(FWD_CONFIGS, ("f32",), SMALL_HD, ANY_SEQ, PLAIN + DROP, [_cfg(16, 32, 4, 2)])
+_fill(FWD_CONFIGS, ("f32",), SMALL_HD, ANY_SEQ, MASK, [_cfg(32, 32, 8, 1)])
+_fill(FWD_CONFIGS, ("tf32",), SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
 _fill(FWD_CONFIGS, F32, (128,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
 _fill(FWD_CONFIGS, F32, (256,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 1)])
 
 # dK/dV: num_stages 1 (see above), 32 resident keys.
-_fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, PLAIN, [_cfg(16, 32, 4, 1)])
-_fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, MASK, [_cfg(32, 32, 4, 1)])
+_fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, PLAIN, [_cfg(16, 32, 8, 1)])
+_fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, MASK, [_cfg(32, 32, 4, 1), _cfg(32, 64, 4, 1, (90,))])
 _fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, DROP, [_cfg(16, 32, 4, 1)])
 _fill(BWD_DKDV_CONFIGS, F16, (128,), ANY_SEQ, PLAIN + MASK, [_cfg(32, 32, 8, 1)])
 _fill(BWD_DKDV_CONFIGS, F16, (128,), ANY_SEQ, DROP, [_cfg(16, 32, 8, 1)])
 _fill(BWD_DKDV_CONFIGS, F16, (256,), ANY_SEQ, PLAIN + MASK, [_cfg(16, 32, 8, 1)])
 _fill(BWD_DKDV_CONFIGS, F16, (256,), ANY_SEQ, DROP, [_cfg(16, 16, 8, 1)])
 _fill(BWD_DKDV_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
+_fill(BWD_DKDV_CONFIGS, ("f32",), SMALL_HD, ANY_SEQ, DROP, [_cfg(32, 32, 8, 1, (80,)), _cfg(16, 32, 8, 2, (90,))])
 _fill(BWD_DKDV_CONFIGS, F32, (128, 256), ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
 
 # dQ.
@@ -621,7 +639,8 @@ def compile_cases():
                     seen = []
                     for sq in SEQ_BUCKETS:
                         for cfg in table[(dc, hd, sq, variant(spec))]:
-                            key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+                            key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages,
+                                   config_archs(cfg))
                             if key not in seen:
                                 seen.append(key)
                                 cases.append((name, kernel, dc, hd, spec, cfg))
@@ -641,14 +660,22 @@ def _autotune_enabled() -> bool:
     return os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _choose(name: str, key: tuple, candidates: list[triton.Config], launch) -> triton.Config:
+def _device_arch(device: torch.device) -> int:
+    """Compute capability as 80, 90, ... (asked at launch time, never at import)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _choose(name: str, key: tuple, candidates: list[triton.Config], launch, device) -> triton.Config:
     """The config to launch with. launch(cfg) runs the kernel once with cfg (outputs overwritten)."""
     if INTERPRET:
         return INTERPRET_CONFIG
-    full_key = (name,) + key
+    family = arch_family(_device_arch(device))
+    full_key = (name, family) + key
     cfg = _CHOSEN.get(full_key)
     if cfg is not None:
         return cfg
+    candidates = [c for c in candidates if family in config_archs(c)]
     if len(candidates) == 1 or not _autotune_enabled():
         cfg = candidates[0]
     else:
@@ -667,7 +694,7 @@ def _choose(name: str, key: tuple, candidates: list[triton.Config], launch) -> t
 
 
 def chosen_configs() -> dict:
-    """The configs picked so far, {(kernel, dtype class, head-dim bucket, seq bucket, variant, spec): config}."""
+    """The configs picked so far, {(kernel, arch family, dtype class, head-dim bucket, seq bucket, variant, spec): config}."""
     return dict(_CHOSEN)
 
 
@@ -775,7 +802,7 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is
                                ms[0], ms[1], ms[2], ms[3], **dims, **flags, **cfg.kwargs,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = _choose("fwd", key, FWD_CONFIGS[key[:4]], launch)
+    cfg = _choose("fwd", key, FWD_CONFIGS[key[:4]], launch, q.device)
     launch(cfg)
     return out, lse
 
@@ -823,6 +850,6 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
                                   float(dropout_p), qk_scale, float(scale), ms[0], ms[1], ms[2], ms[3], **dims,
                                   **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    launch_dkdv(_choose("bwd_dkdv", key, BWD_DKDV_CONFIGS[key[:4]], launch_dkdv))
-    launch_dq(_choose("bwd_dq", key, BWD_DQ_CONFIGS[key[:4]], launch_dq))
+    launch_dkdv(_choose("bwd_dkdv", key, BWD_DKDV_CONFIGS[key[:4]], launch_dkdv, q.device))
+    launch_dq(_choose("bwd_dq", key, BWD_DQ_CONFIGS[key[:4]], launch_dq, q.device))
     return dq, dk, dv

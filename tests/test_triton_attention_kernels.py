@@ -339,6 +339,9 @@ def test_config_tables_cover_every_key():
                     for var in A.VARIANTS:
                         cfgs = table[(dc, hd, sq, var)]
                         assert cfgs, f"{name}: no config for {(dc, hd, sq, var)}"
+                        for fam in A.ARCH_FAMILIES:
+                            assert any(fam in A.config_archs(c) for c in cfgs), \
+                                f"{name}: no config for {(dc, hd, sq, var)} on sm_{fam}"
                         want = {sp for sp in A.SPECIALISATIONS if A.variant(sp) == var}
                         for cfg in cfgs:
                             specs = {c[4] for c in cases if c[0] == name and c[2] == dc and c[3] == hd
