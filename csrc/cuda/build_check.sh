@@ -25,6 +25,9 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 PY="$VENV/bin/python"
+# torch's BuildExtension runs the `ninja` it finds on PATH; always the venv's, so that ninja's log
+# format (and thus the incremental rebuild) does not depend on the caller's PATH.
+export PATH="$VENV/bin:$PATH"
 
 if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
   echo "build_check: CUDA_HOME=$CUDA_HOME has no bin/nvcc; expected the machine's CUDA toolkit" >&2
