@@ -97,12 +97,12 @@ using BwdEpilogueFn = void (*)(int64_t, int64_t, acc_t*, const scalar_t*, acc_t*
                                acc_t, acc_t*);
 
 // One row per (non-inlined) call: GCC vectorises the row loops reliably only outside a row nest.
-#define FFN_DEFINE_EPILOGUES(SUFFIX, ATTR)                                                                       \
+#define FFN_DEFINE_EPILOGUES(SUFFIX, AVX512, ATTR)                                                                     \
   template <typename scalar_t, typename acc_t, Act A, bool DROP>                                                \
   ATTR __attribute__((noinline)) void fwd_row_##SUFFIX(int64_t F, acc_t* h, const acc_t* b1, scalar_t* saved,   \
                                                        uint64_t seed, uint64_t off0, float p, acc_t scale,      \
                                                        acc_t* keep) {                                           \
-    fwd_row_impl<scalar_t, acc_t, A, DROP>(F, h, b1, saved, seed, off0, p, scale, keep);                        \
+    fwd_row_impl<scalar_t, acc_t, A, DROP, AVX512>(F, h, b1, saved, seed, off0, p, scale, keep);                        \
   }                                                                                                             \
   template <typename scalar_t, typename acc_t, Act A, bool DROP>                                                \
   ATTR void fwd_epilogue_##SUFFIX(int64_t rows, int64_t F, acc_t* h, const acc_t* b1, scalar_t* saved,          \
@@ -115,7 +115,7 @@ using BwdEpilogueFn = void (*)(int64_t, int64_t, acc_t*, const scalar_t*, acc_t*
   ATTR __attribute__((noinline)) void bwd_row_##SUFFIX(int64_t F, acc_t* dh, const scalar_t* pre, acc_t* hid,   \
                                                        acc_t* db1, uint64_t seed, uint64_t off0, float p,       \
                                                        acc_t scale, acc_t* keep) {                              \
-    bwd_row_impl<scalar_t, acc_t, A, DROP>(F, dh, pre, hid, db1, seed, off0, p, scale, keep);                   \
+    bwd_row_impl<scalar_t, acc_t, A, DROP, AVX512>(F, dh, pre, hid, db1, seed, off0, p, scale, keep);                   \
   }                                                                                                             \
   template <typename scalar_t, typename acc_t, Act A, bool DROP>                                                \
   ATTR void bwd_epilogue_##SUFFIX(int64_t rows, int64_t F, acc_t* dh, const scalar_t* pre, acc_t* hid,          \
@@ -125,11 +125,11 @@ using BwdEpilogueFn = void (*)(int64_t, int64_t, acc_t*, const scalar_t*, acc_t*
                                                  off0 + static_cast<uint64_t>(r * F), p, scale, keep);          \
   }
 
-FFN_DEFINE_EPILOGUES(base, )
+FFN_DEFINE_EPILOGUES(base, false, )
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FFN_HAVE_X86_DISPATCH 1
-FFN_DEFINE_EPILOGUES(avx2, __attribute__((target("avx2,fma,f16c,bmi2"))))
-FFN_DEFINE_EPILOGUES(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))))
+FFN_DEFINE_EPILOGUES(avx2, false, __attribute__((target("avx2,fma,f16c,bmi2"))))
+FFN_DEFINE_EPILOGUES(avx512, true, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))))
 #endif
 
 enum class Isa { Base, Avx2, Avx512 };
