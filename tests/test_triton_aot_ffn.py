@@ -74,8 +74,9 @@ def make_ast_source(fn, types: dict, constexprs: dict, aligned: bool):
     """ASTSource across triton versions.
 
     triton >= 3.3 (3.6 and 3.9 here): ASTSource(fn, signature, constexprs, attrs); the signature names
-    every argument, constexpr ones with the type "constexpr"; constexprs and attrs are keyed by
-    argument name / (index,) path; attrs values are lists of [attribute, value].
+    every argument, constexpr ones with the type "constexpr"; constexprs and attrs are keyed by the
+    argument's (index,) path (3.9 also takes names for constexprs; the tuple form is what every 3.x
+    that has ``constexprs`` reads); attrs values are lists of [attribute, value].
     triton 3.0-3.2: ASTSource(fn, signature, constants, attrs); the signature holds only the runtime
     arguments keyed by index, constants are keyed by index, attrs is an AttrsDescriptor.
     aligned: pointers and shape-like ints divisible by 16 (what the JIT sees for 768/3072 sizes).
@@ -92,7 +93,7 @@ def make_ast_source(fn, types: dict, constexprs: dict, aligned: bool):
     if "constexprs" in params:
         signature = {n: types.get(n, "constexpr") for n in names}
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-        return ASTSource(fn, signature, {n: constexprs[n] for n in names if n in constexprs}, attrs)
+        return ASTSource(fn, signature, {(names.index(n),): constexprs[n] for n in names if n in constexprs}, attrs)
     from triton.backends.compiler import AttrsDescriptor  # triton 3.0-3.2
     signature = {names.index(n): t for n, t in types.items()}
     constants = {names.index(n): v for n, v in constexprs.items()}
