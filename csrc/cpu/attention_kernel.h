@@ -272,6 +272,39 @@ inline void mask_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int
   }
 }
 
+// Running column maxima of st (nb rows, row stride BM): m[x] = max(m[x], max_j st[j][x]), with
+// the previous m saved to old. Four columns of vectors at a time: independent max chains.
+template <typename V>
+inline void col_max(const typename V::value_type* st, int64_t nb, int64_t BM, typename V::value_type* m,
+                    typename V::value_type* old) {
+  constexpr int W = V::W;
+  int64_t x = 0;
+  for (; x + 4 * W <= BM; x += 4 * W) {
+    V m0 = V::load(m + x), m1 = V::load(m + x + W), m2 = V::load(m + x + 2 * W), m3 = V::load(m + x + 3 * W);
+    m0.store(old + x);
+    m1.store(old + x + W);
+    m2.store(old + x + 2 * W);
+    m3.store(old + x + 3 * W);
+    for (int64_t j = 0; j < nb; ++j) {
+      const auto* r = st + j * BM + x;
+      m0 = vmax(m0, V::load(r));
+      m1 = vmax(m1, V::load(r + W));
+      m2 = vmax(m2, V::load(r + 2 * W));
+      m3 = vmax(m3, V::load(r + 3 * W));
+    }
+    m0.store(m + x);
+    m1.store(m + x + W);
+    m2.store(m + x + 2 * W);
+    m3.store(m + x + 3 * W);
+  }
+  for (; x < BM; x += W) {
+    V m0 = V::load(m + x);
+    m0.store(old + x);
+    for (int64_t j = 0; j < nb; ++j) m0 = vmax(m0, V::load(st + j * BM + x));
+    m0.store(m + x);
+  }
+}
+
 // Copies rows x cols of `src` (type In) into `dst` (type T); returns dst, or src itself when the
 // types agree (no copy needed).
 template <typename T, typename In>
@@ -338,11 +371,10 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
       const T* Kb = as_compute<T, In>(K + j0 * E, nb * E, kbuf);
       block_gemm<V, false>(nb, BM, E, Kb, E, 1, qt, BM, st, BM);
       mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
+      col_max<V>(st, nb, BM, mrow, arow);  // new max -> mrow, old max -> arow
       for (int64_t x = 0; x < BM; x += W) {
-        V mb = V::load(mrow + x);
-        const V mold = mb;
-        for (int64_t j = 0; j < nb; ++j) mb = vmax(mb, V::load(st + j * BM + x));
-        mb.store(mrow + x);
+        const V mold = V::load(arow + x);
+        const V mb = V::load(mrow + x);
         // a column that has seen only -inf keeps max -inf; subtracting the lowest finite value
         // instead makes its probabilities and its rescale factor exact zeros, never NaN
         const V msafe = vmax(mb, V::set1(std::numeric_limits<T>::lowest()));
