@@ -48,10 +48,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--backend", default=None, help="fastattn backend: cuda, triton, cpu or reference "
                    "(default: automatic, the fastest available)")
-    p.add_argument("--embedding-dim", type=int, default=64, help="model width (default 64)")
+    p.add_argument("--embedding-dim", type=int, default=100, help="model width (default 100, the classifier's)")
     p.add_argument("--nhead", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--num-layers", type=int, default=2, help="encoder layers (default 2)")
-    p.add_argument("--dim-feedforward", type=int, default=256, help="feed-forward width (default 256)")
+    p.add_argument("--dim-feedforward", type=int, default=2048,
+                   help="feed-forward width (default 2048, the classifier's)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout in the model (default 0, so both runs "
                    "see identical arithmetic and their curves can be compared step by step)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")

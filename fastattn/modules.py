@@ -60,6 +60,22 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask
 
 
+def _as_bool_if_binary(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A float mask holding only 0 and -inf as the bool mask it stands for (True = masked out).
+
+    nn.TransformerEncoder hands its layers float 0/-inf masks (its canonical form) even when the user
+    gave bool ones; turned back into bool, the padding mask reaches the kernels as key_padding_mask,
+    so they skip wholly padded key blocks instead of adding a mask. Other float masks stay additive.
+    Skipped under torch.compile (the check reads values) and for masks that require grad."""
+    if (mask is None or mask.dtype == torch.bool or mask.requires_grad
+            or torch.compiler.is_compiling()):
+        return mask
+    masked = torch.isneginf(mask)
+    if bool((masked | (mask == 0)).all()):
+        return masked
+    return mask
+
+
 def _pad_last(mask: Optional[Tensor]) -> Optional[Tensor]:
     """Append one visible key column (False for bool masks = not masked, 0 for float masks)."""
     if mask is None:
@@ -365,6 +381,8 @@ class TransformerEncoderLayer(nn.Module):
             _warn_mismatched_masks(src_key_padding_mask, "src_key_padding_mask", src_mask, "src_mask")
             src_key_padding_mask = _additive(src_key_padding_mask, src.dtype)
             src_mask = _additive(src_mask, src.dtype)
+        src_key_padding_mask = _as_bool_if_binary(src_key_padding_mask)
+        src_mask = _as_bool_if_binary(src_mask)
         # Otherwise the masks go to self_attn as given: a bool padding mask stays bool, so kernels
         # can skip wholly padded key blocks.
         x = src

@@ -684,3 +684,28 @@ def test_mha_float_attn_mask_gets_gradient_like_torch(shape):
     theirs(q, k, k, attn_mask=mask_t, need_weights=False)[0].sum().backward()
     ours(q, k, k, attn_mask=mask_o, need_weights=False)[0].sum().backward()
     _close(mask_o.grad, mask_t.grad, f"grad of a float attn_mask {shape}")
+
+
+def test_encoder_padding_mask_reaches_kernels_as_key_padding_mask(monkeypatch):
+    """nn.TransformerEncoder turns a bool padding mask into float 0/-inf before its layers; the converted
+    layer turns it back, so kernels get key_padding_mask (and skip padded key blocks), not an additive mask."""
+    import fastattn.api as api
+
+    seen = []
+    real = api.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask"), kwargs.get("key_padding_mask")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "scaled_dot_product_attention", spy)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 2, enable_nested_tensor=False)
+    enc = fastattn.convert(enc.eval(), backend="reference")
+    src = torch.randn(7, 3, 16)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    enc(src, src_key_padding_mask=pad)
+    assert len(seen) == 2
+    for attn_mask, kpm in seen:
+        assert attn_mask is None and kpm is not None and kpm.dtype == torch.bool
+        assert torch.equal(kpm, pad)
