@@ -69,12 +69,14 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 
 def make_source(kernel, signature: dict, constexprs: dict, attrs: dict):
     """triton.compiler.ASTSource across triton 3.6..3.9: signature keyed by argument name with
-    constexprs typed "constexpr", constexprs keyed by name (or index path), attrs keyed by index path."""
+    constexprs typed "constexpr", constexprs and attrs keyed by index path ((i,))."""
     from triton.compiler import ASTSource
 
     params = inspect.signature(ASTSource.__init__).parameters
     if "constexprs" in params:
-        return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        # Index-path keys: every 3.x spelling with `constexprs` accepts them (3.9 also takes names).
+        paths = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+        return ASTSource(fn=kernel, signature=signature, constexprs=paths, attrs=attrs)
     # Older spelling (constants=..., index-keyed): kept so the shim fails loudly rather than silently.
     idx = {n: i for i, n in enumerate(kernel.arg_names)}
     return ASTSource(fn=kernel, signature={idx[k]: v for k, v in signature.items() if v != "constexpr"},
