@@ -11,9 +11,12 @@
 //             Weight gradients accumulate in one partial per thread group (groups are fixed
 //             contiguous token ranges, tiles in order) and are summed in group order: the result
 //             is the same on every call with the same thread count.
-// GEMMs: oneDNN's brgemm micro-kernel through at::native::cpublas::brgemm (float), else at::mm
-// on tile views (double, or a torch without brgemm). bfloat16 inputs compute in float32
-// (converted per tile; weights once per call) and round the outputs; saved is bfloat16.
+// GEMMs: oneDNN's brgemm micro-kernel through at::native::cpublas::brgemm (float; as fast as MKL
+// sgemm on these tile shapes here, without at::mm's per-call overhead), else at::mm on tile views
+// (double, a torch without float brgemm, or FASTATTN_FFN_NO_BRGEMM=1). at::native::cpublas::gemm
+// is no option: its float overload is not exported from libtorch_cpu.
+// bfloat16 inputs compute in float32 (converted per tile; weights once per call) and round the
+// outputs; saved is bfloat16 and the forward uses that rounded pre-activation, as the backward does.
 // Element-wise work (ffn_math.h) is compiled for AVX-512 / AVX2 / baseline and chosen at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,6 +42,7 @@ constexpr int64_t kBwdTile = 64;  // tokens per backward tile (two (64, F) fp32 
 
 bool brgemm_usable() {
   static const bool ok = [] {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
     const char* env = std::getenv("FASTATTN_FFN_NO_BRGEMM");
     if (env != nullptr && env[0] == '1') return false;
     try {
@@ -48,6 +52,9 @@ bool brgemm_usable() {
     } catch (...) {
       return false;
     }
+#else
+    return false;  // this torch's CPUBlas.h has no float brgemm
+#endif
   }();
   return ok;
 }
@@ -77,12 +84,14 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
     }
     return;
   }
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
   if constexpr (std::is_same_v<T, float>) {
     if (use_brgemm) {
       at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, false);
       return;
     }
   }
+#endif
   gemm_fallback<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
