@@ -8,7 +8,8 @@
 //
 // float32 and float64 run natively (float64 accumulates in float64); bfloat16 and float16 are read
 // and written in place and computed in float32 (Q packed, K/V blocks converted as they are used).
-// Work is split with at::parallel_for (honours torch.set_num_threads):
+// Work is split over torch's intra-op threads (at::parallel_for, honours torch.set_num_threads),
+// chunks of tasks handed out dynamically:
 //   forward  over (batch, query head, block of queries);
 //   backward over (batch, kv head[, range of keys]) — each task owns its keys' dK/dV, and dQ is
 //            either owned too or written per key range and summed in a fixed order, so results do
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -167,6 +169,27 @@ KernelSet pick_kernels() {
   return FA_SET(base);
 }
 
+// Runs tasks [0, ntasks) of fn on torch's intra-op threads (at::parallel_for, so
+// torch.set_num_threads holds), handing out small chunks from a shared counter instead of one fixed
+// slice per thread: a thread the OS descheduled (a busy machine) no longer holds up the call. Tasks
+// write disjoint outputs and each runs whole on one thread, so results do not depend on who ran it.
+void run_tasks(TaskFn fn, const AttnParams& p, int64_t ntasks) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), ntasks);
+  if (threads <= 1) {
+    fn(p, 0, ntasks);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, ntasks / (threads * 8));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t b = next.fetch_add(chunk);
+      if (b >= ntasks) break;
+      fn(p, b, std::min(ntasks, b + chunk));
+    }
+  });
+}
+
 int64_t env_int(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != '\0' ? std::atoll(v) : fallback;
@@ -293,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   TaskFn fn = pick_fwd(ks, dt);
   if (dt == at::kBFloat16 && ks.fwd_bf16_any_bm != nullptr && p.bm % 64 != 0) fn = ks.fwd_bf16_any_bm;
   const int64_t ntasks = N * Hq * ((L + p.bm - 1) / p.bm);
-  at::parallel_for(0, ntasks, 1, [&](int64_t b, int64_t e) { fn(p, b, e); });
+  run_tasks(fn, p, ntasks);
   return {out, lse};
 }
 
@@ -349,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   }
   const KernelSet ks = pick_kernels();
   const TaskFn fn = pick_bwd(ks, dt);
-  at::parallel_for(0, heads * p.key_parts, 1, [&](int64_t b, int64_t e) { fn(p, b, e); });
+  run_tasks(fn, p, heads * p.key_parts);
   if (p.key_parts > 1) {
     // fixed summation order over key ranges, in the compute type, then one rounding to q's dtype
     at::Tensor sum = dq_part.select(0, 0).clone();
