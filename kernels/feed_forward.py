@@ -139,6 +139,9 @@ COLSUM_BLOCK_C = 32 if INTERPRET else 128
 COLSUM_NUM_WARPS = 4
 COLSUM_ROWS_PER_PROG = 256 if INTERPRET else 1024
 DB1_ROWS = 32  # db1 partial sums: one fp32 row per DB1_ROWS rows of the hidden, whatever the tile
+_bad = [c for cs in DH_CONFIGS.values() for c in cs if c.kwargs["BLOCK_M"] % DB1_ROWS]
+if _bad:
+    raise ValueError(f"DH_CONFIGS: BLOCK_M must be a multiple of DB1_ROWS={DB1_ROWS}; got {_bad}")
 
 # The operand layouts each _ffn_linear_kernel launch uses (A_TRANS: A is stored (K, M); B_TRANS: B is
 # stored (N, K)); B_FROM_PRE launches take PROLOGUE_CONFIGS, the others LINEAR_CONFIGS. The launchers
