@@ -36,7 +36,10 @@ def main() -> None:
             status = f"not available: {why}"
         devs = ", ".join(be.devices)
         dts = ", ".join(str(d).replace("torch.", "") for d in be.dtypes)
-        print(f"  {name:9s} {status}\n            devices: {devs}; dtypes: {dts}")
+        line = f"  {name:9s} {status}\n            devices: {devs}; dtypes: {dts}"
+        if be.ffn_dtypes is not None:
+            line += " (feed-forward: " + ", ".join(str(d).replace("torch.", "") for d in be.ffn_dtypes) + ")"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
 class Backend:
     name = ""
     devices: tuple[str, ...] = ()
-    dtypes: tuple[torch.dtype, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = ()  # attention's; ffn_dtypes when the feed-forward differs
+    ffn_dtypes: tuple[torch.dtype, ...] | None = None
     max_head_dim = 256
     serves_attention = True
     serves_ffn = True
@@ -50,8 +51,9 @@ class Backend:
         reasons = []
         if call.device_type not in self.devices:
             reasons.append(f"device {call.device_type} not in {list(self.devices)}")
-        if call.dtype not in self.dtypes:
-            reasons.append(f"dtype {call.dtype} not in {[_DTYPE_NAMES.get(d, str(d)) for d in self.dtypes]}")
+        dtypes = self.dtypes if kind == "attention" or self.ffn_dtypes is None else self.ffn_dtypes
+        if call.dtype not in dtypes:
+            reasons.append(f"dtype {call.dtype} not in {[_DTYPE_NAMES.get(d, str(d)) for d in dtypes]}")
         return reasons
 
     def attention_reasons(self, call, forced: bool) -> list[str]:

@@ -10,7 +10,8 @@ from .. import ops
 class CPUBackend(OpBackend):
     name = "cpu"
     devices = ("cpu",)
-    dtypes = (torch.float32, torch.bfloat16, torch.float64)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    ffn_dtypes = (torch.float32, torch.bfloat16, torch.float64)
     max_head_dim = 256
 
     def _probe(self):
