@@ -37,8 +37,8 @@ def main() -> None:
         devs = ", ".join(be.devices)
         dts = ", ".join(str(d).replace("torch.", "") for d in be.dtypes)
         line = f"  {name:9s} {status}\n            devices: {devs}; dtypes: {dts}"
-        if be.ffn_dtypes is not None:
-            line += " (feed-forward: " + ", ".join(str(d).replace("torch.", "") for d in be.ffn_dtypes) + ")"
+        if be.dtypes_for("ffn") != be.dtypes:
+            line += " (feed-forward: " + ", ".join(str(d).replace("torch.", "") for d in be.dtypes_for("ffn")) + ")"
         print(line)
 
 

@@ -64,7 +64,7 @@ def cases_for(backend: str) -> list[Case]:
     cases += [Case(hq=4, hkv=2), Case(hq=4, hkv=1, causal=True, mask="kpm"), Case(e=32, ev=16), Case(e=16, ev=48)]
     cases.append(Case(n=1, hq=1, hkv=1, l=1, s=1, e=1, ev=1))
     for dt in (torch.float16, torch.bfloat16, torch.float64):
-        if dt in be.dtypes:
+        if dt in be.dtypes_for("attention"):
             cases.append(Case(dtype=dt, e=64, ev=64, l=65, s=65))
             cases.append(Case(dtype=dt, e=25, ev=25, mask="kpm", causal=True, l=33, s=47))
             cases.append(Case(dtype=dt, hq=4, hkv=2, mask="float_ls", l=20, s=20))

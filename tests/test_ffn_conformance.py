@@ -48,7 +48,7 @@ def cases_for(backend: str) -> list[FCase]:
     for a in ("relu", "gelu", "gelu_tanh"):
         cases.append(FCase(activation=a, dropout_p=0.2, lead=(9, 4)))
     for dt in (torch.float16, torch.bfloat16, torch.float64):
-        if dt in be.dtypes:
+        if dt in be.dtypes_for("ffn"):
             cases += [FCase(dtype=dt), FCase(dtype=dt, activation="gelu", lead=(40,), d=64, f=128, d2=64)]
     return cases
 

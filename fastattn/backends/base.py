@@ -39,6 +39,10 @@ class Backend:
         return None
 
     # -- capabilities -----------------------------------------------------------------------------
+    def dtypes_for(self, kind: str) -> tuple[torch.dtype, ...]:
+        """The dtypes this backend serves for "attention" or "ffn"."""
+        return self.dtypes if kind == "attention" or self.ffn_dtypes is None else self.ffn_dtypes
+
     def _common_reasons(self, kind: str, call, forced: bool) -> list[str]:
         why = self.unavailable_reason()
         if why is not None:
@@ -51,7 +55,7 @@ class Backend:
         reasons = []
         if call.device_type not in self.devices:
             reasons.append(f"device {call.device_type} not in {list(self.devices)}")
-        dtypes = self.dtypes if kind == "attention" or self.ffn_dtypes is None else self.ffn_dtypes
+        dtypes = self.dtypes_for(kind)
         if call.dtype not in dtypes:
             reasons.append(f"dtype {call.dtype} not in {[_DTYPE_NAMES.get(d, str(d)) for d in dtypes]}")
         return reasons
