@@ -129,4 +129,4 @@ def select_backend(kind: str, call, explicit: str | None = None) -> Backend:
 
 
 __all__ = ["Backend", "BackendError", "PRIORITY", "available_backends", "backend_status", "get_backend",
-           "select_backend", "use_backend", "torch"]
+           "select_backend", "use_backend"]
