@@ -36,7 +36,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 1 for "
                    "--data; for synthetic data --steps decides)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (overrides --epochs; "
-                   "default 500 on synthetic data)")
+                   "default 800 on synthetic data)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
     p.add_argument("--max-len", type=int, default=None, help="longest sequence in tokens (synthetic default 32, "
                    "aclImdb default 256)")
@@ -55,7 +55,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="feed-forward width (default 2048, the classifier's)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout in the model (default 0, so both runs "
                    "see identical arithmetic and their curves can be compared step by step)")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4; 1e-3 left the 100/2048 model at chance in 500 steps)")
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="Adam learning rate (default 3e-4; 1e-3 left the 100/2048 model at chance in 500 steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, weights and batch order (default 0)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations "
                    "(default: 10 points per run)")
@@ -259,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         max_len = args.max_len or 32
         data = _data.make_synthetic(args.train_size, args.test_size, min_len=min(8, max_len), max_len=max_len,
                                     seed=args.seed)
-        default_steps = 500
+        default_steps = 800
     print(data.description)
     sample = data.train.tokens[0, : int(data.train.lengths[0])]
     print(f"  example: \"{data.decode(sample)}\" -> label {int(data.train.labels[0])}")
