@@ -56,10 +56,6 @@ class AttentionCall:
     def head_dims(self) -> tuple[int, int]:
         return self.q.shape[-1], self.v.shape[-1]
 
-    @property
-    def requires_grad(self) -> bool:
-        return torch.is_grad_enabled() and (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad)
-
 
 def _check_tensor(name: str, t, *, floating: bool = True):
     if not isinstance(t, torch.Tensor):
