@@ -36,6 +36,7 @@
 #endif
 
 #include "philox.h"
+#include "cpu/attention_amx.h"
 
 namespace fastattn {
 namespace cpu_attn {
@@ -308,6 +309,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   at::Tensor out = at::empty({N, Hq, L, Ev}, q.options());
   at::Tensor lse = at::empty({N, Hq, L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  // bfloat16 on AMX (attention_amx.cpp) when the CPU has it; false means "not served here"
+  if (dt == at::kBFloat16 &&
+      amx::fwd_bf16(q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed, out, lse))
+    return {out, lse};
   AttnParams p;
   fill_common(p, q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed);
   p.out = out.data_ptr();

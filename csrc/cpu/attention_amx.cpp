@@ -1,0 +1,541 @@
+// bfloat16 attention forward on AMX: the two GEMMs (S = Q K^T and O += P V) run on oneDNN's brgemm
+// micro-kernel through at::native::cpublas::brgemm (bf16 x bf16 -> fp32, AMX tiles on CPUs with
+// amx_bf16), the softmax in AVX-512 between them.
+//
+// One task = (batch b, kv head hk, range of query blocks). It packs its kv head's K and V once into
+// the VNNI layout brgemm wants for B (pairs of K-dimension rows interleaved):
+//   K^T (E x S):  kp[e/2][j][e%2] = K[j][e]   (a 32-bit-word transpose of K; E padded to even)
+//   V   (S x Ev): vp[j/2][n][j%2] = V[j][n]   (S padded with zero rows)
+// then walks the GQA group's query heads and its query blocks of BM rows. Per block, keys are
+// taken in chunks of up to KC (the whole row when S <= KC, the common case: no rescaling at all):
+//   s (BM x KC fp32) = Q K^T by one brgemm call; per row: mask/padding (when present), max,
+//   p = 2^(s*c - m*c) summed in fp32, dropout, rounded to bf16; O (fp32) += P V by one call.
+// Rows are finished as O / l in bf16 and lse = max + ln l (+inf and 0 for rows that see no key).
+//
+// Semantics are the kernel contract's (fastattn/backends/README.md), same as attention_kernel.h;
+// dropout uses the shared Philox counter ((b*Hq + h)*L + i)*S + j. The vector code is compiled
+// with __attribute__((target)) on functions of internal linkage only, and runs only after a run-time
+// check of the CPU (avx512bw + avx512_bf16, and torch's could_pack(kBFloat16) for AMX) and a probe
+// of brgemm; FASTATTN_CPU_AMX=0 turns the path off. torch.ops.fastattn_amx.fwd_calls() counts the
+// calls served here (for the tests).
+#include "cpu/attention_amx.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define FASTATTN_AMX_BUILD 1
+#include <immintrin.h>
+#endif
+
+#include "philox.h"
+
+namespace fastattn {
+namespace cpu_attn {
+namespace amx {
+namespace {
+
+std::atomic<int64_t> g_fwd_calls{0};
+
+#if defined(FA_AMX_PROFILE)
+}  // namespace
+uint64_t g_prof[8];
+namespace {
+#define FA_PROF_T0 uint64_t fa_t = __rdtsc();
+#define FA_PROF(i) { uint64_t t2 = __rdtsc(); __atomic_fetch_add(&g_prof[i], t2 - fa_t, __ATOMIC_RELAXED); fa_t = t2; }
+#else
+#define FA_PROF_T0
+#define FA_PROF(i)
+#endif
+
+#if defined(FASTATTN_AMX_BUILD)
+
+#define FA_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,f16c")))
+
+struct Params {
+  int64_t N, Hq, Hkv, L, S, E, Ev;
+  int64_t Ep;   // E rounded up to even (the K dimension of Q K^T)
+  int64_t Sp;   // S rounded up to a multiple of 32 (columns of packed K^T, rows of packed V)
+  int64_t BM;   // queries per block
+  int64_t KC;   // keys per chunk (a multiple of 32)
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+  const uint16_t* mask;
+  int64_t msb, msh, msl, mss;
+  const bool* kpm;
+  double dropout_p;
+  uint64_t seed;
+  bool causal;
+  float scale;
+  uint16_t* out;
+  float* lse;
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-thread scratch.
+struct Scratch {
+  std::vector<uint32_t> kp;   // (Ep/2, Sp) 32-bit words: packed K^T
+  std::vector<uint16_t> vp;   // (Sp/2, Ev, 2): packed V
+  std::vector<uint16_t> qb;   // (BM, Ep): Q block padded to even E (odd E only)
+  std::vector<float> s;       // (BM, KC) scores
+  std::vector<uint16_t> pb;   // (BM, KC) probabilities in bf16
+  std::vector<float> o;       // (BM, Ev) unnormalised output
+  std::vector<float> m, l;    // (BM) running max (in the units of the row pass), sum
+  std::vector<float> kb;      // (S) key padding bias, 0 or -inf
+  std::vector<float> tmp;     // (16) strided mask gather
+};
+
+// 2^x for x <= 0 (a little above 0 is fine too); -inf (and anything below -200) gives 0. Degree-5
+// polynomial for 2^f on [-1/2, 1/2] (Chebyshev fit, relative error 1.1e-7, float32's own level),
+// times 2^n by vscalefps.
+FA_AMX_TARGET inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.3400432165577227e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.676037097866618e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550327214208539e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402210735583101e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472067106208e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000754953482f));
+  return _mm512_scalef_ps(p, n);
+}
+
+FA_AMX_TARGET inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+FA_AMX_TARGET inline __m512 bf16x16_to_ps(__m256i x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+// Packs rows [0, rows) of K (S, E) into kp (Ep/2, Sp) words and V (S, Ev) into vp (Sp/2, Ev, 2);
+// rows [rows, round_up(rows, 32)) are zero.
+FA_AMX_TARGET void pack_kv(const Params& p, const uint16_t* K, const uint16_t* V, int64_t rows,
+                           uint32_t* kp, uint16_t* vp) {
+  const int64_t E = p.E, Ev = p.Ev, Sp = p.Sp, E2 = p.Ep / 2;
+  const int64_t rp = std::min(round_up(rows, 32), Sp);
+  // K^T: word (w, j) = K[j][2w] | K[j][2w+1] << 16
+  // 16 rows at a time by gathers: word w of rows j0..j0+15 sits at 16-bit offsets j*E + 2w. With
+  // odd E the last word's high half belongs to the next row (masked off), so the head's last row
+  // takes the scalar loop (its next row may lie past the end of the tensor).
+  const __m512i vidx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(E)));
+  const bool odd = E % 2 == 1;
+  int64_t j0 = 0;
+  for (; j0 + 16 <= rows && (!odd || j0 + 16 < p.S); j0 += 16) {
+    const uint16_t* base = K + j0 * E;
+    for (int64_t w = 0; w < E2; ++w) {
+      __m512i x = _mm512_i32gather_epi32(vidx, static_cast<const void*>(base + 2 * w), 2);
+      if (odd && w == E2 - 1) x = _mm512_and_si512(x, _mm512_set1_epi32(0xFFFF));
+      _mm512_storeu_si512(reinterpret_cast<void*>(kp + w * Sp + j0), x);
+    }
+  }
+  for (int64_t j = j0; j < rows; ++j) {
+    const uint16_t* r = K + j * E;
+    for (int64_t w = 0; w < E2; ++w) {
+      const uint32_t lo = r[2 * w];
+      const uint32_t hi = 2 * w + 1 < E ? r[2 * w + 1] : 0u;
+      kp[w * Sp + j] = lo | (hi << 16);
+    }
+  }
+  for (int64_t w = 0; w < E2; ++w)
+    for (int64_t j = rows; j < rp; ++j) kp[w * Sp + j] = 0;
+  // V: row pairs interleaved
+  for (int64_t j = 0; j + 1 < rows; j += 2) {
+    const uint16_t* r0 = V + j * Ev;
+    const uint16_t* r1 = r0 + Ev;
+    uint16_t* d = vp + j * Ev;
+    int64_t n = 0;
+    for (; n + 16 <= Ev; n += 16) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + n));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + n));
+      const __m512i a32 = _mm512_cvtepu16_epi32(a);
+      const __m512i b32 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16);
+      _mm512_storeu_si512(reinterpret_cast<void*>(d + 2 * n), _mm512_or_si512(a32, b32));
+    }
+    for (; n < Ev; ++n) {
+      d[2 * n] = r0[n];
+      d[2 * n + 1] = r1[n];
+    }
+  }
+  if (rows % 2 == 1) {
+    const uint16_t* r0 = V + (rows - 1) * Ev;
+    uint16_t* d = vp + (rows - 1) * Ev;
+    for (int64_t n = 0; n < Ev; ++n) {
+      d[2 * n] = r0[n];
+      d[2 * n + 1] = 0;
+    }
+  }
+  const int64_t z0 = round_up(rows, 2);
+  if (rp > z0) std::memset(vp + z0 * Ev, 0, sizeof(uint16_t) * (rp - z0) * Ev);
+}
+
+// The softmax of one row chunk: s (n valid scores, of npad columns), running max m (in the units
+// of the row: raw q.k on the fast path, scale*q.k + mask otherwise) and sum l; writes bf16
+// probabilities (dropout applied) to pb[0, npad) and returns the rescale factor for the row's
+// earlier output (1 on the first chunk).
+// fast: no mask, no padding, scale > 0: the row holds raw q.k and c = scale * log2(e).
+FA_AMX_TARGET inline float row_softmax(const Params& p, float* s, int64_t n, int64_t npad, uint16_t* pb,
+                                       float& m, float& l, bool fast, const uint16_t* mrow, const float* kb,
+                                       float* tmp, uint64_t drop_off) {
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m512 vneg = _mm512_set1_ps(kNegInf);
+  __m512 vmax = vneg;
+  if (fast) {
+    int64_t j = 0;
+    __m512 m1 = vneg;
+    for (; j + 32 <= n; j += 32) {
+      vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
+      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + j + 16));
+    }
+    for (; j < n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vneg, tail_mask(n - j), s + j));
+    vmax = _mm512_max_ps(vmax, m1);
+  } else {
+    const __m512 vs = _mm512_set1_ps(p.scale);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 km = tail_mask(n - j);
+      __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(km, s + j), vs);
+      if (mrow != nullptr) {
+        __m512 mv;
+        if (p.mss == 1) {
+          mv = bf16x16_to_ps(_mm256_maskz_loadu_epi16(km, mrow + j));
+        } else if (p.mss == 0) {
+          const uint32_t bits = static_cast<uint32_t>(mrow[0]) << 16;
+          float x;
+          std::memcpy(&x, &bits, 4);
+          mv = _mm512_set1_ps(x);
+        } else {
+          const int64_t cnt = std::min<int64_t>(16, n - j);
+          for (int64_t t = 0; t < cnt; ++t) {
+            const uint32_t bits = static_cast<uint32_t>(mrow[(j + t) * p.mss]) << 16;
+            std::memcpy(tmp + t, &bits, 4);
+          }
+          mv = _mm512_maskz_loadu_ps(km, tmp);
+        }
+        y = _mm512_add_ps(y, mv);
+      }
+      if (kb != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km, kb + j));
+      _mm512_mask_storeu_ps(s + j, km, y);
+      vmax = _mm512_max_ps(vmax, _mm512_mask_blend_ps(km, vneg, y));
+    }
+  }
+  const float cmax = _mm512_reduce_max_ps(vmax);
+  const float mnew = std::max(m, cmax);
+  if (mnew == kNegInf) {  // nothing visible so far: probabilities 0, output untouched
+    std::memset(pb, 0, sizeof(uint16_t) * npad);
+    return 1.f;
+  }
+  const float c = fast ? p.scale * 1.4426950408889634f : 1.4426950408889634f;
+  const float alpha = m == kNegInf ? 0.f : std::exp2((m - mnew) * c);
+  m = mnew;
+  const __m512 vc = _mm512_set1_ps(c);
+  const __m512 vmc = _mm512_set1_ps(-mnew * c);
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+  const bool drop = p.dropout_p > 0;
+  const float keep_scale = drop ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 1.f;
+  int64_t j = 0;
+  if (!drop) {
+    for (; j + 32 <= n; j += 32) {
+      const __m512 e0 = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), vc, vmc));
+      const __m512 e1 = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + j + 16), vc, vmc));
+      sum0 = _mm512_add_ps(sum0, e0);
+      sum1 = _mm512_add_ps(sum1, e1);
+      _mm512_storeu_si512(reinterpret_cast<void*>(pb + j), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 km = tail_mask(n - j);
+    __m512 e = exp2_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, s + j), vc, vmc));
+    e = _mm512_maskz_mov_ps(km, e);
+    sum0 = _mm512_add_ps(sum0, e);
+    if (drop) {
+      const int64_t cnt = std::min<int64_t>(16, n - j);
+      uint32_t keep = 0;
+      for (int64_t t = 0; t < cnt; ++t)
+        keep |= static_cast<uint32_t>(fastattn::philox_uniform(p.seed, drop_off + j + t) >= p.dropout_p) << t;
+      e = _mm512_maskz_mul_ps(static_cast<__mmask16>(keep), e, _mm512_set1_ps(keep_scale));
+    }
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(e);
+    _mm256_mask_storeu_epi16(pb + j, km, h);
+  }
+  if (npad > n) std::memset(pb + n, 0, sizeof(uint16_t) * (npad - n));
+  l = l * alpha + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+  return alpha;
+}
+
+// One query block: rows [i0, i0 + mrows) of head (b, h), whose kv head is packed in sc.kp / sc.vp.
+FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h, int64_t i0, int64_t mrows) {
+  const int64_t E = p.E, Ep = p.Ep, Ev = p.Ev, L = p.L, S = p.S, KC = p.KC, Sp = p.Sp;
+  const int64_t bh = b * p.Hq + h;
+  const uint16_t* Q = p.q + (bh * L + i0) * E;
+  const at::BFloat16* A;
+  if (E == Ep) {
+    A = reinterpret_cast<const at::BFloat16*>(Q);
+  } else {
+    for (int64_t i = 0; i < mrows; ++i) {
+      std::memcpy(sc.qb.data() + i * Ep, Q + i * E, sizeof(uint16_t) * E);
+      sc.qb[i * Ep + E] = 0;
+    }
+    A = reinterpret_cast<const at::BFloat16*>(sc.qb.data());
+  }
+  const bool fast = p.mask == nullptr && p.kpm == nullptr && p.scale > 0;
+  FA_PROF_T0
+  float* m = sc.m.data();
+  float* l = sc.l.data();
+  float* O = sc.o.data();
+  for (int64_t i = 0; i < mrows; ++i) {
+    m[i] = -std::numeric_limits<float>::infinity();
+    l[i] = 0.f;
+  }
+  const int64_t kend = p.causal ? std::min(S, i0 + mrows) : S;
+  const uint16_t* mbase = p.mask != nullptr ? p.mask + b * p.msb + h * p.msh + i0 * p.msl : nullptr;
+  const float* kb = p.kpm != nullptr ? sc.kb.data() : nullptr;
+  for (int64_t c0 = 0; c0 < kend; c0 += KC) {
+    const int64_t cn = std::min(KC, kend - c0);
+    const int64_t cnp = round_up(cn, 32);  // <= Sp - c0
+    at::native::cpublas::brgemm(mrows, cnp, Ep, Ep, Sp, KC, false, A,
+                                reinterpret_cast<const at::BFloat16*>(sc.kp.data()) + c0 * 2,
+                                sc.s.data(), true);
+    FA_PROF(0)
+    for (int64_t i = 0; i < mrows; ++i) {
+      const int64_t gi = i0 + i;
+      int64_t n = cn;
+      if (p.causal) n = std::min<int64_t>(cn, gi + 1 - c0);
+      float* srow = sc.s.data() + i * KC;
+      uint16_t* prow = sc.pb.data() + i * KC;
+      if (n <= 0) {
+        std::memset(prow, 0, sizeof(uint16_t) * cnp);
+        continue;
+      }
+      const uint64_t drop_off = static_cast<uint64_t>((bh * L + gi) * S + c0);
+      const float alpha = row_softmax(p, srow, n, cnp, prow, m[i], l[i], fast,
+                                      mbase != nullptr ? mbase + i * p.msl + c0 * p.mss : nullptr,
+                                      kb != nullptr ? kb + c0 : nullptr, sc.tmp.data(), drop_off);
+      if (c0 > 0 && alpha != 1.f) {
+        float* orow = O + i * Ev;
+        const __m512 va = _mm512_set1_ps(alpha);
+        for (int64_t e = 0; e < Ev; e += 16) {
+          const __mmask16 km = tail_mask(Ev - e);
+          _mm512_mask_storeu_ps(orow + e, km, _mm512_mul_ps(_mm512_maskz_loadu_ps(km, orow + e), va));
+        }
+      }
+    }
+    FA_PROF(1)
+    at::native::cpublas::brgemm(mrows, Ev, cnp, KC, Ev, Ev, c0 > 0,
+                                reinterpret_cast<const at::BFloat16*>(sc.pb.data()),
+                                reinterpret_cast<const at::BFloat16*>(sc.vp.data()) + c0 * Ev, O, true);
+    FA_PROF(2)
+  }
+  uint16_t* out = p.out + (bh * L + i0) * Ev;
+  float* lse = p.lse + bh * L + i0;
+  const float a = fast ? p.scale : 1.f;
+  for (int64_t i = 0; i < mrows; ++i) {
+    const bool empty = !(l[i] > 0.f);
+    const float inv = empty ? 0.f : 1.f / l[i];
+    lse[i] = empty ? std::numeric_limits<float>::infinity() : a * m[i] + std::log(l[i]);
+    const float* orow = O + i * Ev;
+    uint16_t* dst = out + i * Ev;
+    const __m512 vi = _mm512_set1_ps(inv);
+    for (int64_t e = 0; e < Ev; e += 16) {
+      const __mmask16 km = tail_mask(Ev - e);
+      // an empty row never ran its P V product: write zeros, not whatever O holds
+      const __m512 x = empty ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_maskz_loadu_ps(km, orow + e), vi);
+      _mm256_mask_storeu_epi16(dst + e, km, (__m256i)_mm512_cvtneps_pbh(x));
+    }
+  }
+  FA_PROF(3)
+}
+
+// Tasks [t0, t1) of (b, kv head, range of `per` query blocks).
+FA_AMX_TARGET void run_range(const Params& p, Scratch& sc, int64_t per, int64_t t0, int64_t t1) {
+  const int64_t nqb = (p.L + p.BM - 1) / p.BM;
+  const int64_t nranges = (nqb + per - 1) / per;
+  const int64_t group = p.Hq / p.Hkv;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t r = t % nranges, bk = t / nranges, hk = bk % p.Hkv, b = bk / p.Hkv;
+    const int64_t qb0 = r * per, qb1 = std::min(nqb, qb0 + per);
+    const int64_t last_row = std::min(p.L, qb1 * p.BM);
+    const int64_t rows = p.causal ? std::min(p.S, last_row) : p.S;
+    FA_PROF_T0
+    pack_kv(p, p.k + bk * p.S * p.E, p.v + bk * p.S * p.Ev, rows, sc.kp.data(), sc.vp.data());
+    if (p.kpm != nullptr) {
+      const bool* kr = p.kpm + b * p.S;
+      for (int64_t j = 0; j < p.S; ++j) sc.kb[j] = kr[j] ? -std::numeric_limits<float>::infinity() : 0.f;
+    }
+    FA_PROF(4)
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      for (int64_t qb = qb0; qb < qb1; ++qb) {
+        const int64_t i0 = qb * p.BM;
+        fwd_block(p, sc, b, h, i0, std::min(p.BM, p.L - i0));
+      }
+    }
+  }
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoll(v) : fallback;
+}
+
+// The CPU and this torch can run the path: AVX-512 BW/BF16 for the row pass, AMX for brgemm (torch
+// reports it through could_pack), and a bf16 brgemm that gives the right answer on a tiny product.
+bool hardware_ok() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq") ||
+        !__builtin_cpu_supports("avx512bf16"))
+      return false;
+    try {
+      if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
+      // A (1 x 2) = [1, 2]; B (2 x 16) VNNI: column n is (3, 4) for every n -> C = 11
+      at::BFloat16 a[2] = {at::BFloat16(1.f), at::BFloat16(2.f)};
+      at::BFloat16 bm[32];
+      for (int n = 0; n < 16; ++n) {
+        bm[2 * n] = at::BFloat16(3.f);
+        bm[2 * n + 1] = at::BFloat16(4.f);
+      }
+      float c[16] = {0};
+      at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a, bm, c, true);
+      at::native::cpublas::brgemm_release();
+      for (int n = 0; n < 16; ++n)
+        if (c[n] != 11.f) return false;
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+#endif  // FASTATTN_AMX_BUILD
+
+}  // namespace
+
+bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+              const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal,
+              double scale, const std::optional<at::Tensor>& seed, at::Tensor& out, at::Tensor& lse) {
+#if defined(FASTATTN_AMX_BUILD)
+  if (q.scalar_type() != at::kBFloat16) return false;
+  if (const char* env = std::getenv("FASTATTN_CPU_AMX")) {
+    if (std::string(env) == "0") return false;
+  }
+  if (!hardware_ok()) return false;
+  const int64_t N = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3);
+  if (N == 0 || Hq == 0 || L == 0 || S == 0 || E > 256 || Ev > 256) return false;  // old path does these
+  if (!q.is_contiguous() || !k.is_contiguous() || !v.is_contiguous() || !out.is_contiguous()) return false;
+  if (mask.defined() && mask.scalar_type() != at::kBFloat16) return false;
+  Params p;
+  p.N = N;
+  p.Hq = Hq;
+  p.Hkv = Hkv;
+  p.L = L;
+  p.S = S;
+  p.E = E;
+  p.Ev = Ev;
+  p.Ep = round_up(E, 2);
+  p.Sp = round_up(S, 32);
+  p.BM = std::max<int64_t>(1, env_int("FASTATTN_AMX_BM", 64));
+  const int64_t kc_default = S <= 1024 ? p.Sp : 512;
+  p.KC = round_up(std::max<int64_t>(32, env_int("FASTATTN_AMX_KC", kc_default)), 32);
+  p.q = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  p.k = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  p.v = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  p.mask = nullptr;
+  p.msb = p.msh = p.msl = p.mss = 0;
+  if (mask.defined()) {
+    p.mask = reinterpret_cast<const uint16_t*>(mask.data_ptr());
+    p.msb = mask.stride(0);
+    p.msh = mask.stride(1);
+    p.msl = mask.stride(2);
+    p.mss = mask.stride(3);
+  }
+  p.kpm = key_padding_mask.has_value() ? key_padding_mask->data_ptr<bool>() : nullptr;
+  p.dropout_p = dropout_p;
+  p.seed = dropout_p > 0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+  p.causal = is_causal;
+  p.scale = static_cast<float>(scale);
+  p.out = reinterpret_cast<uint16_t*>(out.data_ptr());
+  p.lse = lse.data_ptr<float>();
+
+  // Split each (b, kv head) into ranges of query blocks when there are too few heads for the
+  // threads; each range repacks its K/V (cheap next to its GEMMs).
+  const int64_t threads = at::get_num_threads();
+  const int64_t nqb = (L + p.BM - 1) / p.BM;
+  const int64_t heads = N * Hkv;
+  const int64_t want = 4 * threads;
+  int64_t per = nqb;
+  if (heads < want) per = std::max<int64_t>(1, (nqb * heads + want - 1) / want);
+  per = std::min<int64_t>(std::max<int64_t>(1, env_int("FASTATTN_AMX_QBLOCKS", per)), nqb);
+  const int64_t ntasks = heads * ((nqb + per - 1) / per);
+  const int64_t nthreads = std::min<int64_t>(threads, ntasks);
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  auto worker = [&]() {
+    Scratch sc;
+    sc.kp.resize(p.Ep / 2 * p.Sp);
+    sc.vp.resize(p.Sp * Ev);
+    if (E != p.Ep) sc.qb.resize(p.BM * p.Ep);
+    sc.s.resize(p.BM * p.KC);
+    sc.pb.resize(p.BM * p.KC);
+    sc.o.resize(p.BM * Ev);
+    sc.m.resize(p.BM);
+    sc.l.resize(p.BM);
+    if (p.kpm != nullptr) sc.kb.resize(S);
+    sc.tmp.resize(16);
+    for (;;) {
+      const int64_t t = next.fetch_add(1);
+      if (t >= ntasks) break;
+      run_range(p, sc, per, t, t + 1);
+    }
+    at::native::cpublas::brgemm_release();
+  };
+  if (nthreads <= 1) {
+    worker();
+  } else {
+    at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) { worker(); });
+  }
+  (void)failed;
+  g_fwd_calls.fetch_add(1);
+  return true;
+#else
+  (void)q; (void)k; (void)v; (void)mask; (void)key_padding_mask; (void)dropout_p; (void)is_causal;
+  (void)scale; (void)seed; (void)out; (void)lse;
+  return false;
+#endif
+}
+
+int64_t fwd_calls() { return g_fwd_calls.load(); }
+
+bool available() {
+#if defined(FASTATTN_AMX_BUILD)
+  return hardware_ok();
+#else
+  return false;
+#endif
+}
+
+}  // namespace amx
+}  // namespace cpu_attn
+}  // namespace fastattn
+
+// Introspection for the tests: whether the path can run here, and how many forward calls it served.
+TORCH_LIBRARY(fastattn_amx, m) {
+  m.def("available() -> bool", &fastattn::cpu_attn::amx::available);
+  m.def("fwd_calls() -> int", &fastattn::cpu_attn::amx::fwd_calls);
+}
