@@ -93,24 +93,44 @@ struct Scratch {
   std::vector<uint16_t> pb;   // (BM, KC) probabilities in bf16
   std::vector<float> o;       // (BM, Ev) unnormalised output
   std::vector<float> m, l;    // (BM) running max (in the units of the row pass), sum
+  std::vector<float> inv;     // (BM) 1 / l
   std::vector<float> kb;      // (S) key padding bias, 0 or -inf
   std::vector<float> tmp;     // (16) strided mask gather
 };
 
-// 2^x for x <= 0 (a little above 0 is fine too); -inf (and anything below -200) gives 0. Degree-5
-// polynomial for 2^f on [-1/2, 1/2] (Chebyshev fit, relative error 1.1e-7, float32's own level),
-// times 2^n by vscalefps.
+// 2^x for x <= 0 (a little above 0 is fine too). Degree-4 polynomial for 2^f on [-1/2, 1/2]
+// (Chebyshev fit, relative error 3.6e-6: the probabilities are rounded to bf16 (2^-9) anyway, and
+// lse moves by at most 4e-6), times 2^n by vscalefps. -inf would give NaN (n = -inf): CLAMP maps
+// it (and anything below -200) to 0; without CLAMP the caller guarantees finite x.
+template <bool CLAMP>
 FA_AMX_TARGET inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  if (CLAMP) x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.3400432165577227e-03f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.676037097866618e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550327214208539e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402210735583101e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472067106208e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000754953482f));
+  __m512 p = _mm512_set1_ps(9.676037097854473e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.592203564726694e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107355830966e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93121033991546e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000754953486f));
   return _mm512_scalef_ps(p, n);
+}
+
+// ln x for finite x > 0: x = mm * 2^e with mm in [0.75, 1.5), ln mm = 2 atanh(t), t = (mm-1)/(mm+1)
+// in [-1/7, 1/5], odd series to t^9 (truncation 4e-9).
+FA_AMX_TARGET inline __m512 log_ps(__m512 x) {
+  __m512 e = _mm512_getexp_ps(x);
+  __m512 mm = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+  const __mmask16 big = _mm512_cmp_ps_mask(mm, _mm512_set1_ps(1.5f), _CMP_GE_OQ);
+  mm = _mm512_mask_mul_ps(mm, big, mm, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.f));
+  const __m512 t = _mm512_div_ps(_mm512_sub_ps(mm, _mm512_set1_ps(1.f)), _mm512_add_ps(mm, _mm512_set1_ps(1.f)));
+  const __m512 t2 = _mm512_mul_ps(t, t);
+  __m512 r = _mm512_set1_ps(2.f / 9.f);
+  r = _mm512_fmadd_ps(r, t2, _mm512_set1_ps(2.f / 7.f));
+  r = _mm512_fmadd_ps(r, t2, _mm512_set1_ps(2.f / 5.f));
+  r = _mm512_fmadd_ps(r, t2, _mm512_set1_ps(2.f / 3.f));
+  r = _mm512_fmadd_ps(r, t2, _mm512_set1_ps(2.f));
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.6931471805599453f), _mm512_mul_ps(r, t));
 }
 
 FA_AMX_TARGET inline __mmask16 tail_mask(int64_t n) {
@@ -188,13 +208,14 @@ FA_AMX_TARGET void pack_kv(const Params& p, const uint16_t* K, const uint16_t* V
 // probabilities (dropout applied) to pb[0, npad) and returns the rescale factor for the row's
 // earlier output (1 on the first chunk).
 // fast: no mask, no padding, scale > 0: the row holds raw q.k and c = scale * log2(e).
+template <bool fast>
 FA_AMX_TARGET inline float row_softmax(const Params& p, float* s, int64_t n, int64_t npad, uint16_t* pb,
-                                       float& m, float& l, bool fast, const uint16_t* mrow, const float* kb,
+                                       float& m, float& l, const uint16_t* mrow, const float* kb,
                                        float* tmp, uint64_t drop_off) {
   const float kNegInf = -std::numeric_limits<float>::infinity();
   const __m512 vneg = _mm512_set1_ps(kNegInf);
   __m512 vmax = vneg;
-  if (fast) {
+  if constexpr (fast) {
     int64_t j = 0;
     __m512 m1 = vneg;
     for (; j + 32 <= n; j += 32) {
@@ -249,8 +270,8 @@ FA_AMX_TARGET inline float row_softmax(const Params& p, float* s, int64_t n, int
   int64_t j = 0;
   if (!drop) {
     for (; j + 32 <= n; j += 32) {
-      const __m512 e0 = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), vc, vmc));
-      const __m512 e1 = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + j + 16), vc, vmc));
+      const __m512 e0 = exp2_ps<!fast>(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), vc, vmc));
+      const __m512 e1 = exp2_ps<!fast>(_mm512_fmadd_ps(_mm512_loadu_ps(s + j + 16), vc, vmc));
       sum0 = _mm512_add_ps(sum0, e0);
       sum1 = _mm512_add_ps(sum1, e1);
       _mm512_storeu_si512(reinterpret_cast<void*>(pb + j), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
@@ -258,7 +279,7 @@ FA_AMX_TARGET inline float row_softmax(const Params& p, float* s, int64_t n, int
   }
   for (; j < n; j += 16) {
     const __mmask16 km = tail_mask(n - j);
-    __m512 e = exp2_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, s + j), vc, vmc));
+    __m512 e = exp2_ps<!fast>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, s + j), vc, vmc));
     e = _mm512_maskz_mov_ps(km, e);
     sum0 = _mm512_add_ps(sum0, e);
     if (drop) {
@@ -321,9 +342,11 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
         continue;
       }
       const uint64_t drop_off = static_cast<uint64_t>((bh * L + gi) * S + c0);
-      const float alpha = row_softmax(p, srow, n, cnp, prow, m[i], l[i], fast,
-                                      mbase != nullptr ? mbase + i * p.msl + c0 * p.mss : nullptr,
-                                      kb != nullptr ? kb + c0 : nullptr, sc.tmp.data(), drop_off);
+      const uint16_t* mrow = mbase != nullptr ? mbase + i * p.msl + c0 * p.mss : nullptr;
+      const float* kbc = kb != nullptr ? kb + c0 : nullptr;
+      const float alpha =
+          fast ? row_softmax<true>(p, srow, n, cnp, prow, m[i], l[i], mrow, kbc, sc.tmp.data(), drop_off)
+               : row_softmax<false>(p, srow, n, cnp, prow, m[i], l[i], mrow, kbc, sc.tmp.data(), drop_off);
       if (c0 > 0 && alpha != 1.f) {
         float* orow = O + i * Ev;
         const __m512 va = _mm512_set1_ps(alpha);
@@ -342,17 +365,27 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
   uint16_t* out = p.out + (bh * L + i0) * Ev;
   float* lse = p.lse + bh * L + i0;
   const float a = fast ? p.scale : 1.f;
+  // lse = a*m + ln l and 1/l for 16 rows at a time; rows with l = 0 (no key seen): +inf and 0
+  float* inv = sc.inv.data();
+  for (int64_t i = 0; i < mrows; i += 16) {
+    const __mmask16 km = tail_mask(mrows - i);
+    const __m512 lv = _mm512_mask_loadu_ps(_mm512_set1_ps(1.f), km, l + i);
+    const __mmask16 live = _mm512_cmp_ps_mask(lv, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 x = _mm512_mask_blend_ps(live, _mm512_set1_ps(1.f), lv);
+    const __m512 lnl = log_ps(x);
+    const __m512 mv = _mm512_maskz_loadu_ps(km, m + i);
+    const __m512 lsev = _mm512_fmadd_ps(mv, _mm512_set1_ps(a), lnl);
+    _mm512_mask_storeu_ps(lse + i, km, _mm512_mask_blend_ps(live, _mm512_set1_ps(std::numeric_limits<float>::infinity()), lsev));
+    _mm512_mask_storeu_ps(inv + i, km, _mm512_maskz_div_ps(live, _mm512_set1_ps(1.f), x));
+  }
   for (int64_t i = 0; i < mrows; ++i) {
-    const bool empty = !(l[i] > 0.f);
-    const float inv = empty ? 0.f : 1.f / l[i];
-    lse[i] = empty ? std::numeric_limits<float>::infinity() : a * m[i] + std::log(l[i]);
     const float* orow = O + i * Ev;
     uint16_t* dst = out + i * Ev;
-    const __m512 vi = _mm512_set1_ps(inv);
+    const __m512 vi = _mm512_set1_ps(inv[i]);
+    // an empty row (inv 0) gives exact zeros, whatever O holds
     for (int64_t e = 0; e < Ev; e += 16) {
       const __mmask16 km = tail_mask(Ev - e);
-      // an empty row never ran its P V product: write zeros, not whatever O holds
-      const __m512 x = empty ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_maskz_loadu_ps(km, orow + e), vi);
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(km, orow + e), vi);
       _mm256_mask_storeu_epi16(dst + e, km, (__m256i)_mm512_cvtneps_pbh(x));
     }
   }
@@ -448,7 +481,7 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   p.S = S;
   p.E = E;
   p.Ev = Ev;
-  p.Ep = round_up(E, 2);
+  p.Ep = round_up(E, std::max<int64_t>(2, env_int("FASTATTN_AMX_EPAD", 2)));
   p.Sp = round_up(S, 32);
   p.BM = std::max<int64_t>(1, env_int("FASTATTN_AMX_BM", 64));
   const int64_t kc_default = S <= 1024 ? p.Sp : 512;
@@ -496,6 +529,7 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     sc.o.resize(p.BM * Ev);
     sc.m.resize(p.BM);
     sc.l.resize(p.BM);
+    sc.inv.resize(p.BM);
     if (p.kpm != nullptr) sc.kb.resize(S);
     sc.tmp.resize(16);
     for (;;) {
@@ -535,7 +569,9 @@ bool available() {
 }  // namespace fastattn
 
 // Introspection for the tests: whether the path can run here, and how many forward calls it served.
+#if !defined(FA_AMX_PROFILE)  // (the profiling build is a separate test module)
 TORCH_LIBRARY(fastattn_amx, m) {
   m.def("available() -> bool", &fastattn::cpu_attn::amx::available);
   m.def("fwd_calls() -> int", &fastattn::cpu_attn::amx::fwd_calls);
 }
+#endif
