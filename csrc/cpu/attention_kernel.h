@@ -70,6 +70,8 @@ struct VecArr {  // portable: a fixed array the compiler vectorises for the encl
     for (int i = 0; i < N; ++i) r.v[i] = std::exp(a.v[i]);
     return r;
   }
+  // exp(s - m): s - m <= 0 in every use (m a row max or log-sum-exp), or -inf.
+  friend inline VecArr vexp_sub(const VecArr& s, const VecArr& m) { return vexp(s - m); }
 };
 
 #if defined(FA_VEC_AVX512)
@@ -104,6 +106,23 @@ inline VecF vexp(VecF a) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return {_mm512_scalef_ps(p, n)};
+}
+// exp(s - m) for s - m <= 0 (a row max or log-sum-exp m; s - m = -inf gives 0): the subtraction
+// first (exact when s is near m), then 2^x, x = (s - m) log2e, as 2^n 2^f: f = x - round(x) in
+// [-1/2, 1/2] by vreduceps, 2^f by a degree-5 fit (relative error 3e-7 in float arithmetic), 2^n
+// by vscalefps (which also underflows to 0; the -200 floor keeps -inf out of the reduction).
+inline VecF vexp_sub(VecF s, VecF m) {
+  __m512 x = _mm512_mul_ps(_mm512_sub_ps(s.v, m.v), _mm512_set1_ps(1.4426950408889634f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 n = _mm512_sub_ps(x, f);
+  __m512 p = _mm512_set1_ps(1.3260914711281657e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.670180268585682e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507123470306396e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402222454547882e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470036506653e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return {_mm512_scalef_ps(p, n)};
 }
 #elif defined(FA_VEC_AVX2)
 struct VecF {  // 8 floats in a ymm register
@@ -140,6 +159,7 @@ inline VecF vexp(VecF a) {
     const __m256 under = _mm256_cmp_ps(x0, _mm256_set1_ps(-126.f), _CMP_LT_OQ);
     return {_mm256_andnot_ps(under, r)};
 }
+inline VecF vexp_sub(VecF s, VecF m) { return vexp(s - m); }
 #else
 using VecF = VecArr<float, 8>;
 #endif
@@ -147,12 +167,18 @@ using VecD = VecArr<double, 8>;
 
 // ------------------------------------------------------------------------------------------------
 // The one block GEMM: C[y][x] (+)= sum_{z<Z} A[y*ay + z*az] * B[z*ldb + x], for y < YR and
-// x < XV*W, the YR x XV accumulator tile held in registers.
+// x < XV*W, the YR x XV accumulator tile held in registers. An epilogue EP works on the tile while
+// it is still in registers (aux: one value per column x; aux2: a matrix laid out like C):
+//   kStore   plain store;
+//   kColMax  store, and aux[x] = max(aux[x], max_y C[y][x])   (the forward's running max);
+//   kExp     C = exp(C - aux[x])                                (the backward's P from lse);
+//   kDs      C = aux2 * (C - aux[x])                             (the backward's dS = P (dP - delta)).
+enum Epilogue { kStore = 0, kColMax = 1, kExp = 2, kDs = 3 };
 
-template <typename V, int YR, int XV, bool ACC>
+template <typename V, int YR, int XV, bool ACC, int EP>
 inline void micro_tile(int64_t Z, const typename V::value_type* A, int64_t ay, int64_t az,
                        const typename V::value_type* B, int64_t ldb, typename V::value_type* C,
-                       int64_t ldc) {
+                       int64_t ldc, typename V::value_type* aux, const typename V::value_type* aux2) {
   constexpr int W = V::W;
   V c[YR][XV];
 #pragma GCC unroll 16
@@ -171,10 +197,35 @@ inline void micro_tile(int64_t Z, const typename V::value_type* A, int64_t ay, i
       for (int x = 0; x < XV; ++x) c[y][x] = fmadd(ay_, b[x], c[y][x]);
     }
   }
+  if constexpr (EP == kExp) {
+#pragma GCC unroll 4
+    for (int x = 0; x < XV; ++x) {
+      const V sh = V::load(aux + x * W);
+#pragma GCC unroll 16
+      for (int y = 0; y < YR; ++y) c[y][x] = vexp_sub(c[y][x], sh);
+    }
+  }
+  if constexpr (EP == kDs) {
+#pragma GCC unroll 4
+    for (int x = 0; x < XV; ++x) {
+      const V d = V::load(aux + x * W);
+#pragma GCC unroll 16
+      for (int y = 0; y < YR; ++y) c[y][x] = V::load(aux2 + y * ldc + x * W) * (c[y][x] - d);
+    }
+  }
 #pragma GCC unroll 16
   for (int y = 0; y < YR; ++y)
 #pragma GCC unroll 4
     for (int x = 0; x < XV; ++x) c[y][x].store(C + y * ldc + x * W);
+  if constexpr (EP == kColMax) {
+#pragma GCC unroll 4
+    for (int x = 0; x < XV; ++x) {
+      V m = V::load(aux + x * W);
+#pragma GCC unroll 16
+      for (int y = 0; y < YR; ++y) m = vmax(m, c[y][x]);
+      m.store(aux + x * W);
+    }
+  }
 }
 
 template <typename V>
@@ -183,14 +234,14 @@ constexpr int max_rows(int xv) {
   return (V::kRegs - xv - 1) / xv < 16 ? (V::kRegs - xv - 1) / xv : 16;
 }
 
-template <typename V, int XV, bool ACC>
+template <typename V, int XV, bool ACC, int EP>
 inline void micro_rows(int yr, int64_t Z, const typename V::value_type* A, int64_t ay, int64_t az,
                        const typename V::value_type* B, int64_t ldb, typename V::value_type* C,
-                       int64_t ldc) {
+                       int64_t ldc, typename V::value_type* aux, const typename V::value_type* aux2) {
 #define FA_CASE(R)                                                           \
   case R:                                                                    \
     if constexpr (R <= max_rows<V>(XV)) {                                    \
-      micro_tile<V, R, XV, ACC>(Z, A, ay, az, B, ldb, C, ldc);               \
+      micro_tile<V, R, XV, ACC, EP>(Z, A, ay, az, B, ldb, C, ldc, aux, aux2); \
       return;                                                                \
     }                                                                        \
     break;
@@ -203,10 +254,12 @@ inline void micro_rows(int yr, int64_t Z, const typename V::value_type* A, int64
 }
 
 // C (Y x X) (+)= A (Y x Z, strides ay, az) * B (Z x X, row stride ldb); X a multiple of W.
-template <typename V, bool ACC>
+// EP, aux, aux2: the epilogue (see micro_tile); aux is indexed by column, aux2 like C.
+template <typename V, bool ACC, int EP = kStore>
 inline void block_gemm(int64_t Y, int64_t X, int64_t Z, const typename V::value_type* A, int64_t ay,
                        int64_t az, const typename V::value_type* B, int64_t ldb,
-                       typename V::value_type* C, int64_t ldc) {
+                       typename V::value_type* C, int64_t ldc, typename V::value_type* aux = nullptr,
+                       const typename V::value_type* aux2 = nullptr) {
   constexpr int W = V::W;
   constexpr int kMaxXV = V::kRegs >= 32 ? 4 : 2;
   int64_t xv_left = X / W;
@@ -221,11 +274,13 @@ inline void block_gemm(int64_t Y, int64_t X, int64_t Z, const typename V::value_
       const auto* a = A + y0 * ay;
       const auto* b = B + x0;
       auto* c = C + y0 * ldc + x0;
+      auto* xa = aux == nullptr ? nullptr : aux + x0;
+      const auto* xa2 = aux2 == nullptr ? nullptr : aux2 + y0 * ldc + x0;
       switch (xv) {
-        case 4: micro_rows<V, kMaxXV >= 4 ? 4 : 1, ACC>(yr, Z, a, ay, az, b, ldb, c, ldc); break;
-        case 3: micro_rows<V, kMaxXV >= 3 ? 3 : 1, ACC>(yr, Z, a, ay, az, b, ldb, c, ldc); break;
-        case 2: micro_rows<V, 2, ACC>(yr, Z, a, ay, az, b, ldb, c, ldc); break;
-        default: micro_rows<V, 1, ACC>(yr, Z, a, ay, az, b, ldb, c, ldc); break;
+        case 4: micro_rows<V, kMaxXV >= 4 ? 4 : 1, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
+        case 3: micro_rows<V, kMaxXV >= 3 ? 3 : 1, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
+        case 2: micro_rows<V, 2, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
+        default: micro_rows<V, 1, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
       }
     }
     x0 += xv * W;
@@ -242,6 +297,12 @@ inline bool keys_all_padded(const AttnParams& p, int64_t b, int64_t j0, int64_t 
   for (int64_t j = 0; j < n; ++j)
     if (!row[j]) return false;
   return true;
+}
+
+// True when mask_tile may change the tile of queries i0.. against keys j0..j0+nb: the kernels
+// fuse softmax steps into the GEMM epilogues only for tiles it leaves alone.
+inline bool tile_needs_mask(const AttnParams& p, int64_t i0, int64_t j0, int64_t nb) {
+  return p.mask != nullptr || p.kpm != nullptr || (p.causal && j0 + nb - 1 > i0);
 }
 
 // Applies attn_mask, causality and key padding to the transposed score tile st[j][i] (ld = BM) of
@@ -369,23 +430,38 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
       const int64_t nb = std::min(BN, kend - j0);
       if (keys_all_padded(p, b, j0, nb)) continue;
       const T* Kb = as_compute<T, In>(K + j0 * E, nb * E, kbuf);
-      block_gemm<V, false>(nb, BM, E, Kb, E, 1, qt, BM, st, BM);
-      mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
-      col_max<V>(st, nb, BM, mrow, arow);  // new max -> mrow, old max -> arow
+      if (!tile_needs_mask(p, i0, j0, nb)) {
+        std::copy(mrow, mrow + BM, arow);  // old max -> arow; the GEMM folds the new one into mrow
+        block_gemm<V, false, kColMax>(nb, BM, E, Kb, E, 1, qt, BM, st, BM, mrow);
+      } else {
+        block_gemm<V, false>(nb, BM, E, Kb, E, 1, qt, BM, st, BM);
+        mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
+        col_max<V>(st, nb, BM, mrow, arow);  // new max -> mrow, old max -> arow
+      }
       for (int64_t x = 0; x < BM; x += W) {
         const V mold = V::load(arow + x);
         const V mb = V::load(mrow + x);
         // a column that has seen only -inf keeps max -inf; subtracting the lowest finite value
         // instead makes its probabilities and its rescale factor exact zeros, never NaN
-        const V msafe = vmax(mb, V::set1(std::numeric_limits<T>::lowest()));
-        const V alpha = vexp(mold - msafe);
+        const V sh = vmax(mb, V::set1(std::numeric_limits<T>::lowest()));
+        const V alpha = vexp_sub(mold, sh);
         alpha.store(arow + x);
-        V sum = V::set1(0);
-        for (int64_t j = 0; j < nb; ++j) {
-          const V pj = vexp(V::load(st + j * BM + x) - msafe);
-          pj.store(st + j * BM + x);
-          sum = sum + pj;
+        V sum0 = V::set1(0), sum1 = V::set1(0);
+        int64_t j = 0;
+        for (; j + 2 <= nb; j += 2) {
+          const V p0 = vexp_sub(V::load(st + j * BM + x), sh);
+          const V p1 = vexp_sub(V::load(st + (j + 1) * BM + x), sh);
+          p0.store(st + j * BM + x);
+          p1.store(st + (j + 1) * BM + x);
+          sum0 = sum0 + p0;
+          sum1 = sum1 + p1;
         }
+        if (j < nb) {
+          const V p0 = vexp_sub(V::load(st + j * BM + x), sh);
+          p0.store(st + j * BM + x);
+          sum0 = sum0 + p0;
+        }
+        const V sum = sum0 + sum1;
         fmadd(V::load(lrow + x), alpha, sum).store(lrow + x);
       }
       if (p.dropout_p > 0) {
@@ -530,12 +606,21 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
         const int64_t qb0 = p.causal ? std::min(nqb, j0 / BM) : 0;
         for (int64_t qb = qb0; qb < nqb; ++qb) {
           const int64_t i0 = qb * BM, mrows = std::min(BM, L - i0);
-          block_gemm<V, false>(nb, BM, E, K + jj * E, E, 1, qt + i0, Lp, st, BM);
-          mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
-          for (int64_t j = 0; j < nb; ++j)
-            for (int64_t x = 0; x < BM; x += W)
-              vexp(V::load(st + j * BM + x) - V::load(lse + i0 + x)).store(st + j * BM + x);
-          block_gemm<V, false>(nb, BM, Ev, Vm + jj * Ev, Ev, 1, dot + i0, Lp, dst, BM);
+          const bool plain = !tile_needs_mask(p, i0, j0, nb);
+          if (plain) {  // P^T = exp(S^T - lse) straight from the GEMM's registers
+            block_gemm<V, false, kExp>(nb, BM, E, K + jj * E, E, 1, qt + i0, Lp, st, BM, lse + i0);
+          } else {
+            block_gemm<V, false>(nb, BM, E, K + jj * E, E, 1, qt + i0, Lp, st, BM);
+            mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
+            for (int64_t j = 0; j < nb; ++j)
+              for (int64_t x = 0; x < BM; x += W)
+                vexp_sub(V::load(st + j * BM + x), V::load(lse + i0 + x)).store(st + j * BM + x);
+          }
+          if (plain && p.dropout_p == 0) {  // dS^T = P^T (dP^T - delta), also in the epilogue
+            block_gemm<V, false, kDs>(nb, BM, Ev, Vm + jj * Ev, Ev, 1, dot + i0, Lp, dst, BM, delta + i0, st);
+          } else {
+            block_gemm<V, false>(nb, BM, Ev, Vm + jj * Ev, Ev, 1, dot + i0, Lp, dst, BM);
+          }
           if (p.dropout_p > 0) {
             for (int64_t i = 0; i < mrows; ++i) {
               const uint64_t off = dropout_offset(p, b, h, i0 + i, j0);
@@ -550,7 +635,7 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
             }
             for (int64_t i = mrows; i < BM; ++i)
               for (int64_t j = 0; j < nb; ++j) dst[j * BM + i] = T(0);
-          } else {
+          } else if (!plain) {
             for (int64_t j = 0; j < nb; ++j)
               for (int64_t x = 0; x < BM; x += W) {
                 const V pj = V::load(st + j * BM + x);
