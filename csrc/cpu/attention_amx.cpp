@@ -94,6 +94,7 @@ struct Scratch {
   std::vector<float> o;       // (BM, Ev) unnormalised output
   std::vector<float> m, l;    // (BM) running max (in the units of the row pass), sum
   std::vector<float> inv;     // (BM) 1 / l
+  std::vector<float> cm;      // (BM) max of each row in the current key chunk
   std::vector<float> kb;      // (S) key padding bias, 0 or -inf
   std::vector<float> tmp;     // (16) strided mask gather
 };
@@ -206,12 +207,14 @@ FA_AMX_TARGET void pack_kv(const Params& p, const uint16_t* K, const uint16_t* V
 // The softmax of one row chunk: s (n valid scores, of npad columns), running max m (in the units
 // of the row: raw q.k on the fast path, scale*q.k + mask otherwise) and sum l; writes bf16
 // probabilities (dropout applied) to pb[0, npad) and returns the rescale factor for the row's
-// earlier output (1 on the first chunk).
+// earlier output (0 or 1 on the first chunk).
 // fast: no mask, no padding, scale > 0: the row holds raw q.k and c = scale * log2(e).
+// Split in two so that a block's rows run pass 1 all, then pass 2 all: no row waits on its own
+// max reduction.
+// Pass 1: the row's maximum (after adding scale/mask/padding in place when not fast).
 template <bool fast>
-FA_AMX_TARGET inline float row_softmax(const Params& p, float* s, int64_t n, int64_t npad, uint16_t* pb,
-                                       float& m, float& l, const uint16_t* mrow, const float* kb,
-                                       float* tmp, uint64_t drop_off) {
+FA_AMX_TARGET inline float row_max(const Params& p, float* s, int64_t n, const uint16_t* mrow, const float* kb,
+                                   float* tmp) {
   const float kNegInf = -std::numeric_limits<float>::infinity();
   const __m512 vneg = _mm512_set1_ps(kNegInf);
   __m512 vmax = vneg;
@@ -253,7 +256,14 @@ FA_AMX_TARGET inline float row_softmax(const Params& p, float* s, int64_t n, int
       vmax = _mm512_max_ps(vmax, _mm512_mask_blend_ps(km, vneg, y));
     }
   }
-  const float cmax = _mm512_reduce_max_ps(vmax);
+  return _mm512_reduce_max_ps(vmax);
+}
+
+// Pass 2: probabilities given the chunk's max cmax; updates m and l, returns the rescale factor.
+template <bool fast>
+FA_AMX_TARGET inline float row_exp(const Params& p, const float* s, int64_t n, int64_t npad, uint16_t* pb,
+                                   float& m, float& l, float cmax, uint64_t drop_off) {
+  const float kNegInf = -std::numeric_limits<float>::infinity();
   const float mnew = std::max(m, cmax);
   if (mnew == kNegInf) {  // nothing visible so far: probabilities 0, output untouched
     std::memset(pb, 0, sizeof(uint16_t) * npad);
@@ -331,22 +341,28 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
                                 reinterpret_cast<const at::BFloat16*>(sc.kp.data()) + c0 * 2,
                                 sc.s.data(), true);
     FA_PROF(0)
+    float* cm = sc.cm.data();
+    for (int64_t i = 0; i < mrows; ++i) {
+      const int64_t n = p.causal ? std::min<int64_t>(cn, i0 + i + 1 - c0) : cn;
+      if (n <= 0) continue;
+      float* srow = sc.s.data() + i * KC;
+      const uint16_t* mrow = mbase != nullptr ? mbase + i * p.msl + c0 * p.mss : nullptr;
+      const float* kbc = kb != nullptr ? kb + c0 : nullptr;
+      cm[i] = fast ? row_max<true>(p, srow, n, mrow, kbc, sc.tmp.data())
+                   : row_max<false>(p, srow, n, mrow, kbc, sc.tmp.data());
+    }
     for (int64_t i = 0; i < mrows; ++i) {
       const int64_t gi = i0 + i;
-      int64_t n = cn;
-      if (p.causal) n = std::min<int64_t>(cn, gi + 1 - c0);
-      float* srow = sc.s.data() + i * KC;
+      const int64_t n = p.causal ? std::min<int64_t>(cn, gi + 1 - c0) : cn;
+      const float* srow = sc.s.data() + i * KC;
       uint16_t* prow = sc.pb.data() + i * KC;
       if (n <= 0) {
         std::memset(prow, 0, sizeof(uint16_t) * cnp);
         continue;
       }
       const uint64_t drop_off = static_cast<uint64_t>((bh * L + gi) * S + c0);
-      const uint16_t* mrow = mbase != nullptr ? mbase + i * p.msl + c0 * p.mss : nullptr;
-      const float* kbc = kb != nullptr ? kb + c0 : nullptr;
-      const float alpha =
-          fast ? row_softmax<true>(p, srow, n, cnp, prow, m[i], l[i], mrow, kbc, sc.tmp.data(), drop_off)
-               : row_softmax<false>(p, srow, n, cnp, prow, m[i], l[i], mrow, kbc, sc.tmp.data(), drop_off);
+      const float alpha = fast ? row_exp<true>(p, srow, n, cnp, prow, m[i], l[i], cm[i], drop_off)
+                               : row_exp<false>(p, srow, n, cnp, prow, m[i], l[i], cm[i], drop_off);
       if (c0 > 0 && alpha != 1.f) {
         float* orow = O + i * Ev;
         const __m512 va = _mm512_set1_ps(alpha);
@@ -530,6 +546,7 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     sc.m.resize(p.BM);
     sc.l.resize(p.BM);
     sc.inv.resize(p.BM);
+    sc.cm.resize(p.BM);
     if (p.kpm != nullptr) sc.kb.resize(S);
     sc.tmp.resize(16);
     for (;;) {
