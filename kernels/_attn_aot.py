@@ -2,9 +2,11 @@
 
 Used by tests/test_triton_aot_attention.py (and runnable by hand):
 
-    python -m kernels._attn_aot [--arch 80 90] [--jobs 2] [--filter fwd] [--json out.json]
+    python -m kernels._attn_aot [--arch 80 90] [--jobs 2] [--filter fwd] [--sample N] [--json out.json]
 
-Each case of kernels.attention.compile_cases() is compiled with
+all_jobs() is the full cross product: every kernel x dtype (fp16, bf16, fp32 as ieee and as tf32)
+x head-dim bucket x mask/kpm/dropout specialisation x config x arch; `make test` compiles all of it
+(tests/test_triton_aot_attention.py). Each case of kernels.attention.compile_cases() is compiled with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32))``.
 Registers, spills and stack come from the cubin (``cuobjdump --dump-resource-usage``, the tool ships
 in the triton wheel) and, when ptxas ran in this process, from ptxas' own ``-v`` report; shared
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import io
 import json
 import os
@@ -28,6 +29,12 @@ import sys
 import tempfile
 import time
 
+try:
+    from ._aot_compat import make_ast_source, runtime_type
+except ImportError:  # run as a script: python kernels/_attn_aot.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from kernels._aot_compat import make_ast_source, runtime_type
+
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory a block may use (A100, H100)
 
 _PTR_TYPES = {"f16": "*fp16", "bf16": "*bf16", "f32": "*fp32"}
@@ -36,51 +43,37 @@ _F32_PTRS = {"Lse", "Delta"}
 _DATA_PTRS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "Mask"}
 
 
-def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict]:
-    """(signature {name: type}, attrs {(index,): [[attr, value]]}) for one kernel and element type.
+def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, list]:
+    """(types {runtime argument: triton type}, names carrying 16-divisibility) for one kernel and
+    element type.
 
     Integer arguments are typed i32 as the JIT types values that fit, except the Philox seed (i64:
-    seeds are drawn from [0, 2**62)). Pointers and the head-dim/row-length integers carry the
-    16-divisibility the JIT infers for aligned tensors and head dims that are multiples of 16."""
-    sig, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
+    seeds are drawn from [0, 2**62)); `causal` is a bool, typed as the JIT types one (u1 on 3.9).
+    Pointers and the head-dim/row-length integers carry the 16-divisibility the JIT infers for
+    aligned tensors and head dims that are multiples of 16."""
+    types, divisible = {}, []
+    for name in kernel.arg_names:
         if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in _F32_PTRS:
-            sig[name] = "*fp32"
+            continue
+        if name in _F32_PTRS:
+            types[name] = "*fp32"
         elif name == "Kpm":
-            sig[name] = "*u8"
+            types[name] = "*u8"
         elif name == "KvRange":
-            sig[name] = "*i32"
+            types[name] = "*i32"
         elif name in _DATA_PTRS:
-            sig[name] = _PTR_TYPES[dtype]
+            types[name] = _PTR_TYPES[dtype]
         elif name in _FLOAT_ARGS:
-            sig[name] = "fp32"
+            types[name] = "fp32"
         elif name == "seed":
-            sig[name] = "i64"
+            types[name] = "i64"
+        elif name == "causal":
+            types[name] = runtime_type(True)
         else:
-            sig[name] = "i32"
-        if sig[name].startswith("*") and name not in ("Kpm",):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        if name in ("HEAD_D", "HEAD_DV", "stride_ml", "S", "L"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, attrs
-
-
-def make_source(kernel, signature: dict, constexprs: dict, attrs: dict):
-    """triton.compiler.ASTSource across triton 3.6..3.9: signature keyed by argument name with
-    constexprs typed "constexpr", constexprs and attrs keyed by index path ((i,))."""
-    from triton.compiler import ASTSource
-
-    params = inspect.signature(ASTSource.__init__).parameters
-    if "constexprs" in params:
-        # Index-path keys: every 3.x spelling with `constexprs` accepts them (3.9 also takes names).
-        paths = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-        return ASTSource(fn=kernel, signature=signature, constexprs=paths, attrs=attrs)
-    # Older spelling (constants=..., index-keyed): kept so the shim fails loudly rather than silently.
-    idx = {n: i for i, n in enumerate(kernel.arg_names)}
-    return ASTSource(fn=kernel, signature={idx[k]: v for k, v in signature.items() if v != "constexpr"},
-                     constants={idx[k]: v for k, v in constexprs.items()}, attrs=attrs)
+            types[name] = "i32"
+        if (types[name].startswith("*") and name != "Kpm") or name in ("HEAD_D", "HEAD_DV", "stride_ml", "S", "L"):
+            divisible.append(name)
+    return types, divisible
 
 
 def _cuobjdump() -> str | None:
@@ -121,15 +114,15 @@ def _parse_ptxas_log(log: str) -> dict:
 
 
 def case_constexprs(name: str, block_d: int, spec, cfg, dc: str) -> dict:
-    from kernels.attention import input_precision  # noqa: F401 (import path set by the caller)
+    from kernels.attention import input_precision  # import path set by the caller
 
     c = dict(cfg.kwargs)
     if name == "bwd_delta":
         c["BLOCK_DV"] = block_d
         return c
-    has_mask, has_kpm, causal, dropout = spec
-    c.update(BLOCK_D=block_d, BLOCK_DV=block_d, HAS_MASK=has_mask, HAS_KPM=has_kpm, IS_CAUSAL=causal,
-             HAS_DROPOUT=dropout, INPUT_PRECISION="ieee" if dc == "f32" else "tf32")
+    has_mask, has_kpm, dropout = spec
+    c.update(BLOCK_D=block_d, BLOCK_DV=block_d, HAS_MASK=has_mask, HAS_KPM=has_kpm, HAS_DROPOUT=dropout,
+             INPUT_PRECISION=input_precision(dc))
     return c
 
 
@@ -147,11 +140,10 @@ def compile_one(args) -> dict:
     else:
         name, kernel, dc, hd, spec, cfg = A.compile_cases()[index]
     constexprs = case_constexprs(name, hd, spec, cfg, dc)
-    sig, attrs = _signature(kernel, dtype, constexprs)
-    src = make_source(kernel, sig, constexprs, attrs)
+    types, divisible = _signature(kernel, dtype, constexprs)
+    src = make_ast_source(kernel, types, constexprs, divisible)
     row = dict(kernel=name, dtype="tf32" if dc == "tf32" else dtype, dtype_class=dc, head_dim=hd, arch=arch,
-               spec="-" if spec is None else "".join(t for t, on in zip(("mask", "kpm", "causal", "drop"), spec) if on)
-               or "plain",
+               spec="-" if spec is None else A.variant(spec),
                config="BM%d" % cfg.kwargs["BLOCK_M"] + ("/BN%d" % cfg.kwargs["BLOCK_N"] if "BLOCK_N" in cfg.kwargs else "")
                + f" w{cfg.num_warps} s{cfg.num_stages}" + ("" if A.config_archs(cfg) == A.ARCH_FAMILIES
                                                          else " only sm%d" % A.config_archs(cfg)[0]),
@@ -200,37 +192,6 @@ def _indexed(item):
     return i, compile_one(job)
 
 
-# The heaviest specialisation of each config-table variant: the most code, registers and loads.
-HEAVIEST = {"plain": (False, True, True, False), "mask": (True, True, True, False),
-            "dropout": (True, True, True, True)}
-
-
-def ci_jobs(archs=(80, 90)) -> list:
-    """The subset `make test` compiles on a 2-core CI machine: for every kernel and arch, every config
-    the fp16 tables hold for head-dim buckets 64, 128 and 256, each with the heaviest specialisation
-    of its variant (plain: kpm + causal; mask: + attn_mask; dropout: all four), fp32 (ieee) and tf32
-    at hd 64, plus the delta pre-pass. all_jobs() is the full
-    cross product (every dtype, bucket and specialisation), run with FASTATTN_AOT_FULL=1."""
-    from kernels import attention as A
-
-    jobs = []
-    for i, (name, _k, dc, hd, spec, cfg) in enumerate(A.compile_cases()):
-        if spec is None:
-            dtypes = ("f16",) if dc == "f16" else ()
-        elif spec != HEAVIEST[A.variant(spec)]:
-            continue
-        elif dc == "f16" and hd in (64, 128, 256):
-            dtypes = ("f16",)  # bf16 compiles to the same registers/smem (checked in the full run)
-        elif dc in ("f32", "tf32") and hd == 64:
-            dtypes = ("f32",)
-        else:
-            continue
-        for arch in (a for a in archs if A.arch_family(a) in A.config_archs(cfg)):
-            for dt in dtypes:
-                jobs.append((i, arch, dt))
-    return jobs
-
-
 def _init_worker():
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
@@ -273,11 +234,16 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--filter", default=None, help="only kernels whose name contains this")
     p.add_argument("--limit", type=int, default=0, help="compile only the first N jobs")
-    p.add_argument("--subset", choices=("ci", "full"), default="full")
+    p.add_argument("--sample", type=int, default=0, help="compile N jobs drawn at random (by hand: a quick look)")
+    p.add_argument("--seed", type=int, default=0, help="the random draw of --sample")
     p.add_argument("--json", default=None)
     p.add_argument("--verbose", action="store_true", help="print each row as it finishes")
     a = p.parse_args(argv)
-    jobs = all_jobs(tuple(a.arch), a.filter) if a.subset == "full" else ci_jobs(tuple(a.arch))
+    jobs = all_jobs(tuple(a.arch), a.filter)
+    if a.sample:
+        import random
+
+        jobs = sorted(random.Random(a.seed).sample(jobs, min(a.sample, len(jobs))))
     if a.limit:
         jobs = jobs[: a.limit]
     rows = run_cases(jobs, a.jobs, progress=lambda r: print(format_table([r]).splitlines()[1], flush=True)

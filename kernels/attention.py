@@ -17,20 +17,24 @@ What the launchers receive is fixed by fastattn/backends/README.md:
 Design notes:
   * Scores are computed in the log2 domain: s2 = (q.k) * scale * log2(e) + mask * log2(e), so the
     softmax uses exp2; lse is converted back to the natural log when stored.
-  * Every mask kind is a compile-time flag (HAS_MASK, HAS_KPM, IS_CAUSAL, HAS_DROPOUT), so the plain
-    call compiles none of their code. Key blocks that need no boundary/causal test run in a loop
-    without any element mask; only the last (or diagonal) blocks take the masked loop.
+  * attn_mask, key padding and dropout are compile-time flags (HAS_MASK, HAS_KPM, HAS_DROPOUT), so
+    the plain call compiles none of their code. Causality is a runtime bool argument (`causal`): it
+    moves loop bounds, reverses the program order and adds one compare to the element test of the
+    boundary blocks, and the inner loop over whole blocks never tests it, so it costs a causal or
+    non-causal call nothing measurable and halves the specialisations to compile (8, not 16). Key
+    blocks that need no boundary/causal test run in a loop without any element mask; only the last
+    (or diagonal) blocks take the masked loop.
   * Causal: key blocks wholly above the diagonal are never visited. Key padding: the forward and dQ
     visit only the key range [first unpadded, last unpadded] of each batch (computed by the
     launcher); the dK/dV kernel skips a key block that is wholly padded.
   * The backward is deterministic and uses no atomics: one program owns a K/V block and loops over
     every query block of every query head of its GQA group; dQ is a separate kernel.
-  * Head dims 1..256 are padded to a power of two (at least 16, the smallest tl.dot K on GPUs) and
-    masked; L and S are arbitrary (boundary masks).
+  * Head dims 1..256 are padded to a power of two (at least 32: 1..16 share the 32 bucket, see
+    head_dim_bucket) and masked; L and S are arbitrary (boundary masks).
   * fp32 inputs use input_precision="ieee" (true fp32) unless
     torch.backends.cuda.matmul.allow_tf32 is set, then "tf32".
   * Block sizes, warps and stages come from the tables below, keyed on (dtype class, head-dim
-    bucket, sequence-length bucket); on a GPU the fastest candidate is measured once per key and
+    bucket, sequence-length bucket, specialisation); on a GPU the fastest candidate is measured once per key and
     cached. Under TRITON_INTERPRET=1 a single small config is used. Nothing here touches a GPU at
     import time.
 """
@@ -63,7 +67,7 @@ _WIDEN_BF16 = tl.constexpr(INTERPRET)
 def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
                start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
                L, S, HEAD_D, HEAD_DV, stride_ms,
-               BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               causal, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
                HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                INPUT_PRECISION: tl.constexpr):
     """One key block of the forward's online softmax. acc (BM, BDV) f32, l_i/m_i (BM,) f32 (log2 units)."""
@@ -86,9 +90,9 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
         pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)                      # (BN,) u8, 1 = ignore
         s = tl.where(pad[None, :] == 0, s, float("-inf"))
     if BOUNDARY:
-        visible = n_ok[None, :]
-        if IS_CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        # Causal: key j is visible to row i iff j <= i. n_diag is 0 (every row sees it) otherwise.
+        n_diag = tl.where(causal, offs_n, 0)
+        visible = n_ok[None, :] & (n_diag[None, :] <= offs_m[:, None])
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only -inf so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -118,16 +122,16 @@ def _attn_fwd_kernel(
     seed, dropout_p, qk_scale,  # philox seed (i64), dropout prob, scale*log2(e)
     stride_mb, stride_mh, stride_ml, stride_ms,  # mask strides (elements, may be 0)
     Hq, GROUP, L, S, HEAD_D, HEAD_DV,  # GROUP = Hq // Hkv
+    causal,                   # bool (a runtime flag: it only moves loop bounds and the boundary test)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     num_m = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
     pid_m = pid % num_m
-    if IS_CAUSAL:  # the longest rows first: better load balance at the tail of the grid
-        pid_m = num_m - 1 - pid_m
+    pid_m = tl.where(causal, num_m - 1 - pid_m, pid_m)  # causal: the longest rows first (tail balance)
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP
@@ -154,18 +158,14 @@ def _attn_fwd_kernel(
     drop_rows = (bh.to(tl.int64) * L + offs_m) * S                                 # (BM,) i64
 
     # Key range to visit: [lo, n_end). Blocks below full_end need no boundary/causal test.
-    n_end = S
-    if IS_CAUSAL:
-        n_end = tl.minimum(S, start_m + BLOCK_M)
+    n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
     lo = 0
     if HAS_KPM:
         kv_lo = tl.load(KvRange + 2 * b)
         kv_hi = tl.load(KvRange + 2 * b + 1)
         lo = (kv_lo // BLOCK_N) * BLOCK_N
         n_end = tl.minimum(n_end, kv_hi)
-    full_end = n_end
-    if IS_CAUSAL:
-        full_end = tl.minimum(full_end, start_m + 1)
+    full_end = tl.where(causal, tl.minimum(n_end, start_m + 1), n_end)
     full_end = tl.maximum((full_end // BLOCK_N) * BLOCK_N, lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -175,13 +175,13 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
                                    start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                    L, S, HEAD_D, HEAD_DV, stride_ms,
-                                   BLOCK_N, False, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT,
+                                   causal, BLOCK_N, False, HAS_MASK, HAS_KPM, HAS_DROPOUT,
                                    INPUT_PRECISION)
     for start_n in range(full_end, n_end, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
                                    start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                    L, S, HEAD_D, HEAD_DV, stride_ms,
-                                   BLOCK_N, True, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT,
+                                   causal, BLOCK_N, True, HAS_MASK, HAS_KPM, HAS_DROPOUT,
                                    INPUT_PRECISION)
 
     seen = l_i > 0.0
@@ -221,7 +221,7 @@ def _attn_bwd_delta_kernel(
 def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols, drop_base,
                 start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                 L, S, HEAD_D, HEAD_DV, stride_ml,
-                BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                causal, BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr):
     """One query block's contribution to a resident K/V block, transposed: (BN, BM) tiles."""
@@ -249,9 +249,8 @@ def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mas
     if HAS_KPM:
         pT = tl.where(key_ok[:, None], pT, 0.0)
     if BOUNDARY:
-        visible = (offs_n[:, None] < S) & m_ok[None, :]
-        if IS_CAUSAL:
-            visible = visible & (offs_n[:, None] <= offs_m[None, :])
+        n_diag = tl.where(causal, offs_n, 0)  # as in _fwd_block
+        visible = (offs_n[:, None] < S) & m_ok[None, :] & (n_diag[:, None] <= offs_m[None, :])
         pT = tl.where(visible, pT, 0.0)
     dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)               # (BN, BM)
     if HAS_DROPOUT:
@@ -275,8 +274,9 @@ def _attn_bwd_dkdv_kernel(
     seed, dropout_p, qk_scale, sm_scale,
     stride_mb, stride_mh, stride_ml, stride_ms,
     Hq, GROUP, L, S, HEAD_D, HEAD_DV,
+    causal,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     Hkv = Hq // GROUP
@@ -302,11 +302,8 @@ def _attn_bwd_dkdv_kernel(
 
     # Query blocks to visit: [m_lo, m_end). Those in [f_lo, f_hi) need no boundary/causal test.
     m_end = tl.cdiv(L, BLOCK_M) * BLOCK_M
-    m_lo = 0
-    f_lo = 0
-    if IS_CAUSAL:
-        m_lo = tl.minimum((start_n // BLOCK_M) * BLOCK_M, m_end)
-        f_lo = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    m_lo = tl.where(causal, tl.minimum((start_n // BLOCK_M) * BLOCK_M, m_end), 0)
+    f_lo = tl.where(causal, tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, 0)
     f_hi = (L // BLOCK_M) * BLOCK_M
     key_ok = n_ok
     if HAS_KPM:
@@ -337,17 +334,17 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
                                  drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                  L, S, HEAD_D, HEAD_DV, stride_ml,
-                                 BLOCK_M, True, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
+                                 causal, BLOCK_M, True, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
         for start_m in range(f_lo, f_hi, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
                                  drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                  L, S, HEAD_D, HEAD_DV, stride_ml,
-                                 BLOCK_M, False, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
+                                 causal, BLOCK_M, False, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
         for start_m in range(f_hi, m_end, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
                                  drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                  L, S, HEAD_D, HEAD_DV, stride_ml,
-                                 BLOCK_M, True, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
+                                 causal, BLOCK_M, True, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
 
     if HAS_DROPOUT:
         dv = dv / (1.0 - dropout_p)
@@ -362,7 +359,7 @@ def _attn_bwd_dkdv_kernel(
 def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
               start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
               L, S, HEAD_D, HEAD_DV, stride_ms,
-              BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              causal, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               INPUT_PRECISION: tl.constexpr):
     """One key block's contribution to a resident dQ block (BM, BD)."""
@@ -392,9 +389,8 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
         pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)
         p = tl.where(pad[None, :] == 0, p, 0.0)
     if BOUNDARY:
-        visible = n_ok[None, :]
-        if IS_CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        n_diag = tl.where(causal, offs_n, 0)  # as in _fwd_block
+        visible = n_ok[None, :] & (n_diag[None, :] <= offs_m[:, None])
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)                # (BM, BN)
     if HAS_DROPOUT:
@@ -413,16 +409,16 @@ def _attn_bwd_dq_kernel(
     seed, dropout_p, qk_scale, sm_scale,
     stride_mb, stride_mh, stride_ml, stride_ms,
     Hq, GROUP, L, S, HEAD_D, HEAD_DV,
+    causal,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     num_m = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
     pid_m = pid % num_m
-    if IS_CAUSAL:
-        pid_m = num_m - 1 - pid_m
+    pid_m = tl.where(causal, num_m - 1 - pid_m, pid_m)
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP
@@ -452,18 +448,14 @@ def _attn_bwd_dq_kernel(
     kpm_base = Kpm + b.to(tl.int64) * S
     drop_rows = (bh.to(tl.int64) * L + offs_m) * S
 
-    n_end = S
-    if IS_CAUSAL:
-        n_end = tl.minimum(S, start_m + BLOCK_M)
+    n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
     lo = 0
     if HAS_KPM:
         kv_lo = tl.load(KvRange + 2 * b)
         kv_hi = tl.load(KvRange + 2 * b + 1)
         lo = (kv_lo // BLOCK_N) * BLOCK_N
         n_end = tl.minimum(n_end, kv_hi)
-    full_end = n_end
-    if IS_CAUSAL:
-        full_end = tl.minimum(full_end, start_m + 1)
+    full_end = tl.where(causal, tl.minimum(n_end, start_m + 1), n_end)
     full_end = tl.maximum((full_end // BLOCK_N) * BLOCK_N, lo)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -471,12 +463,12 @@ def _attn_bwd_dq_kernel(
         dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
                        start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
                        L, S, HEAD_D, HEAD_DV, stride_ms,
-                       BLOCK_N, False, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
+                       causal, BLOCK_N, False, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
     for start_n in range(full_end, n_end, BLOCK_N):
         dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
                        start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
                        L, S, HEAD_D, HEAD_DV, stride_ms,
-                       BLOCK_N, True, IS_CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
+                       causal, BLOCK_N, True, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + bh.to(tl.int64) * L * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D))
@@ -504,7 +496,7 @@ def arch_family(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
-HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # padded head dim (a power of two, >= 16 for tl.dot)
+HEAD_DIM_BUCKETS = (32, 64, 128, 256)  # padded head dim (a power of two, >= 32; see head_dim_bucket)
 SEQ_BUCKETS = ("short", "long")            # max(L, S) <= SHORT_SEQ, else long
 SHORT_SEQ = 512
 DTYPE_CLASSES = ("f16", "f32", "tf32")     # fp16/bf16 | fp32 computed in fp32 | fp32 allowed tf32
@@ -525,7 +517,10 @@ DTYPE_CLASSES = ("f16", "f32", "tf32")     # fp16/bf16 | fp32 computed in fp32 |
 #   dropout configs with 32 score elements per thread; fp32 configs with 4 warps (spill with masks);
 #   dQ hd128 (32,32,w8,s2) on sm_90 (causal+dropout: ptxas settles on 128 registers and spills 32 B,
 #   while the heavier specialisations do not: lighter specialisations are not always cheaper).
-VARIANTS = ("plain", "mask", "dropout")
+# The table key's last element is the specialisation's name (see variant()); the groups below fill
+# the specialisations of one weight class alike, and a specialisation that needs other configs gets
+# its own _fill after its group's.
+VARIANTS = ("plain", "kpm", "mask", "mask+kpm", "drop", "kpm+drop", "mask+drop", "mask+kpm+drop")
 FWD_CONFIGS: dict[tuple[str, int, str, str], list[triton.Config]] = {}
 BWD_DKDV_CONFIGS: dict[tuple[str, int, str, str], list[triton.Config]] = {}
 BWD_DQ_CONFIGS: dict[tuple[str, int, str, str], list[triton.Config]] = {}
@@ -541,12 +536,13 @@ def _fill(table, dtype_classes, buckets, seqs, variants, configs):
 
 F16, F32 = ("f16",), ("f32", "tf32")
 SHORT, LONG, ANY_SEQ = ("short",), ("long",), SEQ_BUCKETS
-PLAIN, MASK, DROP, ANY_VAR = ("plain",), ("mask",), ("dropout",), VARIANTS
-SMALL_HD = (16, 32, 64)
+PLAIN, MASK, DROP = ("plain", "kpm"), ("mask", "mask+kpm"), ("drop", "kpm+drop", "mask+drop", "mask+kpm+drop")
+ANY_VAR = VARIANTS
+SMALL_HD = (32, 64)
 
 # Forward.
 _fill(FWD_CONFIGS, F16, SMALL_HD, SHORT, PLAIN, [_cfg(64, 64, 4, 3)])
-_fill(FWD_CONFIGS, F16, (16, 32), LONG, PLAIN, [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3)])
+_fill(FWD_CONFIGS, F16, (32,), LONG, PLAIN, [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3)])
 _fill(FWD_CONFIGS, F16, (64,), LONG, PLAIN, [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2)])
 _fill(FWD_CONFIGS, F16, (128,), SHORT, PLAIN, [_cfg(64, 64, 8, 3)])
 _fill(FWD_CONFIGS, F16, (128,), LONG, PLAIN, [_cfg(128, 32, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 8, 3, (90,))])
@@ -585,8 +581,9 @@ _fill(BWD_DQ_CONFIGS, F32, (256,), ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
 
 
 def variant(spec) -> str:
-    """The config-table variant of a specialisation (HAS_MASK, HAS_KPM, IS_CAUSAL, HAS_DROPOUT)."""
-    return "dropout" if spec[3] else "mask" if spec[0] else "plain"
+    """The config-table key of a specialisation (HAS_MASK, HAS_KPM, HAS_DROPOUT): its name, e.g.
+    "mask+kpm+drop", or "plain"."""
+    return "+".join(n for n, on in zip(("mask", "kpm", "drop"), spec) if on) or "plain"
 
 
 # The delta pre-pass is memory bound and tiny: one config.
@@ -601,16 +598,20 @@ KERNELS = {
     "bwd_dkdv": (_attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS),
     "bwd_dq": (_attn_bwd_dq_kernel, BWD_DQ_CONFIGS),
 }
-# (HAS_MASK, HAS_KPM, IS_CAUSAL, HAS_DROPOUT): every combination is a compiled specialisation.
-SPECIALISATIONS = tuple((m, k, c, d) for m in (False, True) for k in (False, True)
-                        for c in (False, True) for d in (False, True))
+# (HAS_MASK, HAS_KPM, HAS_DROPOUT): every combination is a compiled specialisation. Causality is a
+# runtime argument of every kernel (it moves loop bounds and the test in the boundary blocks only).
+SPECIALISATIONS = tuple((m, k, d) for m in (False, True) for k in (False, True) for d in (False, True))
 
 
 def head_dim_bucket(e: int) -> int:
-    """Padded head dim for a head dim e in 1..256: the next power of two, at least 16."""
+    """Padded head dim for a head dim e in 1..256: the next power of two, at least 32.
+
+    Head dims 1..16 share the 32 bucket (16 would be the smallest tl.dot K): one bucket fewer to
+    compile and check ahead of time, at the price of twice the q.k^T / p.v multiply work of a
+    16-wide tile for those head dims (the padded columns are masked, never read from memory)."""
     if not 1 <= e <= 256:
         raise ValueError(f"head dim: got {e}, expected 1..256")
-    return max(16, triton.next_power_of_2(e))
+    return max(32, triton.next_power_of_2(e))
 
 
 def seq_bucket(l: int, s: int) -> str:
@@ -632,7 +633,7 @@ def input_precision(dc: str) -> str:
 
 def compile_cases():
     """Every (kernel name, kernel, dtype class, head-dim bucket, specialisation, config) a GPU launch
-    can choose (union over sequence buckets; each specialisation takes its variant's table), for
+    can choose (union over sequence buckets of the specialisation's table entries), for
     ahead-of-time compilation checks. The delta pre-pass is listed with the specialisation None."""
     cases = []
     for name, (kernel, table) in KERNELS.items():
@@ -770,11 +771,13 @@ def _common(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, seed):
     kpm, kv_range = _kpm_args(key_padding_mask, q, s)
     seed_val = _seed_arg(float(dropout_p), seed)
     flags = dict(HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None,
-                 IS_CAUSAL=bool(is_causal), HAS_DROPOUT=float(dropout_p) > 0.0,
-                 INPUT_PRECISION=input_precision(dc))
-    spec = (flags["HAS_MASK"], flags["HAS_KPM"], flags["IS_CAUSAL"], flags["HAS_DROPOUT"])
-    key = (dc, max(block_d, block_dv), seq_bucket(l, s), variant(spec), spec)
-    dims = dict(Hq=hq, GROUP=hq // hkv, L=l, S=s, HEAD_D=e, HEAD_DV=ev, BLOCK_D=block_d, BLOCK_DV=block_dv)
+                 HAS_DROPOUT=float(dropout_p) > 0.0, INPUT_PRECISION=input_precision(dc))
+    spec = (flags["HAS_MASK"], flags["HAS_KPM"], flags["HAS_DROPOUT"])
+    key = (dc, max(block_d, block_dv), seq_bucket(l, s), variant(spec))
+    # causal is a runtime bool (typed u1 by the JIT, never specialised on its value): causal and
+    # non-causal calls share one compiled kernel.
+    dims = dict(Hq=hq, GROUP=hq // hkv, L=l, S=s, HEAD_D=e, HEAD_DV=ev, causal=bool(is_causal),
+                BLOCK_D=block_d, BLOCK_DV=block_dv)
     return mask, mstrides, kpm, kv_range, seed_val, flags, key, dims
 
 
@@ -805,7 +808,7 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is
                                ms[0], ms[1], ms[2], ms[3], **dims, **flags, **cfg.kwargs,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = _choose("fwd", key, FWD_CONFIGS[key[:4]], launch, q.device)
+    cfg = _choose("fwd", key, FWD_CONFIGS[key], launch, q.device)
     launch(cfg)
     return out, lse
 
@@ -853,6 +856,6 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
                                   float(dropout_p), qk_scale, float(scale), ms[0], ms[1], ms[2], ms[3], **dims,
                                   **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    launch_dkdv(_choose("bwd_dkdv", key, BWD_DKDV_CONFIGS[key[:4]], launch_dkdv, q.device))
-    launch_dq(_choose("bwd_dq", key, BWD_DQ_CONFIGS[key[:4]], launch_dq, q.device))
+    launch_dkdv(_choose("bwd_dkdv", key, BWD_DKDV_CONFIGS[key], launch_dkdv, q.device))
+    launch_dq(_choose("bwd_dq", key, BWD_DQ_CONFIGS[key], launch_dq, q.device))
     return dq, dk, dv

@@ -14,7 +14,6 @@ removed; the child compiles on a pool of two processes and prints one JSON line 
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -71,34 +70,17 @@ _NOT_ALIGNED = {"seed", "p", "drop_scale", "has_bias", "store_pre", "store_h", "
 
 
 def make_ast_source(fn, types: dict, constexprs: dict, aligned: bool):
-    """ASTSource across triton versions.
-
-    triton >= 3.3 (3.6 and 3.9 here): ASTSource(fn, signature, constexprs, attrs); the signature names
-    every argument, constexpr ones with the type "constexpr"; constexprs and attrs are keyed by the
-    argument's (index,) path (3.9 also takes names for constexprs; the tuple form is what every 3.x
-    that has ``constexprs`` reads); attrs values are lists of [attribute, value].
-    triton 3.0-3.2: ASTSource(fn, signature, constants, attrs); the signature holds only the runtime
-    arguments keyed by index, constants are keyed by index, attrs is an AttrsDescriptor.
-    aligned: pointers and shape-like ints divisible by 16 (what the JIT sees for 768/3072 sizes).
-    """
-    from triton.compiler import ASTSource
-
-    names = list(fn.arg_names)
-    missing = [n for n in names if n not in types and n not in constexprs]
-    if missing:
-        raise KeyError(f"{fn.__name__}: no type or constexpr value for arguments {missing}")
-    divisible = [n for n in names if n in types and (types[n].startswith("*")
-                                                     or (aligned and n not in _NOT_ALIGNED))]
-    params = inspect.signature(ASTSource.__init__).parameters
-    if "constexprs" in params:
-        signature = {n: types.get(n, "constexpr") for n in names}
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-        return ASTSource(fn, signature, {(names.index(n),): constexprs[n] for n in names if n in constexprs}, attrs)
-    from triton.backends.compiler import AttrsDescriptor  # triton 3.0-3.2
-    signature = {names.index(n): t for n, t in types.items()}
-    constants = {names.index(n): v for n, v in constexprs.items()}
-    attrs = AttrsDescriptor.from_dict({"tt.divisibility": [names.index(n) for n in divisible]})
-    return ASTSource(fn, signature, constants, attrs)
+    """ASTSource for fn through the shared version shim (kernels/_aot_compat.py, also used by the
+    attention AOT check). aligned: pointers and shape-like ints divisible by 16 (what the JIT sees
+    for 768/3072 sizes); pointers always are."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from fastattn.kernels._aot_compat import make_ast_source as shared
+    except ImportError:  # a checkout that was never installed
+        from kernels._aot_compat import make_ast_source as shared
+    divisible = [n for n in fn.arg_names if n in types and (types[n].startswith("*")
+                                                            or (aligned and n not in _NOT_ALIGNED))]
+    return shared(fn, types, constexprs, divisible)
 
 
 def _jobs(ff) -> list[dict]:
