@@ -180,13 +180,17 @@ void run_tasks(TaskFn fn, const AttnParams& p, int64_t ntasks) {
     fn(p, 0, ntasks);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, ntasks / (threads * 8));
+  // Guided chunks: a quarter of a thread's share of what is left, down to single tasks at the
+  // end, so that the threads finish together (a backward task can be a whole (batch, head)).
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    int64_t b = next.load(std::memory_order_relaxed);
     for (;;) {
-      const int64_t b = next.fetch_add(chunk);
       if (b >= ntasks) break;
+      const int64_t chunk = std::max<int64_t>(1, (ntasks - b) / (threads * 4));
+      if (!next.compare_exchange_weak(b, b + chunk, std::memory_order_relaxed)) continue;
       fn(p, b, std::min(ntasks, b + chunk));
+      b = next.load(std::memory_order_relaxed);
     }
   });
 }

@@ -384,6 +384,67 @@ inline const T* as_compute(const In* src, int64_t n, T* dst) {
   }
 }
 
+// dst[c * ldd + r] = T(src[r * lds + c]) * s for r < R, c < C: a block read transposed (Q^T, dO^T).
+template <typename T, typename In>
+inline void load_transposed(const In* src, int64_t lds, int64_t R, int64_t C, T s, T* dst, int64_t ldd) {
+  int64_t r0 = 0;
+#if defined(FA_VEC_AVX512)
+  if constexpr (std::is_same<T, float>::value && std::is_same<In, float>::value) {
+    if (lds < (int64_t(1) << 26)) {  // 16 row offsets fit the gather's int32 indices
+      const __m512i idx = _mm512_mullo_epi32(
+          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(lds)));
+      const __m512 vs = _mm512_set1_ps(s);
+      for (; r0 + 16 <= R; r0 += 16)
+        for (int64_t c = 0; c < C; ++c)
+          _mm512_storeu_ps(dst + c * ldd + r0, _mm512_mul_ps(_mm512_i32gather_ps(idx, src + r0 * lds + c, 4), vs));
+    }
+  }
+#endif
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t r = r0; r < R; ++r) dst[c * ldd + r] = static_cast<T>(src[r * lds + c]) * s;
+}
+
+// dst[r * ldd + c] = In(src[c * lds + r] * f_r) for r < R, c < C, f_r = f[r] (or s when f is null):
+// a transposed accumulator written out row by row (O, dQ).
+template <typename T, typename In>
+inline void store_transposed(const T* src, int64_t lds, int64_t R, int64_t C, const T* f, T s, In* dst,
+                             int64_t ldd) {
+#if defined(FA_VEC_AVX512)
+  if constexpr (std::is_same<T, float>::value && std::is_same<In, float>::value) {
+    if (lds < (int64_t(1) << 26)) {
+      const __m512i idx = _mm512_mullo_epi32(
+          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(lds)));
+      for (int64_t r = 0; r < R; ++r) {
+        const __m512 fr = _mm512_set1_ps(f != nullptr ? f[r] : s);
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+          const int64_t n = C - c0 < 16 ? C - c0 : 16;
+          const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+          const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src + c0 * lds + r, 4);
+          _mm512_mask_storeu_ps(dst + r * ldd + c0, m, _mm512_mul_ps(v, fr));
+        }
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t r = 0; r < R; ++r) {
+    const T fr = f != nullptr ? f[r] : s;
+    for (int64_t c = 0; c < C; ++c) dst[r * ldd + c] = static_cast<In>(src[c * lds + r] * fr);
+  }
+}
+
+// sum_e a[e] b[e] in T, eight independent partial sums (no serial chain of n additions).
+template <typename T, typename In>
+inline T row_dot(const In* a, const In* b, int64_t n) {
+  T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += static_cast<T>(a[e + u]) * static_cast<T>(b[e + u]);
+  T tail = 0;
+  for (; e < n; ++e) tail += static_cast<T>(a[e]) * static_cast<T>(b[e]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
 inline uint64_t dropout_offset(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
   return static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j);
 }
@@ -418,10 +479,9 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
     const In* K = static_cast<const In*>(p.k) + bhk * S * E;
     const In* Vm = static_cast<const In*>(p.v) + bhk * S * Ev;
     const T scale = static_cast<T>(p.scale);
-    for (int64_t e = 0; e < E; ++e) {
-      for (int64_t i = 0; i < mrows; ++i) qt[e * BM + i] = static_cast<T>(Q[i * E + e]) * scale;
+    load_transposed<T, In>(Q, E, mrows, E, scale, qt, BM);
+    for (int64_t e = 0; e < E; ++e)
       for (int64_t i = mrows; i < BM; ++i) qt[e * BM + i] = T(0);
-    }
     std::fill(ot, ot + Ev * BM, T(0));
     std::fill(mrow, mrow + BM, kNegInf);
     std::fill(lrow, lrow + BM, T(0));
@@ -482,10 +542,10 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
     float* lse = p.lse + bh * L + i0;
     for (int64_t i = 0; i < mrows; ++i) {
       const T l = lrow[i];
-      const T inv = l > T(0) ? T(1) / l : T(0);
-      for (int64_t e = 0; e < Ev; ++e) O[i * Ev + e] = static_cast<In>(ot[e * BM + i] * inv);
+      arow[i] = l > T(0) ? T(1) / l : T(0);  // 1/l, or 0 for a row that saw no key
       lse[i] = l > T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
     }
+    store_transposed<T, In>(ot, BM, mrows, Ev, arow, T(1), O, Ev);
   }
 }
 
@@ -579,24 +639,21 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
       const In* dO = static_cast<const In*>(p.dout) + bh * L * Ev;
       const In* O = static_cast<const In*>(p.o) + bh * L * Ev;
       const float* LSE = p.lse + bh * L;
-      for (int64_t i = 0; i < Lp; ++i) {
-        const bool real = i < L;
-        for (int64_t e = 0; e < E; ++e) {
-          const T qv = real ? static_cast<T>(Q[i * E + e]) : T(0);
-          qt[e * Lp + i] = qv * scale;
-          qn[i * Ep + e] = qv;
-        }
-        for (int64_t e = E; e < Ep; ++e) qn[i * Ep + e] = T(0);
-        T d = 0;
-        for (int64_t e = 0; e < Ev; ++e) {
-          const T g_ = real ? static_cast<T>(dO[i * Ev + e]) : T(0);
-          dot[e * Lp + i] = g_;
-          don[i * Evp + e] = g_;
-          if (real) d += g_ * static_cast<T>(O[i * Ev + e]);
-        }
-        for (int64_t e = Ev; e < Evp; ++e) don[i * Evp + e] = T(0);
-        delta[i] = d;
-        lse[i] = real ? static_cast<T>(LSE[i]) : std::numeric_limits<T>::infinity();
+      load_transposed<T, In>(Q, E, L, E, scale, qt, Lp);
+      load_transposed<T, In>(dO, Ev, L, Ev, T(1), dot, Lp);
+      for (int64_t e = 0; e < E; ++e) std::fill(qt + e * Lp + L, qt + (e + 1) * Lp, T(0));
+      for (int64_t e = 0; e < Ev; ++e) std::fill(dot + e * Lp + L, dot + (e + 1) * Lp, T(0));
+      std::fill(qn, qn + Lp * Ep, T(0));
+      std::fill(don, don + Lp * Evp, T(0));
+      for (int64_t i = 0; i < L; ++i) {
+        for (int64_t e = 0; e < E; ++e) qn[i * Ep + e] = static_cast<T>(Q[i * E + e]);
+        for (int64_t e = 0; e < Ev; ++e) don[i * Evp + e] = static_cast<T>(dO[i * Ev + e]);
+        delta[i] = row_dot<T, In>(dO + i * Ev, O + i * Ev, Ev);
+        lse[i] = static_cast<T>(LSE[i]);
+      }
+      for (int64_t i = L; i < Lp; ++i) {
+        delta[i] = T(0);
+        lse[i] = std::numeric_limits<T>::infinity();
       }
       if constexpr (std::is_same<T, double>::value) exact_lse<V>(p, b, h, qt, Lp, st, mrow, lrow, lse);
       std::fill(dqt, dqt + E * Lp, T(0));
@@ -650,12 +707,10 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
       // dQ of this head from this key range
       if (nparts == 1) {
         In* DQ = static_cast<In*>(p.dq) + bh * L * E;
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t e = 0; e < E; ++e) DQ[i * E + e] = static_cast<In>(dqt[e * Lp + i] * scale);
+        store_transposed<T, In>(dqt, Lp, L, E, nullptr, scale, DQ, E);
       } else {
         T* DQ = static_cast<T*>(p.dq_part) + (part * p.N * p.Hq + bh) * L * E;
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t e = 0; e < E; ++e) DQ[i * E + e] = dqt[e * Lp + i] * scale;
+        store_transposed<T, T>(dqt, Lp, L, E, nullptr, scale, DQ, E);
       }
     }
     In* DK = static_cast<In*>(p.dk) + (bhk * S + key_lo) * E;
