@@ -97,6 +97,27 @@ struct Scratch {
   std::vector<float> cm;      // (BM) max of each row in the current key chunk
   std::vector<float> kb;      // (S) key padding bias, 0 or -inf
   std::vector<float> tmp;     // (16) strided mask gather
+  // Software prefetch of what comes next (the next Q block, the next task's K and V): K/V come
+  // cold from memory and their first reads stalled the packing; a few lines per softmax row
+  // hide that behind arithmetic.
+  const char* pf_ptr[3] = {nullptr, nullptr, nullptr};
+  int64_t pf_lines[3] = {0, 0, 0};
+  int64_t pf_per_row = 0;
+  void prefetch_some() {
+    int64_t budget = pf_per_row;
+    for (int r = 0; r < 3 && budget > 0; ++r) {
+      while (pf_lines[r] > 0 && budget > 0) {
+        _mm_prefetch(pf_ptr[r], _MM_HINT_T1);
+        pf_ptr[r] += 64;
+        --pf_lines[r];
+        --budget;
+      }
+    }
+  }
+  void set_region(int r, const void* ptr, int64_t bytes) {
+    pf_ptr[r] = static_cast<const char*>(ptr);
+    pf_lines[r] = ptr != nullptr ? (bytes + 63) / 64 : 0;
+  }
 };
 
 // 2^x for x <= 0 (a little above 0 is fine too). Degree-4 polynomial for 2^f on [-1/2, 1/2]
@@ -149,19 +170,44 @@ FA_AMX_TARGET void pack_kv(const Params& p, const uint16_t* K, const uint16_t* V
   const int64_t E = p.E, Ev = p.Ev, Sp = p.Sp, E2 = p.Ep / 2;
   const int64_t rp = std::min(round_up(rows, 32), Sp);
   // K^T: word (w, j) = K[j][2w] | K[j][2w+1] << 16
-  // 16 rows at a time by gathers: word w of rows j0..j0+15 sits at 16-bit offsets j*E + 2w. With
-  // odd E the last word's high half belongs to the next row (masked off), so the head's last row
-  // takes the scalar loop (its next row may lie past the end of the tensor).
-  const __m512i vidx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(static_cast<int>(E)));
+  // 16 rows x 16 words at a time, transposed in registers. Word w of row j sits at 16-bit offset
+  // j*E + 2w; with odd E the last word's high half belongs to the next row (masked off), so the
+  // head's last row takes the scalar loop (its next row may lie past the end of the tensor).
   const bool odd = E % 2 == 1;
   int64_t j0 = 0;
   for (; j0 + 16 <= rows && (!odd || j0 + 16 < p.S); j0 += 16) {
     const uint16_t* base = K + j0 * E;
-    for (int64_t w = 0; w < E2; ++w) {
-      __m512i x = _mm512_i32gather_epi32(vidx, static_cast<const void*>(base + 2 * w), 2);
-      if (odd && w == E2 - 1) x = _mm512_and_si512(x, _mm512_set1_epi32(0xFFFF));
-      _mm512_storeu_si512(reinterpret_cast<void*>(kp + w * Sp + j0), x);
+    for (int64_t w0 = 0; w0 < E2; w0 += 16) {
+      const int64_t nw = std::min<int64_t>(16, E2 - w0);
+      const __mmask16 km = tail_mask(nw);
+      __m512i r[16], t[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = _mm512_maskz_loadu_epi32(km, base + i * E + 2 * w0);
+        if (odd && w0 + nw == E2)
+          r[i] = _mm512_mask_and_epi32(r[i], static_cast<__mmask16>(1u << (nw - 1)), r[i], _mm512_set1_epi32(0xFFFF));
+      }
+      for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < 4; ++i) {  // r[4i + c], lane l: rows 4i..4i+3 of word 4l + c
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+      }
+      for (int c = 0; c < 4; ++c) {
+        const __m512i x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
+        const __m512i x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+        const __m512i y0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512i y1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+        const __m512i col[4] = {_mm512_shuffle_i32x4(x0, y0, 0x88), _mm512_shuffle_i32x4(x0, y0, 0xDD),
+                                _mm512_shuffle_i32x4(x1, y1, 0x88), _mm512_shuffle_i32x4(x1, y1, 0xDD)};
+        for (int l = 0; l < 4; ++l) {
+          const int64_t w = 4 * l + c;
+          if (w < nw) _mm512_storeu_si512(reinterpret_cast<void*>(kp + (w0 + w) * Sp + j0), col[l]);
+        }
+      }
     }
   }
   for (int64_t j = j0; j < rows; ++j) {
@@ -360,6 +406,7 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
         std::memset(prow, 0, sizeof(uint16_t) * cnp);
         continue;
       }
+      sc.prefetch_some();
       const uint64_t drop_off = static_cast<uint64_t>((bh * L + gi) * S + c0);
       const float alpha = fast ? row_exp<true>(p, srow, n, cnp, prow, m[i], l[i], cm[i], drop_off)
                                : row_exp<false>(p, srow, n, cnp, prow, m[i], l[i], cm[i], drop_off);
@@ -409,28 +456,55 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
 }
 
 // Tasks [t0, t1) of (b, kv head, range of `per` query blocks).
-FA_AMX_TARGET void run_range(const Params& p, Scratch& sc, int64_t per, int64_t t0, int64_t t1) {
+// Task t of (b, kv head, range of `per` query blocks); t_next is the task this thread runs next
+// (or ntasks), prefetched meanwhile.
+FA_AMX_TARGET void run_task(const Params& p, Scratch& sc, int64_t per, int64_t t, int64_t t_next, int64_t ntasks) {
   const int64_t nqb = (p.L + p.BM - 1) / p.BM;
   const int64_t nranges = (nqb + per - 1) / per;
   const int64_t group = p.Hq / p.Hkv;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t r = t % nranges, bk = t / nranges, hk = bk % p.Hkv, b = bk / p.Hkv;
-    const int64_t qb0 = r * per, qb1 = std::min(nqb, qb0 + per);
-    const int64_t last_row = std::min(p.L, qb1 * p.BM);
-    const int64_t rows = p.causal ? std::min(p.S, last_row) : p.S;
-    FA_PROF_T0
-    pack_kv(p, p.k + bk * p.S * p.E, p.v + bk * p.S * p.Ev, rows, sc.kp.data(), sc.vp.data());
-    if (p.kpm != nullptr) {
-      const bool* kr = p.kpm + b * p.S;
-      for (int64_t j = 0; j < p.S; ++j) sc.kb[j] = kr[j] ? -std::numeric_limits<float>::infinity() : 0.f;
-    }
-    FA_PROF(4)
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = hk * group + g;
-      for (int64_t qb = qb0; qb < qb1; ++qb) {
-        const int64_t i0 = qb * p.BM;
-        fwd_block(p, sc, b, h, i0, std::min(p.BM, p.L - i0));
+  const int64_t r = t % nranges, bk = t / nranges, hk = bk % p.Hkv, b = bk / p.Hkv;
+  const int64_t qb0 = r * per, qb1 = std::min(nqb, qb0 + per);
+  const int64_t last_row = std::min(p.L, qb1 * p.BM);
+  const int64_t rows = p.causal ? std::min(p.S, last_row) : p.S;
+  FA_PROF_T0
+  pack_kv(p, p.k + bk * p.S * p.E, p.v + bk * p.S * p.Ev, rows, sc.kp.data(), sc.vp.data());
+  if (p.kpm != nullptr) {
+    const bool* kr = p.kpm + b * p.S;
+    for (int64_t j = 0; j < p.S; ++j) sc.kb[j] = kr[j] ? -std::numeric_limits<float>::infinity() : 0.f;
+  }
+  FA_PROF(4)
+  // the next task's K and V, spread over this task's blocks
+  const int64_t nblocks = group * (qb1 - qb0);
+  int64_t kv_lines = 0;
+  const uint16_t* q_next_task = nullptr;
+  if (t_next < ntasks) {
+    const int64_t bk2 = t_next / nranges, r2 = t_next % nranges;
+    sc.set_region(1, p.k + bk2 * p.S * p.E, p.S * p.E * 2);
+    sc.set_region(2, p.v + bk2 * p.S * p.Ev, p.S * p.Ev * 2);
+    kv_lines = sc.pf_lines[1] + sc.pf_lines[2];
+    const int64_t h2 = (bk2 % p.Hkv) * group, b2 = bk2 / p.Hkv;
+    q_next_task = p.q + ((b2 * p.Hq + h2) * p.L + r2 * per * p.BM) * p.E;
+  } else {
+    sc.set_region(1, nullptr, 0);
+    sc.set_region(2, nullptr, 0);
+  }
+  const int64_t q_lines = (p.BM * p.E * 2 + 63) / 64;
+  sc.pf_per_row = (kv_lines / nblocks + q_lines + p.BM - 1) / p.BM + 1;
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = hk * group + g;
+    for (int64_t qb = qb0; qb < qb1; ++qb) {
+      const int64_t i0 = qb * p.BM;
+      // the Q block after this one
+      const uint16_t* qn = nullptr;
+      if (qb + 1 < qb1) {
+        qn = p.q + ((b * p.Hq + h) * p.L + i0 + p.BM) * p.E;
+      } else if (g + 1 < group) {
+        qn = p.q + ((b * p.Hq + h + 1) * p.L + qb0 * p.BM) * p.E;
+      } else {
+        qn = q_next_task;
       }
+      sc.set_region(0, qn, qn != nullptr ? p.BM * p.E * 2 : 0);
+      fwd_block(p, sc, b, h, i0, std::min(p.BM, p.L - i0));
     }
   }
 }
@@ -549,10 +623,12 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     sc.cm.resize(p.BM);
     if (p.kpm != nullptr) sc.kb.resize(S);
     sc.tmp.resize(16);
-    for (;;) {
-      const int64_t t = next.fetch_add(1);
-      if (t >= ntasks) break;
-      run_range(p, sc, per, t, t + 1);
+    // claim the next task before running this one, so that its K/V can be prefetched
+    int64_t t = next.fetch_add(1);
+    while (t < ntasks) {
+      const int64_t t_next = next.fetch_add(1);
+      run_task(p, sc, per, t, t_next, ntasks);
+      t = t_next;
     }
     at::native::cpublas::brgemm_release();
   };
