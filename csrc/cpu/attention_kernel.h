@@ -172,8 +172,9 @@ using VecD = VecArr<double, 8>;
 //   kStore   plain store;
 //   kColMax  store, and aux[x] = max(aux[x], max_y C[y][x])   (the forward's running max);
 //   kExp     C = exp(C - aux[x])                                (the backward's P from lse);
-//   kDs      C = aux2 * (C - aux[x])                             (the backward's dS = P (dP - delta)).
-enum Epilogue { kStore = 0, kColMax = 1, kExp = 2, kDs = 3 };
+//   kDs      C = aux2 * (C - aux[x])                             (the backward's dS = P (dP - delta));
+//   kScaleC  (a prologue) with ACC, C starts as C[y][x] * aux[x]  (the forward's online rescale).
+enum Epilogue { kStore = 0, kColMax = 1, kExp = 2, kDs = 3, kScaleC = 4 };
 
 template <typename V, int YR, int XV, bool ACC, int EP>
 inline void micro_tile(int64_t Z, const typename V::value_type* A, int64_t ay, int64_t az,
@@ -184,7 +185,12 @@ inline void micro_tile(int64_t Z, const typename V::value_type* A, int64_t ay, i
 #pragma GCC unroll 16
   for (int y = 0; y < YR; ++y)
 #pragma GCC unroll 4
-    for (int x = 0; x < XV; ++x) c[y][x] = ACC ? V::load(C + y * ldc + x * W) : V::set1(0);
+    for (int x = 0; x < XV; ++x) {
+      if constexpr (ACC && EP == kScaleC)
+        c[y][x] = V::load(C + y * ldc + x * W) * V::load(aux + x * W);
+      else
+        c[y][x] = ACC ? V::load(C + y * ldc + x * W) : V::set1(0);
+    }
   for (int64_t z = 0; z < Z; ++z) {
     V b[XV];
 #pragma GCC unroll 4
@@ -486,6 +492,7 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
     std::fill(mrow, mrow + BM, kNegInf);
     std::fill(lrow, lrow + BM, T(0));
     const int64_t kend = p.causal ? std::min(S, i0 + mrows) : S;
+    bool have_out = false;
     for (int64_t j0 = 0; j0 < kend; j0 += BN) {
       const int64_t nb = std::min(BN, kend - j0);
       if (keys_all_padded(p, b, j0, nb)) continue;
@@ -533,10 +540,14 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
           }
         }
       }
-      for (int64_t e = 0; e < Ev; ++e)
-        for (int64_t x = 0; x < BM; x += W) (V::load(ot + e * BM + x) * V::load(arow + x)).store(ot + e * BM + x);
+      // O^T = O^T * alpha + V^T P^T, the rescale folded into the GEMM's load of O^T (the first
+      // block visited has nothing to rescale: O^T = V^T P^T)
       const T* Vb = as_compute<T, In>(Vm + j0 * Ev, nb * Ev, vbuf);
-      block_gemm<V, true>(Ev, BM, nb, Vb, 1, Ev, st, BM, ot, BM);
+      if (have_out)
+        block_gemm<V, true, kScaleC>(Ev, BM, nb, Vb, 1, Ev, st, BM, ot, BM, arow);
+      else
+        block_gemm<V, false>(Ev, BM, nb, Vb, 1, Ev, st, BM, ot, BM);
+      have_out = true;
     }
     In* O = static_cast<In*>(p.out) + (bh * L + i0) * Ev;
     float* lse = p.lse + bh * L + i0;
