@@ -68,6 +68,9 @@ struct Params {
   int64_t Sp;   // S rounded up to a multiple of 32 (columns of packed K^T, rows of packed V)
   int64_t BM;   // queries per block
   int64_t KC;   // keys per chunk (a multiple of 32)
+  // Row strides of the packed K^T (32-bit words), the score block (floats) and the probability
+  // block (bf16): padded off powers of two, whose rows would all fall in a few cache sets.
+  int64_t ldk, lds, ldp;
   const uint16_t* q;
   const uint16_t* k;
   const uint16_t* v;
@@ -167,8 +170,8 @@ FA_AMX_TARGET inline __m512 bf16x16_to_ps(__m256i x) {
 // rows [rows, round_up(rows, 32)) are zero.
 FA_AMX_TARGET void pack_kv(const Params& p, const uint16_t* K, const uint16_t* V, int64_t rows,
                            uint32_t* kp, uint16_t* vp) {
-  const int64_t E = p.E, Ev = p.Ev, Sp = p.Sp, E2 = p.Ep / 2;
-  const int64_t rp = std::min(round_up(rows, 32), Sp);
+  const int64_t E = p.E, Ev = p.Ev, Sp = p.ldk, E2 = p.Ep / 2;
+  const int64_t rp = std::min(round_up(rows, 32), p.Sp);
   // K^T: word (w, j) = K[j][2w] | K[j][2w+1] << 16
   // 16 rows x 16 words at a time, transposed in registers. Word w of row j sits at 16-bit offset
   // j*E + 2w; with odd E the last word's high half belongs to the next row (masked off), so the
@@ -355,7 +358,7 @@ FA_AMX_TARGET inline float row_exp(const Params& p, const float* s, int64_t n, i
 
 // One query block: rows [i0, i0 + mrows) of head (b, h), whose kv head is packed in sc.kp / sc.vp.
 FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h, int64_t i0, int64_t mrows) {
-  const int64_t E = p.E, Ep = p.Ep, Ev = p.Ev, L = p.L, S = p.S, KC = p.KC, Sp = p.Sp;
+  const int64_t E = p.E, Ep = p.Ep, Ev = p.Ev, L = p.L, S = p.S, KC = p.KC, lds = p.lds, ldp = p.ldp;
   const int64_t bh = b * p.Hq + h;
   const uint16_t* Q = p.q + (bh * L + i0) * E;
   const at::BFloat16* A;
@@ -383,7 +386,7 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
   for (int64_t c0 = 0; c0 < kend; c0 += KC) {
     const int64_t cn = std::min(KC, kend - c0);
     const int64_t cnp = round_up(cn, 32);  // <= Sp - c0
-    at::native::cpublas::brgemm(mrows, cnp, Ep, Ep, Sp, KC, false, A,
+    at::native::cpublas::brgemm(mrows, cnp, Ep, Ep, p.ldk, lds, false, A,
                                 reinterpret_cast<const at::BFloat16*>(sc.kp.data()) + c0 * 2,
                                 sc.s.data(), true);
     FA_PROF(0)
@@ -391,7 +394,7 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
     for (int64_t i = 0; i < mrows; ++i) {
       const int64_t n = p.causal ? std::min<int64_t>(cn, i0 + i + 1 - c0) : cn;
       if (n <= 0) continue;
-      float* srow = sc.s.data() + i * KC;
+      float* srow = sc.s.data() + i * lds;
       const uint16_t* mrow = mbase != nullptr ? mbase + i * p.msl + c0 * p.mss : nullptr;
       const float* kbc = kb != nullptr ? kb + c0 : nullptr;
       cm[i] = fast ? row_max<true>(p, srow, n, mrow, kbc, sc.tmp.data())
@@ -400,8 +403,8 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
     for (int64_t i = 0; i < mrows; ++i) {
       const int64_t gi = i0 + i;
       const int64_t n = p.causal ? std::min<int64_t>(cn, gi + 1 - c0) : cn;
-      const float* srow = sc.s.data() + i * KC;
-      uint16_t* prow = sc.pb.data() + i * KC;
+      const float* srow = sc.s.data() + i * lds;
+      uint16_t* prow = sc.pb.data() + i * ldp;
       if (n <= 0) {
         std::memset(prow, 0, sizeof(uint16_t) * cnp);
         continue;
@@ -420,7 +423,7 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
       }
     }
     FA_PROF(1)
-    at::native::cpublas::brgemm(mrows, Ev, cnp, KC, Ev, Ev, c0 > 0,
+    at::native::cpublas::brgemm(mrows, Ev, cnp, ldp, Ev, Ev, c0 > 0,
                                 reinterpret_cast<const at::BFloat16*>(sc.pb.data()),
                                 reinterpret_cast<const at::BFloat16*>(sc.vp.data()) + c0 * Ev, O, true);
     FA_PROF(2)
@@ -573,9 +576,13 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   p.Ev = Ev;
   p.Ep = round_up(E, std::max<int64_t>(2, env_int("FASTATTN_AMX_EPAD", 2)));
   p.Sp = round_up(S, 32);
-  p.BM = std::max<int64_t>(1, env_int("FASTATTN_AMX_BM", 64));
+  p.BM = std::max<int64_t>(1, env_int("FASTATTN_AMX_BM", 128));
   const int64_t kc_default = S <= 1024 ? p.Sp : 512;
   p.KC = round_up(std::max<int64_t>(32, env_int("FASTATTN_AMX_KC", kc_default)), 32);
+  const int64_t pad = std::max<int64_t>(0, env_int("FASTATTN_AMX_PAD", 16));
+  p.ldk = p.Sp + pad;
+  p.lds = p.KC + pad;
+  p.ldp = p.KC + 2 * pad;
   p.q = reinterpret_cast<const uint16_t*>(q.data_ptr());
   p.k = reinterpret_cast<const uint16_t*>(k.data_ptr());
   p.v = reinterpret_cast<const uint16_t*>(v.data_ptr());
@@ -611,11 +618,11 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   std::atomic<bool> failed{false};
   auto worker = [&]() {
     Scratch sc;
-    sc.kp.resize(p.Ep / 2 * p.Sp);
+    sc.kp.resize(p.Ep / 2 * p.ldk);
     sc.vp.resize(p.Sp * Ev);
     if (E != p.Ep) sc.qb.resize(p.BM * p.Ep);
-    sc.s.resize(p.BM * p.KC);
-    sc.pb.resize(p.BM * p.KC);
+    sc.s.resize(p.BM * p.lds);
+    sc.pb.resize(p.BM * p.ldp);
     sc.o.resize(p.BM * Ev);
     sc.m.resize(p.BM);
     sc.l.resize(p.BM);
