@@ -501,7 +501,7 @@ SEQ_BUCKETS = ("short", "long")            # max(L, S) <= SHORT_SEQ, else long
 SHORT_SEQ = 512
 DTYPE_CLASSES = ("f16", "f32", "tf32")     # fp16/bf16 | fp32 computed in fp32 | fp32 allowed tf32
 
-# Candidate configs per (dtype class, head-dim bucket, seq bucket, variant); on a GPU the launcher
+# Candidate configs per (dtype class, head-dim bucket, seq bucket, specialisation); on a GPU the launcher
 # measures the candidates of a key once and keeps the fastest. BLOCK_M is the query block, BLOCK_N
 # the key block (for dK/dV: BLOCK_N keys stay resident while BLOCK_M query rows stream past).
 # Variants: "plain" (no attn_mask, no dropout; key padding and causal cost little), "mask" (an
@@ -517,6 +517,17 @@ DTYPE_CLASSES = ("f16", "f32", "tf32")     # fp16/bf16 | fp32 computed in fp32 |
 #   dropout configs with 32 score elements per thread; fp32 configs with 4 warps (spill with masks);
 #   dQ hd128 (32,32,w8,s2) on sm_90 (causal+dropout: ptxas settles on 128 registers and spills 32 B,
 #   while the heavier specialisations do not: lighter specialisations are not always cheaper).
+# The full cross product (every dtype, bucket and specialisation; the earlier CI subset compiled only
+# the heaviest specialisation of each group) found 101 more (kernel, dtype class, head dim,
+# specialisation, arch) cases that spill 4..2300 B, mostly fp32 (ieee and tf32) at head dims 128 and
+# 256 where ptxas stops at 128 or 255 registers. Each is replaced for that specialisation and arch
+# only ("Per-specialisation replacements" below; the group config stays where it compiles clean):
+#   fwd fp32 hd128/256 (32,32,w8): -> (16,32,w8,s2) or (32,16,w8,s2); fwd fp16 hd32 mask+dropout
+#   (64,64,w8,s2), 255 registers and 48..104 B -> (64,32,w8,s2); dK/dV fp32/tf32 (16,32,w8,s1) ->
+#   (16,16,w8,s1|s2), (32,16,w8,s1) or (16,16,w4,s1); dK/dV fp16 hd32/64 dropout (16,32,w4,s1) on
+#   sm_90 -> (16,32,w8,s1); dQ fp32/tf32 (32,32,w8,s2) -> (16,32,w8,s2|s1) or (32,16,w8,s2); dQ
+#   fp16 hd256 kpm+dropout on sm_90 -> (32,16,w8,s2). dK/dV hd256 mask+dropout (fp16 on sm_80, tf32
+#   on both) spills with every config tried, so it runs as mask+kpm+dropout (SPEC_ALIAS).
 # The table key's last element is the specialisation's name (see variant()); the groups below fill
 # the specialisations of one weight class alike, and a specialisation that needs other configs gets
 # its own _fill after its group's.
@@ -555,6 +566,17 @@ _fill(FWD_CONFIGS, ("f32",), SMALL_HD, ANY_SEQ, MASK, [_cfg(32, 32, 8, 1)])
 _fill(FWD_CONFIGS, ("tf32",), SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
 _fill(FWD_CONFIGS, F32, (128,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
 _fill(FWD_CONFIGS, F32, (256,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 1)])
+# Per-specialisation replacements (the full AOT sweep, triton 3.9 / ptxas 13.x): the group config
+# above spills for these (dtype class, head dim, specialisation) on the arch it is not offered on.
+_fill(FWD_CONFIGS, ("f16",), (32,), ANY_SEQ, ("mask+drop", "mask+kpm+drop"), [_cfg(64, 32, 8, 2)])
+_fill(FWD_CONFIGS, ("f32",), (32,), ANY_SEQ, ("mask+kpm+drop",), [_cfg(16, 32, 4, 2, (80,)), _cfg(16, 32, 8, 2, (90,))])
+_fill(FWD_CONFIGS, ("f32",), (128,), ANY_SEQ, ("drop", "kpm+drop"), [_cfg(16, 32, 8, 2)])
+_fill(FWD_CONFIGS, ("f32",), (128,), ANY_SEQ, ("mask", "mask+drop", "mask+kpm", "mask+kpm+drop", "plain"), [_cfg(32, 32, 8, 2, (80,)), _cfg(16, 32, 8, 2, (90,))])
+_fill(FWD_CONFIGS, ("f32",), (256,), ANY_SEQ, ("drop",), [_cfg(32, 16, 8, 2)])
+_fill(FWD_CONFIGS, ("f32",), (256,), ANY_SEQ, ("kpm", "mask+drop", "mask+kpm+drop", "plain"), [_cfg(16, 32, 8, 2)])
+_fill(FWD_CONFIGS, ("f32",), (256,), ANY_SEQ, ("kpm+drop", "mask", "mask+kpm"), [_cfg(32, 16, 8, 2, (80,)), _cfg(16, 32, 8, 2, (90,))])
+_fill(FWD_CONFIGS, ("tf32",), (64,), ANY_SEQ, ("mask+kpm",), [_cfg(32, 32, 8, 2, (90,)), _cfg(16, 32, 8, 2, (80,))])
+_fill(FWD_CONFIGS, ("tf32",), (256,), ANY_SEQ, ("plain",), [_cfg(32, 32, 8, 1, (90,)), _cfg(16, 32, 8, 2, (80,))])
 
 # dK/dV: num_stages 1 (see above), 32 resident keys.
 _fill(BWD_DKDV_CONFIGS, F16, SMALL_HD, ANY_SEQ, PLAIN, [_cfg(16, 32, 8, 1)])
@@ -567,6 +589,32 @@ _fill(BWD_DKDV_CONFIGS, F16, (256,), ANY_SEQ, DROP, [_cfg(16, 16, 8, 1)])
 _fill(BWD_DKDV_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
 _fill(BWD_DKDV_CONFIGS, ("f32",), SMALL_HD, ANY_SEQ, DROP, [_cfg(32, 32, 8, 1, (80,)), _cfg(16, 32, 8, 2, (90,))])
 _fill(BWD_DKDV_CONFIGS, F32, (128, 256), ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
+# Per-specialisation replacements (the full AOT sweep, triton 3.9 / ptxas 13.x): the group config
+# above spills for these (dtype class, head dim, specialisation) on the arch it is not offered on.
+_fill(BWD_DKDV_CONFIGS, ("f16",), (32,), ANY_SEQ, ("drop",), [_cfg(16, 32, 4, 1, (80,)), _cfg(16, 32, 8, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f16",), (32,), ANY_SEQ, ("mask+kpm",), [_cfg(32, 32, 4, 1, (90,)), _cfg(32, 64, 4, 1, (90,)), _cfg(16, 32, 8, 1, (80,))])
+_fill(BWD_DKDV_CONFIGS, ("f16",), (64,), ANY_SEQ, ("drop", "kpm+drop"), [_cfg(16, 32, 4, 1, (80,)), _cfg(16, 32, 8, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f16",), (256,), ANY_SEQ, ("mask",), [_cfg(16, 32, 8, 1, (80,)), _cfg(16, 16, 8, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (32,), ANY_SEQ, ("drop",), [_cfg(16, 16, 4, 1, (80,)), _cfg(32, 16, 8, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (32,), ANY_SEQ, ("kpm",), [_cfg(16, 32, 8, 1, (80,)), _cfg(16, 16, 4, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (32,), ANY_SEQ, ("kpm+drop",), [_cfg(16, 16, 8, 2, (80,)), _cfg(16, 16, 8, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (32,), ANY_SEQ, ("mask",), [_cfg(16, 32, 8, 1, (80,)), _cfg(32, 16, 8, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (32,), ANY_SEQ, ("mask+kpm",), [_cfg(16, 32, 8, 1, (80,)), _cfg(16, 16, 8, 2, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (32,), ANY_SEQ, ("plain",), [_cfg(16, 32, 8, 1, (80,)), _cfg(16, 16, 8, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (64,), ANY_SEQ, ("drop",), [_cfg(16, 32, 8, 2, (90,)), _cfg(16, 16, 8, 1, (80,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (64,), ANY_SEQ, ("kpm+drop",), [_cfg(16, 16, 8, 1, (80,)), _cfg(32, 16, 8, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (128,), ANY_SEQ, ("drop",), [_cfg(16, 16, 8, 2, (80,)), _cfg(16, 16, 8, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (128,), ANY_SEQ, ("kpm", "plain"), [_cfg(16, 32, 8, 1, (90,)), _cfg(16, 16, 8, 1, (80,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (128,), ANY_SEQ, ("kpm+drop",), [_cfg(16, 16, 8, 1)])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (128,), ANY_SEQ, ("mask", "mask+kpm"), [_cfg(16, 16, 8, 1, (80,)), _cfg(32, 16, 8, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (256,), ANY_SEQ, ("drop", "kpm", "kpm+drop", "plain"), [_cfg(16, 32, 8, 1, (90,)), _cfg(16, 16, 8, 1, (80,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (256,), ANY_SEQ, ("mask+drop",), [_cfg(16, 16, 8, 1, (80,)), _cfg(16, 16, 4, 1, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (256,), ANY_SEQ, ("mask+kpm",), [_cfg(16, 32, 8, 1, (90,)), _cfg(32, 16, 8, 1, (80,))])
+_fill(BWD_DKDV_CONFIGS, ("f32",), (256,), ANY_SEQ, ("mask+kpm+drop",), [_cfg(16, 16, 8, 1, (80,)), _cfg(16, 16, 8, 2, (90,))])
+_fill(BWD_DKDV_CONFIGS, ("tf32",), (128,), ANY_SEQ, ("mask+drop",), [_cfg(16, 32, 8, 1, (90,)), _cfg(16, 16, 8, 1, (80,))])
+_fill(BWD_DKDV_CONFIGS, ("tf32",), (128,), ANY_SEQ, ("mask+kpm+drop",), [_cfg(16, 16, 8, 1)])
+_fill(BWD_DKDV_CONFIGS, ("tf32",), (256,), ANY_SEQ, ("drop", "kpm", "mask+kpm"), [_cfg(16, 32, 8, 1, (90,)), _cfg(16, 16, 8, 1, (80,))])
+_fill(BWD_DKDV_CONFIGS, ("tf32",), (256,), ANY_SEQ, ("kpm+drop", "mask", "mask+kpm+drop"), [_cfg(16, 16, 8, 1)])
 
 # dQ.
 _fill(BWD_DQ_CONFIGS, F16, SMALL_HD, ANY_SEQ, PLAIN, [_cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2)])
@@ -578,12 +626,52 @@ _fill(BWD_DQ_CONFIGS, F16, (256,), ANY_SEQ, PLAIN + MASK, [_cfg(32, 32, 8, 2)])
 _fill(BWD_DQ_CONFIGS, F32, SMALL_HD, ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
 _fill(BWD_DQ_CONFIGS, F32, (128,), ANY_SEQ, ANY_VAR, [_cfg(32, 32, 8, 2)])
 _fill(BWD_DQ_CONFIGS, F32, (256,), ANY_SEQ, ANY_VAR, [_cfg(16, 32, 8, 1)])
+# Per-specialisation replacements (the full AOT sweep, triton 3.9 / ptxas 13.x): the group config
+# above spills for these (dtype class, head dim, specialisation) on the arch it is not offered on.
+_fill(BWD_DQ_CONFIGS, ("f16",), (32,), ANY_SEQ, ("kpm+drop",), [_cfg(32, 32, 4, 2, (80,)), _cfg(32, 32, 8, 2, (90,))])
+_fill(BWD_DQ_CONFIGS, ("f16",), (256,), ANY_SEQ, ("kpm+drop",), [_cfg(32, 32, 8, 2, (80,)), _cfg(32, 16, 8, 2, (90,))])
+_fill(BWD_DQ_CONFIGS, ("f32",), (32,), ANY_SEQ, ("drop",), [_cfg(32, 32, 8, 2, (80,)), _cfg(16, 32, 8, 2, (90,))])
+_fill(BWD_DQ_CONFIGS, ("f32",), (64,), ANY_SEQ, ("kpm+drop", "mask"), [_cfg(32, 32, 8, 2, (90,)), _cfg(16, 32, 8, 2, (80,))])
+_fill(BWD_DQ_CONFIGS, ("f32",), (128,), ANY_SEQ, ("drop", "mask+drop"), [_cfg(32, 32, 8, 2, (90,)), _cfg(16, 32, 8, 2, (80,))])
+_fill(BWD_DQ_CONFIGS, ("f32",), (128,), ANY_SEQ, ("mask", "plain"), [_cfg(32, 32, 8, 2, (80,)), _cfg(16, 32, 8, 2, (90,))])
+_fill(BWD_DQ_CONFIGS, ("f32",), (128,), ANY_SEQ, ("mask+kpm",), [_cfg(32, 32, 8, 2, (80,)), _cfg(32, 16, 8, 2, (90,))])
+_fill(BWD_DQ_CONFIGS, ("f32",), (128,), ANY_SEQ, ("mask+kpm+drop",), [_cfg(32, 32, 8, 2, (90,)), _cfg(16, 32, 8, 1, (80,))])
+_fill(BWD_DQ_CONFIGS, ("f32",), (256,), ANY_SEQ, ("mask+kpm+drop",), [_cfg(16, 32, 8, 1, (90,)), _cfg(16, 32, 8, 2, (80,))])
+_fill(BWD_DQ_CONFIGS, ("tf32",), (32,), ANY_SEQ, ("kpm", "mask+drop", "mask+kpm+drop"), [_cfg(32, 32, 8, 2, (80,)), _cfg(16, 32, 8, 2, (90,))])
+_fill(BWD_DQ_CONFIGS, ("tf32",), (32,), ANY_SEQ, ("plain",), [_cfg(32, 32, 8, 2, (90,)), _cfg(16, 32, 8, 2, (80,))])
+_fill(BWD_DQ_CONFIGS, ("tf32",), (64,), ANY_SEQ, ("mask",), [_cfg(32, 32, 8, 2, (90,)), _cfg(16, 32, 8, 2, (80,))])
+_fill(BWD_DQ_CONFIGS, ("tf32",), (128,), ANY_SEQ, ("kpm+drop", "mask"), [_cfg(32, 32, 8, 2, (80,)), _cfg(16, 32, 8, 2, (90,))])
 
 
 def variant(spec) -> str:
     """The config-table key of a specialisation (HAS_MASK, HAS_KPM, HAS_DROPOUT): its name, e.g.
     "mask+kpm+drop", or "plain"."""
     return "+".join(n for n, on in zip(("mask", "kpm", "drop"), spec) if on) or "plain"
+
+
+# Specialisations that run as a heavier one: (kernel, dtype class, head-dim bucket, name) -> the
+# specialisation launched instead. dK/dV at head dim 256 with attn_mask + dropout spills on sm_80
+# (fp16/bf16) and on both archs (tf32) with every config tried (16..32 x 16..64 blocks, 2..16 warps,
+# 1..2 stages: 140..3800 B), while the same kernel with key padding as well compiles to 165..255
+# registers without spills; so that case runs with HAS_KPM and an all-False padding mask (one
+# select per score element and an (N, S) byte tensor).
+SPEC_ALIAS = {
+    ("bwd_dkdv", "f16", 256, "mask+drop"): (True, True, True),
+    ("bwd_dkdv", "tf32", 256, "mask+drop"): (True, True, True),
+}
+
+
+def launched_spec(name: str, dc: str, hd: int, spec) -> tuple:
+    """The specialisation kernel `name` is launched with for a call of specialisation `spec`."""
+    return SPEC_ALIAS.get((name, dc, hd, variant(spec)), spec)
+
+
+for (_name, _dc, _hd, _var), _to in SPEC_ALIAS.items():
+    # Only key padding may be added (the launcher supplies an all-False mask); the aliased key's
+    # table entry is the target's, so every key keeps its candidates.
+    assert _name == "bwd_dkdv" and _to[1] and (_to[0], _to[2]) == ("mask" in _var.split("+"), "drop" in _var.split("+"))
+    for _sq in SEQ_BUCKETS:
+        BWD_DKDV_CONFIGS[(_dc, _hd, _sq, _var)] = BWD_DKDV_CONFIGS[(_dc, _hd, _sq, variant(_to))]
 
 
 # The delta pre-pass is memory bound and tiny: one config.
@@ -640,6 +728,8 @@ def compile_cases():
         for dc in DTYPE_CLASSES:
             for hd in HEAD_DIM_BUCKETS:
                 for spec in SPECIALISATIONS:
+                    if launched_spec(name, dc, hd, spec) != spec:
+                        continue  # runs as (and is compiled under) the heavier specialisation
                     seen = []
                     for sq in SEQ_BUCKETS:
                         for cfg in table[(dc, hd, sq, variant(spec))]:
@@ -844,11 +934,18 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
         out, grad_out, delta, l, ev, BLOCK_DV=dims["BLOCK_DV"], **dcfg.kwargs,
         num_warps=dcfg.num_warps, num_stages=dcfg.num_stages)
 
+    # dK/dV may run as a heavier specialisation (SPEC_ALIAS: key padding added, nothing padded).
+    dkdv_spec = launched_spec("bwd_dkdv", key[0], key[1], (flags["HAS_MASK"], flags["HAS_KPM"], flags["HAS_DROPOUT"]))
+    dkdv_flags, dkdv_kpm, dkdv_key = flags, kpm, key[:3] + (variant(dkdv_spec),)
+    if dkdv_spec[1] and not flags["HAS_KPM"]:
+        dkdv_flags = dict(flags, HAS_KPM=True)
+        dkdv_kpm = torch.zeros((n, s), dtype=torch.uint8, device=q.device)
+
     def launch_dkdv(cfg):
         grid = (triton.cdiv(s, cfg.kwargs["BLOCK_N"]) * n * hkv,)
-        _attn_bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, seed_val, float(dropout_p),
-                                    qk_scale, float(scale), ms[0], ms[1], ms[2], ms[3], **dims, **flags,
-                                    **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _attn_bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, mask, dkdv_kpm, seed_val,
+                                    float(dropout_p), qk_scale, float(scale), ms[0], ms[1], ms[2], ms[3], **dims,
+                                    **dkdv_flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def launch_dq(cfg):
         grid = (triton.cdiv(l, cfg.kwargs["BLOCK_M"]) * n * hq,)
@@ -856,6 +953,6 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
                                   float(dropout_p), qk_scale, float(scale), ms[0], ms[1], ms[2], ms[3], **dims,
                                   **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    launch_dkdv(_choose("bwd_dkdv", key, BWD_DKDV_CONFIGS[key], launch_dkdv, q.device))
+    launch_dkdv(_choose("bwd_dkdv", dkdv_key, BWD_DKDV_CONFIGS[dkdv_key], launch_dkdv, q.device))
     launch_dq(_choose("bwd_dq", key, BWD_DQ_CONFIGS[key], launch_dq, q.device))
     return dq, dk, dv
