@@ -390,20 +390,50 @@ inline const T* as_compute(const In* src, int64_t n, T* dst) {
   }
 }
 
+#if defined(FA_VEC_AVX512)
+// In-register transpose of 16 rows of 16 floats: on return r[c] holds column c.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: (a0 b0 a1 b1), (a2 b2 a3 b3)
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // r[4k+m], lane L: rows 4k..4k+3 of column 4L+m
+    r[4 * k] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int m = 0; m < 4; ++m) {  // a 4 x 4 transpose of 128-bit lanes across r[m], r[4+m], r[8+m], r[12+m]
+    const __m512 ab_lo = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x44);
+    const __m512 ab_hi = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xEE);
+    const __m512 cd_lo = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x44);
+    const __m512 cd_hi = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xEE);
+    t[m] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
+    t[4 + m] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
+    t[8 + m] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
+  }
+  for (int c = 0; c < 16; ++c) r[c] = t[c];
+}
+#endif
+
 // dst[c * ldd + r] = T(src[r * lds + c]) * s for r < R, c < C: a block read transposed (Q^T, dO^T).
 template <typename T, typename In>
 inline void load_transposed(const In* src, int64_t lds, int64_t R, int64_t C, T s, T* dst, int64_t ldd) {
   int64_t r0 = 0;
 #if defined(FA_VEC_AVX512)
   if constexpr (std::is_same<T, float>::value && std::is_same<In, float>::value) {
-    if (lds < (int64_t(1) << 26)) {  // 16 row offsets fit the gather's int32 indices
-      const __m512i idx = _mm512_mullo_epi32(
-          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(lds)));
-      const __m512 vs = _mm512_set1_ps(s);
-      for (; r0 + 16 <= R; r0 += 16)
-        for (int64_t c = 0; c < C; ++c)
-          _mm512_storeu_ps(dst + c * ldd + r0, _mm512_mul_ps(_mm512_i32gather_ps(idx, src + r0 * lds + c, 4), vs));
-    }
+    const __m512 vs = _mm512_set1_ps(s);
+    for (; r0 + 16 <= R; r0 += 16)
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t n = C - c0 < 16 ? C - c0 : 16;
+        const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+        __m512 r[16];
+        for (int k = 0; k < 16; ++k) r[k] = _mm512_maskz_loadu_ps(m, src + (r0 + k) * lds + c0);
+        transpose16(r);
+        for (int64_t c = 0; c < n; ++c) _mm512_storeu_ps(dst + (c0 + c) * ldd + r0, _mm512_mul_ps(r[c], vs));
+      }
   }
 #endif
   for (int64_t c = 0; c < C; ++c)
@@ -415,25 +445,25 @@ inline void load_transposed(const In* src, int64_t lds, int64_t R, int64_t C, T 
 template <typename T, typename In>
 inline void store_transposed(const T* src, int64_t lds, int64_t R, int64_t C, const T* f, T s, In* dst,
                              int64_t ldd) {
+  int64_t r0 = 0;
 #if defined(FA_VEC_AVX512)
   if constexpr (std::is_same<T, float>::value && std::is_same<In, float>::value) {
-    if (lds < (int64_t(1) << 26)) {
-      const __m512i idx = _mm512_mullo_epi32(
-          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(lds)));
-      for (int64_t r = 0; r < R; ++r) {
-        const __m512 fr = _mm512_set1_ps(f != nullptr ? f[r] : s);
-        for (int64_t c0 = 0; c0 < C; c0 += 16) {
-          const int64_t n = C - c0 < 16 ? C - c0 : 16;
-          const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
-          const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src + c0 * lds + r, 4);
-          _mm512_mask_storeu_ps(dst + r * ldd + c0, m, _mm512_mul_ps(v, fr));
+    for (; r0 + 16 <= R; r0 += 16)
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t n = C - c0 < 16 ? C - c0 : 16;
+        const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+        __m512 r[16];
+        for (int k = 0; k < 16; ++k)
+          r[k] = k < n ? _mm512_loadu_ps(src + (c0 + k) * lds + r0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int k = 0; k < 16; ++k) {
+          const __m512 fr = _mm512_set1_ps(f != nullptr ? f[r0 + k] : s);
+          _mm512_mask_storeu_ps(dst + (r0 + k) * ldd + c0, m, _mm512_mul_ps(r[k], fr));
         }
       }
-      return;
-    }
   }
 #endif
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t r = r0; r < R; ++r) {
     const T fr = f != nullptr ? f[r] : s;
     for (int64_t c = 0; c < C; ++c) dst[r * ldd + c] = static_cast<In>(src[c * lds + r] * fr);
   }
