@@ -617,7 +617,10 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   std::atomic<int64_t> next{0};
   std::atomic<bool> failed{false};
   auto worker = [&]() {
-    Scratch sc;
+    // Scratch lives on with the (persistent) intra-op thread: fresh buffers on every call cost
+    // page faults (the score block alone is BM x KC floats, over malloc's mmap threshold). Every
+    // element a call reads it has written first, so stale contents do not matter.
+    thread_local Scratch sc;
     sc.kp.resize(p.Ep / 2 * p.ldk);
     sc.vp.resize(p.Sp * Ev);
     if (E != p.Ep) sc.qb.resize(p.BM * p.Ep);
@@ -636,6 +639,10 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
       const int64_t t_next = next.fetch_add(1);
       run_task(p, sc, per, t, t_next, ntasks);
       t = t_next;
+    }
+    if (sc.kp.capacity() * 4 + sc.vp.capacity() * 2 > (size_t{8} << 20)) {  // keep at most ~8 MB of K/V
+      std::vector<uint32_t>().swap(sc.kp);
+      std::vector<uint16_t>().swap(sc.vp);
     }
     at::native::cpublas::brgemm_release();
   };
