@@ -8,8 +8,9 @@ triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32)) by kernels/_
 worker processes with TRITON_INTERPRET removed (under the interpreter triton.jit gives functions
 that cannot be compiled), and the test asserts, per compiled kernel: it compiled, shared memory
 fits the chip (A100 163 KB, H100 227 KB), ptxas reports no register spills and the cubin has no
-stack/local memory. The whole cross product runs in `make test` (860 compiles, about 9 minutes cold
-on 2 cores); the table (kernel, dtype, head dim, arch, specialisation, config, regs, smem, spills)
+stack/local memory. The whole cross product runs in `make test`: 854 compiles, 1685 CPU-seconds cold
+(triton 3.9; 31.5 min wall on the 2-core dev machine while it was shared, load 4-6, so about 14 min
+with its 2 cores free); the table (kernel, dtype, head dim, arch, specialisation, config, regs, smem, spills)
 is printed (pytest -s) and written to aot_table.txt in the test's tmp dir, named in the failure
 message. FASTATTN_AOT_JOBS sets the number of compile processes (default: the cores, 2..8).
 By hand, a quick look at a part: python -m kernels._attn_aot --filter fwd --sample 40 --verbose
