@@ -63,6 +63,15 @@ LN2 = 0.6931471805599453
 _WIDEN_BF16 = tl.constexpr(INTERPRET)
 
 
+# Integer arguments whose value the JIT must not specialise on. Triton compiles a sibling kernel
+# when an int argument equals 1 or is a multiple of 16; for these (GQA group, head count, the batch
+# and head strides of the mask, the Philox seed) that buys no better code, but GROUP == 1 (no GQA,
+# the common case) would otherwise launch a kernel the ahead-of-time check never compiled. With
+# them unspecialised, the launched kernel is the one tests/test_triton_aot_attention.py compiles
+# (those arguments are plain i32/i64 there too).
+_NO_SPECIALIZE = ["seed", "stride_mb", "stride_mh", "Hq", "GROUP"]
+
+
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
                start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
@@ -115,7 +124,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse,        # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), out (N,Hq,L,Ev), lse (N,Hq,L) f32
     Mask, Kpm, KvRange,       # mask: additive (N,Hq,L,S) strided view; kpm (N,S) u8; kv_range (N,2) i32
@@ -266,7 +275,7 @@ def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mas
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta,  # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev), lse/delta (N,Hq,L)
     DK, DV,                     # dk (N,Hkv,S,E), dv (N,Hkv,S,Ev)
@@ -401,7 +410,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta,  # as in _attn_bwd_dkdv_kernel
     DQ,                         # dq (N,Hq,L,E)
