@@ -294,6 +294,65 @@ def test_gemm_fallback_path_matches():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
+# ---- bfloat16 forward on AMX (bf16 brgemm, VNNI-packed weights) ------------------------------------
+
+_amx = torch.ops.fastattn_ffn
+_needs_amx = pytest.mark.skipif(not _amx.amx_available(), reason="no AMX bf16 brgemm on this CPU/torch "
+                                "(or FASTATTN_FFN_AMX=0)")
+
+AMX_SHAPES = [  # (T, D, F, D2): odd D and F (VNNI zero pad), one token, ragged last tile, several tiles
+    (1, 25, 33, 25),
+    (17, 25, 33, 7),
+    (200, 25, 33, 25),
+    (200, 100, 2048, 100),
+    (65, 64, 256, 31),
+]
+
+
+@_needs_amx
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=lambda s: "T{}_D{}_F{}_D2{}".format(*s))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_forward_bf16_amx(shape, act, p, bias):
+    from fastattn.testing import check_bound
+    T, D, Fh, D2 = shape
+    args = _make(T, D, Fh, D2, torch.bfloat16, bias)
+    seed = _seed_for(p)
+    before = _amx.amx_fwd_calls()
+    out, saved = ffn_fwd(*args, act, p, seed, True)
+    out2, _ = ffn_fwd(*args, act, p, seed, False)
+    assert _amx.amx_fwd_calls() == before + 2, "the bf16 AMX forward did not run"
+    ref, pre_ref = _math(*_up(args), act, p, seed)
+    same, pre_same = _math(*args, act, p, seed)
+    assert out.dtype == torch.bfloat16 and saved.dtype == torch.bfloat16
+    check_bound("out", out, same, ref, floor=FLOOR[torch.bfloat16])
+    check_bound("saved", saved, pre_same, pre_ref, floor=FLOOR[torch.bfloat16])
+    assert torch.equal(out, out2), "save_for_backward changed the output"
+    if p > 0:  # dropped entries: with w2 = identity the zero pattern is the Philox keep mask
+        w1, b1 = args[1], torch.full((Fh,), 3.0, dtype=torch.bfloat16)
+        o, _ = ffn_fwd(args[0], w1 * 0.01, b1, torch.eye(Fh, dtype=torch.bfloat16), None, act, p, seed, False)
+        assert torch.equal(o != 0, _keep_mask(int(seed[0]), p, T, Fh)), "dropout decisions differ"
+
+
+@_needs_amx
+def test_forward_bf16_amx_off_switch():
+    """FASTATTN_FFN_AMX=0 takes the float path (no AMX call) and means the same."""
+    code = (
+        "import torch, fastattn\n"
+        "torch.manual_seed(0)\n"
+        "x=torch.randn(70,33).bfloat16(); w1=(torch.randn(50,33)*.2).bfloat16(); w2=(torch.randn(9,50)*.2).bfloat16()\n"
+        "out,_=torch.ops.fastattn.ffn_fwd(x,w1,None,w2,None,'relu',0.0,None,False)\n"
+        "r=torch.relu(x.double()@w1.double().t())@w2.double().t()\n"
+        "assert torch.ops.fastattn_ffn.amx_fwd_calls()==0, 'amx ran'\n"
+        "assert not torch.ops.fastattn_ffn.amx_available(), 'available'\n"
+        "assert (out.double()-r).abs().max()<0.05, 'fwd'\n"
+        "print('ok')\n")
+    env = dict(os.environ, FASTATTN_FFN_AMX="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(activation="swish"), "activation"),
     (dict(w1=torch.randn(16, 9)), "w1"),

@@ -15,8 +15,10 @@
 // sgemm on these tile shapes here, without at::mm's per-call overhead), else at::mm on tile views
 // (double, a torch without float brgemm, or FASTATTN_FFN_NO_BRGEMM=1). at::native::cpublas::gemm
 // is no option: its float overload is not exported from libtorch_cpu.
-// bfloat16 inputs compute in float32 (converted per tile; weights once per call) and round the
-// outputs; saved is bfloat16 and the forward uses that rounded pre-activation, as the backward does.
+// bfloat16 forward: on AMX (ffn_fwd_amx below) bf16 brgemm with fp32 accumulation; otherwise, and
+// for the backward, bfloat16 inputs compute in float32 (converted per tile; weights once per call) and
+// round the outputs; saved is bfloat16 and the forward uses that rounded pre-activation, as the
+// backward does.
 // Element-wise work (ffn_math.h) is compiled for AVX-512 / AVX2 / baseline and chosen at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,11 +26,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "cpu/ffn_math.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define FASTATTN_FFN_AMX_BUILD 1
+#endif
 
 namespace fastattn::ffn {
 namespace {
@@ -338,6 +345,156 @@ void ffn_fwd_kernel(const at::Tensor& x, const at::Tensor& w1, const std::option
   });
 }
 
+// ------------------------------------------------------------------------------------------------
+// bfloat16 forward on AMX: both GEMMs as bf16 x bf16 -> fp32 brgemm (weights packed once per call
+// in VNNI layout: pairs of K rows interleaved, odd K zero-padded), the same fp32 epilogue as the
+// float path (bias, saved pre-activation, activation, dropout with the same Philox counters), the
+// hidden tile rounded to bf16 for the second GEMM (as eager bf16 does). FASTATTN_FFN_AMX=0 turns it
+// off; torch.ops.fastattn_ffn.amx_fwd_calls() counts the calls it served.
+
+std::atomic<int64_t> g_amx_fwd_calls{0};
+
+#if defined(FASTATTN_FFN_AMX_BUILD)
+bool amx_hardware_ok() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return false;
+    try {
+      if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
+      at::BFloat16 a[2] = {at::BFloat16(1.f), at::BFloat16(2.f)};
+      at::BFloat16 bm[32];
+      for (int n = 0; n < 16; ++n) {
+        bm[2 * n] = at::BFloat16(3.f);
+        bm[2 * n + 1] = at::BFloat16(4.f);
+      }
+      float c[16] = {0};
+      at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a, bm, c, true);
+      at::native::cpublas::brgemm_release();
+      for (int n = 0; n < 16; ++n)
+        if (c[n] != 11.f) return false;
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+}
+#endif
+
+bool amx_enabled() {
+#if defined(FASTATTN_FFN_AMX_BUILD)
+  const char* env = std::getenv("FASTATTN_FFN_AMX");
+  if (env != nullptr && env[0] == '0') return false;
+  return amx_hardware_ok();
+#else
+  return false;
+#endif
+}
+
+#if defined(FASTATTN_FFN_AMX_BUILD)
+// B (K, N) with B[k][n] = src[n * ld + k] (src is a row-major (N, K) weight), as VNNI (Kp/2, N, 2).
+at::Tensor pack_vnni_transposed(const at::Tensor& w_nk, int64_t N, int64_t K) {
+  const int64_t Kp = (K + 1) / 2 * 2;
+  at::Tensor out = at::empty({Kp / 2, N, 2}, at::TensorOptions().dtype(at::kBFloat16));
+  const at::Tensor w = w_nk.contiguous();
+  const at::BFloat16* src = w.data_ptr<at::BFloat16>();
+  at::BFloat16* dst = out.data_ptr<at::BFloat16>();
+  for (int64_t k2 = 0; k2 < Kp / 2; ++k2) {
+    const int64_t k = 2 * k2;
+    at::BFloat16* row = dst + k2 * N * 2;
+    for (int64_t n = 0; n < N; ++n) {
+      row[2 * n] = src[n * K + k];
+      row[2 * n + 1] = k + 1 < K ? src[n * K + k + 1] : at::BFloat16(0.f);
+    }
+  }
+  return out;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void round_rows_bf16(
+    int64_t rows, int64_t F, int64_t Fp, const float* __restrict__ h, at::BFloat16* __restrict__ hb) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = h + r * F;
+    uint16_t* dst = reinterpret_cast<uint16_t*>(hb + r * Fp);
+    int64_t f = 0;
+    const __m512i bias = _mm512_set1_epi32(0x7fff);
+    const __m512i one = _mm512_set1_epi32(1);
+    for (; f + 16 <= F; f += 16) {
+      // round to nearest even (inputs are finite or inf; NaN is kept a NaN by the quiet bit below)
+      __m512i v = _mm512_castps_si512(_mm512_loadu_ps(src + f));
+      __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(v, 16), one);
+      __m512i r16 = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(v, bias), lsb), 16);
+      const __mmask16 nan = _mm512_cmp_ps_mask(_mm512_castsi512_ps(v), _mm512_castsi512_ps(v), _CMP_UNORD_Q);
+      r16 = _mm512_mask_mov_epi32(r16, nan, _mm512_set1_epi32(0x7fc0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + f), _mm512_cvtepi32_epi16(r16));
+    }
+    for (; f < F; ++f) hb[r * Fp + f] = at::BFloat16(src[f]);
+    if (Fp > F) hb[r * Fp + F] = at::BFloat16(0.f);
+  }
+}
+
+void ffn_fwd_amx(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                 const at::Tensor& w2, const std::optional<at::Tensor>& b2, Act act, double dropout_p, uint64_t seed,
+                 const FfnShape& s, at::Tensor& out, at::Tensor* saved) {
+  using scalar_t = c10::BFloat16;
+  const int64_t T = s.T, D = s.D, F = s.F, D2 = s.D2;
+  const int64_t Dp = (D + 1) / 2 * 2, Fp = (F + 1) / 2 * 2;
+  const at::Tensor w1v = pack_vnni_transposed(w1, F, D);   // (Dp/2, F, 2): B of x @ w1^T
+  const at::Tensor w2v = pack_vnni_transposed(w2, D2, F);  // (Fp/2, D2, 2): B of h @ w2^T
+  const at::Tensor b1a = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor b2a = b2.has_value() ? b2->to(at::kFloat).contiguous() : at::Tensor();
+  const at::BFloat16* w1v_p = w1v.data_ptr<at::BFloat16>();
+  const at::BFloat16* w2v_p = w2v.data_ptr<at::BFloat16>();
+  const float* b1_p = b1a.defined() ? b1a.data_ptr<float>() : nullptr;
+  const float* b2_p = b2a.defined() ? b2a.data_ptr<float>() : nullptr;
+  const scalar_t* x_p = x.data_ptr<scalar_t>();
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  scalar_t* saved_p = saved != nullptr ? saved->data_ptr<scalar_t>() : nullptr;
+  const bool drop = dropout_p > 0.0;
+  const float p = static_cast<float>(dropout_p);
+  const float scale = drop ? float(1.0 / (1.0 - dropout_p)) : 1.f;
+  const auto epilogue = pick_fwd<scalar_t, float>(act, drop);
+  const int64_t ntiles = (T + kFwdTile - 1) / kFwdTile;
+
+  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> hbuf(static_cast<size_t>(kFwdTile * F));
+    std::vector<at::BFloat16> hb(static_cast<size_t>(kFwdTile * Fp));
+    std::vector<float> keep(drop ? static_cast<size_t>(F) : 0);
+    std::vector<at::BFloat16> xpad(Dp != D ? static_cast<size_t>(kFwdTile * Dp) : 0);
+    std::vector<float> obuf(static_cast<size_t>(kFwdTile * D2));
+    std::vector<scalar_t> prebuf(saved_p == nullptr ? static_cast<size_t>(kFwdTile * F) : 0);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * kFwdTile;
+      const int64_t rows = std::min(kFwdTile, T - t0);
+      const at::BFloat16* xa = x_p + t0 * D;
+      if (Dp != D) {
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy(x_p + (t0 + r) * D, x_p + (t0 + r + 1) * D, xpad.data() + r * Dp);
+          xpad[r * Dp + D] = at::BFloat16(0.f);
+        }
+        xa = xpad.data();
+      }
+      at::native::cpublas::brgemm(rows, F, Dp, Dp, F, F, false, xa, w1v_p, hbuf.data(), true);
+      // the pre-activation is rounded to bf16 whether saved or not (as eager bf16 does), so the
+      // output does not depend on save_for_backward
+      epilogue(rows, F, hbuf.data(), b1_p, saved_p != nullptr ? saved_p + t0 * F : prebuf.data(), seed,
+               static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, keep.data());
+      round_rows_bf16(rows, F, Fp, hbuf.data(), hb.data());
+      float* o = obuf.data();
+      if (b2_p != nullptr) {
+        for (int64_t r = 0; r < rows; ++r) std::copy(b2_p, b2_p + D2, o + r * D2);
+      }
+      at::native::cpublas::brgemm(rows, D2, Fp, Fp, D2, D2, b2_p != nullptr, hb.data(), w2v_p, o, true);
+      for (int64_t i = 0; i < rows * D2; ++i) out_p[t0 * D2 + i] = static_cast<scalar_t>(o[i]);
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  g_amx_fwd_calls.fetch_add(1);
+}
+#endif
+
+int64_t amx_fwd_calls() { return g_amx_fwd_calls.load(); }
+bool amx_available() { return amx_enabled(); }
+
 std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Tensor& w1,
                                                const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                const std::optional<at::Tensor>& b2, c10::string_view activation,
@@ -354,6 +511,12 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Te
       ffn_fwd_kernel<float, float>(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);
       break;
     case at::kBFloat16:
+#if defined(FASTATTN_FFN_AMX_BUILD)
+      if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && amx_enabled()) {
+        ffn_fwd_amx(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);
+        break;
+      }
+#endif
       ffn_fwd_kernel<c10::BFloat16, float>(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);
       break;
     default:
@@ -511,4 +674,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_c
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("ffn_fwd", &fastattn::ffn::ffn_fwd_cpu);
   m.impl("ffn_bwd", &fastattn::ffn::ffn_bwd_cpu);
+}
+
+// Introspection for the tests: whether the bf16 AMX path can run here (and is not turned off by
+// FASTATTN_FFN_AMX=0), and how many forward calls it served.
+TORCH_LIBRARY(fastattn_ffn, m) {
+  m.def("amx_available() -> bool", &fastattn::ffn::amx_available);
+  m.def("amx_fwd_calls() -> int", &fastattn::ffn::amx_fwd_calls);
 }
