@@ -336,6 +336,27 @@ def test_forward_bf16_amx(shape, act, p, bias):
 
 
 @_needs_amx
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=lambda s: "T{}_D{}_F{}_D2{}".format(*s))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_backward_bf16_amx(shape, act, p):
+    from fastattn.testing import check_bound
+    T, D, Fh, D2 = shape
+    args = _make(T, D, Fh, D2, torch.bfloat16, True)
+    seed = _seed_for(p)
+    go = torch.randn(T, D2, dtype=torch.float64).bfloat16().double()
+    _, saved = ffn_fwd(*args, act, p, seed, True)
+    before = _amx.amx_bwd_calls()
+    got = ffn_bwd(go.bfloat16(), *args[:1], args[1], args[2], args[3], args[4], saved, act, p, seed)
+    assert _amx.amx_bwd_calls() == before + 1, "the bf16 AMX backward did not run"
+    ref = _grads(_up(args), act, p, seed, go)
+    same = _grads(args, act, p, seed, go.bfloat16())
+    for name, g, r, sm in zip(["dx", "dw1", "db1", "dw2", "db2"], got, ref, same):
+        assert g.dtype == torch.bfloat16, f"{name}: dtype {g.dtype}"
+        check_bound(name, g, sm, r, floor=FLOOR[torch.bfloat16])
+
+
+@_needs_amx
 def test_forward_bf16_amx_off_switch():
     """FASTATTN_FFN_AMX=0 takes the float path (no AMX call) and means the same."""
     code = (

@@ -629,6 +629,134 @@ void ffn_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   db2.copy_(db2a);
 }
 
+#if defined(FASTATTN_FFN_AMX_BUILD)
+std::atomic<int64_t> g_amx_bwd_calls{0};
+
+// (K, N) row-major source (float or bf16, leading dim ld) as VNNI (Kp/2, N, 2) bf16 into dst.
+template <typename T>
+void pack_vnni_rows(const T* src, int64_t K, int64_t N, int64_t ld, at::BFloat16* dst) {
+  const int64_t Kp = (K + 1) / 2 * 2;
+  for (int64_t k2 = 0; k2 < Kp / 2; ++k2) {
+    const T* r0 = src + 2 * k2 * ld;
+    const T* r1 = r0 + ld;
+    const bool has1 = 2 * k2 + 1 < K;
+    at::BFloat16* row = dst + k2 * N * 2;
+    for (int64_t n = 0; n < N; ++n) {
+      row[2 * n] = at::BFloat16(static_cast<float>(r0[n]));
+      row[2 * n + 1] = has1 ? at::BFloat16(static_cast<float>(r1[n])) : at::BFloat16(0.f);
+    }
+  }
+}
+
+void ffn_bwd_amx(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                 const at::Tensor& saved, Act act, double dropout_p, uint64_t seed, const FfnShape& s,
+                 at::Tensor& dx, at::Tensor& dw1, at::Tensor& db1, at::Tensor& dw2, at::Tensor& db2) {
+  using scalar_t = c10::BFloat16;
+  const int64_t T = s.T, D = s.D, F = s.F, D2 = s.D2;
+  const int64_t D2p = (D2 + 1) / 2 * 2, Fp = (F + 1) / 2 * 2;
+  const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
+  at::Tensor w2v = at::empty({D2p / 2, F, 2}, at::TensorOptions().dtype(at::kBFloat16));  // B of go @ w2
+  at::Tensor w1v = at::empty({Fp / 2, D, 2}, at::TensorOptions().dtype(at::kBFloat16));   // B of dpre @ w1
+  pack_vnni_rows(w2c.data_ptr<scalar_t>(), D2, F, F, w2v.data_ptr<at::BFloat16>());
+  pack_vnni_rows(w1c.data_ptr<scalar_t>(), F, D, D, w1v.data_ptr<at::BFloat16>());
+  const at::BFloat16* w1v_p = w1v.data_ptr<at::BFloat16>();
+  const at::BFloat16* w2v_p = w2v.data_ptr<at::BFloat16>();
+  const scalar_t* x_p = x.data_ptr<scalar_t>();
+  const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
+  const scalar_t* pre_p = saved.data_ptr<scalar_t>();
+  scalar_t* dx_p = dx.data_ptr<scalar_t>();
+  const bool drop = dropout_p > 0.0;
+  const float p = static_cast<float>(dropout_p);
+  const float scale = drop ? float(1.0 / (1.0 - dropout_p)) : 1.f;
+  const auto epilogue = pick_bwd<scalar_t, float>(act, drop);
+  const int64_t ntiles = (T + kBwdTile - 1) / kBwdTile;
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(ntiles, at::get_num_threads()));
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor dw1t_part = at::zeros({groups, D, F}, fopt);
+  at::Tensor dw2_part = at::zeros({groups, D2, F}, fopt);
+  at::Tensor db1_part = at::zeros({groups, F}, fopt);
+  at::Tensor db2_part = at::zeros({groups, D2}, fopt);
+  float* dw1t_pp = dw1t_part.data_ptr<float>();
+  float* dw2_pp = dw2_part.data_ptr<float>();
+  float* db1_pp = db1_part.data_ptr<float>();
+  float* db2_pp = db2_part.data_ptr<float>();
+  constexpr int64_t kRp = kBwdTile;  // kBwdTile is even
+
+  at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
+    std::vector<float> dh(static_cast<size_t>(kBwdTile * F));
+    std::vector<float> hid(static_cast<size_t>(kBwdTile * F));
+    std::vector<float> keep(drop ? static_cast<size_t>(F) : 0);
+    std::vector<at::BFloat16> go_pad(static_cast<size_t>(kBwdTile * D2p));
+    std::vector<at::BFloat16> go_t(static_cast<size_t>(D2 * kRp));  // (D2, rows_p)
+    std::vector<at::BFloat16> x_t(static_cast<size_t>(D * kRp));    // (D, rows_p)
+    std::vector<at::BFloat16> dpre_b(static_cast<size_t>(kBwdTile * Fp));
+    std::vector<at::BFloat16> hid_v(static_cast<size_t>(kRp * F));   // VNNI (rows_p/2, F, 2)
+    std::vector<at::BFloat16> dpre_v(static_cast<size_t>(kRp * F));  // VNNI (rows_p/2, F, 2)
+    std::vector<float> dx_buf(static_cast<size_t>(kBwdTile * D));
+    for (int64_t g = gbegin; g < gend; ++g) {
+      float* dw1t_g = dw1t_pp + g * D * F;
+      float* dw2_g = dw2_pp + g * D2 * F;
+      float* db1_g = db1_pp + g * F;
+      float* db2_g = db2_pp + g * D2;
+      const int64_t tile_begin = g * ntiles / groups, tile_end = (g + 1) * ntiles / groups;
+      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+        const int64_t t0 = tile * kBwdTile;
+        const int64_t rows = std::min(kBwdTile, T - t0);
+        const int64_t rp = (rows + 1) / 2 * 2;
+        const scalar_t* go = go_p + t0 * D2;
+        const scalar_t* xs = x_p + t0 * D;
+        std::fill(go_t.begin(), go_t.end(), at::BFloat16(0.f));
+        std::fill(x_t.begin(), x_t.end(), at::BFloat16(0.f));
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t j = 0; j < D2; ++j) {
+            const scalar_t v = go[r * D2 + j];
+            go_pad[r * D2p + j] = v;
+            go_t[j * rp + r] = v;
+            db2_g[j] += static_cast<float>(v);
+          }
+          if (D2p != D2) go_pad[r * D2p + D2] = at::BFloat16(0.f);
+          for (int64_t j = 0; j < D; ++j) x_t[j * rp + r] = xs[r * D + j];
+        }
+        // dh (rows, F) = grad_out_tile (rows, D2) @ w2 (D2, F)
+        at::native::cpublas::brgemm(rows, F, D2p, D2p, F, F, false, go_pad.data(), w2v_p, dh.data(), true);
+        epilogue(rows, F, dh.data(), pre_p + t0 * F, hid.data(), db1_g, seed,
+                 static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, keep.data());
+        pack_vnni_rows(hid.data(), rows, F, F, hid_v.data());
+        pack_vnni_rows(dh.data(), rows, F, F, dpre_v.data());
+        round_rows_bf16(rows, F, Fp, dh.data(), dpre_b.data());
+        // dW2 (D2, F) += grad_out_tile^T (D2, rows) @ hid (rows, F)
+        at::native::cpublas::brgemm(D2, F, rp, rp, F, F, true, go_t.data(), hid_v.data(), dw2_g, true);
+        // dW1^T (D, F) += x_tile^T (D, rows) @ dpre (rows, F)
+        at::native::cpublas::brgemm(D, F, rp, rp, F, F, true, x_t.data(), dpre_v.data(), dw1t_g, true);
+        // dx_tile (rows, D) = dpre (rows, F) @ w1 (F, D)
+        at::native::cpublas::brgemm(rows, D, Fp, Fp, D, D, false, dpre_b.data(), w1v_p, dx_buf.data(), true);
+        for (int64_t i = 0; i < rows * D; ++i) dx_p[t0 * D + i] = static_cast<scalar_t>(dx_buf[i]);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+
+  at::Tensor dw1t = dw1t_part[0];
+  at::Tensor dw2a = dw2_part[0];
+  at::Tensor db1a = db1_part[0];
+  at::Tensor db2a = db2_part[0];
+  for (int64_t g = 1; g < groups; ++g) {
+    dw1t.add_(dw1t_part[g]);
+    dw2a.add_(dw2_part[g]);
+    db1a.add_(db1_part[g]);
+    db2a.add_(db2_part[g]);
+  }
+  dw1.copy_(dw1t.t());
+  dw2.copy_(dw2a);
+  db1.copy_(db1a);
+  db2.copy_(db2a);
+  g_amx_bwd_calls.fetch_add(1);
+}
+int64_t amx_bwd_calls() { return g_amx_bwd_calls.load(); }
+#else
+int64_t amx_bwd_calls() { return 0; }
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& saved, c10::string_view activation,
@@ -659,6 +787,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_c
       ffn_bwd_kernel<float, float>(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);
       break;
     case at::kBFloat16:
+#if defined(FASTATTN_FFN_AMX_BUILD)
+      if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && amx_enabled()) {
+        ffn_bwd_amx(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);
+        break;
+      }
+#endif
       ffn_bwd_kernel<c10::BFloat16, float>(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);
       break;
     default:
@@ -681,4 +815,5 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
 TORCH_LIBRARY(fastattn_ffn, m) {
   m.def("amx_available() -> bool", &fastattn::ffn::amx_available);
   m.def("amx_fwd_calls() -> int", &fastattn::ffn::amx_fwd_calls);
+  m.def("amx_bwd_calls() -> int", &fastattn::ffn::amx_bwd_calls);
 }
