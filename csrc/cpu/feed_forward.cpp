@@ -648,6 +648,37 @@ void pack_vnni_rows(const T* src, int64_t K, int64_t N, int64_t ld, at::BFloat16
   }
 }
 
+// 16 floats rounded to bf16 (nearest even, NaN kept quiet), in the low half of each dword.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512i round16_bf16(const float* q) {
+  const __m512 f = _mm512_loadu_ps(q);
+  const __m512i v = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(v, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+}
+
+// float (K, N) rows as VNNI bf16 (round to nearest even): each dword holds (row 2k, row 2k+1) of a column.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void pack_vnni_rows_f32(
+    const float* src, int64_t K, int64_t N, int64_t ld, at::BFloat16* dst) {
+  const int64_t Kp = (K + 1) / 2 * 2;
+  for (int64_t k2 = 0; k2 < Kp / 2; ++k2) {
+    const float* r0 = src + 2 * k2 * ld;
+    const float* r1 = r0 + ld;
+    const bool has1 = 2 * k2 + 1 < K;
+    at::BFloat16* row = dst + k2 * N * 2;
+    int64_t n = 0;
+    for (; n + 16 <= N; n += 16) {
+      __m512i lo = round16_bf16(r0 + n);
+      if (has1) lo = _mm512_or_si512(lo, _mm512_slli_epi32(round16_bf16(r1 + n), 16));
+      _mm512_storeu_si512(reinterpret_cast<void*>(row + 2 * n), lo);
+    }
+    for (; n < N; ++n) {
+      row[2 * n] = at::BFloat16(r0[n]);
+      row[2 * n + 1] = has1 ? at::BFloat16(r1[n]) : at::BFloat16(0.f);
+    }
+  }
+}
+
 void ffn_bwd_amx(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                  const at::Tensor& saved, Act act, double dropout_p, uint64_t seed, const FfnShape& s,
                  at::Tensor& dx, at::Tensor& dw1, at::Tensor& db1, at::Tensor& dw2, at::Tensor& db2) {
@@ -721,8 +752,8 @@ void ffn_bwd_amx(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
         at::native::cpublas::brgemm(rows, F, D2p, D2p, F, F, false, go_pad.data(), w2v_p, dh.data(), true);
         epilogue(rows, F, dh.data(), pre_p + t0 * F, hid.data(), db1_g, seed,
                  static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, keep.data());
-        pack_vnni_rows(hid.data(), rows, F, F, hid_v.data());
-        pack_vnni_rows(dh.data(), rows, F, F, dpre_v.data());
+        pack_vnni_rows_f32(hid.data(), rows, F, F, hid_v.data());
+        pack_vnni_rows_f32(dh.data(), rows, F, F, dpre_v.data());
         round_rows_bf16(rows, F, Fp, dh.data(), dpre_b.data());
         // dW2 (D2, F) += grad_out_tile^T (D2, rows) @ hid (rows, F)
         at::native::cpublas::brgemm(D2, F, rp, rp, F, F, true, go_t.data(), hid_v.data(), dw2_g, true);
