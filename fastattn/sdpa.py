@@ -22,8 +22,11 @@ autograd runs ``attention_bwd``) and hands every other call to torch's composite
   restores torch's dispatch table exactly.
 - An exception raised by a fastattn kernel in the forward is reported once (a warning) and the call
   is served by torch's kernel, so SDPA never breaks while enabled.
+- fastattn stands in for torch's flash backend: inside ``torch.nn.attention.sdpa_kernel(...)``
+  without ``SDPBackend.FLASH_ATTENTION`` every call goes to torch's kernels.
 - torch.compile(fullgraph=True) traces through the registered kernel: the graph holds
-  fastattn::attention_fwd / attention_bwd.
+  fastattn::attention_fwd / attention_bwd. A graph keeps the kernels it was traced with: compile
+  after enabling, and call ``torch._dynamo.reset()`` after removing to drop graphs holding fastattn.
 - Where torch has ``torch.nn.attention.register_flash_attention_impl`` (2.13), importing fastattn
   registers "fastattn" there (never activating it): ``activate_flash_attention_impl("fastattn")``
   calls ``enable_sdpa()`` and ``restore_flash_attention_impl()`` removes that handle.
@@ -190,6 +193,8 @@ def _op_for(device_type: str, backend: Optional[str]) -> tuple[Optional[str], Op
 def sdpa_decline_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                         enable_gqa=False, backend=None) -> Optional[str]:
     """None when fastattn serves this torch SDPA call, else why the call goes to torch's kernels."""
+    if not torch._C._get_flash_sdp_enabled():
+        return "torch's flash backend is disabled (torch.nn.attention.sdpa_kernel without FLASH_ATTENTION)"
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not _plain(t):
             return f"{name} is not a plain dense tensor ({type(t).__name__})"

@@ -214,6 +214,19 @@ def test_calls_fastattn_cannot_serve_fall_through_to_torch(what):
         assert mask.grad is not None and mask.grad.abs().sum() > 0
 
 
+def test_sdpa_kernel_without_flash_keeps_torchs_kernels():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (t.detach() for t in _inputs(torch.float32))
+    with fastattn.enable_sdpa():
+        with sdpa_kernel([SDPBackend.MATH]):
+            _, seen = _kernels_run(lambda: F.scaled_dot_product_attention(q, k, v))
+        assert not _fastattn_ops(seen)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+            _, seen = _kernels_run(lambda: F.scaled_dot_product_attention(q, k, v))
+        assert _fastattn_ops(seen) == {"fastattn::attention_fwd"}
+
+
 def test_invalid_call_gets_torchs_own_error():
     q, k, v = (t.detach() for t in _inputs(torch.float32))
     k = k[..., :8]  # key head dim differs from the query's

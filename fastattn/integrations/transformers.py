@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
+from .. import scaled_dot_product_attention
 from .. import sdpa as _sdpa
-from ..api import scaled_dot_product_attention
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
