@@ -12,7 +12,9 @@ softmax, dropout). On CUDA it picks among ``_scaled_dot_product_flash_attention`
 those inner ops replaces torch's kernel for every call and cannot hand a call back (the shadowed
 kernel is not callable while the override stands; torch's FA4 provider raises instead), so fastattn
 registers one level higher: a kernel for ``aten::scaled_dot_product_attention`` itself under the
-Autograd<device> and <device> keys (CPU, and CUDA where fastattn has CUDA or Triton kernels). It
+Autograd<device> and <device> keys (CPU, and CUDA where fastattn has CUDA or Triton kernels). On CUDA
+it also replaces torch's flash-attention ops as torch's FA4 provider does (fastattn/_sdpa_flash.py),
+for the calls that still reach them. It
 serves what fastattn's kernels serve through ``torch.ops.fastattn.attention_fwd`` (whose registered
 autograd runs ``attention_bwd``) and hands every other call to torch's composite kernel unchanged
 (``OpOverload.decompose``), which then picks torch's flash/math kernels exactly as without fastattn.
@@ -113,6 +115,10 @@ def _register() -> None:
         for dev in devices:
             lib.impl(_OP, _sdpa_kernel, "Autograd" + dev)
             lib.impl(_OP, _sdpa_kernel, dev)
+        if "CUDA" in devices:  # torch's CUDA flash backend too (see fastattn/_sdpa_flash.py)
+            from . import _sdpa_flash
+
+            _sdpa_flash.register(lib, "CUDA")
     except Exception:
         lib._destroy()
         raise

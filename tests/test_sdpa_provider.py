@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 import fastattn
-from fastattn import _philox, sdpa
+from fastattn import _philox, _sdpa_flash, sdpa
 from fastattn.testing import check_bound
 
 OP = "aten::scaled_dot_product_attention"
@@ -341,9 +341,13 @@ def test_cuda_registration_logic(monkeypatch):
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     assert not has(OP, "AutogradCUDA") or not sdpa.sdpa_enabled()
     base = has(OP, "AutogradCUDA")
+    flash = ["aten::" + name for name in (_sdpa_flash.FLASH_FWD, _sdpa_flash.FLASH_BWD)]
+    tables = [torch._C._dispatch_dump_table(op) for op in [OP] + flash]
     with fastattn.enable_sdpa():
         assert has(OP, "AutogradCUDA") and has(OP, "CUDA") and has(OP, "AutogradCPU")
+        assert all(has(op, "CUDA") for op in flash)
     assert has(OP, "AutogradCUDA") == base
+    assert [torch._C._dispatch_dump_table(op) for op in [OP] + flash] == tables
     # which op a CUDA call would run, by build
     monkeypatch.setattr(sdpa.ops, "has_kernel", lambda op, key: True)
     assert sdpa._op_for("cuda", None) == ("attention_fwd", None)
@@ -373,3 +377,40 @@ def test_cuda_results_and_grads_match_torch(dtype):
     check_bound("cuda out", out, peer, ref)
     for name, g, pg, rg in zip("qkv", grads, peer_grads, ref_grads):
         check_bound(f"cuda d{name}", g, pg, rg)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_cuda_flash_kernels_logic_on_cpu_tensors(dropout_p):
+    """The flash-level kernels registered for CUDA, run on CPU tensors (the same fastattn ops serve
+    both devices): layouts, lse, GQA, the seed carried in rng_state from forward to backward."""
+    q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, L, E) views of BLHE
+               for t in _inputs(torch.float32, hq=4, hkv=2, l=9, s=11))
+    go = torch.randn(2, 4, 9, 16)
+    torch.manual_seed(7)
+    out, lse, _, _, max_q, max_k, rng_state, offset, debug = _sdpa_flash.flash_forward(
+        q, k, v, dropout_p, True, scale=0.2)
+    assert (max_q, max_k) == (9, 11) and lse.dtype == torch.float32 and lse.shape == (2, 4, 9)
+    assert rng_state.dtype == torch.uint64 and rng_state.shape == (2,)
+    dq, dk, dv = _sdpa_flash.flash_backward(go, q, k, v, out, lse, None, None, 9, 11, dropout_p, True, rng_state,
+                                           offset, scale=0.2)
+    keep = torch.ones(2, 4, 9, 11, dtype=torch.bool)
+    if dropout_p:
+        torch.manual_seed(7)
+        keep = _philox.attention_keep_mask(_philox.new_seed(), dropout_p, 2, 4, 9, 11)
+
+    def formula(dtype):
+        qq, kk, vv = (t.to(dtype).requires_grad_() for t in (q, k, v))
+        kr, vr = kk.repeat_interleave(2, dim=1), vv.repeat_interleave(2, dim=1)
+        s = (qq @ kr.transpose(-1, -2)) * 0.2
+        s = s.masked_fill(torch.ones(9, 11, dtype=torch.bool).tril().logical_not(), float("-inf"))
+        o = (torch.softmax(s, -1) * keep / (1 - dropout_p)) @ vr
+        return o, _grads(o, (qq, kk, vv), go.to(dtype)), torch.logsumexp(s, -1)
+
+    ref, ref_grads, ref_lse = formula(torch.float64)
+    peer, peer_grads, peer_lse = formula(torch.float32)
+    check_bound("flash out", out, peer, ref)
+    check_bound("flash lse", lse, peer_lse, ref_lse)
+    for name, g, pg, rg in zip("qkv", (dq, dk, dv), peer_grads, ref_grads):
+        check_bound(f"flash d{name}", g, pg, rg)
+    with pytest.raises(RuntimeError, match="return_debug_mask"):
+        _sdpa_flash.flash_forward(q, k, v, 0.0, False, True)
