@@ -414,3 +414,23 @@ def test_cuda_flash_kernels_logic_on_cpu_tensors(dropout_p):
         check_bound(f"flash d{name}", g, pg, rg)
     with pytest.raises(RuntimeError, match="return_debug_mask"):
         _sdpa_flash.flash_forward(q, k, v, 0.0, False, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_flash_op_override_matches_torchs_flash():
+    q, k, v = (torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    go = torch.randn_like(q)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention.default
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q64, k64, v64, is_causal=True)
+    ref_grads = _grads(ref, (q64, k64, v64), go.double())
+    peer = flash(q, k, v, 0.0, True)[0]
+    peer_grads = _grads(peer, (q, k, v), go)
+    with fastattn.enable_sdpa():
+        (out, grads), seen = _kernels_run(lambda: (lambda o: (o, _grads(o, (q, k, v), go)))(flash(q, k, v, 0.0, True)[0]))
+    assert {"fastattn::attention_fwd", "fastattn::attention_bwd"} <= _fastattn_ops(seen) or \
+        {"fastattn::triton_attention_fwd", "fastattn::triton_attention_bwd"} <= _fastattn_ops(seen), seen
+    check_bound("flash op out", out, peer, ref)
+    for name, g, pg, rg in zip("qkv", grads, peer_grads, ref_grads):
+        check_bound(f"flash op d{name}", g, pg, rg)
