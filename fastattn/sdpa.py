@@ -169,6 +169,8 @@ def _plain(t) -> bool:
     # (DTensor, nested, quantised, ...) keep torch's own handling.
     if not isinstance(t, torch.Tensor) or t.is_nested or t.layout != torch.strided:
         return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):  # torch.func transforms keep torch's kernels
+        return False
     if type(t) in (torch.Tensor, torch.nn.Parameter):
         return True
     name = type(t).__name__

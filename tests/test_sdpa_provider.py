@@ -227,6 +227,21 @@ def test_sdpa_kernel_without_flash_keeps_torchs_kernels():
         assert _fastattn_ops(seen) == {"fastattn::attention_fwd"}
 
 
+def test_torch_func_transforms_keep_torchs_kernels_quietly():
+    x = torch.randn(2, 4, 8, 16)
+
+    def loss(a):
+        return F.scaled_dot_product_attention(a, a, a).sum()
+
+    want = torch.func.grad(loss)(x)
+    with fastattn.enable_sdpa(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fastattn")
+        got = torch.func.grad(loss)(x)
+        batched = torch.vmap(lambda a: F.scaled_dot_product_attention(a, a, a))(x.unsqueeze(1))
+    assert torch.equal(got, want)
+    assert torch.equal(batched, torch.vmap(lambda a: F.scaled_dot_product_attention(a, a, a))(x.unsqueeze(1)))
+
+
 def test_invalid_call_gets_torchs_own_error():
     q, k, v = (t.detach() for t in _inputs(torch.float32))
     k = k[..., :8]  # key head dim differs from the query's
