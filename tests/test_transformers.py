@@ -201,3 +201,18 @@ def test_softcap_is_refused_with_a_clear_error():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="argument 'softcap'"):
         fa_hf.attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
+
+
+def test_sdpa_implementation_under_enable_sdpa_runs_fastattn():
+    """The second way in: an unchanged attn_implementation="sdpa" model inside fastattn.enable_sdpa()."""
+    config = _llama_config()
+    ids, mask = _padded(2, 9, 96, pad_left=[(1, 2)])
+    _, peer, ref = _models(transformers.LlamaForCausalLM, config)
+    for m in (peer, ref):
+        m.eval()
+    want = ref(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+    same = peer(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+    with fastattn.enable_sdpa():
+        out, events = _fastattn_ops(lambda: peer(input_ids=ids, attention_mask=mask).logits[mask.bool()])
+    assert {e.key for e in events} == {"fastattn::attention_fwd"}
+    check_bound("sdpa model under enable_sdpa", out, same, want)
