@@ -277,7 +277,8 @@ def test_an_error_inside_fastattn_never_breaks_torchs_sdpa(monkeypatch):
     assert torch.equal(F.scaled_dot_product_attention(q, k, v), expected)
 
 
-def test_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_forward_and_backward(compiler):
     torch._dynamo.reset()
     q, k, v = _inputs(torch.float32, hq=4, hkv=2)
     mask = torch.rand(12, 12) > 0.2
@@ -289,7 +290,7 @@ def test_compile_fullgraph_forward_and_backward():
     ref = fn(*(t.detach().double() for t in (q, k, v)))
     peer = fn(q, k, v)
     with fastattn.enable_sdpa():
-        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(fn, fullgraph=True, backend=compiler)
         (out, grads), seen = _kernels_run(lambda: (lambda o: (o, torch.autograd.grad(o.sum(), (q, k, v))))(
             compiled(q, k, v)))
     assert {"fastattn::attention_fwd", "fastattn::attention_bwd"} <= _fastattn_ops(seen)
