@@ -77,6 +77,18 @@ inline void check_device(const at::Tensor& t, const char* name, const at::Tensor
   FASTATTN_CHECK_ARG(t.device() == like.device(), name, device_text(t), c10::str("the device of the other inputs, ", like.device()));
 }
 
+// dropout_p in [0, 1); when it is > 0, seed an int64 CPU tensor of shape (1,) (see csrc/philox.h).
+inline void check_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
+  FASTATTN_CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", dropout_p, "a value in [0, 1)");
+  if (dropout_p > 0.0) {
+    FASTATTN_CHECK_ARG(seed.has_value() && seed->defined(), "seed", "None",
+                       "an int64 CPU tensor of shape (1,) when dropout_p > 0");
+    FASTATTN_CHECK_ARG(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1, "seed",
+                       c10::str(dtype_name(seed->scalar_type()), " ", seed->sizes(), " on ", seed->device()),
+                       "an int64 CPU tensor of shape (1,)");
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Attention: attention_fwd / attention_bwd.
 
@@ -141,14 +153,7 @@ inline AttnShape check_attention_args(const at::Tensor& q, const at::Tensor& k, 
                        c10::str("shape ", m.sizes()), c10::str("(N, S) = (", s.N, ", ", s.S, ")"));
     FASTATTN_CHECK_ARG(m.is_contiguous(), "key_padding_mask", c10::str("strides ", m.strides()), "a contiguous tensor");
   }
-  FASTATTN_CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", dropout_p, "a value in [0, 1)");
-  if (dropout_p > 0.0) {
-    FASTATTN_CHECK_ARG(seed.has_value() && seed->defined(), "seed", "None",
-                       "an int64 CPU tensor of shape (1,) when dropout_p > 0");
-    FASTATTN_CHECK_ARG(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1, "seed",
-                       c10::str(dtype_name(seed->scalar_type()), " ", seed->sizes(), " on ", seed->device()),
-                       "an int64 CPU tensor of shape (1,)");
-  }
+  check_dropout(dropout_p, seed);
   return s;
 }
 
@@ -224,14 +229,7 @@ inline FfnShape check_ffn_args(const at::Tensor& x, const at::Tensor& w1, const 
     FASTATTN_CHECK_ARG(b2->dim() == 1 && b2->size(0) == D2, "b2", c10::str("shape ", b2->sizes()), c10::str("(", D2, ",)"));
   }
   const Activation act = parse_activation(activation);
-  FASTATTN_CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", dropout_p, "a value in [0, 1)");
-  if (dropout_p > 0.0) {
-    FASTATTN_CHECK_ARG(seed.has_value() && seed->defined(), "seed", "None",
-                       "an int64 CPU tensor of shape (1,) when dropout_p > 0");
-    FASTATTN_CHECK_ARG(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1, "seed",
-                       c10::str(dtype_name(seed->scalar_type()), " ", seed->sizes(), " on ", seed->device()),
-                       "an int64 CPU tensor of shape (1,)");
-  }
+  check_dropout(dropout_p, seed);
   return {T, D, F, D2, act};
 }
 

@@ -40,6 +40,7 @@
 #include "philox.h"
 #include "tuning.h"
 #include "cpu/attention_amx.h"
+#include "cpu/vec_exp.h"
 
 namespace fastattn {
 namespace cpu_attn {

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "cpu/amx_probe.h"
+#include "cpu/vec_exp.h"
 #include "philox.h"
 #include "tuning.h"
 
@@ -116,21 +117,12 @@ struct Scratch {
   }
 };
 
-// 2^x for x <= 0 (a little above 0 is fine too). Degree-4 polynomial for 2^f on [-1/2, 1/2]
-// (Chebyshev fit, relative error 3.6e-6: the probabilities are rounded to bf16 (2^-9) anyway, and
-// lse moves by at most 4e-6), times 2^n by vscalefps. -inf would give NaN (n = -inf): CLAMP maps
-// it (and anything below -200) to 0; without CLAMP the caller guarantees finite x.
+// 2^x for x <= 0 (a little above 0 is fine too): cpu/vec_exp.h at degree 4 (relative error 3.6e-6:
+// the probabilities are rounded to bf16 (2^-9) anyway, and lse moves by at most 4e-6). CLAMP maps
+// -inf (and anything below -200) to 0; without CLAMP the caller guarantees finite x.
 template <bool CLAMP>
 FA_AMX_TARGET inline __m512 exp2_ps(__m512 x) {
-  if (CLAMP) x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.676037097854473e-03f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.592203564726694e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107355830966e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93121033991546e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000754953486f));
-  return _mm512_scalef_ps(p, n);
+  return cpu::exp2_avx512<4, CLAMP>(x);
 }
 
 // ln x for finite x > 0: x = mm * 2^e with mm in [0.75, 1.5), ln mm = 2 atanh(t), t = (mm-1)/(mm+1)

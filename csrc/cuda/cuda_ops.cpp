@@ -47,6 +47,16 @@ DType dtype_of(const Tensor& t) {
   }
 }
 
+// Runs the launcher of one attention kernel family (fp32, fp16, bf16) for dtype on the current stream.
+using AttnLauncher = cudaError_t (*)(const AttnParams&, cudaStream_t);
+struct AttnLaunchers {
+  AttnLauncher fp32, fp16, bf16;
+};
+void launch(DType dtype, const AttnLaunchers& l, const AttnParams& p, const char* what) {
+  const AttnLauncher fn = dtype == DType::kFloat16 ? l.fp16 : dtype == DType::kBFloat16 ? l.bf16 : l.fp32;
+  FA_CHECK_CUDA(fn(p, at::cuda::getCurrentCUDAStream()), what);
+}
+
 uint64_t seed_value(double dropout_p, const std::optional<Tensor>& seed) {
   return dropout_p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;  // checked: int64 (1,) on the CPU
 }
@@ -98,14 +108,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, 
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaError_t err = cudaSuccess;
-  switch (dtype_of(q)) {
-    case DType::kFloat16: err = attention_forward_fp16(p, stream); break;
-    case DType::kBFloat16: err = attention_forward_bf16(p, stream); break;
-    default: err = attention_forward_fp32(p, stream); break;
-  }
-  FA_CHECK_CUDA(err, "attention_fwd kernel launch");
+  launch(dtype_of(q), {&attention_forward_fp32, &attention_forward_fp16, &attention_forward_bf16}, p,
+         "attention_fwd kernel launch");
   return {out, lse};
 }
 
@@ -138,14 +142,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.delta = delta.data_ptr<float>();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaError_t err = cudaSuccess;
-  switch (dtype_of(q)) {
-    case DType::kFloat16: err = attention_backward_fp16(p, stream); break;
-    case DType::kBFloat16: err = attention_backward_bf16(p, stream); break;
-    default: err = attention_backward_fp32(p, stream); break;
-  }
-  FA_CHECK_CUDA(err, "attention_bwd kernel launch");
+  launch(dtype_of(q), {&attention_backward_fp32, &attention_backward_fp16, &attention_backward_bf16}, p,
+         "attention_bwd kernel launch");
   return {dq, dk, dv};
 }
 
