@@ -25,6 +25,16 @@ def main() -> None:
             print(f"  {key}: {val}")
     else:
         print(f"fastattn._C: {ops.extension_error()}")
+    try:
+        from fastattn import _C
+
+        knobs = _C.tuning_knobs()
+    except (ImportError, AttributeError):
+        knobs = {}
+    if knobs:
+        print("C++ tuning knobs (environment variables, read once per process):")
+        for name, (value, meaning) in knobs.items():
+            print(f"  {name}={value}: {meaning}")
     print("backends (automatic priority order):")
     for name in PRIORITY:
         be = get_backend(name)

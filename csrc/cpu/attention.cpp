@@ -45,14 +45,16 @@
 namespace fastattn {
 namespace cpu_attn {
 
-// Everything a kernel task needs, as raw pointers to contiguous buffers of the compute type T
-// (float or double) except lse (always float) and kpm (bool).
+// Everything a kernel task needs, as raw pointers to contiguous buffers: q, k, v, the mask, out,
+// dout, o, dq, dk, dv in the input dtype (read and written in place), dq_part in the compute type T
+// (float, or double for float64), lse always float, kpm bool.
 struct AttnParams {
   int64_t N = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
   const void* q = nullptr;  // (N, Hq, L, E)
   const void* k = nullptr;  // (N, Hkv, S, E)
   const void* v = nullptr;  // (N, Hkv, S, Ev)
-  const void* mask = nullptr;  // additive, type T, element (b,h,i,j) at b*msb + h*msh + i*msl + j*mss
+  // additive, of dtype expected_mask_dtype(q) (checks.h); element (b,h,i,j) at b*msb + h*msh + i*msl + j*mss
+  const void* mask = nullptr;
   int64_t msb = 0, msh = 0, msl = 0, mss = 0;
   const bool* kpm = nullptr;  // (N, S), true = key ignored
   double dropout_p = 0;

@@ -591,7 +591,7 @@ void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::valu
 // ------------------------------------------------------------------------------------------------
 // Backward: one task = (batch b, kv head hk, key range [key_lo, key_hi)); it walks the GQA group's
 // query heads, its key blocks, and every query block that can see them, in a fixed order.
-// dK and dV of its keys are its own; dQ goes to p.dq_part[part] (float, (N, Hq, L, E)), one
+// dK and dV of its keys are its own; dQ goes to p.dq_part[part] (the compute type T, (N, Hq, L, E)), one
 // partial per key range, summed in a fixed order by the caller (or written straight to p.dq when
 // there is a single key range).
 
