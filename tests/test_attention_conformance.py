@@ -173,7 +173,7 @@ def _decode_cases(backend):
     dropout and each dtype the backend serves (the CPU serves these on its decode path). Kept small:
     the Triton interpreter runs them too."""
     small = interpreted(backend)
-    be = get_backend(backend)
+    dtypes = family_impls("attention")[backend].dtypes
     e = 16 if small else 64
     s_long = 300 if small else 4096
     base = Case(n=2, hq=4, hkv=1, l=1, s=s_long if not small else 200, e=e, ev=e)
@@ -185,7 +185,7 @@ def _decode_cases(backend):
         cases.append(replace(base, l=5, s=150 if small else 700, mask=mask))
     cases.append(replace(base, l=2, s=150 if small else 700, dropout_p=0.3, mask="kpm"))
     for dt in (torch.bfloat16, torch.float16, torch.float64):
-        if dt in be.dtypes_for("attention"):
+        if dt in dtypes:
             cases.append(replace(base, dtype=dt, l=2, s=150 if small else 1000, mask="float_n1ls"))
     return cases
 
