@@ -317,10 +317,11 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
         for (int64_t j = 0; j < nk && all; ++j) all = kpm[j0 + j];
         if (all) continue;
       }
-      if (j0 + kBK < j_hi) {  // the next block's K and V rows, one touch per cache line
-        const int64_t nn = std::min(kBK, j_hi - j0 - kBK);
-        const char* kn = reinterpret_cast<const char*>(K + (j0 + kBK) * E);
-        const char* vn = reinterpret_cast<const char*>(Vm + (j0 + kBK) * Ev);
+      const int64_t jp = j0 + p.prefetch_blocks * kBK;  // a later block's K and V rows, one touch per line
+      if (p.prefetch_blocks > 0 && jp < j_hi) {
+        const int64_t nn = std::min(kBK, j_hi - jp);
+        const char* kn = reinterpret_cast<const char*>(K + jp * E);
+        const char* vn = reinterpret_cast<const char*>(Vm + jp * Ev);
         const int64_t kbytes = nn * E * static_cast<int64_t>(sizeof(In));
         const int64_t vbytes = nn * Ev * static_cast<int64_t>(sizeof(In));
         for (int64_t x = 0; x < kbytes; x += 64) __builtin_prefetch(kn + x, 0, 3);
