@@ -500,6 +500,7 @@ def test_cpu_backend_modules_call_the_kernels_directly(monkeypatch, mode, batch_
     attn_calls = _spy_direct(monkeypatch, "_attention_fwd")
     ffn_calls = _spy_direct(monkeypatch, "_ffn_fwd")
     api_calls = _spy(monkeypatch, "scaled_dot_product_attention")
+    monkeypatch.setattr(fastattn.modules, "_ffn_small", lambda tokens, d_model: False)  # the fused op, always
     ours, theirs = _layer_pair({"batch_first": batch_first}, backend="cpu")
     ours.train(mode == "train")
     theirs.train(mode == "train")
@@ -523,6 +524,30 @@ def test_cpu_backend_modules_call_the_kernels_directly(monkeypatch, mode, batch_
     (got.sum()).backward()
     _close(x2.grad, x.grad, "direct path: grad of src")
     _compare_grads(ours, theirs, "direct path")
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_cpu_backend_few_tokens_feed_forward_runs_as_torch_linears(monkeypatch, mode):
+    """Below the fused feed-forward's break-even token count the layer runs torch's own Linear ->
+    activation -> Dropout -> Linear (the kernel re-lays out both weights per call)."""
+    import fastattn.modules as modules
+    assert modules._ffn_small(N * S, D_MODEL) and not modules._ffn_small(4096, 64)
+    assert not modules._ffn_small(4096, 1024) and modules._ffn_small(2048, 1024)
+    ffn_calls = _spy_direct(monkeypatch, "_ffn_fwd")
+    api_calls = _spy(monkeypatch, "feed_forward")
+    ours, theirs = _layer_pair({}, backend="cpu")
+    ours.train(mode == "train")
+    theirs.train(mode == "train")
+    x = torch.randn(S, N, D_MODEL, dtype=DT, requires_grad=True)
+    want = theirs(x)
+    x2 = x.detach().clone().requires_grad_()
+    got = ours(x2)
+    assert not ffn_calls and not api_calls
+    _close(got, want, f"few tokens {mode}")
+    want.sum().backward()
+    got.sum().backward()
+    _close(x2.grad, x.grad, "few tokens: grad of src")
+    _compare_grads(ours, theirs, "few tokens")
 
 
 def test_reference_backend_modules_go_through_the_api(monkeypatch):
@@ -734,6 +759,7 @@ def test_encoder_layer_under_cpu_autocast(monkeypatch, backend):
     ours = convert(copy.deepcopy(theirs), backend=backend)
     calls = _spy(monkeypatch, "feed_forward")
     direct = _spy_direct(monkeypatch, "_ffn_fwd")  # the "cpu" backend's call from the module itself
+    monkeypatch.setattr(fastattn.modules, "_ffn_small", lambda tokens, d_model: False)  # the fused op, always
     x = torch.randn(6, 3, 16)
     kpm = torch.zeros(3, 6, dtype=torch.bool)
     kpm[1, 4:] = True
