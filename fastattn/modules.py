@@ -38,9 +38,23 @@ _attention_fwd = torch.ops.fastattn.attention_fwd
 _ffn_fwd = torch.ops.fastattn.ffn_fwd
 
 
+@torch.compiler.assume_constant_result
 def _chosen_backend(kind: str, device_type: str, dtype: torch.dtype, e: int, explicit: Optional[str]) -> Optional[str]:
     """The name of the backend the public function would choose for this call, None if none can serve it
     (the public function then raises the error naming the reasons)."""
+    forced = _backends._FORCED_STACK[-1] if _backends._FORCED_STACK else None
+    key = (kind, device_type, dtype, e, explicit, forced, _backends._ENV_BACKEND)
+    hit = _CHOSEN.get(key, _CHOSEN)
+    if hit is not _CHOSEN:
+        return hit
+    _CHOSEN[key] = name = _chosen_backend_uncached(kind, device_type, dtype, e, explicit)
+    return name
+
+
+_CHOSEN: dict = {}  # what decides a choice -> the backend's name (backends' availability is fixed per process)
+
+
+def _chosen_backend_uncached(kind, device_type, dtype, e, explicit):
     try:
         if hasattr(_backends, "choose"):
             return _backends.choose(kind, device_type, dtype, e, e, False, explicit).backend
@@ -48,6 +62,7 @@ def _chosen_backend(kind: str, device_type: str, dtype: torch.dtype, e: int, exp
         return _backends._choose(kind, device_type, dtype, e, e, False, name, source)
     except (_backends.BackendError, ValueError):
         return None
+
 
 __all__ = ["MultiheadAttention", "TransformerEncoderLayer", "convert"]
 
