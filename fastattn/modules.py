@@ -497,11 +497,11 @@ class TransformerEncoderLayer(nn.Module):
         # can skip wholly padded key blocks.
         x = src
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
-            x = x + self._ff_block(self.norm2(x))
+            x = x + self._sa_block(_norm(self.norm1, x), src_mask, src_key_padding_mask, is_causal)
+            x = x + self._ff_block(_norm(self.norm2, x))
         else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
-            x = self.norm2(x + self._ff_block(x))
+            x = _norm(self.norm1, x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+            x = _norm(self.norm2, x + self._ff_block(x))
         return x
 
     def _sa_block(self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
@@ -522,16 +522,31 @@ class TransformerEncoderLayer(nn.Module):
                 x, w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2))
             out = _ffn_direct(x, w1, b1, w2, b2, name, p, self._backend)
             if out is _SMALL:  # few tokens: torch's own Linear -> activation -> Dropout -> Linear is faster
-                return _dropout(self.dropout2, self.linear2(self.dropout(self.activation(self.linear1(x)))))
+                h = F.linear(x, w1, b1)
+                h = F.relu(h) if name == "relu" else F.gelu(h, approximate="tanh" if name == "gelu_tanh" else "none")
+                return _dropout(self.dropout2, F.linear(_dropout(self.dropout, h), w2, b2))
             x = out if out is not None else _api.feed_forward(x, w1, b1, w2, b2, name, p, backend=self._backend)
         return _dropout(self.dropout2, x)
 
 
+def _unhooked(module: nn.Module) -> bool:
+    """No forward hooks on the module nor global ones: calling its function directly is the same call."""
+    from torch.nn.modules import module as _m
+    return not (module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks
+                or _m._global_forward_pre_hooks)
+
+
 def _dropout(module: nn.Module, x: Tensor) -> Tensor:
     """module(x), skipped where it is torch's nn.Dropout acting as the identity (eval, or p == 0)."""
-    if type(module) is nn.Dropout and (not module.training or module.p == 0.0) and not module._forward_hooks \
-            and not module._forward_pre_hooks:
+    if type(module) is nn.Dropout and (not module.training or module.p == 0.0) and _unhooked(module):
         return x
+    return module(x)
+
+
+def _norm(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x); torch's nn.LayerNorm as F.layer_norm on its parameters (no module call overhead)."""
+    if type(module) is nn.LayerNorm and _unhooked(module):
+        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     return module(x)
 
 

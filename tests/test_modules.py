@@ -808,3 +808,17 @@ def test_encoder_padding_mask_reaches_kernels_as_key_padding_mask(monkeypatch):
     for attn_mask, kpm in seen:
         assert attn_mask is None and kpm is not None and kpm.dtype == torch.bool
         assert torch.equal(kpm, pad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encoder_layer_submodule_hooks_still_fire(backend):
+    """The layer calls torch's LayerNorm / Dropout functions directly only where no hook would notice."""
+    ours, theirs = _layer_pair({}, backend=backend)
+    ours.eval()
+    theirs.eval()
+    seen = []
+    ours.norm1.register_forward_hook(lambda mod, args, out: seen.append("norm1"))
+    ours.dropout1.register_forward_hook(lambda mod, args, out: seen.append("dropout1"))
+    x = torch.randn(S, N, D_MODEL, dtype=DT)
+    _close(ours(x), theirs(x), "hooked layer")
+    assert seen == ["dropout1", "norm1"]
