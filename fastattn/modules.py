@@ -28,7 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _philox, api as _api, backends as _backends
+import importlib
+
+from . import _philox, attention as _attention, backends as _backends
+
+_ffn = importlib.import_module("fastattn.feed_forward")  # the module (fastattn.feed_forward is the function)
 
 # The modules' direct entries into the C++ kernels (schemas and contract: fastattn/backends/README.md).
 # Used only when the chosen backend is "cpu", on tensors the module itself built in the kernels' layout,
@@ -56,10 +60,7 @@ _CHOSEN: dict = {}  # what decides a choice -> the backend's name (backends' ava
 
 def _chosen_backend_uncached(kind, device_type, dtype, e, explicit):
     try:
-        if hasattr(_backends, "choose"):
-            return _backends.choose(kind, device_type, dtype, e, e, False, explicit).backend
-        name, source = _backends._forced_name(explicit)
-        return _backends._choose(kind, device_type, dtype, e, e, False, name, source)
+        return _backends.choose(kind, device_type, dtype, e, e, False, explicit).backend
     except (_backends.BackendError, ValueError):
         return None
 
@@ -357,7 +358,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                     sdpa_mask = _additive(~sdpa_mask if sdpa_mask.dtype == torch.bool else sdpa_mask,
                                           q.dtype) + add
         dropout_p = self.dropout if self.training else 0.0
-        return _api.scaled_dot_product_attention(q, k, v, sdpa_mask, dropout_p, is_causal,
+        return _attention.scaled_dot_product_attention(q, k, v, sdpa_mask, dropout_p, is_causal,
                                                 key_padding_mask=kpm, backend=self.backend)
 
     def _out_projection(self, out: Tensor, seq_dim: int, batched: bool, n: int, l: int, e: int) -> Tensor:
@@ -525,7 +526,7 @@ class TransformerEncoderLayer(nn.Module):
                 h = F.linear(x, w1, b1)
                 h = F.relu(h) if name == "relu" else F.gelu(h, approximate="tanh" if name == "gelu_tanh" else "none")
                 return _dropout(self.dropout2, F.linear(_dropout(self.dropout, h), w2, b2))
-            x = out if out is not None else _api.feed_forward(x, w1, b1, w2, b2, name, p, backend=self._backend)
+            x = out if out is not None else _ffn.feed_forward(x, w1, b1, w2, b2, name, p, backend=self._backend)
         return _dropout(self.dropout2, x)
 
 
