@@ -11,7 +11,14 @@ Differences from torch, on purpose:
   (as torch does there), so that call matches torch exactly, NaN included.
 - Dropout inside the attention and the feed-forward draws its mask from fastattn's Philox stream
   (seeded from torch's generator), so it is reproducible with ``torch.manual_seed`` but is not the
-  same mask torch's dropout would draw.
+  same mask torch's dropout would draw. (On the "cpu" backend a feed-forward of fewer than
+  max(256, 4·d_model) tokens runs as torch's own Linear → activation → Dropout → Linear, which is
+  faster there; its dropout is then torch's.)
+
+On the "cpu" backend the modules call the C++ ops (``torch.ops.fastattn.attention_fwd`` and
+``ffn_fwd``) themselves, on q, k, v they laid out in the kernels' (N, H, L, hd) layout (self-attention:
+one in-projection GEMM and one copy for all three), skipping the public functions' re-validation;
+every other backend goes through the public functions.
 - ``TransformerEncoderLayer`` is not a subclass of ``nn.TransformerEncoderLayer``: an
   ``nn.TransformerEncoder`` recognises its own layer class to turn padded batches into
   NestedTensors in eval mode; this layer takes dense tensors and a padding mask instead, so the
@@ -419,8 +426,9 @@ class TransformerEncoderLayer(nn.Module):
     dropout2, activation) and state_dict as torch's; ``backend`` (keyword only) picks the fastattn
     backend. ``self_attn`` is a :class:`fastattn.MultiheadAttention`. The feed-forward is one
     :func:`fastattn.feed_forward` call when the activation is relu or gelu (``"relu"``, ``"gelu"``,
-    ``F.relu``, ``F.gelu``, ``nn.ReLU()``, ``nn.GELU()``, ``nn.GELU(approximate="tanh")``); any other
-    callable runs as plain torch ops.
+    ``F.relu``, ``F.gelu``, ``nn.ReLU()``, ``nn.GELU()``, ``nn.GELU(approximate="tanh")``), except on
+    the "cpu" backend below its break-even token count (torch's Linear → activation → Linear there);
+    any other callable runs as plain torch ops.
 
     forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False): src (S, N, E) (or
     (N, S, E) when batch_first, or unbatched (S, E)); src_mask (S, S) or (N * nhead, S, S), bool
