@@ -32,6 +32,11 @@ def pytest_addoption(parser):
                 help="at least this many timed rounds per benchmark")
     g.addoption("--bench-warmup", type=int, default=common.SETTINGS.warmup,
                 help="untimed calls before timing (the first compiles / autotunes)")
+    env_t = os.environ.get("FASTATTN_BENCH_THREADS")
+    g.addoption("--bench-threads", type=int, default=int(env_t) if env_t else None,
+                help="torch intra-op threads for the whole run (default: torch's; env FASTATTN_BENCH_THREADS). "
+                     "On a shared machine 1 thread with --benchmark-timer=time.process_time measures CPU "
+                     "time, which other processes' load barely changes")
 
 
 def pytest_configure(config):
@@ -44,6 +49,9 @@ def pytest_configure(config):
         s.seconds_cpu = s.seconds_gpu = seconds
     s.min_rounds = config.getoption("--bench-min-rounds", default=s.min_rounds)
     s.warmup = config.getoption("--bench-warmup", default=s.warmup)
+    threads = config.getoption("--bench-threads", default=None)
+    if threads:
+        torch.set_num_threads(threads)
     # Every compiled peer recompiles per case (static shapes); dynamo's default limit is 8.
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
                  "accumulated_cache_size_limit"):

@@ -27,6 +27,8 @@ FFN_COMPILE = "torch.compile(Linear-ReLU-Linear)"
 CUBLAS = "cuBLAS GEMMs (torch.mm x2)"
 TEL_EVAL = "nn.TransformerEncoderLayer (eval fast path)"
 TEL_TRAIN = "nn.TransformerEncoderLayer"
+MHA_TORCH = "nn.MultiheadAttention"
+LIMITS = "machine limits"   # extra_info["sweep"] of the machine-limit rows (bench/test_bench_small.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +101,17 @@ TARGETS = [
            {"device_type": "cuda", "op": "attention", "E": 25}, 1.5, peer=SDPA),
     Target(6, "ffn fwd+bwd vs eager", "fastattn[cuda]",
            {"device_type": "cuda", "op": "ffn", "pass": "fwd+bwd"}, 1.0, peer=FFN_EAGER),
+    # issue 11: small shapes on the CPU (bench/test_bench_small.py)
+    Target(11, "tiny calls: time <= 1.5x torch SDPA", "fastattn[cpu]",
+           {**_CPU, "op": "tiny_attention"}, 1 / 1.5, peer=SDPA),
+    Target(11, "MultiheadAttention at small shapes", "fastattn[cpu]",
+           {**_CPU, "op": "mha"}, 1.0, peer=MHA_TORCH),
+    Target(11, "TransformerEncoderLayer at small shapes", "fastattn[cpu]",
+           {**_CPU, "op": "encoder_layer_small"}, 1.0, peer=TEL_TRAIN),
 ]
 
-_OP_ORDER = {"attention": 0, "ffn": 1, "encoder_layer": 2, "classifier": 3}
+_OP_ORDER = {"attention": 0, "ffn": 1, "encoder_layer": 2, "classifier": 3, "tiny_attention": 4, "mha": 5,
+             "encoder_layer_small": 6, "machine": 9}
 _PASS_ORDER = {"fwd": 0, "eval": 0, "fwd+bwd": 1, "train": 1}
 
 
@@ -285,7 +295,7 @@ def targets_table(run: Run) -> list[str]:
             continue
         r = evaluate(t, run)
         if t.kind == "speedup":
-            goal, vs = f"≥ {t.goal:g}×", t.peer
+            goal, vs = f"≥ {t.goal:.3g}×", t.peer
         elif t.kind == "tflops":
             goal, vs = f"≥ {t.goal:g} TFLOP/s", "–"
         else:
@@ -302,6 +312,77 @@ def targets_table(run: Run) -> list[str]:
     return out
 
 
+# -- sweeps: one line per family, and the machine's limits ---------------------------------------------
+def _rate(row: Row) -> tuple[float | None, str]:
+    """What a row reached: GB/s when it declares the bytes it reads, else GFLOP/s (TFLOP/s on a GPU)."""
+    if row.info.get("bytes") and row.median > 0:
+        return row.info["bytes"] / row.median / 1e9, "GB/s"
+    tp = row.throughput
+    if tp is None:
+        return None, ""
+    return (tp / 1e12, "TFLOP/s") if row.gpu else (tp / 1e9, "GFLOP/s")
+
+
+def sweep_summary(run: Run) -> list[dict]:
+    """Per family (extra_info["sweep"], machine limits aside) and fastattn method: the lowest ratio
+    time(peer) / time(method) across the family's groups, where it happened, the median, how many groups
+    reach the family's target ratio (extra_info["target_ratio"]), and the throughput reached there
+    and at best."""
+    fams: "OrderedDict[tuple, list]" = OrderedDict()
+    for group, rows in sorted(run.rows.items(), key=lambda kv: _sort_key(*kv)):
+        for row in rows.values():
+            sweep = row.info.get("sweep")
+            if not sweep or sweep == LIMITS or row.info.get("is_baseline") or row.method == row.info.get("baseline"):
+                continue
+            ratio = speedup(rows, row)
+            if ratio is not None:
+                fams.setdefault((sweep, row.method), []).append((group, ratio, row))
+    out = []
+    for (sweep, method), items in fams.items():
+        group, low, row = min(items, key=lambda it: it[1])
+        target = row.info.get("target_ratio")
+        rates = [(_rate(r), g) for g, _, r in items]
+        best = max((rt for rt in rates if rt[0][0] is not None), key=lambda rt: rt[0][0], default=None)
+        out.append({"sweep": sweep, "method": method, "groups": len(items), "lowest": low, "worst": group,
+                    "median": statistics.median(r for _, r, _ in items), "target": target,
+                    "met": None if target is None else sum(r >= target for _, r, _ in items),
+                    "rate_at_worst": _rate(row), "best_rate": best[0] if best else (None, ""),
+                    "best_group": best[1] if best else ""})
+    return out
+
+
+def sweep_table(run: Run) -> list[str]:
+    summary = sweep_summary(run)
+    if not summary:
+        return []
+    out = ["## Sweeps: lowest ratio per family", "",
+           "ratio = time(peer) / time(method) in each group of the family; `lowest` is the minimum over "
+           "the family's groups (the row that decides whether the family meets its target).", "",
+           "| family | method | groups | lowest ratio | at | median | target | met | reached there | best reached |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for f in summary:
+        (rw, uw), (rb, ub) = f["rate_at_worst"], f["best_rate"]
+        target = f"≥ {f['target']:.3g}×" if f["target"] is not None else "–"
+        met = f"{f['met']}/{f['groups']}" if f["met"] is not None else "–"
+        out.append(f"| {f['sweep']} | {f['method']} | {f['groups']} | {fmt_num(f['lowest'])}× | `{f['worst']}` | "
+                   f"{fmt_num(f['median'])}× | {target} | {met} | {fmt_num(rw)} {uw} | {fmt_num(rb)} {ub} |")
+    out.append("")
+    return out
+
+
+def limits_table(run: Run) -> list[str]:
+    rows = [r for grp in run.rows.values() for r in grp.values() if r.info.get("sweep") == LIMITS]
+    if not rows:
+        return []
+    out = ["## Machine limits (measured in the same run)", "",
+           "| limit | method | median | reached |", "|---|---|---:|---:|"]
+    for r in rows:
+        rate, unit = _rate(r)
+        out.append(f"| {r.info.get('limit', r.group)} | {r.method} | {fmt_time(r.median)} | {fmt_num(rate)} {unit} |")
+    out.append("")
+    return out
+
+
 # -- plots ----------------------------------------------------------------------------------------
 def plots(run: Run, plot_dir: str) -> list[tuple[str, str]]:
     """One PNG per (device, op): a panel per family; speedup vs the peer per method."""
@@ -313,6 +394,8 @@ def plots(run: Run, plot_dir: str) -> list[tuple[str, str]]:
     by_kind: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for group, rows in sorted(run.rows.items(), key=lambda kv: _sort_key(*kv)):
         info = next(iter(rows.values())).info
+        if info.get("sweep") == LIMITS:
+            continue   # no peer to plot a speedup against: the limits have their own table
         kind = ("gpu" if info.get("device_type") == "cuda" else "cpu", info.get("op", "other"))
         by_kind[kind][info.get("family", group)].append((group, rows))
     written = []
@@ -407,6 +490,8 @@ def render(run: Run, out_path: str, plot_dir: str | None, notes: list[str], titl
     if not run.rows:
         lines += ["**No benchmark results in the input.**", ""]
     lines += targets_table(run)
+    lines += sweep_table(run)
+    lines += limits_table(run)
     if plot_dir and run.rows:
         lines += ["## Plots", ""]
         base = os.path.dirname(os.path.abspath(out_path))

@@ -74,3 +74,53 @@ def test_markdown_and_plots(tmp_path):
 def test_missing_input_is_an_error(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope.json"), "--out", str(tmp_path / "x.md")]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_sweep_families_lowest_ratio_and_machine_limits(tmp_path):
+    """Per family the lowest peer/method ratio over its groups (and where), GB/s or GFLOP/s reached,
+    the targets of issue 11, and the machine-limits table; limit rows stay out of the plots."""
+    cpu = {"device_type": "cpu", "device_name": "Test CPU", "threads": 2}
+    tiny = {**cpu, "op": "tiny_attention", "pass": "fwd", "dtype": "float32", "sweep": "tiny calls",
+            "target_ratio": 1 / 1.5}
+    mods = {**cpu, "op": "mha", "pass": "eval", "dtype": "float32", "sweep": "modules at small shapes",
+            "target_ratio": 1.0}
+    lim = {**cpu, "op": "machine", "pass": "limit", "sweep": "machine limits"}
+    g_t, g_m1, g_m2 = "cpu/tiny/a", "cpu/mha/a", "cpu/mha/b"
+    benches = [
+        _bench(g_t, "torch SDPA", 10e-6, baseline="torch SDPA", flops=1e4, **tiny),
+        _bench(g_t, "fastattn[cpu]", 20e-6, baseline="torch SDPA", flops=1e4, **tiny),              # 0.5x
+        _bench(g_m1, "nn.MultiheadAttention", 3e-3, baseline="nn.MultiheadAttention", flops=3e8, **mods),
+        _bench(g_m1, "fastattn[cpu]", 2e-3, baseline="nn.MultiheadAttention", flops=3e8, **mods),     # 1.5x
+        _bench(g_m2, "nn.MultiheadAttention", 1e-3, baseline="nn.MultiheadAttention", flops=1e6, **mods),
+        _bench(g_m2, "fastattn[cpu]", 1.25e-3, baseline="nn.MultiheadAttention", flops=1e6, **mods),  # 0.8x
+        _bench("cpu/machine/mem", "torch.sum", 4e-3, baseline="torch.sum", flops=0.0, bytes=2.68e8,
+               limit="memory read bandwidth", **lim),                                                   # 67 GB/s
+        _bench("cpu/machine/gemm", "torch.mm fp32", 0.1, baseline="torch.mm fp32", flops=2e10,
+               limit="fp32 GEMM peak", **lim),                                                          # 200 GFLOP/s
+    ]
+    run = report.load([_write(tmp_path, benches)])
+    fams = {f["sweep"]: f for f in report.sweep_summary(run)}
+    assert set(fams) == {"tiny calls", "modules at small shapes"}      # limits are not a ratio family
+    t, m = fams["tiny calls"], fams["modules at small shapes"]
+    assert abs(t["lowest"] - 0.5) < 1e-12 and t["met"] == 0 and t["groups"] == 1
+    assert abs(m["lowest"] - 0.8) < 1e-12 and m["worst"] == g_m2 and m["met"] == 1 and m["groups"] == 2
+    assert abs(m["median"] - 1.15) < 1e-12
+    assert abs(m["rate_at_worst"][0] - 0.8) < 1e-9 and m["rate_at_worst"][1] == "GFLOP/s"   # 1e6 / 1.25 ms
+    assert abs(m["best_rate"][0] - 150.0) < 1e-9 and m["best_group"] == g_m1                # 3e8 / 2 ms
+    by_what = {t.what: t for t in report.TARGETS if t.issue == 11}
+    r = report.evaluate(by_what["MultiheadAttention at small shapes"], run)
+    assert r["n"] == 2 and r["met"] == 1 and r["verdict"] == "MISSED" and r["worst"] == g_m2
+    r = report.evaluate(by_what["tiny calls: time <= 1.5x torch SDPA"], run)
+    assert r["n"] == 1 and r["verdict"] == "MISSED"
+
+    out = tmp_path / "r.md"
+    assert report.main([_write(tmp_path, benches), "--out", str(out), "--plots", str(tmp_path / "p")]) == 0
+    text = out.read_text()
+    assert "## Sweeps: lowest ratio per family" in text and "## Machine limits" in text
+    row = next(line for line in text.splitlines() if line.startswith("| modules at small shapes"))
+    assert "| 0.8× |" in row and g_m2 in row and "| 1/2 |" in row
+    mem = next(line for line in text.splitlines() if line.startswith("| memory read bandwidth"))
+    assert "67 GB/s" in mem
+    gemm = next(line for line in text.splitlines() if line.startswith("| fp32 GEMM peak"))
+    assert "200 GFLOP/s" in gemm
+    assert not (tmp_path / "p" / "cpu-machine.png").exists()

@@ -11,7 +11,14 @@ Differences from torch, on purpose:
   (as torch does there), so that call matches torch exactly, NaN included.
 - Dropout inside the attention and the feed-forward draws its mask from fastattn's Philox stream
   (seeded from torch's generator), so it is reproducible with ``torch.manual_seed`` but is not the
-  same mask torch's dropout would draw.
+  same mask torch's dropout would draw. (On the "cpu" backend a feed-forward of fewer than
+  max(256, 4·d_model) tokens runs as torch's own Linear → activation → Dropout → Linear, which is
+  faster there; its dropout is then torch's.)
+
+On the "cpu" backend the modules call the C++ ops (``torch.ops.fastattn.attention_fwd`` and
+``ffn_fwd``) themselves, on q, k, v they laid out in the kernels' (N, H, L, hd) layout (self-attention:
+one in-projection GEMM and one copy for all three), skipping the public functions' re-validation;
+every other backend goes through the public functions.
 - ``TransformerEncoderLayer`` is not a subclass of ``nn.TransformerEncoderLayer``: an
   ``nn.TransformerEncoder`` recognises its own layer class to turn padded batches into
   NestedTensors in eval mode; this layer takes dense tensors and a padding mask instead, so the
@@ -20,6 +27,7 @@ Differences from torch, on purpose:
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Optional, Union
 
@@ -29,9 +37,40 @@ from torch import Tensor, nn
 
 import importlib
 
-from . import attention as _attention
+from . import _philox, attention as _attention, backends as _backends
 
 _ffn = importlib.import_module("fastattn.feed_forward")  # the module (fastattn.feed_forward is the function)
+
+# The modules' direct entries into the C++ kernels (schemas and contract: fastattn/backends/README.md).
+# Used only when the chosen backend is "cpu", on tensors the module itself built in the kernels' layout,
+# so the public functions' validation and copies are skipped; every other call goes through
+# fastattn.scaled_dot_product_attention / fastattn.feed_forward. Module attributes, so tests can spy.
+_attention_fwd = torch.ops.fastattn.attention_fwd
+_ffn_fwd = torch.ops.fastattn.ffn_fwd
+
+
+@torch.compiler.assume_constant_result
+def _chosen_backend(kind: str, device_type: str, dtype: torch.dtype, e: int, explicit: Optional[str]) -> Optional[str]:
+    """The name of the backend the public function would choose for this call, None if none can serve it
+    (the public function then raises the error naming the reasons)."""
+    forced = _backends._FORCED_STACK[-1] if _backends._FORCED_STACK else None
+    key = (kind, device_type, dtype, e, explicit, forced, _backends._ENV_BACKEND)
+    hit = _CHOSEN.get(key, _CHOSEN)
+    if hit is not _CHOSEN:
+        return hit
+    _CHOSEN[key] = name = _chosen_backend_uncached(kind, device_type, dtype, e, explicit)
+    return name
+
+
+_CHOSEN: dict = {}  # what decides a choice -> the backend's name (backends' availability is fixed per process)
+
+
+def _chosen_backend_uncached(kind, device_type, dtype, e, explicit):
+    try:
+        return _backends.choose(kind, device_type, dtype, e, e, False, explicit).backend
+    except (_backends.BackendError, ValueError):
+        return None
+
 
 __all__ = ["MultiheadAttention", "TransformerEncoderLayer", "convert"]
 
@@ -119,6 +158,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None,
                 average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        if (not need_weights and key_padding_mask is None and attn_mask is None and not is_causal
+                and query is key and key is value and isinstance(query, Tensor) and not query.is_nested):
+            out = self._forward_self(query)  # the common self-attention call, fewest ops
+            if out is not None:
+                return out, None
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"fastattn.MultiheadAttention: argument '{name}' got {type(t).__name__}; "
@@ -248,6 +292,51 @@ class MultiheadAttention(nn.MultiheadAttention):
             key_padding_mask = _pad_last(key_padding_mask)
         s = k.shape[seq_dim]
 
+        if self._direct_attention(q, attn_mask, key_padding_mask):
+            # The C++ kernel on heads laid out here: one copy per tensor, none in the API.
+            q, k, v = _heads(q, seq_dim, h, hd), _heads(k, seq_dim, h, hd), _heads(v, seq_dim, h, hd)
+            mask = _kernel_mask(attn_mask, key_padding_mask, n, h, l, s, q.dtype)
+            kpm = None
+            if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
+                kpm = key_padding_mask.contiguous()
+            dropout_p = float(self.dropout) if self.training else 0.0
+            seed = _philox.new_seed() if dropout_p > 0.0 else None
+            out = _attention_fwd(q, k, v, mask, kpm, dropout_p, is_causal, 1.0 / math.sqrt(hd), seed)[0]
+        else:
+            out = self._attention_api(q, k, v, attn_mask, key_padding_mask, is_causal, seq_dim, n, h, l, s, hd)
+        return self._out_projection(out, seq_dim, batched, n, l, e)
+
+    def _forward_self(self, x: Tensor) -> Optional[Tensor]:
+        """Self-attention without masks, bias_k/v or zero attention, on the "cpu" backend: one in-projection
+        GEMM, one copy into the kernel's (3, N, H, L, hd) layout, the kernel, the out-projection. None when
+        the call does not qualify (the general path serves it)."""
+        if (x.dim() != 3 or not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn
+                or x.shape[-1] != self.embed_dim or not self._direct_attention(x, None, None)):
+            return None
+        h, e = self.num_heads, self.embed_dim
+        hd = e // h
+        if self.batch_first:
+            n, l = x.shape[0], x.shape[1]
+            heads = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(n, l, 3, h, hd).permute(2, 0, 3, 1, 4)
+        else:
+            l, n = x.shape[0], x.shape[1]
+            heads = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(l, n, 3, h, hd).permute(2, 1, 3, 0, 4)
+        q, k, v = heads.contiguous().unbind(0)
+        dropout_p = float(self.dropout) if self.training else 0.0
+        seed = _philox.new_seed() if dropout_p > 0.0 else None
+        out = _attention_fwd(q, k, v, None, None, dropout_p, False, 1.0 / math.sqrt(hd), seed)[0]
+        return self._out_projection(out, 1 if self.batch_first else 0, True, n, l, e)
+
+    def _direct_attention(self, q: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor]) -> bool:
+        """Whether this call goes straight to the C++ kernel: the chosen backend is "cpu" and the masks
+        need nothing the API's validation gives (no gradient, same device as the query)."""
+        for m in (attn_mask, key_padding_mask):
+            if m is not None and (m.requires_grad or m.device != q.device):
+                return False
+        return _chosen_backend("attention", q.device.type, q.dtype, self.embed_dim // self.num_heads,
+                               self.backend) == "cpu"
+
+    def _attention_api(self, q, k, v, attn_mask, key_padding_mask, is_causal, seq_dim, n, h, l, s, hd):
         # -> (N, H, seq, hd), the API's layout
         if seq_dim == 0:
             q = q.reshape(l, n, h, hd).permute(1, 2, 0, 3)
@@ -276,14 +365,39 @@ class MultiheadAttention(nn.MultiheadAttention):
                     sdpa_mask = _additive(~sdpa_mask if sdpa_mask.dtype == torch.bool else sdpa_mask,
                                           q.dtype) + add
         dropout_p = self.dropout if self.training else 0.0
-        out = _attention.scaled_dot_product_attention(q, k, v, sdpa_mask, dropout_p, is_causal,
+        return _attention.scaled_dot_product_attention(q, k, v, sdpa_mask, dropout_p, is_causal,
                                                 key_padding_mask=kpm, backend=self.backend)
-        # (N, H, L, hd) -> the caller's layout, contiguous, then the output projection
+
+    def _out_projection(self, out: Tensor, seq_dim: int, batched: bool, n: int, l: int, e: int) -> Tensor:
+        # (N, H, L, hd) -> the caller's layout (one copy), then the output projection as torch's
+        # functional does it (F.linear on out_proj's parameters)
         if seq_dim == 0:
-            out = self.out_proj(out.permute(2, 0, 1, 3).reshape(l, n, e))
+            out = out.permute(2, 0, 1, 3).reshape(l, n, e)
         else:
-            out = self.out_proj(out.transpose(1, 2).reshape(n, l, e))
+            out = out.transpose(1, 2).reshape(n, l, e)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         return out if batched else out.squeeze(0)
+
+
+def _heads(x: Tensor, seq_dim: int, h: int, hd: int) -> Tensor:
+    """(seq, N, E) (seq_dim 0) or (N, seq, E) -> (N, H, seq, hd) contiguous: one copy."""
+    if seq_dim == 0:
+        return x.view(x.shape[0], x.shape[1], h, hd).permute(1, 2, 0, 3).contiguous()
+    return x.view(x.shape[0], x.shape[1], h, hd).transpose(1, 2).contiguous()
+
+
+def _kernel_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], n: int, h: int, l: int,
+                 s: int, dtype: torch.dtype) -> Optional[Tensor]:
+    """torch.nn's masks (bool True = masked out, or float added) as the kernels' additive mask: an
+    expanded (N, H, L, S) view of `dtype` (strides may be 0), or None. A bool padding mask stays apart."""
+    add = None
+    if attn_mask is not None:
+        add = _additive(attn_mask, dtype).to(dtype)
+        add = add.expand(n, h, l, s) if add.dim() == 2 else add.view(n, h, l, s)
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        pad = key_padding_mask.to(dtype).view(n, 1, 1, s)
+        add = pad.expand(n, h, l, s) if add is None else add + pad
+    return add
 
 
 def _activation_name(activation) -> Optional[str]:
@@ -312,8 +426,9 @@ class TransformerEncoderLayer(nn.Module):
     dropout2, activation) and state_dict as torch's; ``backend`` (keyword only) picks the fastattn
     backend. ``self_attn`` is a :class:`fastattn.MultiheadAttention`. The feed-forward is one
     :func:`fastattn.feed_forward` call when the activation is relu or gelu (``"relu"``, ``"gelu"``,
-    ``F.relu``, ``F.gelu``, ``nn.ReLU()``, ``nn.GELU()``, ``nn.GELU(approximate="tanh")``); any other
-    callable runs as plain torch ops.
+    ``F.relu``, ``F.gelu``, ``nn.ReLU()``, ``nn.GELU()``, ``nn.GELU(approximate="tanh")``), except on
+    the "cpu" backend below its break-even token count (torch's Linear → activation → Linear there);
+    any other callable runs as plain torch ops.
 
     forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False): src (S, N, E) (or
     (N, S, E) when batch_first, or unbatched (S, E)); src_mask (S, S) or (N * nhead, S, S), bool
@@ -391,18 +506,18 @@ class TransformerEncoderLayer(nn.Module):
         # can skip wholly padded key blocks.
         x = src
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
-            x = x + self._ff_block(self.norm2(x))
+            x = x + self._sa_block(_norm(self.norm1, x), src_mask, src_key_padding_mask, is_causal)
+            x = x + self._ff_block(_norm(self.norm2, x))
         else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
-            x = self.norm2(x + self._ff_block(x))
+            x = _norm(self.norm1, x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+            x = _norm(self.norm2, x + self._ff_block(x))
         return x
 
     def _sa_block(self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                   is_causal: bool) -> Tensor:
         x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                            need_weights=False, is_causal=is_causal)[0]
-        return self.dropout1(x)
+        return _dropout(self.dropout1, x)
 
     def _ff_block(self, x: Tensor) -> Tensor:
         name = _activation_name(self.activation)
@@ -414,8 +529,68 @@ class TransformerEncoderLayer(nn.Module):
             dtype = _autocast_dtype(x)
             if dtype is not None:  # the fused op is not autocast-aware: cast as autocast casts nn.Linear
                 x, w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2))
-            x = _ffn.feed_forward(x, w1, b1, w2, b2, name, p, backend=self._backend)
-        return self.dropout2(x)
+            out = _ffn_direct(x, w1, b1, w2, b2, name, p, self._backend)
+            if out is _SMALL:  # few tokens: torch's own Linear -> activation -> Dropout -> Linear is faster
+                h = F.linear(x, w1, b1)
+                h = F.relu(h) if name == "relu" else F.gelu(h, approximate="tanh" if name == "gelu_tanh" else "none")
+                return _dropout(self.dropout2, F.linear(_dropout(self.dropout, h), w2, b2))
+            x = out if out is not None else _ffn.feed_forward(x, w1, b1, w2, b2, name, p, backend=self._backend)
+        return _dropout(self.dropout2, x)
+
+
+def _unhooked(module: nn.Module) -> bool:
+    """No forward hooks on the module nor global ones: calling its function directly is the same call."""
+    from torch.nn.modules import module as _m
+    return not (module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks
+                or _m._global_forward_pre_hooks)
+
+
+def _dropout(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x), skipped where it is torch's nn.Dropout acting as the identity (eval, or p == 0)."""
+    if type(module) is nn.Dropout and (not module.training or module.p == 0.0) and _unhooked(module):
+        return x
+    return module(x)
+
+
+def _norm(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x); torch's nn.LayerNorm as F.layer_norm on its parameters (no module call overhead)."""
+    if type(module) is nn.LayerNorm and _unhooked(module):
+        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    return module(x)
+
+
+_SMALL = object()
+
+
+def _ffn_small(tokens: int, d_model: int) -> bool:
+    """Whether torch's two GEMMs beat the fused CPU feed-forward: it lays both weights out afresh on
+    every call (2·D·F copies), which the GEMMs of fewer than ~4·D tokens (at least 256) do not repay
+    (measured on a Zen 5 with MKL, fp32: D 64 crosses at 128-256 tokens, D 256 at ~1024)."""
+    return tokens < 256 or tokens < 4 * d_model
+
+
+def _ffn_direct(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], activation: str,
+                dropout_p: float, backend: Optional[str]):
+    """The feed-forward straight through the C++ kernel when the "cpu" backend serves it and the
+    tensors are already what the kernel takes (one dtype, contiguous, 2-D+ x); _SMALL when the
+    "cpu" backend serves it but the call has too few tokens to repay the kernel (see _ffn_small);
+    else None (the public function serves it)."""
+    dtype = x.dtype
+    if (x.dim() < 2 or not x.is_contiguous() or w1.dim() != 2 or w2.dim() != 2 or w1.shape[1] != x.shape[-1]
+            or w2.shape[1] != w1.shape[0]):
+        return None
+    for t in (w1, b1, w2, b2):
+        if t is not None and (t.dtype != dtype or t.device != x.device or not t.is_contiguous()):
+            return None
+    if _chosen_backend("ffn", x.device.type, dtype, 0, backend) != "cpu":
+        return None
+    if _ffn_small(x.numel() // x.shape[-1], x.shape[-1]) and not torch.compiler.is_compiling():
+        return _SMALL
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    seed = _philox.new_seed() if dropout_p > 0.0 else None
+    d = x.shape[-1]
+    out = _ffn_fwd(x.view(-1, d), w1, b1, w2, b2, activation, float(dropout_p), seed, save)[0]
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # -- convert ----------------------------------------------------------------------------------------

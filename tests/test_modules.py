@@ -21,6 +21,9 @@ from fastattn.testing import check_peer
 from fastattn.modules import MultiheadAttention, TransformerEncoderLayer, convert
 
 BACKEND = "reference"
+# The parity tests that matter for the kernels' direct path also run on the "cpu" backend (float64 is
+# one of its dtypes): there the modules call the C++ ops themselves (fastattn/modules.py).
+BACKENDS = ["reference", "cpu"]
 DT = torch.float64
 E, H = 8, 2
 L, S, N = 5, 7, 3
@@ -68,10 +71,10 @@ MHA_CONFIGS = {
 }
 
 
-def _mha_pair(config: dict, dropout: float = 0.0, seed: int = 0):
+def _mha_pair(config: dict, dropout: float = 0.0, seed: int = 0, backend: str = BACKEND):
     theirs = nn.MultiheadAttention(E, H, dropout=dropout, dtype=DT, **config)
     _randomize(theirs, seed)
-    ours = MultiheadAttention(E, H, dropout=dropout, dtype=DT, backend=BACKEND, **config)
+    ours = MultiheadAttention(E, H, dropout=dropout, dtype=DT, backend=backend, **config)
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
 
@@ -125,8 +128,8 @@ def _run_mha(module, q, k, v, **kw):
     return module(q, k, v, **kw)
 
 
-def _check_mha(config, inputs, mask_kind, mode, need_weights, average=True):
-    ours, theirs = _mha_pair(config)
+def _check_mha(config, inputs, mask_kind, mode, need_weights, average=True, backend=BACKEND):
+    ours, theirs = _mha_pair(config, backend=backend)
     ours.train(mode == "train")
     theirs.train(mode == "train")
     gen = torch.Generator().manual_seed(1)
@@ -167,8 +170,9 @@ MHA_CASES = ([("default", m) for m in MASK_KINDS] + [("batch_first_kdim_vdim_bia
 
 @pytest.mark.parametrize("config, mask_kind", MHA_CASES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_mha_matches_torch(config, mask_kind, mode):
-    _check_mha(MHA_CONFIGS[config], "cross", mask_kind, mode, need_weights=False)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mha_matches_torch(config, mask_kind, mode, backend):
+    _check_mha(MHA_CONFIGS[config], "cross", mask_kind, mode, need_weights=False, backend=backend)
 
 
 @pytest.mark.parametrize("config", list(MHA_CONFIGS), ids=str)
@@ -180,17 +184,20 @@ def test_mha_need_weights_matches_torch(config, mask_kind, average):
 
 @pytest.mark.parametrize("config", ["default", "no_bias", "bias_kv_zero_attn", "batch_first"])
 @pytest.mark.parametrize("inputs", ["self", "shared_kv"])
-@pytest.mark.parametrize("mask_kind", ["kpm_bool", "attn3d_float"])
-def test_mha_self_and_shared_kv_inputs(config, inputs, mask_kind):
-    _check_mha(MHA_CONFIGS[config], inputs, mask_kind, "train", need_weights=False)
+@pytest.mark.parametrize("mask_kind", ["none", "kpm_bool", "attn3d_float"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mha_self_and_shared_kv_inputs(config, inputs, mask_kind, mode, backend):
+    _check_mha(MHA_CONFIGS[config], inputs, mask_kind, mode, need_weights=False, backend=backend)
 
 
 @pytest.mark.parametrize("config", ["default", "bias_kv_zero_attn", "kdim_vdim", "batch_first"])
 @pytest.mark.parametrize("mask_kind, need_weights", [("none", True), ("kpm_bool", False),
                                                      ("kpm_float+attn2d_float", False), ("attn3d_bool", True)])
-def test_mha_unbatched(config, mask_kind, need_weights):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mha_unbatched(config, mask_kind, need_weights, backend):
     cfg = MHA_CONFIGS[config]
-    ours, theirs = _mha_pair(cfg)
+    ours, theirs = _mha_pair(cfg, backend=backend)
     gen = torch.Generator().manual_seed(2)
     q, k, v = _mha_inputs(cfg, "cross", gen, batched=False)
     kpm, attn = _masks(mask_kind, 1, L, S, gen)
@@ -213,8 +220,9 @@ def test_mha_unbatched(config, mask_kind, need_weights):
 @pytest.mark.parametrize("with_kpm", [False, True])
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, DT])
-def test_mha_is_causal_hint(with_kpm, need_weights, mask_dtype):
-    ours, theirs = _mha_pair({})
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mha_is_causal_hint(with_kpm, need_weights, mask_dtype, backend):
+    ours, theirs = _mha_pair({}, backend=backend)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(L, N, E, generator=gen, dtype=DT)
     causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=DT)
@@ -386,10 +394,10 @@ LAYER_CONFIGS = {
 }
 
 
-def _layer_pair(config: dict, dropout: float = 0.0, seed: int = 0):
+def _layer_pair(config: dict, dropout: float = 0.0, seed: int = 0, backend: str = BACKEND):
     theirs = nn.TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, dropout, dtype=DT, **copy.deepcopy(config))
     _randomize(theirs, seed)
-    ours = TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, dropout, dtype=DT, backend=BACKEND,
+    ours = TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, dropout, dtype=DT, backend=backend,
                                    **copy.deepcopy(config))
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
@@ -416,10 +424,11 @@ LAYER_CASES = ([("relu", m) for m in LAYER_MASKS] + [("batch_first_norm_first_ge
 
 @pytest.mark.parametrize("config, mask_kind", LAYER_CASES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.filterwarnings("ignore:Support for mismatched")
-def test_encoder_layer_matches_torch(config, mask_kind, mode):
+def test_encoder_layer_matches_torch(config, mask_kind, mode, backend):
     cfg = LAYER_CONFIGS[config]
-    ours, theirs = _layer_pair(cfg)
+    ours, theirs = _layer_pair(cfg, backend=backend)
     ours.train(mode == "train")
     theirs.train(mode == "train")
     gen = torch.Generator().manual_seed(11)
@@ -439,26 +448,113 @@ def test_encoder_layer_matches_torch(config, mask_kind, mode):
 
 
 @pytest.mark.parametrize("config", ["relu", "norm_first", "callable_silu"])
-def test_encoder_layer_unbatched(config):
-    ours, theirs = _layer_pair(LAYER_CONFIGS[config])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encoder_layer_unbatched(config, backend):
+    ours, theirs = _layer_pair(LAYER_CONFIGS[config], backend=backend)
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(S, D_MODEL, generator=gen, dtype=DT)
     kpm = _visible_bool((S,), gen)
     _close(ours(x, src_key_padding_mask=kpm), theirs(x, src_key_padding_mask=kpm), f"unbatched {config}")
 
 
-def test_encoder_layer_eval_no_grad_matches_torch_fast_path():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kpm", [False, True])
+def test_encoder_layer_eval_no_grad_matches_torch_fast_path(backend, kpm):
     """Eval + no_grad + batch_first is where torch runs its fused native encoder layer."""
-    ours, theirs = _layer_pair({"batch_first": True})
+    ours, theirs = _layer_pair({"batch_first": True}, backend=backend)
     ours.eval()
     theirs.eval()
     gen = torch.Generator().manual_seed(13)
     x = torch.randn(N, S, D_MODEL, generator=gen, dtype=DT)
-    kpm = torch.zeros(N, S, dtype=torch.bool)
-    kpm[0, 5:] = True
+    mask = None
+    if kpm:
+        mask = torch.zeros(N, S, dtype=torch.bool)
+        mask[0, 5:] = True
     with torch.no_grad():
-        want, got = theirs(x, src_key_padding_mask=kpm), ours(x, src_key_padding_mask=kpm)
+        want, got = theirs(x, src_key_padding_mask=mask), ours(x, src_key_padding_mask=mask)
     _close(got, want, "eval no_grad", atol=1e-9)
+
+
+def _spy_direct(monkeypatch, name):
+    """Count the modules' direct calls of a C++ op (fastattn.modules._attention_fwd / _ffn_fwd)."""
+    import fastattn.modules as modules
+    calls = []
+    real = getattr(modules, name)
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(modules, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("masks", ["none", "kpm_bool"])
+def test_cpu_backend_modules_call_the_kernels_directly(monkeypatch, mode, batch_first, masks):
+    """On the "cpu" backend the layer's attention and feed-forward reach the C++ ops straight from the
+    module, with q, k, v already in the kernels' contiguous (N, H, L, hd) layout, and match torch."""
+    attn_calls = _spy_direct(monkeypatch, "_attention_fwd")
+    ffn_calls = _spy_direct(monkeypatch, "_ffn_fwd")
+    api_calls = _spy(monkeypatch, "scaled_dot_product_attention")
+    monkeypatch.setattr(fastattn.modules, "_ffn_small", lambda tokens, d_model: False)  # the fused op, always
+    ours, theirs = _layer_pair({"batch_first": batch_first}, backend="cpu")
+    ours.train(mode == "train")
+    theirs.train(mode == "train")
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn((N, S, D_MODEL) if batch_first else (S, N, D_MODEL), generator=gen, dtype=DT,
+                    requires_grad=True)
+    kpm = _visible_bool((N, S), gen) if masks == "kpm_bool" else None
+    want = theirs(x, src_key_padding_mask=kpm)
+    x2 = x.detach().clone().requires_grad_()
+    got = ours(x2, src_key_padding_mask=kpm)
+    _close(got, want, f"direct path {mode} batch_first={batch_first} {masks}")
+    assert len(attn_calls) == 1 and len(ffn_calls) == 1 and not api_calls
+    q, k, v, mask, key_padding_mask = attn_calls[0][:5]
+    assert all(t.is_contiguous() and t.shape == (N, NHEAD, S, D_MODEL // NHEAD) for t in (q, k, v))
+    assert mask is None and (key_padding_mask is None) == (kpm is None)
+    assert ffn_calls[0][-1] is True, "a gradient is needed: the pre-activation must be saved"
+    with torch.no_grad():
+        _close(ours(x2, src_key_padding_mask=kpm), theirs(x, src_key_padding_mask=kpm), "direct path no_grad")
+    assert ffn_calls[1][-1] is False, "under no_grad nothing is saved for a backward"
+    (want.sum()).backward()
+    (got.sum()).backward()
+    _close(x2.grad, x.grad, "direct path: grad of src")
+    _compare_grads(ours, theirs, "direct path")
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_cpu_backend_few_tokens_feed_forward_runs_as_torch_linears(monkeypatch, mode):
+    """Below the fused feed-forward's break-even token count the layer runs torch's own Linear ->
+    activation -> Dropout -> Linear (the kernel re-lays out both weights per call)."""
+    import fastattn.modules as modules
+    assert modules._ffn_small(N * S, D_MODEL) and not modules._ffn_small(4096, 64)
+    assert not modules._ffn_small(4096, 1024) and modules._ffn_small(2048, 1024)
+    ffn_calls = _spy_direct(monkeypatch, "_ffn_fwd")
+    api_calls = _spy(monkeypatch, "feed_forward")
+    ours, theirs = _layer_pair({}, backend="cpu")
+    ours.train(mode == "train")
+    theirs.train(mode == "train")
+    x = torch.randn(S, N, D_MODEL, dtype=DT, requires_grad=True)
+    want = theirs(x)
+    x2 = x.detach().clone().requires_grad_()
+    got = ours(x2)
+    assert not ffn_calls and not api_calls
+    _close(got, want, f"few tokens {mode}")
+    want.sum().backward()
+    got.sum().backward()
+    _close(x2.grad, x.grad, "few tokens: grad of src")
+    _compare_grads(ours, theirs, "few tokens")
+
+
+def test_reference_backend_modules_go_through_the_api(monkeypatch):
+    attn_calls = _spy_direct(monkeypatch, "_attention_fwd")
+    ffn_calls = _spy_direct(monkeypatch, "_ffn_fwd")
+    api_calls = _spy(monkeypatch, "scaled_dot_product_attention")
+    ours, _ = _layer_pair({}, backend="reference")
+    ours(torch.randn(S, N, D_MODEL, dtype=DT))
+    assert not attn_calls and not ffn_calls and len(api_calls) == 1
 
 
 @pytest.mark.parametrize("config, name", [("relu", "relu"), ("relu_str", "relu"), ("nn.ReLU", "relu"),
@@ -660,6 +756,8 @@ def test_encoder_layer_under_cpu_autocast(monkeypatch, backend):
     _randomize(theirs)
     ours = convert(copy.deepcopy(theirs), backend=backend)
     calls = _spy(monkeypatch, "feed_forward")
+    direct = _spy_direct(monkeypatch, "_ffn_fwd")  # the "cpu" backend's call from the module itself
+    monkeypatch.setattr(fastattn.modules, "_ffn_small", lambda tokens, d_model: False)  # the fused op, always
     x = torch.randn(6, 3, 16)
     kpm = torch.zeros(3, 6, dtype=torch.bool)
     kpm[1, 4:] = True
@@ -667,7 +765,8 @@ def test_encoder_layer_under_cpu_autocast(monkeypatch, backend):
         want = theirs(x, src_key_padding_mask=kpm)
         got = ours(x, src_key_padding_mask=kpm)
     assert got.dtype == want.dtype
-    assert [args[0].dtype for args, _ in calls] == [torch.bfloat16]
+    assert [args[0].dtype for args, _ in calls] + [args[0].dtype for args in direct] == [torch.bfloat16]
+    assert len(direct) == (backend == "cpu")
     _close(got.float(), want.float(), f"autocast bf16, {backend}", atol=5e-2, rtol=5e-2)
 
 
@@ -707,3 +806,17 @@ def test_encoder_padding_mask_reaches_kernels_as_key_padding_mask(monkeypatch):
     for attn_mask, kpm in seen:
         assert attn_mask is None and kpm is not None and kpm.dtype == torch.bool
         assert torch.equal(kpm, pad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encoder_layer_submodule_hooks_still_fire(backend):
+    """The layer calls torch's LayerNorm / Dropout functions directly only where no hook would notice."""
+    ours, theirs = _layer_pair({}, backend=backend)
+    ours.eval()
+    theirs.eval()
+    seen = []
+    ours.norm1.register_forward_hook(lambda mod, args, out: seen.append("norm1"))
+    ours.dropout1.register_forward_hook(lambda mod, args, out: seen.append("dropout1"))
+    x = torch.randn(S, N, D_MODEL, dtype=DT)
+    _close(ours(x), theirs(x), "hooked layer")
+    assert seen == ["dropout1", "norm1"]
