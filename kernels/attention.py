@@ -64,7 +64,7 @@ _WIDEN_BF16 = tl.constexpr(INTERPRET)
 # when an int argument equals 1 or is a multiple of 16; for these (GQA group, head count, the batch
 # and head strides of the mask, the Philox seed) that buys no better code, but GROUP == 1 (no GQA,
 # the common case) would otherwise launch a kernel the ahead-of-time check never compiled. With
-# them unspecialised, the launched kernel is the one tests/test_triton_aot_attention.py compiles
+# them unspecialised, the launched kernel is the one tests/test_triton_aot.py compiles
 # (those arguments are plain i32/i64 there too).
 _NO_SPECIALIZE = ["seed", "stride_mb", "stride_mh", "Hq", "GROUP"]
 
