@@ -234,11 +234,11 @@ _FFN = {
     # up (x @ w1^T + act/dropout epilogue) and dH (dOut @ w2 + act'/dropout epilogue): the epilogue on a
     # full 128-wide tile held by 8 warps spills, so it runs on column halves (split2).
     ("up", "f16", "aligned"): dict(small="64x64x64 w4 s3 split1", large="128x128x32 w8 s3 split2"),
-    ("up", "f16", "unaligned"): dict(small="64x64x32 w4 s3 split2", large="128x64x32 w8 s3 split2"),
+    ("up", "f16", "unaligned"): dict(small="64x64x32 w8 s3 split2", large="64x64x32 w8 s3 split2"),
     ("dh", "f16", "aligned"): dict(small="64x64x64 w4 s3 split1", large="128x64x64 w8 s3 split2"),
-    ("dh", "f16", "unaligned"): dict(small="64x64x32 w4 s3 split2", large="64x64x32 w4 s3 split2"),
+    ("dh", "f16", "unaligned"): dict(small="64x64x32 w8 s3 split2", large="64x64x32 w8 s3 split2"),
     ("linear", "f16", "aligned"): dict(small="64x64x64 w4 s3", large="128x128x64 w8 s4"),
-    ("linear", "f16", "unaligned"): dict(small="64x64x32 w4 s3", large="128x128x32 w8 s3"),
+    ("linear", "f16", "unaligned"): dict(small="64x64x32 w4 s3", large="64x64x32 w4 s3"),
     ("prologue", "f16", "aligned"): dict(small="64x64x64 w4 s3", large="128x128x64 w8 s4"),
     ("prologue", "f16", "unaligned"): dict(small="64x64x32 w4 s3", large="128x128x32 w8 s3"),
     # fp32 (ieee or tf32): 8 warps (with 4, 64x64x32 sits at 255 registers)
