@@ -240,7 +240,7 @@ _FFN = {
     ("linear", "f16", "aligned"): dict(small="64x64x64 w4 s3", large="128x128x64 w8 s4"),
     ("linear", "f16", "unaligned"): dict(small="64x64x32 w4 s3", large="64x64x32 w4 s3"),
     ("prologue", "f16", "aligned"): dict(small="64x64x64 w4 s3", large="128x128x64 w8 s4"),
-    ("prologue", "f16", "unaligned"): dict(small="64x64x32 w4 s3", large="128x128x32 w8 s3"),
+    ("prologue", "f16", "unaligned"): dict(small="64x64x32 w4 s3", large="64x64x32 w4 s3"),
     # fp32 (ieee or tf32): 8 warps (with 4, 64x64x32 sits at 255 registers)
     ("up", "f32", "aligned"): dict(small="64x64x32 w8 s3 split1", large="64x64x32 w8 s3 split1"),
     ("up", "f32", "unaligned"): dict(small="64x64x32 w8 s3 split1", large="64x64x32 w8 s3 split1"),
