@@ -10,7 +10,8 @@ versions: that is the record of why the tables are what they are.
 
 triton 3.6.0 lives in .triton36 (`make test` installs it: pip install --target .triton36 --no-deps
 triton==3.6.0; torch is not duplicated) and is put first on the child's PYTHONPATH. The child uses
-every core (FASTATTN_AOT_JOBS overrides). Without .triton36 the 3.6 cases skip, naming the command.
+every core (FASTATTN_AOT_JOBS overrides; FASTATTN_AOT_FILTER=<substring of a row> compiles only a
+part, by hand). Without .triton36 the 3.6 cases skip, naming the command.
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ def _sweep(family: str, version: str) -> tuple[dict, list[dict], float]:
                         "pip install --target .triton36 --no-deps triton==3.6.0)")
         env["PYTHONPATH"] = os.pathsep.join([str(TRITON36)] + [p for p in [env.get("PYTHONPATH")] if p])
     jobs = os.environ.get("FASTATTN_AOT_JOBS", str(os.cpu_count() or 2))
+    only = os.environ.get("FASTATTN_AOT_FILTER")  # by hand: a part of the sweep (a substring of a row)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", f"aot.{family}", "--jobs", jobs], cwd=ROOT / "tests", env=env,
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run([sys.executable, "-m", f"aot.{family}", "--jobs", jobs] + (["--filter", only] if only else []),
+                          cwd=ROOT / "tests", env=env, capture_output=True, text=True, timeout=3600)
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     if not lines or "triton" not in lines[0]:
         pytest.fail(f"aot.{family} produced nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
