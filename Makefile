@@ -29,9 +29,15 @@ info: build
 	$(VPY) -m fastattn.info
 
 # The whole suite on the CPU: Triton kernels under the interpreter on small shapes, the AOT
-# compile checks for sm_80/sm_90, the CPU kernels, the modules.
-test: build
+# compile checks for sm_80/sm_90 with this triton and with triton 3.6.0 (the GPU machines'
+# version, installed beside it in .triton36 without a second torch), the CPU kernels, the modules.
+TRITON36 := .triton36
+test: build $(TRITON36)/.stamp
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -ra tests
+
+$(TRITON36)/.stamp:
+	$(VPY) -m pip install -q --target $(TRITON36) --no-deps triton==3.6.0
+	@touch $@
 
 # CPU benchmarks; the report is written even when a case fails its correctness check.
 bench: build
@@ -45,4 +51,4 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf build *.egg-info fastattn/_C*.so .pytest_cache
+	rm -rf build *.egg-info fastattn/_C*.so .pytest_cache $(TRITON36)

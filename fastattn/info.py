@@ -19,6 +19,8 @@ def _names(dtypes) -> str:
 PYTHON_KNOBS = {
     "FASTATTN_BACKEND": "force one backend for every call (cuda, triton, cpu, reference)",
     "TRITON_INTERPRET": "1: run Triton kernels on CPU tensors under the interpreter (tests only)",
+    "FASTATTN_TRITON_CONFIGS": "a JSON tile table written by `python -m fastattn.kernels.tune`, overriding the "
+                               "built-in entries it names (kernels/configs.py)",
 }
 
 

@@ -22,9 +22,8 @@ launchers, the op registration lives in fastattn/ops.py):
               _ffn_colsum_kernel  db2 = colsum(dOut) and the second pass of db1 (fixed order)
 
 No atomics anywhere: every output element is written by exactly one program and every reduction has a
-fixed order, so a call is bitwise reproducible for a fixed choice of tile config (the autotuner picks
-the config once per key and process; two processes that pick different configs may differ in the last
-bits, as cuBLAS heuristics do).
+fixed order, and the tile is a table lookup (kernels/configs.py, no timing), so a call is bitwise
+reproducible across processes on one GPU model.
 
 Save or recompute the pre-activation (decision: SAVE it, the contract's ``saved``)
     Recomputing pre = x @ w1^T + b1 in the backward is a whole GEMM of 2*T*D*F flops. For BERT-base
@@ -49,30 +48,29 @@ Recompute H in dW2's prologue, or write it from dH's epilogue (decision: per cal
     true-fp32 operands (FMA dot) the activation on the B operand spills registers (AOT-checked), and
     fp32 is the accuracy path. Everything else writes H from the dH epilogue. Both paths are tested.
 
-Tiles (the AOT test compiles every one for sm_80 and sm_90: no spills, smem within the chip)
-    Config lists are keyed by (dtype class, alignment). Aligned problems (every leading dimension a
-    multiple of 16, 768/3072, 4096/16384) get the H100/A100 tiles: 128x256x64 (8 warps, 3 stages) and
-    128x128x64 (8 warps, 4 stages) for the plain GEMMs, 128x128x64 with the epilogue split in two
-    column halves for the up and dH kernels (their Philox/activation epilogue on a full 128x128 tile
-    held by 8 warps spills), 64-wide tiles for small problems; grouped tile ordering (GROUP_M=8) keeps
-    B tiles in L2. Unaligned problems (d_model 100, 97) load without vectorisation and without
-    shared-memory pipelining, which costs registers, so they get 32-deep K tiles of at most 128x128.
-    fp32 uses 128x64x32 / 64x64x32 with 8 warps (true fp32 via input_precision="ieee" unless
-    torch.backends.cuda.matmul.allow_tf32). The activation is a runtime argument (one compiled kernel
-    serves relu/gelu/gelu_tanh; the branch is uniform), so the number of compiled variants stays small.
-    Under TRITON_INTERPRET=1 (read once at import) every kernel has one 32x32x32 config so the
-    interpreter stays fast. Nothing here queries a GPU at import time.
+Tiles (kernels/configs.py; the AOT test compiles every one for sm_80 and sm_90 with triton 3.6 and 3.9)
+    Keyed by (kernel, dtype class, alignment, output size, arch). Aligned problems (every leading
+    dimension a multiple of 16, 768/3072, 4096/16384) get 128-wide tiles on large outputs, with the
+    epilogue of the up and dH kernels split in two column halves (their Philox/activation epilogue
+    on a full 128x128 tile held by 8 warps spills), 64-wide tiles on small outputs; grouped tile
+    ordering (GROUP_M=8) keeps B tiles in L2. Unaligned problems (d_model 100, 97) load without
+    vectorisation and without shared-memory pipelining, which costs registers, so they get 32-deep K
+    tiles. fp32 (true fp32 via input_precision="ieee" unless torch.backends.cuda.matmul.allow_tf32)
+    uses 8 warps. The activation is a runtime argument (one compiled kernel serves
+    relu/gelu/gelu_tanh; the branch is uniform), so the number of compiled variants stays small.
+    Nothing here queries a GPU at import time.
 """
 from __future__ import annotations
 
-import os
+import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from . import configs
+from .configs import INTERPRET
 
 # Two bfloat16 defects of the triton 3.9 interpreter, worked around only when interpreting (compiled
 # kernels never take these branches): tl.dot returns garbage for bf16 operands, so the GEMM tiles
@@ -85,66 +83,20 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 ACT_ID = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, split: Optional[int] = None) -> triton.Config:
-    """a GEMM tile config; split (epilogue kernels only) = EPI_SPLIT, the epilogue runs on BLOCK_N/split
-    column halves one after the other, which bounds the registers the Philox/activation math holds."""
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-    if split is not None:
-        meta["EPI_SPLIT"] = split
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+# Tiles come from kernels/configs.py (configs.ffn_config: a table lookup keyed on the kernel, dtype
+# class, alignment, output size and arch; no timing). Every BLOCK_M there is a multiple of DB1_ROWS
+# (the row granule of db1's partial sums, see _ffn_dh_kernel); the assert below holds the tables to it.
 
-
-# ---- autotune config lists (module-level so the AOT test enumerates exactly these) -------------------
-# Keyed by (dtype class, alignment). "16bit" serves fp16 and bf16, "fp32" serves fp32 (ieee or tf32).
-# "aligned": every leading dimension / size the kernel's addresses use is a multiple of 16 elements and
-# every pointer 16-byte aligned, so triton vectorises the loads and pipelines them through shared memory
-# (cp.async / TMA-free multi-stage); "unaligned" (d_model 100, 97 ...): scalar loads staged in registers,
-# which needs smaller tiles to stay spill-free. Every BLOCK_M is a multiple of DB1_ROWS (the row granule
-# of db1's partial sums, see _ffn_dh_kernel). A config that spills on sm_80 or sm_90 is not listed:
-# tests/test_triton_aot_ffn.py compiles every one and fails on spills.
-TABLE_KEYS = (("16bit", "aligned"), ("16bit", "unaligned"), ("fp32", "aligned"), ("fp32", "unaligned"))
-if INTERPRET:
-    UP_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1, 2)] for k in TABLE_KEYS}
-    DH_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1, 2)] for k in TABLE_KEYS}
-    LINEAR_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1)] for k in TABLE_KEYS}
-    PROLOGUE_CONFIGS = {k: [_cfg(32, 32, 32, 4, 1)] for k in TABLE_KEYS if k[0] == "16bit"}
-else:
-    # fp32 tiles use 8 warps: with 4, 64x64x32 sits at 255 registers and spills on sm_80/sm_90 (AOT)
-    UP_CONFIGS = {
-        ("16bit", "aligned"): [_cfg(128, 128, 64, 8, 4, 2), _cfg(64, 128, 64, 4, 4, 2), _cfg(64, 64, 64, 4, 3, 1)],
-        ("16bit", "unaligned"): [_cfg(128, 64, 32, 8, 3, 2), _cfg(64, 64, 32, 4, 3, 2)],
-        ("fp32", "aligned"): [_cfg(64, 64, 32, 8, 3, 1)],
-        ("fp32", "unaligned"): [_cfg(64, 64, 32, 8, 3, 1)],
-    }
-    DH_CONFIGS = {
-        ("16bit", "aligned"): [_cfg(128, 128, 64, 8, 4, 2), _cfg(64, 128, 64, 4, 4, 2), _cfg(64, 64, 64, 4, 3, 1)],
-        ("16bit", "unaligned"): [_cfg(128, 64, 32, 8, 3, 2), _cfg(64, 64, 32, 4, 3, 2)],
-        ("fp32", "aligned"): [_cfg(64, 64, 32, 8, 3, 1)],
-        ("fp32", "unaligned"): [_cfg(64, 64, 32, 8, 3, 1)],
-    }
-    LINEAR_CONFIGS = {  # down, dW1, dW2 (H read), dx
-        ("16bit", "aligned"): [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 3)],
-        ("16bit", "unaligned"): [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
-        ("fp32", "aligned"): [_cfg(128, 64, 32, 8, 3)],  # 64x64x32 w8: 8 B stack on sm_90 (down, ieee)
-        ("fp32", "unaligned"): [_cfg(64, 64, 32, 8, 3)],
-    }
-    PROLOGUE_CONFIGS = {  # dW2 with H recomputed from pre in the B-operand prologue (16-bit only)
-        ("16bit", "aligned"): [_cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 3)],
-        ("16bit", "unaligned"): [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
-    }
-
-# The column-sum kernel is not autotuned (its summation order must not depend on timing).
+# The column-sum kernel has one fixed tile (its summation order must not depend on anything else).
 COLSUM_BLOCK_R = 32
 COLSUM_BLOCK_C = 32 if INTERPRET else 128
 COLSUM_NUM_WARPS = 4
 COLSUM_ROWS_PER_PROG = 256 if INTERPRET else 1024
 DB1_ROWS = 32  # db1 partial sums: one fp32 row per DB1_ROWS rows of the hidden, whatever the tile
-_bad = [c for cs in DH_CONFIGS.values() for c in cs if c.kwargs["BLOCK_M"] % DB1_ROWS]
-if _bad:
-    raise ValueError(f"DH_CONFIGS: BLOCK_M must be a multiple of DB1_ROWS={DB1_ROWS}; got {_bad}")
+assert all(t.block_m % DB1_ROWS == 0 for k, t in configs.FFN.items() if k[0] == "dh")
 
 # The operand layouts each _ffn_linear_kernel launch uses (A_TRANS: A is stored (K, M); B_TRANS: B is
-# stored (N, K)); B_FROM_PRE launches take PROLOGUE_CONFIGS, the others LINEAR_CONFIGS. The launchers
+# stored (N, K)); B_FROM_PRE launches take the "prologue" tiles, the others the "linear" ones. The launchers
 # index this table, so the AOT test enumerates exactly what can run.
 LINEAR_ROLES = {
     "down": dict(A_TRANS=False, B_TRANS=True, B_FROM_PRE=False),   # out = H @ w2^T
@@ -284,7 +236,7 @@ def _up_epilogue(acc, offs_m, offs_n, b1_ptr, h_ptr, pre_ptr, T, F, seed, p, dro
     tl.store(h_ptr + off, _cast(h, h_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed", "has_bias", "store_pre", "act", "tune_m", "tune_n", "tune_k"])
+@triton.jit(do_not_specialize=["seed", "has_bias", "store_pre", "act"])
 def _ffn_up_kernel(
     x_ptr,      # (T, D) input
     w1_ptr,     # (F, D) up weight
@@ -297,7 +249,6 @@ def _ffn_up_kernel(
     drop_scale,  # 1 / (1 - p)
     has_bias, store_pre,
     act,        # 0 relu, 1 gelu, 2 gelu_tanh
-    tune_m, tune_n, tune_k,  # autotune key only
     INPUT_PRECISION: tl.constexpr, EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -318,7 +269,7 @@ def _ffn_up_kernel(
                      has_bias, store_pre, act)
 
 
-@triton.jit(do_not_specialize=["has_bias", "act", "tune_m", "tune_n", "tune_k"])
+@triton.jit(do_not_specialize=["has_bias", "act"])
 def _ffn_linear_kernel(
     a_ptr,      # A operand, (M, K) or (K, M) when A_TRANS
     b_ptr,      # B operand, (K, N) or (N, K) when B_TRANS; the pre-activation (T, F) when B_FROM_PRE
@@ -327,7 +278,6 @@ def _ffn_linear_kernel(
     M, N, K, lda, ldb,
     has_bias,
     act,        # activation of the recomputed B (B_FROM_PRE only)
-    tune_m, tune_n, tune_k,  # autotune key only
     A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, B_FROM_PRE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -365,7 +315,7 @@ def _dh_epilogue(acc, offs_m, offs_n, pid_m, pre_ptr, dpre_ptr, h_ptr, db1p_ptr,
         tl.store(h_ptr + off, _cast(h, h_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed", "store_h", "act", "tune_m", "tune_n", "tune_k"])
+@triton.jit(do_not_specialize=["seed", "store_h", "act"])
 def _ffn_dh_kernel(
     go_ptr,     # (T, D2) grad of the output
     w2_ptr,     # (D2, F) down weight
@@ -377,7 +327,6 @@ def _ffn_dh_kernel(
     seed, p, drop_scale,
     store_h,
     act,        # 0 relu, 1 gelu, 2 gelu_tanh
-    tune_m, tune_n, tune_k,  # autotune key only
     INPUT_PRECISION: tl.constexpr, DB1_ROWS: tl.constexpr, EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -420,31 +369,7 @@ def _ffn_colsum_kernel(
              mask=c_ok)
 
 
-# ---- autotuned entry points --------------------------------------------------------------------------
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (keeps autotuning short on small shapes)."""
-    m, n = named_args["tune_m"], named_args["tune_n"]
-    keep = [c for c in configs
-            if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))
-            and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))]
-    return keep or configs[-1:]
-
-
-_KEY = ["tune_m", "tune_n", "tune_k", "act", "INPUT_PRECISION"]  # tensor dtypes are added by triton
-_TUNED = {
-    (name, cls, align): triton.autotune(configs=table[cls, align], key=key,
-                                        prune_configs_by={"early_config_prune": _prune})(fn)
-    for name, fn, table, key in (
-        ("up", _ffn_up_kernel, UP_CONFIGS, _KEY),
-        ("linear", _ffn_linear_kernel, LINEAR_CONFIGS, _KEY + ["A_TRANS", "B_TRANS"]),
-        ("prologue", _ffn_linear_kernel, PROLOGUE_CONFIGS, _KEY + ["A_TRANS", "B_TRANS"]),
-        ("dh", _ffn_dh_kernel, DH_CONFIGS, _KEY),
-    )
-    for cls, align in TABLE_KEYS
-    if (cls, align) in table
-}
-
-
+# ---- host launchers ----------------------------------------------------------------------------------
 def _alignment(tensors, sizes) -> str:
     """"aligned" when every pointer is 16-byte aligned and every address-forming size a multiple of 16
     (what triton's JIT specialises on), else "unaligned"."""
@@ -452,92 +377,43 @@ def _alignment(tensors, sizes) -> str:
     return "aligned" if ok else "unaligned"
 
 
-# ---- host launchers ----------------------------------------------------------------------------------
-def _dtype_class(dtype: torch.dtype) -> str:
-    if dtype in (torch.float16, torch.bfloat16):
-        return "16bit"
-    if dtype == torch.float32:
-        return "fp32"
-    raise TypeError(f"fastattn triton feed-forward: dtype {dtype} is not supported; expected float16, "
-                    "bfloat16 or float32")
+def _launch(kernel: str, fn, x: torch.Tensor, align: str, m: int, n: int, *args, **constexprs):
+    """Launch fn on an (m, n) output with the tile configs.ffn_config chooses for it."""
+    dc = configs.dtype_class(x.dtype)
+    arch = 80 if configs.INTERPRET or not x.is_cuda else configs.device_arch(x.device)
+    t = configs.ffn_config(kernel, dc, align, m, n, arch)
+    fn[(triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n),)](
+        *args, INPUT_PRECISION=configs.input_precision(dc), **constexprs, **t.kwargs,
+        num_warps=t.num_warps, num_stages=t.num_stages)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for 16-bit inputs
-
-
-def _bucket(t: int) -> int:
-    """autotune bucket of a token count: the next power of two, capped at 65536."""
-    return min(65536, triton.next_power_of_2(max(16, t)))
-
-
-def _grid(m: int, n: int):
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-
+# The launchers trust the call: fastattn's Python API has validated shapes, dtypes, devices, the
+# activation name and dropout_p; the asserts only guard the launchers' own assumptions.
 def _seed_value(dropout_p: float, seed: Optional[torch.Tensor]) -> int:
     if dropout_p == 0.0:
         return 0
-    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64:
-        got = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)}"
-        raise ValueError(f"fastattn triton feed-forward: dropout_p={dropout_p} needs seed as an int64 tensor "
-                         f"of shape (1,); got {got}")
+    assert seed is not None and seed.numel() == 1 and seed.dtype == torch.int64
     return int(seed.reshape(-1)[0].item())
 
 
-def _check(x, w1, b1, w2, b2, activation: str, dropout_p: float) -> tuple[int, int, int, int]:
-    if activation not in ACT_ID:
-        raise ValueError(f"fastattn triton feed-forward: activation {activation!r} is not supported; "
-                         f"expected one of {ACTIVATIONS}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"fastattn triton feed-forward: dropout_p must be in [0, 1); got {dropout_p}")
-    if x.dim() != 2 or not x.is_contiguous():
-        raise ValueError(f"fastattn triton feed-forward: x must be a contiguous (T, D) tensor; got shape "
-                         f"{tuple(x.shape)}, contiguous={x.is_contiguous()}")
-    t, d = x.shape
-    f = w1.shape[0]
-    d2 = w2.shape[0]
-    expected = {"w1": (w1, (f, d)), "w2": (w2, (d2, f)), "b1": (b1, (f,)), "b2": (b2, (d2,))}
-    for name, (tensor, shape) in expected.items():
-        if tensor is None:
-            continue
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"fastattn triton feed-forward: {name} must have shape {shape}; "
-                             f"got {tuple(tensor.shape)}")
-        if tensor.dtype != x.dtype or tensor.device != x.device:
-            raise ValueError(f"fastattn triton feed-forward: {name} must be {x.dtype} on {x.device}; "
-                             f"got {tensor.dtype} on {tensor.device}")
-    if min(d, f, d2) < 1:
-        raise ValueError(f"fastattn triton feed-forward: D, F and D2 must be >= 1; got {d}, {f}, {d2}")
-    return t, d, f, d2
+def _sizes(x, w1, w2) -> tuple[int, int, int, int]:
+    assert x.dim() == 2 and x.is_contiguous() and w1.shape[1] == x.shape[1] and w2.shape[1] == w1.shape[0]
+    return x.shape[0], x.shape[1], w1.shape[0], w2.shape[0]
 
 
-class _on_device:
-    """make x's CUDA device current for the launches (a no-op for CPU tensors under the interpreter)."""
-
-    def __init__(self, x: torch.Tensor):
-        self.ctx = torch.cuda.device(x.device) if x.is_cuda else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+def _device_of(t: torch.Tensor):
+    """The launches run on t's CUDA device (a no-op for CPU tensors under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _linear(role: str, a, b, bias, c, m, n, k, lda, ldb, tune, act: str = "relu"):
+def _linear(role: str, a, b, bias, c, m, n, k, lda, ldb, act: str = "relu"):
     """c (m, n) = A @ B (+ bias) with the operand layouts of LINEAR_ROLES[role]."""
     flags = LINEAR_ROLES[role]
     kernel = "prologue" if flags["B_FROM_PRE"] else "linear"
     align = _alignment((a, b, bias, c), (m, n, k, lda, ldb) if flags["A_TRANS"] else (n, k, lda, ldb))
-    _TUNED[kernel, _dtype_class(c.dtype), align][_grid(m, n)](
-        a, b, bias if bias is not None else c, c, m, n, k, lda, ldb, int(bias is not None),
-        ACT_ID[act] if flags["B_FROM_PRE"] else 0, *tune,
-        INPUT_PRECISION=_input_precision(a.dtype), **flags)
+    _launch(kernel, _ffn_linear_kernel, c, align, m, n,
+            a, b, bias if bias is not None else c, c, m, n, k, lda, ldb, int(bias is not None),
+            ACT_ID[act] if flags["B_FROM_PRE"] else 0, **flags)
 
 
 def _colsum(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -577,7 +453,7 @@ def ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     Returns (out (T, D2), saved): saved is the pre-activation (T, F) in x's dtype when
     save_for_backward, else an empty (0,) tensor.
     """
-    t, d, f, d2 = _check(x, w1, b1, w2, b2, activation, dropout_p)
+    t, d, f, d2 = _sizes(x, w1, w2)
     seed_v = _seed_value(dropout_p, seed)
     w1, w2 = w1.contiguous(), w2.contiguous()
     b1 = b1.contiguous() if b1 is not None else None
@@ -589,15 +465,13 @@ def ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
         return out, saved
     p = float(dropout_p)
     scale = 1.0 / (1.0 - p)
-    tb = _bucket(t)
     h = torch.empty((t, f), dtype=x.dtype, device=x.device)
-    with _on_device(x):
+    with _device_of(x):
         align = _alignment((x, w1, b1, h, saved), (f, d))
-        _TUNED["up", _dtype_class(x.dtype), align][_grid(t, f)](
-            x, w1, b1 if b1 is not None else h, h, saved if save_for_backward else h, t, f, d,
-            seed_v, p, scale, int(b1 is not None), int(save_for_backward), ACT_ID[activation], tb, f, d,
-            INPUT_PRECISION=_input_precision(x.dtype))
-        _linear("down", h, w2, b2, out, t, d2, f, f, f, (tb, d2, f))
+        _launch("up", _ffn_up_kernel, x, align, t, f,
+                x, w1, b1 if b1 is not None else h, h, saved if save_for_backward else h, t, f, d,
+                seed_v, p, scale, int(b1 is not None), int(save_for_backward), ACT_ID[activation])
+        _linear("down", h, w2, b2, out, t, d2, f, f, f)
     return out, saved
 
 
@@ -611,13 +485,8 @@ def ffn_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: 
     Returns dx (T, D), dw1 (F, D), db1 (F,), dw2 (D2, F), db2 (D2,) (db1/db2 even without biases).
     h_in_prologue (tests only): force where dW2 gets H (None: the cost model in _h_in_prologue).
     """
-    t, d, f, d2 = _check(x, w1, b1, w2, b2, activation, dropout_p)
-    if tuple(grad_out.shape) != (t, d2) or grad_out.dtype != x.dtype:
-        raise ValueError(f"fastattn triton feed-forward: grad_out must be {x.dtype} of shape {(t, d2)}; got "
-                         f"{grad_out.dtype} of shape {tuple(grad_out.shape)}")
-    if tuple(saved.shape) != (t, f) or saved.dtype != x.dtype:
-        raise ValueError(f"fastattn triton feed-forward: saved (the pre-activation) must be {x.dtype} of shape "
-                         f"{(t, f)}; got {saved.dtype} of shape {tuple(saved.shape)}")
+    t, d, f, d2 = _sizes(x, w1, w2)
+    assert tuple(grad_out.shape) == (t, d2) and tuple(saved.shape) == (t, f)
     seed_v = _seed_value(dropout_p, seed)
     grad_out, saved = grad_out.contiguous(), saved.contiguous()
     w1, w2 = w1.contiguous(), w2.contiguous()
@@ -627,29 +496,27 @@ def ffn_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: 
                 torch.zeros_like(w2), torch.zeros(d2, dtype=dt, device=dev))
     p = float(dropout_p)
     scale = 1.0 / (1.0 - p)
-    tb = _bucket(t)
     prologue = _h_in_prologue(activation, p, d2, dt) if h_in_prologue is None else bool(h_in_prologue)
-    if prologue and (p > 0.0 or dt not in (torch.float16, torch.bfloat16)):
-        raise ValueError("fastattn triton feed-forward: h_in_prologue=True needs dropout_p == 0 and float16 or "
-                         f"bfloat16 (the dW2 prologue recomputes act(pre) without dropout); got dropout_p={p}, {dt}")
+    # the dW2 prologue recomputes act(pre) without dropout, in 16-bit only
+    assert not prologue or (p == 0.0 and dt in (torch.float16, torch.bfloat16))
     dpre = torch.empty((t, f), dtype=dt, device=dev)
     h = dpre if prologue else torch.empty((t, f), dtype=dt, device=dev)
     db1_part = torch.empty((triton.cdiv(t, DB1_ROWS), f), dtype=torch.float32, device=dev)
     dx = torch.empty((t, d), dtype=dt, device=dev)
     dw1 = torch.empty((f, d), dtype=dt, device=dev)
     dw2 = torch.empty((d2, f), dtype=dt, device=dev)
-    with _on_device(x):
+    with _device_of(x):
         align = _alignment((grad_out, w2, saved, dpre, h, db1_part), (f, d2))
-        _TUNED["dh", _dtype_class(dt), align][_grid(t, f)](
-            grad_out, w2, saved, dpre, h, db1_part, t, f, d2, seed_v, p, scale, int(not prologue),
-            ACT_ID[activation], tb, f, d2, INPUT_PRECISION=_input_precision(dt), DB1_ROWS=DB1_ROWS)
+        _launch("dh", _ffn_dh_kernel, x, align, t, f,
+                grad_out, w2, saved, dpre, h, db1_part, t, f, d2, seed_v, p, scale, int(not prologue),
+                ACT_ID[activation], DB1_ROWS=DB1_ROWS)
         if prologue:
-            _linear("dw2_recompute", grad_out, saved, None, dw2, d2, f, t, d2, f, (d2, f, tb), act=activation)
+            _linear("dw2_recompute", grad_out, saved, None, dw2, d2, f, t, d2, f, act=activation)
         else:
-            _linear("dw2", grad_out, h, None, dw2, d2, f, t, d2, f, (d2, f, tb))
+            _linear("dw2", grad_out, h, None, dw2, d2, f, t, d2, f)
         del h
         db2 = _colsum(grad_out, dt)
         db1 = _colsum(db1_part, dt)
-        _linear("dw1", dpre, x, None, dw1, f, d, t, f, d, (f, d, tb))
-        _linear("dx", dpre, w1, None, dx, t, d, f, f, d, (tb, d, f))
+        _linear("dw1", dpre, x, None, dw1, f, d, t, f, d)
+        _linear("dx", dpre, w1, None, dx, t, d, f, f, d)
     return dx, dw1, db1, dw2, db2

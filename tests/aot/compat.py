@@ -1,6 +1,6 @@
 """One place for what ahead-of-time compilation needs from triton's internals, across versions.
 
-Used by kernels/_attn_aot.py (attention) and tests/test_triton_aot_ffn.py (feed-forward), which
+Used by tests/aot/attention.py and tests/aot/ffn.py, which
 compile kernels with ``triton.compile(make_ast_source(...), target=GPUTarget("cuda", cc, 32))``
 on a machine without a GPU or a driver.
 
