@@ -8,7 +8,9 @@
 //   attn_mask: additive, dtype of q, an expanded (N, Hq, L, S) view (strides may be 0); read it
 //              through its strides, never materialise it.
 //   key_padding_mask: bool (N, S) contiguous, true = key ignored.
-//   seed: int64 CPU tensor of shape (1,) when dropout_p > 0 (see csrc/philox.h), else None.
+//   seed: when dropout_p > 0, an int64 tensor: (1,) seed on the CPU (counter offset 0), or (2,)
+//         (seed, offset) — on CUDA on the inputs' device, read by the kernels (see csrc/philox.h,
+//         fastattn/_philox.py); else None.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -42,6 +44,10 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "ffn_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor saved, "
       "str activation, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // -> int64 (2,) (Philox seed, counter offset) of the default CUDA generator of like's device, on that
+  //    device; the generator's offset advances by increment (a multiple of 4). CUDA only (csrc/cuda/),
+  //    capture-safe: fastattn/_philox.py new_seed() draws CUDA dropout keys with it.
+  m.def("cuda_philox_seed(Tensor like, int increment) -> Tensor", {at::Tag::nondeterministic_seeded});
 }
 
 namespace {

@@ -47,8 +47,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, list]:
     """(types {runtime argument: triton type}, names carrying 16-divisibility) for one kernel and
     element type.
 
-    Integer arguments are typed i32 as the JIT types values that fit, except the Philox seed (i64:
-    seeds are drawn from [0, 2**62)); `causal` is a bool, typed as the JIT types one (u1 on 3.9).
+    Integer arguments are typed i32 as the JIT types values that fit; the Philox seed is a pointer to
+    (seed, counter offset), unspecialised (no alignment); `causal` is a bool, typed as the JIT types one (u1 on 3.9).
     Pointers and the head-dim/row-length integers carry the 16-divisibility the JIT infers for
     aligned tensors and head dims that are multiples of 16."""
     types, divisible = {}, []
@@ -66,12 +66,12 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, list]:
         elif name in _FLOAT_ARGS:
             types[name] = "fp32"
         elif name == "seed":
-            types[name] = "i64"
+            types[name] = "*i64"  # (Philox seed, counter offset), read on the device
         elif name == "causal":
             types[name] = runtime_type(True)
         else:
             types[name] = "i32"
-        if (types[name].startswith("*") and name != "Kpm") or name in ("HEAD_D", "HEAD_DV", "stride_ml", "S", "L"):
+        if (types[name].startswith("*") and name not in ("Kpm", "seed")) or name in ("HEAD_D", "HEAD_DV", "stride_ml", "S", "L"):
             divisible.append(name)
     return types, divisible
 

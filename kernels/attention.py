@@ -10,8 +10,8 @@ What the launchers receive is fixed by fastattn/backends/README.md:
   q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev) contiguous, one dtype; query head h reads
   kv head h // (Hq // Hkv). attn_mask: None or an additive (N, Hq, L, S) view read through its
   strides (strides may be 0). key_padding_mask: None or bool (N, S), True = key ignored.
-  seed: None or an int64 CPU tensor (1,); element (b, h, i, j) is kept iff
-  tl.rand(seed, ((b*Hq + h)*L + i)*S + j) >= dropout_p. lse is the natural-log row log-sum-exp in
+  seed: None or an int64 tensor (1,) seed or (2,) (seed, offset); element (b, h, i, j) is kept iff
+  tl.rand(seed, offset + ((b*Hq + h)*L + i)*S + j) >= dropout_p (the kernels read both from the device). lse is the natural-log row log-sum-exp in
   float32, +inf for a row that sees no key (its output is 0 and its gradients are 0).
 
 Design notes:
@@ -45,6 +45,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ._seed import seed_offset_tensor
 
 # Read once at import: under the interpreter the kernels run on CPU tensors with one small config.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -128,7 +130,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse,        # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), out (N,Hq,L,Ev), lse (N,Hq,L) f32
     Mask, Kpm, KvRange,       # mask: additive (N,Hq,L,S) strided view; kpm (N,S) u8; kv_range (N,2) i32
-    seed, dropout_p, qk_scale,  # philox seed (i64), dropout prob, scale*log2(e)
+    seed, dropout_p, qk_scale,  # *i64 (philox seed, counter offset), dropout prob, scale*log2(e)
     stride_mb, stride_mh, stride_ml, stride_ms,  # mask strides (elements, may be 0)
     Hq, GROUP, L, S, HEAD_D, HEAD_DV,  # GROUP = Hq // Hkv
     causal,                   # bool (a runtime flag: it only moves loop bounds and the boundary test)
@@ -165,6 +167,9 @@ def _attn_fwd_kernel(
                      + offs_m.to(tl.int64) * stride_ml)                           # (BM,) pointers
     kpm_base = Kpm + b.to(tl.int64) * S
     drop_rows = (bh.to(tl.int64) * L + offs_m) * S                                 # (BM,) i64
+    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+        drop_rows += tl.load(seed + 1)
+        seed = tl.load(seed)
 
     # Key range to visit: [lo, n_end). Blocks below full_end need no boundary/causal test.
     n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
@@ -327,6 +332,10 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    drop_off = 0
+    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+        drop_off = tl.load(seed + 1)
+        seed = tl.load(seed)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -338,7 +347,7 @@ def _attn_bwd_dkdv_kernel(
         if HAS_MASK:
             mask_cols = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
                          + offs_n.to(tl.int64) * stride_ms)                        # (BN,) pointers
-        drop_base = bh.to(tl.int64) * L * S
+        drop_base = bh.to(tl.int64) * L * S + drop_off
         for start_m in range(m_lo, f_lo, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
                                  drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
@@ -456,6 +465,9 @@ def _attn_bwd_dq_kernel(
                      + offs_m.to(tl.int64) * stride_ml)
     kpm_base = Kpm + b.to(tl.int64) * S
     drop_rows = (bh.to(tl.int64) * L + offs_m) * S
+    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+        drop_rows += tl.load(seed + 1)
+        seed = tl.load(seed)
 
     n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
     lo = 0
@@ -849,15 +861,14 @@ def _kpm_args(key_padding_mask, q, s):
     return kpm.view(torch.uint8), kv_range
 
 
-def _seed_arg(dropout_p, seed):
+def _seed_arg(dropout_p, seed, device):
+    """The kernels' `seed` argument: an int64 (2,) tensor (Philox seed, counter offset) on `device`,
+    read by the kernel itself, so a CUDA graph replays with the generator state of the replay."""
     if dropout_p == 0.0:
-        return 0
+        return torch.empty(2, dtype=torch.int64, device=device)  # never read
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: got {dropout_p}, expected 0 <= p < 1")
-    if seed is None or seed.numel() != 1:
-        raise ValueError(f"seed: got {None if seed is None else tuple(seed.shape)}, expected an int64 tensor (1,) "
-                         "when dropout_p > 0")
-    return int(seed.reshape(()).item())
+    return seed_offset_tensor(seed, device)
 
 
 def _common(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, seed):
@@ -868,7 +879,7 @@ def _common(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, seed):
     dc = dtype_class(q.dtype, bool(torch.backends.cuda.matmul.allow_tf32))
     mask, mstrides = _mask_args(attn_mask, q, l, s)
     kpm, kv_range = _kpm_args(key_padding_mask, q, s)
-    seed_val = _seed_arg(float(dropout_p), seed)
+    seed_val = _seed_arg(float(dropout_p), seed, q.device)
     flags = dict(HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None,
                  HAS_DROPOUT=float(dropout_p) > 0.0, INPUT_PRECISION=input_precision(dc))
     spec = (flags["HAS_MASK"], flags["HAS_KPM"], flags["HAS_DROPOUT"])
@@ -886,7 +897,8 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is
 
     q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev): contiguous, one dtype (fp16/bf16/fp32).
     attn_mask: None or additive (N, Hq, L, S) strided view (q's dtype). key_padding_mask: None or
-    bool (N, S), True = key ignored. seed: None or int64 CPU tensor (1,) when dropout_p > 0.
+    bool (N, S), True = key ignored. seed: None, or when dropout_p > 0 an int64 tensor: (1,) seed (counter
+    offset 0) or (2,) (seed, counter offset), on the CPU or on q's device (see fastattn._philox).
     Returns out (N, Hq, L, Ev) in q's dtype and lse (N, Hq, L) float32 (natural log, +inf for a row
     that sees no key; its output row is 0).
     """

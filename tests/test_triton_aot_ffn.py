@@ -51,14 +51,14 @@ def _arg_types(kernel: str, dt: str) -> dict:
     p = f"*{dt}"
     i = "i32"
     if kernel == "up":
-        return dict(x_ptr=p, w1_ptr=p, b1_ptr=p, h_ptr=p, pre_ptr=p, T=i, F=i, D=i, seed="i64", p="fp32",
+        return dict(x_ptr=p, w1_ptr=p, b1_ptr=p, h_ptr=p, pre_ptr=p, T=i, F=i, D=i, seed="*i64", p="fp32",
                     drop_scale="fp32", has_bias=i, store_pre=i, act=i, tune_m=i, tune_n=i, tune_k=i)
     if kernel == "linear":
         return dict(a_ptr=p, b_ptr=p, bias_ptr=p, c_ptr=p, M=i, N=i, K=i, lda=i, ldb=i, has_bias=i, act=i,
                     tune_m=i, tune_n=i, tune_k=i)
     if kernel == "dh":
         return dict(go_ptr=p, w2_ptr=p, pre_ptr=p, dpre_ptr=p, h_ptr=p, db1p_ptr="*fp32", T=i, F=i, D2=i,
-                    seed="i64", p="fp32", drop_scale="fp32", store_h=i, act=i, tune_m=i, tune_n=i, tune_k=i)
+                    seed="*i64", p="fp32", drop_scale="fp32", store_h=i, act=i, tune_m=i, tune_n=i, tune_k=i)
     raise KeyError(kernel)
 
 
