@@ -59,8 +59,8 @@ budget() {
     case $1 in preflight) echo 20;; build) echo 900;; conformance) echo 900;; tc-crosscheck) echo 300;;
       gpu-tests) echo 300;; sanitize) echo 300;; speed) echo 600;; bench-suites) echo 900;; report) echo 30;; esac
   else
-    case $1 in preflight) echo 15;; build) echo 200;; conformance) echo 115;; tc-crosscheck) echo 45;;
-      gpu-tests) echo 45;; sanitize) echo 50;; speed) echo 60;; bench-suites) echo 0;; report) echo 10;; esac
+    case $1 in preflight) echo 15;; build) echo 190;; conformance) echo 110;; tc-crosscheck) echo 40;;
+      gpu-tests) echo 45;; sanitize) echo 70;; speed) echo 60;; bench-suites) echo 0;; report) echo 10;; esac
   fi
 }
 if [ -z "$STEPS" ]; then
@@ -82,6 +82,7 @@ fi
 START_ALL=$(date +%s)
 DEADLINE=$(( START_ALL + TOTAL_BUDGET ))
 left() { echo $(( DEADLINE - $(date +%s) )); }
+RESERVE=0  # seconds kept back for the report at the end (set once the steps are known)
 
 # ---- the results folder --------------------------------------------------------------------------
 HAVE_GPU=0
@@ -133,10 +134,13 @@ if [ $HAVE_GPU = 0 ]; then
 fi
 rm -f "$RES/NO_CUDA_DEVICE"
 
-# The step's time limit: its budget, cut to what is left of the overall deadline.
+# The step's time limit: its budget, cut to what is left of the overall deadline (less the report's
+# reserve, so that a late step cannot eat the report; a killed step gets 5 s of grace).
+[[ " $STEPS " == *" report "* ]] && RESERVE=$(budget report)
 limit_for() {
   local b l
   b=$(budget "$1"); l=$(left)
+  [ "$1" != report ] && l=$(( l - RESERVE ))
   [ "$l" -lt "$b" ] && b=$l
   echo $(( b > 0 ? b : 0 ))
 }
@@ -149,7 +153,7 @@ pytest_summary() {  # the final "N passed, M failed ... in Xs" line
 # cmd with SIGINT at the limit (pytest then still prints its summary), output to the log and stdout.
 run_logged() {  # limit log cmd...
   local limit=$1 log=$2; shift 2
-  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee -a "$log"
+  timeout -s INT -k 5 "$limit" "$@" 2>&1 | tee -a "$log"
   return "${PIPESTATUS[0]}"
 }
 
@@ -313,8 +317,8 @@ step_sanitize() {
 step_speed() {
   local log="$RES/speed.log" args=()
   [ $FULL = 1 ] && args+=(--full)
-  # the table stops starting new rows 5 s before the limit; the rows it wrote stay in speed.md
-  run_logged "$(( L + 5 ))" "$log" $PY bench/gpu_speed.py --out "$RES/speed.md" --seconds "$(( L > 10 ? L - 5 : 1 ))" "${args[@]}"
+  # the table starts no new row in the last 10 s of the limit; the rows it wrote stay in speed.md
+  run_logged "$L" "$log" $PY bench/gpu_speed.py --out "$RES/speed.md" --seconds "$(( L > 15 ? L - 10 : 1 ))" "${args[@]}"
   local rc=$? dt=$(( $(date +%s) - T0 ))
   local rows; rows=$(grep -c '^| [a-z]' "$RES/speed.md" 2>/dev/null)
   if [ $rc -eq 0 ]; then record speed ok "$dt" "$B" "$(tail -1 "$log" | cut -c1-200)"
