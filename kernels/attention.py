@@ -114,7 +114,8 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
         # The normaliser l_i sums every probability; only the kept ones reach the output.
-        keep = tl.rand(seed, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
+        # volatile: a load per block, never hoisted into a register held across the loop (spills)
+        keep = tl.rand(tl.load(seed, volatile=True), drop_rows[:, None] + offs_n[None, :]) >= dropout_p
         p = tl.where(keep, p, 0.0)
     if BOUNDARY:
         v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # (BN, BDV)
@@ -169,7 +170,6 @@ def _attn_fwd_kernel(
     drop_rows = (bh.to(tl.int64) * L + offs_m) * S                                 # (BM,) i64
     if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
         drop_rows += tl.load(seed + 1)
-        seed = tl.load(seed)
 
     # Key range to visit: [lo, n_end). Blocks below full_end need no boundary/causal test.
     n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
@@ -268,7 +268,8 @@ def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mas
         pT = tl.where(visible, pT, 0.0)
     dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)               # (BN, BM)
     if HAS_DROPOUT:
-        keep = tl.rand(seed, drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
+        # volatile: a load per block, never hoisted into a register held across the loop (spills)
+        keep = tl.rand(tl.load(seed, volatile=True), drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
         pT_kept = tl.where(keep, pT, 0.0)  # the 1/(1-p) scale is applied to dv once, at the end
         dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
     else:
@@ -332,10 +333,6 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    drop_off = 0
-    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
-        drop_off = tl.load(seed + 1)
-        seed = tl.load(seed)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -347,7 +344,9 @@ def _attn_bwd_dkdv_kernel(
         if HAS_MASK:
             mask_cols = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
                          + offs_n.to(tl.int64) * stride_ms)                        # (BN,) pointers
-        drop_base = bh.to(tl.int64) * L * S + drop_off
+        drop_base = bh.to(tl.int64) * L * S
+        if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+            drop_base += tl.load(seed + 1)
         for start_m in range(m_lo, f_lo, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
                                  drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
@@ -412,7 +411,8 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)                # (BM, BN)
     if HAS_DROPOUT:
-        keep = tl.rand(seed, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
+        # volatile: a load per block, never hoisted into a register held across the loop (spills)
+        keep = tl.rand(tl.load(seed, volatile=True), drop_rows[:, None] + offs_n[None, :]) >= dropout_p
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
@@ -467,7 +467,6 @@ def _attn_bwd_dq_kernel(
     drop_rows = (bh.to(tl.int64) * L + offs_m) * S
     if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
         drop_rows += tl.load(seed + 1)
-        seed = tl.load(seed)
 
     n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
     lo = 0
