@@ -114,8 +114,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
         # The normaliser l_i sums every probability; only the kept ones reach the output.
-        # volatile: a load per block, never hoisted into a register held across the loop (spills)
-        keep = tl.rand(tl.load(seed, volatile=True), drop_rows[:, None] + offs_n[None, :]) >= dropout_p
+        keep = tl.rand(seed, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
         p = tl.where(keep, p, 0.0)
     if BOUNDARY:
         v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # (BN, BDV)
@@ -170,6 +169,7 @@ def _attn_fwd_kernel(
     drop_rows = (bh.to(tl.int64) * L + offs_m) * S                                 # (BM,) i64
     if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
         drop_rows += tl.load(seed + 1)
+        seed = tl.load(seed)
 
     # Key range to visit: [lo, n_end). Blocks below full_end need no boundary/causal test.
     n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
