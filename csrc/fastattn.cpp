@@ -1,16 +1,9 @@
-// The one place fastattn's C++ ops are declared. Each device adds its kernels under the same names
-// with TORCH_LIBRARY_IMPL(fastattn, CPU|CUDA, m) in csrc/cpu/ and csrc/cuda/; PyTorch's dispatcher
-// picks by the tensors' device. Fake (meta) kernels and autograd are registered from Python
-// (fastattn/ops.py), so torch.compile and opcheck see these ops whole.
-//
-// Tensors the Python dispatcher hands these ops (fastattn/api.py guarantees it):
-//   q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev): contiguous, one dtype, Hq % Hkv == 0.
-//   attn_mask: additive, dtype of q, an expanded (N, Hq, L, S) view (strides may be 0); read it
-//              through its strides, never materialise it.
-//   key_padding_mask: bool (N, S) contiguous, true = key ignored.
-//   seed: when dropout_p > 0, an int64 tensor: (1,) seed on the CPU (counter offset 0), or (2,)
-//         (seed, offset) — on CUDA on the inputs' device, read by the kernels (see csrc/philox.h,
-//         fastattn/_philox.py); else None.
+// fastattn's pybind11 module: how the extension was built. The op schemas are written once, in
+// Python (fastattn/attention.py, fastattn/feed_forward.py, on the `fastattn` namespace that
+// fastattn/_library.py defines); each device implements them here under the same names with
+// TORCH_LIBRARY_IMPL(fastattn, CPU|CUDA, m) (csrc/cpu/, csrc/cuda/), and PyTorch's dispatcher picks
+// by the tensors' device. Implementations may register before the schema exists: the dispatcher
+// checks them against it when Python defines it.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -24,31 +17,6 @@
 #define FASTATTN_CUDA_ARCHS ""
 #endif
 
-TORCH_LIBRARY(fastattn, m) {
-  // -> (out (N, Hq, L, Ev) dtype of q, lse (N, Hq, L) float32; +inf on a row that sees no key)
-  m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, "
-      "float dropout_p, bool is_causal, float scale, Tensor? seed) -> (Tensor, Tensor)");
-  // -> (dq, dk, dv) shaped like q, k, v (dk, dv summed over each GQA group's query heads)
-  m.def(
-      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, "
-      "Tensor? seed) -> (Tensor, Tensor, Tensor)");
-  // x (T, D) contiguous, w1 (F, D), b1 (F,)?, w2 (D2, F), b2 (D2,)?
-  // -> (out (T, D2), saved): saved = pre-activation x @ w1^T + b1, (T, F) dtype of x, when
-  //    save_for_backward, else an empty (0,) tensor.
-  m.def(
-      "ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, "
-      "float dropout_p, Tensor? seed, bool save_for_backward) -> (Tensor, Tensor)");
-  // -> (dx (T, D), dw1 (F, D), db1 (F,), dw2 (D2, F), db2 (D2,)); db1/db2 even when a bias is None
-  m.def(
-      "ffn_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor saved, "
-      "str activation, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // -> int64 (2,) (Philox seed, counter offset) of the default CUDA generator of like's device, on that
-  //    device; the generator's offset advances by increment (a multiple of 4). CUDA only (csrc/cuda/),
-  //    capture-safe: fastattn/_philox.py new_seed() draws CUDA dropout keys with it.
-  m.def("cuda_philox_seed(Tensor like, int increment) -> Tensor", {at::Tag::nondeterministic_seeded});
-}
 
 namespace {
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: F401  (loads fastattn._C and registers every op)
-from .api import feed_forward, scaled_dot_product_attention
-from .backends import BackendError, available_backends, backend_status, use_backend
+from .attention import scaled_dot_product_attention  # noqa: E402  (defines and registers the attention ops)
+from .feed_forward import feed_forward  # noqa: E402  (the feed-forward ops; the name is the function)
+from .backends import BackendError, available_backends, backend_status, use_backend  # noqa: E402
 
 _LAZY = {"MultiheadAttention": "modules", "TransformerEncoderLayer": "modules", "convert": "modules",
          "models": None, "reference": None, "modules": None}

@@ -153,33 +153,40 @@ def draw_from_generator(gen, increment: int) -> tuple[int, int]:
     return seed, offset
 
 
-_CUDA_SEED_OP = None  # the op once looked up; False when fastattn._C has no CUDA kernel for it
+# torch.ops.fastattn.cuda_philox_seed(like, increment) -> int64 (2,) (Philox seed, counter offset) of
+# the default CUDA generator of like's device, on that device; the generator's offset advances by
+# `increment` (a positive multiple of 4). The schema is written here; fastattn._C implements it for
+# CUDA (csrc/cuda/cuda_ops.cpp, philox_seed.cu). Tagged nondeterministic_seeded, so that graph passes
+# never merge two draws; its fake kernel lets torch.compile trace it.
+_LIB = torch.library.Library("fastattn", "FRAGMENT")
+try:
+    _LIB.define("cuda_philox_seed(Tensor like, int increment) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
+
+    @torch.library.register_fake("fastattn::cuda_philox_seed", lib=_LIB)
+    def _cuda_seed_fake(like, increment):
+        return torch.empty(2, dtype=torch.int64, device=like.device)
+except RuntimeError:  # this file loaded a second time (by path, in a test): defined already
+    pass
+
+_CUDA_SEED_OP = None  # the op once it has a CUDA kernel; False forces the host fallback (tests)
 
 
 def _cuda_seed_op():
-    global _CUDA_SEED_OP
     if _CUDA_SEED_OP is None:
         setup_cuda_seed_op()
     return _CUDA_SEED_OP or None
 
 
 def setup_cuda_seed_op() -> bool:
-    """Look up torch.ops.fastattn.cuda_philox_seed (defined by fastattn._C) and register its fake
-    kernel for torch.compile; call once after fastattn._C is loaded. True when it has a CUDA kernel."""
+    """Whether torch.ops.fastattn.cuda_philox_seed has a CUDA kernel (fastattn._C built with CUDA and
+    loaded); call once after fastattn._C is loaded, so that torch.compile never traces the lookup."""
     global _CUDA_SEED_OP
+    if _CUDA_SEED_OP:
+        return True
     try:
-        op = torch.ops.fastattn.cuda_philox_seed.default
-    except (AttributeError, RuntimeError):
-        _CUDA_SEED_OP = False
-        return False
-    try:
-        torch.library.register_fake("fastattn::cuda_philox_seed")(_cuda_seed_fake)
+        ok = torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::cuda_philox_seed", "CUDA")
     except RuntimeError:
-        pass  # registered already
-    ok = torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::cuda_philox_seed", "CUDA")
-    _CUDA_SEED_OP = op if ok else False
+        ok = False
+    if ok:
+        _CUDA_SEED_OP = torch.ops.fastattn.cuda_philox_seed.default
     return ok
-
-
-def _cuda_seed_fake(like, increment):
-    return torch.empty(2, dtype=torch.int64, device=like.device)

@@ -31,3 +31,27 @@ def interpreted(name: str) -> bool:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: one intra-op thread is faster than two and leaves the shared CPU to others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def thread_counts():
+    """Run a body under several intra-op thread counts, restoring the caller's count afterwards:
+    `for n in thread_counts((1, 2)): ...`."""
+    old = torch.get_num_threads()
+
+    def counts(values):
+        for n in values:
+            torch.set_num_threads(n)
+            yield n
+
+    yield counts
+    torch.set_num_threads(old)

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 import fastattn  # noqa: F401  (loads fastattn._C: registers torch.ops.fastattn.*)
 from fastattn import _philox
+from fastattn.testing import check_bound, error_floor
 
 ffn_fwd = torch.ops.fastattn.ffn_fwd
 ffn_bwd = torch.ops.fastattn.ffn_bwd
 
 ACTIVATIONS = ["relu", "gelu", "gelu_tanh"]
-FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def _act(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -59,16 +59,9 @@ def _make(T, D, Fh, D2, dtype, bias=True, scale=1.0):
 
 
 def _check(name, got, ref64, same, dtype):
-    """got within 2x torch's own same-dtype error of the float64 reference, plus a floor."""
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(ref64.shape)}"
+    """got within 2x torch's own same-dtype error of the float64 reference, plus a floor (fastattn.testing)."""
     assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
-    err = (got.double() - ref64).abs()
-    bound = 2 * (same.double() - ref64).abs().max().item() + FLOOR[dtype]
-    worst = err.max().item() if err.numel() else 0.0
-    if worst > bound:
-        idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
-        pytest.fail(f"{name}: max |err| {worst:.3e} at {idx} (got {got[idx].item():.6g}, "
-                    f"ref {ref64[idx].item():.6g}) > bound {bound:.3e}")
+    check_bound(name, got, same, ref64)
 
 
 def _seed_for(p):
@@ -326,8 +319,8 @@ def test_forward_bf16_amx(shape, act, p, bias):
     ref, pre_ref = _math(*_up(args), act, p, seed)
     same, pre_same = _math(*args, act, p, seed)
     assert out.dtype == torch.bfloat16 and saved.dtype == torch.bfloat16
-    check_bound("out", out, same, ref, floor=FLOOR[torch.bfloat16])
-    check_bound("saved", saved, pre_same, pre_ref, floor=FLOOR[torch.bfloat16])
+    check_bound("out", out, same, ref, floor=error_floor(torch.bfloat16))
+    check_bound("saved", saved, pre_same, pre_ref, floor=error_floor(torch.bfloat16))
     assert torch.equal(out, out2), "save_for_backward changed the output"
     if p > 0:  # dropped entries: with w2 = identity the zero pattern is the Philox keep mask
         w1, b1 = args[1], torch.full((Fh,), 3.0, dtype=torch.bfloat16)
@@ -353,7 +346,7 @@ def test_backward_bf16_amx(shape, act, p):
     same = _grads(args, act, p, seed, go.bfloat16())
     for name, g, r, sm in zip(["dx", "dw1", "db1", "dw2", "db2"], got, ref, same):
         assert g.dtype == torch.bfloat16, f"{name}: dtype {g.dtype}"
-        check_bound(name, g, sm, r, floor=FLOOR[torch.bfloat16])
+        check_bound(name, g, sm, r, floor=error_floor(torch.bfloat16))
 
 
 @_needs_amx
