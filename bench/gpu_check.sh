@@ -279,7 +279,9 @@ step_conformance() {
 step_tc_crosscheck() { pytest_step tc-crosscheck tc-crosscheck tests/test_cuda_tc_crosscheck.py; }
 
 step_gpu_tests() {
+  # the conformance files' gpu cases ran in the conformance step already
   pytest_step gpu-tests gpu-tests tests -m gpu --ignore=tests/test_cuda_tc_crosscheck.py \
+    --ignore=tests/test_attention_conformance.py --ignore=tests/test_ffn_conformance.py \
     --ignore=tests/test_triton_aot_attention.py --ignore=tests/test_triton_aot_ffn.py \
     --ignore=tests/test_cuda_compile.py --ignore=tests/test_cuda_build.py --ignore=tests/test_gpu_check_script.py
 }
