@@ -197,8 +197,10 @@ step_preflight() {
 cuda_paths() {
   local nvcc_path cu_home site d lib so linkdir="$RES/.linklibs"
   nvcc_path=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-  if [ -z "${CUDA_HOME:-}" ] && [ -n "$nvcc_path" ]; then
-    cu_home=$(cd "$(dirname "$(readlink -f "$nvcc_path")")/.." && pwd); export CUDA_HOME=$cu_home
+  if [ -z "${CUDA_HOME:-}" ]; then
+    for cu_home in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "${nvcc_path:-/nonexistent}")")")"; do
+      if [ -x "$cu_home/bin/nvcc" ] && [ -f "$cu_home/include/cuda_runtime_api.h" ]; then export CUDA_HOME=$cu_home; break; fi
+    done
   fi
   echo "CUDA_HOME=${CUDA_HOME:-unset}"
   if [ -f "${CUDA_HOME:-/nonexistent}/include/cublasLt.h" ]; then echo "cuBLASLt headers: toolkit"; return; fi
@@ -217,7 +219,7 @@ cuda_paths() {
     fi
   done
   export LIBRARY_PATH="$linkdir${LIBRARY_PATH:+:$LIBRARY_PATH}"
-  echo "cuBLASLt headers: nvidia wheels under $site/nvidia (CPATH=$CPATH)"
+  echo "cuBLASLt headers: nvidia wheels under $site/nvidia (CPATH=${CPATH:-})"
 }
 
 step_build() {
@@ -227,7 +229,8 @@ step_build() {
   fi
   arch=${arch:-9.0}
   export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  notes=$(cuda_paths 2>&1)
+  cuda_paths > "$RES/cuda-paths.txt" 2>&1   # not in a subshell: its exports must stay
+  notes=$(tr '\n' ';' < "$RES/cuda-paths.txt")
   { echo "== $notes"; echo "== FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$MAX_JOBS ninja: $(command -v ninja || echo none)"; } | tee "$log"
   how="pip install -e"
   local t1=$(date +%s)
