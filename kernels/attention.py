@@ -52,7 +52,6 @@ from ._seed import seed_offset_tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # ==================================================================================================
