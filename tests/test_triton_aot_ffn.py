@@ -72,14 +72,14 @@ _NOT_ALIGNED = {"seed", "p", "drop_scale", "has_bias", "store_pre", "store_h", "
 def make_ast_source(fn, types: dict, constexprs: dict, aligned: bool):
     """ASTSource for fn through the shared version shim (kernels/_aot_compat.py, also used by the
     attention AOT check). aligned: pointers and shape-like ints divisible by 16 (what the JIT sees
-    for 768/3072 sizes); pointers always are."""
+    for 768/3072 sizes); pointers always are, but the seed pointer (do_not_specialize)."""
     sys.path.insert(0, str(ROOT))
     try:
         from fastattn.kernels._aot_compat import make_ast_source as shared
     except ImportError:  # a checkout that was never installed
         from kernels._aot_compat import make_ast_source as shared
-    divisible = [n for n in fn.arg_names if n in types and (types[n].startswith("*")
-                                                            or (aligned and n not in _NOT_ALIGNED))]
+    divisible = [n for n in fn.arg_names if n in types and n not in _NOT_ALIGNED  # the seed pointer: unspecialised
+                 and (types[n].startswith("*") or aligned)]
     return shared(fn, types, constexprs, divisible)
 
 
