@@ -41,6 +41,7 @@
 #include "tuning.h"
 #include "cpu/attention_amx.h"
 #include "cpu/vec_exp.h"
+#include "cpu/attention_decode.h"
 
 namespace fastattn {
 namespace cpu_attn {
@@ -259,6 +260,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   at::Tensor out = at::empty({N, Hq, L, Ev}, q.options());
   at::Tensor lse = at::empty({N, Hq, L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  // few query rows against many keys (attention_decode.cpp); false means "not served here"
+  if (decode::fwd(q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed, out, lse)) return {out, lse};
   // bfloat16 on AMX (attention_amx.cpp) when the CPU has it; false means "not served here"
   if (dt == at::kBFloat16 &&
       amx::fwd_bf16(q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed, out, lse))
