@@ -45,10 +45,11 @@ bench: build
 	$(VPY) bench/report.py bench/results/cpu-latest.json --out bench/results/cpu-latest.md \
 	  --plots bench/results/cpu-latest-plots; exit $$status
 
-# On a machine with a CUDA GPU: build the CUDA kernels, run every test on the GPU, run the GPU
-# benchmarks and write bench/results/<gpu>.md beside the raw pytest-benchmark JSON.
+# On a machine with a CUDA GPU, one command of at most 9 minutes: build the CUDA kernels, the GPU
+# conformance selection, the tensor-core cross-check, compute-sanitizer, a speed table; results
+# written as they come to bench/results/gpu-<gpu>/ (GPU_CHECK_ARGS="--full" or "--out DIR").
 gpu-check:
-	bash bench/gpu_check.sh
+	bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastattn/_C*.so .pytest_cache $(TRITON36)

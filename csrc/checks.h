@@ -77,15 +77,21 @@ inline void check_device(const at::Tensor& t, const char* name, const at::Tensor
   FASTATTN_CHECK_ARG(t.device() == like.device(), name, device_text(t), c10::str("the device of the other inputs, ", like.device()));
 }
 
-// dropout_p in [0, 1); when it is > 0, seed an int64 CPU tensor of shape (1,) (see csrc/philox.h).
-inline void check_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
+// dropout_p in [0, 1); when it is > 0, seed an int64 CPU tensor of shape (1,) (see csrc/philox.h). For
+// inputs on CUDA (`like`) also (2,) (seed, counter offset): contiguous on like's device, where the kernels
+// read it (fastattn/_philox.py new_seed draws it from the CUDA generator, capture-safe), or on the CPU.
+inline void check_dropout(double dropout_p, const std::optional<at::Tensor>& seed, const at::Tensor& like) {
   FASTATTN_CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", dropout_p, "a value in [0, 1)");
   if (dropout_p > 0.0) {
-    FASTATTN_CHECK_ARG(seed.has_value() && seed->defined(), "seed", "None",
-                       "an int64 CPU tensor of shape (1,) when dropout_p > 0");
-    FASTATTN_CHECK_ARG(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1, "seed",
-                       c10::str(dtype_name(seed->scalar_type()), " ", seed->sizes(), " on ", seed->device()),
-                       "an int64 CPU tensor of shape (1,)");
+    const char* expected = like.is_cuda()
+        ? "an int64 tensor: (2,) (seed, counter offset) on the inputs' device or on the CPU, or (1,) seed on the CPU"
+        : "an int64 CPU tensor of shape (1,)";
+    FASTATTN_CHECK_ARG(seed.has_value() && seed->defined(), "seed", "None", c10::str(expected, " when dropout_p > 0"));
+    const at::Tensor& t = *seed;
+    const bool cpu_ok = t.device().is_cpu() && (t.numel() == 1 || (like.is_cuda() && t.numel() == 2));
+    const bool device_ok = like.is_cuda() && t.device() == like.device() && t.numel() == 2 && t.is_contiguous();
+    FASTATTN_CHECK_ARG(t.scalar_type() == at::kLong && (cpu_ok || device_ok), "seed",
+                       c10::str(dtype_name(t.scalar_type()), " ", t.sizes(), " on ", t.device()), expected);
   }
 }
 
@@ -153,7 +159,7 @@ inline AttnShape check_attention_args(const at::Tensor& q, const at::Tensor& k, 
                        c10::str("shape ", m.sizes()), c10::str("(N, S) = (", s.N, ", ", s.S, ")"));
     FASTATTN_CHECK_ARG(m.is_contiguous(), "key_padding_mask", c10::str("strides ", m.strides()), "a contiguous tensor");
   }
-  check_dropout(dropout_p, seed);
+  check_dropout(dropout_p, seed, q);
   return s;
 }
 
@@ -229,7 +235,7 @@ inline FfnShape check_ffn_args(const at::Tensor& x, const at::Tensor& w1, const 
     FASTATTN_CHECK_ARG(b2->dim() == 1 && b2->size(0) == D2, "b2", c10::str("shape ", b2->sizes()), c10::str("(", D2, ",)"));
   }
   const Activation act = parse_activation(activation);
-  check_dropout(dropout_p, seed);
+  check_dropout(dropout_p, seed, x);
   return {T, D, F, D2, act};
 }
 

@@ -10,8 +10,8 @@ What the launchers receive is fixed by fastattn/backends/README.md:
   q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev) contiguous, one dtype; query head h reads
   kv head h // (Hq // Hkv). attn_mask: None or an additive (N, Hq, L, S) view read through its
   strides (strides may be 0). key_padding_mask: None or bool (N, S), True = key ignored.
-  seed: None or an int64 CPU tensor (1,); element (b, h, i, j) is kept iff
-  tl.rand(seed, ((b*Hq + h)*L + i)*S + j) >= dropout_p. lse is the natural-log row log-sum-exp in
+  seed: None or an int64 tensor (1,) seed or (2,) (seed, offset); element (b, h, i, j) is kept iff
+  tl.rand(seed, offset + ((b*Hq + h)*L + i)*S + j) >= dropout_p (the kernels read both from the device). lse is the natural-log row log-sum-exp in
   float32, +inf for a row that sees no key (its output is 0 and its gradients are 0).
 
 Design notes:
@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from ._seed import seed_offset_tensor
 from .configs import INTERPRET, head_dim_bucket  # noqa: F401  (re-exported for the tests)
 
 LOG2E = 1.4426950408889634
@@ -127,7 +128,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse,        # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), out (N,Hq,L,Ev), lse (N,Hq,L) f32
     Mask, Kpm, KvRange,       # mask: additive (N,Hq,L,S) strided view; kpm (N,S) u8; kv_range (N,2) i32
-    seed, dropout_p, qk_scale,  # philox seed (i64), dropout prob, scale*log2(e)
+    seed, dropout_p, qk_scale,  # *i64 (philox seed, counter offset), dropout prob, scale*log2(e)
     stride_mb, stride_mh, stride_ml, stride_ms,  # mask strides (elements, may be 0)
     Hq, GROUP, L, S, HEAD_D, HEAD_DV,  # GROUP = Hq // Hkv
     causal,                   # bool (a runtime flag: it only moves loop bounds and the boundary test)
@@ -162,6 +163,9 @@ def _attn_fwd_kernel(
                      + offs_m.to(tl.int64) * stride_ml)                           # (BM,) pointers
     kpm_base = Kpm + b.to(tl.int64) * S
     drop_rows = (bh.to(tl.int64) * L + offs_m) * S                                 # (BM,) i64
+    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+        drop_rows += tl.load(seed + 1)
+        seed = tl.load(seed)
 
     # Key range to visit: [lo, n_end). Blocks below full_end need no boundary/causal test.
     n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
@@ -248,7 +252,8 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, 
         pT = tl.where(visible, pT, 0.0)
     dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)               # (BN, BM)
     if HAS_DROPOUT:
-        keep = tl.rand(seed, drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
+        # volatile: a load per block, never hoisted into a register held across the loop (spills)
+        keep = tl.rand(tl.load(seed, volatile=True), drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
         pT_kept = tl.where(keep, pT, 0.0)  # the 1/(1-p) scale is applied to dv once, at the end
         dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
     else:
@@ -320,6 +325,8 @@ def _attn_bwd_dkdv_kernel(
             mask_cols = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
                          + offs_n.to(tl.int64) * stride_ms)                        # (BN,) pointers
         drop_base = bh.to(tl.int64) * L * S
+        if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+            drop_base += tl.load(seed + 1)
         for start_m in range(f_lo, f_hi, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, drop_base,
                                  start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
@@ -369,7 +376,8 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)                # (BM, BN)
     if HAS_DROPOUT:
-        keep = tl.rand(seed, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
+        # volatile: a load per block, never hoisted into a register held across the loop (spills)
+        keep = tl.rand(tl.load(seed, volatile=True), drop_rows[:, None] + offs_n[None, :]) >= dropout_p
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
@@ -416,6 +424,8 @@ def _attn_bwd_dq_kernel(
                      + offs_m.to(tl.int64) * stride_ml)
     kpm_base = Kpm + b.to(tl.int64) * S
     drop_rows = (bh.to(tl.int64) * L + offs_m) * S
+    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+        drop_rows += tl.load(seed + 1)
 
     n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
     kv_lo = tl.load(KvRange + 2 * b, mask=has_kpm, other=0)       # no key padding: no load, [0, S)
@@ -495,11 +505,12 @@ def _kpm_args(key_padding_mask, q, s):
     return kpm.view(torch.uint8), kv_range
 
 
-def _seed_arg(dropout_p, seed):
+def _seed_arg(dropout_p, seed, device):
+    """The kernels' `seed` argument: an int64 (2,) tensor (Philox seed, counter offset) on `device`,
+    read by the kernel itself, so a CUDA graph replays with the generator state of the replay."""
     if dropout_p == 0.0:
-        return 0
-    assert seed is not None and seed.numel() == 1
-    return int(seed.reshape(()).item())
+        return torch.empty(2, dtype=torch.int64, device=device)  # never read
+    return seed_offset_tensor(seed, device)
 
 
 class _Launch:
@@ -521,7 +532,7 @@ class _Launch:
             assert tuple(attn_mask.shape) == (n, hq, l, s)
             self.mask, self.mstrides = attn_mask, tuple(attn_mask.stride())
         self.kpm, self.kv_range = _kpm_args(key_padding_mask, q, s)
-        self.seed = _seed_arg(float(dropout_p), seed)
+        self.seed = _seed_arg(float(dropout_p), seed, q.device)
         self.dropout_p = float(dropout_p)
         self.qk_scale = float(scale) * LOG2E
         self.scale = float(scale)
@@ -549,7 +560,8 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is
 
     q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev): contiguous, one dtype (fp16/bf16/fp32).
     attn_mask: None or additive (N, Hq, L, S) strided view (q's dtype). key_padding_mask: None or
-    bool (N, S), True = key ignored. seed: None or int64 CPU tensor (1,) when dropout_p > 0.
+    bool (N, S), True = key ignored. seed: None, or when dropout_p > 0 an int64 tensor: (1,) seed (counter
+    offset 0) or (2,) (seed, counter offset), on the CPU or on q's device (see fastattn._philox).
     Returns out (N, Hq, L, Ev) in q's dtype and lse (N, Hq, L) float32 (natural log, +inf for a row
     that sees no key; its output row is 0).
     """

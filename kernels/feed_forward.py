@@ -4,7 +4,8 @@ Shapes (fastattn/backends/README.md is the contract):
     x (T, D) contiguous, w1 (F, D), b1 (F,) or None, w2 (D2, F), b2 (D2,) or None (nn.Linear layout)
     hidden H = dropout(act(x @ w1^T + b1)), out = H @ w2^T + b2 (T, D2)
     activation: "relu" | "gelu" (exact erf) | "gelu_tanh"
-    dropout: hidden element (t, f) kept iff tl.rand(seed, t*F + f) >= p (int64 counter), kept values
+    dropout: hidden element (t, f) kept iff tl.rand(seed, offset + t*F + f) >= p (int64 counter; seed and
+    offset an int64 (2,) tensor the kernels read on the device), kept values
     scaled by 1/(1-p). fastattn/_philox.py draws the same bits on the host.
 
 Kernels (three layers, as in Liger-Kernel: ``_ffn_*_kernel`` programs, ``ffn_forward``/``ffn_backward``
@@ -70,6 +71,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from ._seed import seed_offset_tensor
 from .configs import INTERPRET
 
 # Two bfloat16 defects of the triton 3.9 interpreter, worked around only when interpreting (compiled
@@ -232,7 +234,7 @@ def _up_epilogue(acc, offs_m, offs_n, b1_ptr, h_ptr, pre_ptr, T, F, seed, p, dro
         tl.store(pre_ptr + off, pre, mask=ok)
     h = _act_fwd(pre.to(tl.float32), act)  # from the rounded pre, exactly what the backward sees
     if p > 0.0:
-        h = tl.where(tl.rand(seed, off) >= p, h * drop_scale, 0.0)
+        h = tl.where(tl.rand(tl.load(seed), tl.load(seed + 1) + off) >= p, h * drop_scale, 0.0)
     tl.store(h_ptr + off, _cast(h, h_ptr.dtype.element_ty), mask=ok)
 
 
@@ -244,7 +246,7 @@ def _ffn_up_kernel(
     h_ptr,      # (T, F) out: hidden after activation and dropout
     pre_ptr,    # (T, F) out: pre-activation (written only when store_pre)
     T, F, D,
-    seed,       # int64 Philox key
+    seed,       # *i64: (Philox key, counter offset), read on the device
     p,          # dropout probability (no dropout when 0)
     drop_scale,  # 1 / (1 - p)
     has_bias, store_pre,
@@ -302,7 +304,7 @@ def _dh_epilogue(acc, offs_m, offs_n, pid_m, pre_ptr, dpre_ptr, h_ptr, db1p_ptr,
     pre = tl.load(pre_ptr + off, mask=ok, other=0.0).to(tl.float32)
     mult = tl.full(acc.shape, 1.0, tl.float32)
     if p > 0.0:
-        mult = tl.where(tl.rand(seed, off) >= p, drop_scale, 0.0)
+        mult = tl.where(tl.rand(tl.load(seed), tl.load(seed + 1) + off) >= p, drop_scale, 0.0)
     dpre = tl.where(ok, acc * mult * _act_grad(pre, act), 0.0)
     tl.store(dpre_ptr + off, _cast(dpre, dpre_ptr.dtype.element_ty), mask=ok)
     # db1 partials: one row per DB1_ROWS rows of the hidden, a layout that does not depend on BLOCK_M
@@ -389,11 +391,11 @@ def _launch(kernel: str, fn, x: torch.Tensor, align: str, m: int, n: int, *args,
 
 # The launchers trust the call: fastattn's Python API has validated shapes, dtypes, devices, the
 # activation name and dropout_p; the asserts only guard the launchers' own assumptions.
-def _seed_value(dropout_p: float, seed: Optional[torch.Tensor]) -> int:
+def _seed_value(dropout_p: float, seed: Optional[torch.Tensor], device) -> torch.Tensor:
+    """int64 (2,) (Philox seed, counter offset) on `device`, read by the kernels themselves."""
     if dropout_p == 0.0:
-        return 0
-    assert seed is not None and seed.numel() == 1 and seed.dtype == torch.int64
-    return int(seed.reshape(-1)[0].item())
+        return torch.empty(2, dtype=torch.int64, device=device)  # never read
+    return seed_offset_tensor(seed, device)
 
 
 def _sizes(x, w1, w2) -> tuple[int, int, int, int]:
@@ -449,12 +451,12 @@ def ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     """out = dropout(act(x @ w1^T + b1)) @ w2^T + b2.
 
     x (T, D) contiguous, w1 (F, D), b1 (F,) or None, w2 (D2, F), b2 (D2,) or None, one dtype/device.
-    seed: int64 tensor of shape (1,) (None when dropout_p == 0).
+    seed: int64 tensor, (1,) seed or (2,) (seed, counter offset) (None when dropout_p == 0).
     Returns (out (T, D2), saved): saved is the pre-activation (T, F) in x's dtype when
     save_for_backward, else an empty (0,) tensor.
     """
     t, d, f, d2 = _sizes(x, w1, w2)
-    seed_v = _seed_value(dropout_p, seed)
+    seed_v = _seed_value(dropout_p, seed, x.device)
     w1, w2 = w1.contiguous(), w2.contiguous()
     b1 = b1.contiguous() if b1 is not None else None
     b2 = b2.contiguous() if b2 is not None else None
@@ -487,7 +489,7 @@ def ffn_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: 
     """
     t, d, f, d2 = _sizes(x, w1, w2)
     assert tuple(grad_out.shape) == (t, d2) and tuple(saved.shape) == (t, f)
-    seed_v = _seed_value(dropout_p, seed)
+    seed_v = _seed_value(dropout_p, seed, x.device)
     grad_out, saved = grad_out.contiguous(), saved.contiguous()
     w1, w2 = w1.contiguous(), w2.contiguous()
     dt, dev = x.dtype, x.device

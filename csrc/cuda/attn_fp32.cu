@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_fp32_kernel(const AttnParams 
     for (int c = 0; c < NC; ++c) o[c] *= alpha;
     if (dropout && pj != 0.f) {
       const uint64_t ctr = static_cast<uint64_t>((static_cast<int64_t>(bh) * p.L + i) * S + j);
-      pj = dropout_keep(p.seed, ctr, p.dropout_p) ? pj * keep_scale : 0.f;
+      pj = dropout_keep(dropout_seed(p.seed), dropout_offset(p.seed) + ctr, p.dropout_p) ? pj * keep_scale : 0.f;
     }
     const int n = min(32, j_end - j0);
     for (int jj = 0; jj < n; ++jj) {
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_fp32_kernel(const AttnPara
         float dp = dot_row(sdow, v + static_cast<int64_t>(j) * Ev, Ev);
         if (dropout) {
           const uint64_t ctr = static_cast<uint64_t>((static_cast<int64_t>(bh) * p.L + i) * S + j);
-          dp = dropout_keep(p.seed, ctr, p.dropout_p) ? dp * keep_scale : 0.f;
+          dp = dropout_keep(dropout_seed(p.seed), dropout_offset(p.seed) + ctr, p.dropout_p) ? dp * keep_scale : 0.f;
         }
         ds = pe * (dp - delta);
       }
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_fp32_kernel(const AttnPa
           float z = 1.f;
           if (dropout) {
             const uint64_t ctr = static_cast<uint64_t>((bh * L + i) * S + j);
-            z = dropout_keep(p.seed, ctr, p.dropout_p) ? keep_scale : 0.f;
+            z = dropout_keep(dropout_seed(p.seed), dropout_offset(p.seed) + ctr, p.dropout_p) ? keep_scale : 0.f;
           }
           const float dp = dot_row(sv_w, dout + static_cast<int64_t>(i) * Ev, Ev);
           pd = pe * z;

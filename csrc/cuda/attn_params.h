@@ -18,6 +18,29 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Dropout key: Philox seed and counter offset (element c of a call draws philox_uniform(seed,
+// offset + c)). When `device` is set, the kernels read (seed, offset) from that int64 pair in device
+// memory, where torch.ops.fastattn.cuda_philox_seed wrote the CUDA generator's state (at launch, or
+// at each replay of a CUDA graph); else they use the two values.
+struct DropoutKey {
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+  const int64_t* device = nullptr;
+};
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ uint64_t dropout_seed(const DropoutKey& k) {
+  return k.device != nullptr ? static_cast<uint64_t>(k.device[0]) : k.seed;
+}
+__device__ __forceinline__ uint64_t dropout_offset(const DropoutKey& k) {
+  return k.device != nullptr ? static_cast<uint64_t>(k.device[1]) : k.offset;
+}
+#endif
+
+// Writes the CUDA generator state `state` (an at::PhiloxCudaState, passed opaquely so that this header
+// needs no torch) as int64 (seed, offset) to out[0], out[1]: one thread on `stream` (philox_seed.cu).
+cudaError_t write_philox_seed(const void* state, int64_t* out, cudaStream_t stream);
+
 struct AttnParams {
   const void* q = nullptr;     // (N, Hq, L, E)
   const void* k = nullptr;     // (N, Hkv, S, E)
@@ -30,8 +53,8 @@ struct AttnParams {
   int N = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
   float scale = 1.f;
   bool causal = false;
-  float dropout_p = 0.f;  // keep iff philox_uniform(seed, ((b*Hq+h)*L+i)*S+j) >= dropout_p
-  uint64_t seed = 0;
+  float dropout_p = 0.f;  // keep iff philox_uniform(seed, offset + ((b*Hq+h)*L+i)*S+j) >= dropout_p
+  DropoutKey seed;
   // backward only
   const void* dout = nullptr;  // (N, Hq, L, Ev)
   void* dq = nullptr;          // (N, Hq, L, E)
@@ -64,14 +87,14 @@ cudaError_t attention_backward_fp32(const AttnParams& p, cudaStream_t stream);
 // the biased pre-activation. pre and hidden may alias. Dropout counter t*F + f.
 cudaError_t ffn_activation_forward(DType dtype, Activation act, const void* pre, const void* bias,
                                    void* pre_out, void* hidden, int64_t T, int64_t F, float dropout_p,
-                                   uint64_t seed, cudaStream_t stream);
+                                   DropoutKey seed, cudaStream_t stream);
 // From saved pre-activation and d_hidden_dropped = grad wrt the dropped hidden:
 //   hidden_out[t, f] = dropout(act(pre))            (what the second GEMM saw; for dW2)
 //   dpre[t, f]       = d_hidden_dropped * keep/(1-p) * act'(pre)
 // hidden_out may be null. dpre may alias d_hidden_dropped.
 cudaError_t ffn_activation_backward(DType dtype, Activation act, const void* pre,
                                     const void* d_hidden_dropped, void* hidden_out, void* dpre, int64_t T,
-                                    int64_t F, float dropout_p, uint64_t seed, cudaStream_t stream);
+                                    int64_t F, float dropout_p, DropoutKey seed, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastattn

@@ -125,8 +125,10 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
     // dS = P * (dP_kept - delta), P = exp(S - lse)  (into s)
     const int j0 = t * BN;
     const bool need_mask = sm.tile_needs_mask(i0, BM, j0, BN);
-    const uint32_t keep = dropout ? dropout_keep_bits(p.seed, p.dropout_p, static_cast<int64_t>(bh) * p.L * S, S,
-                                                      row_base, j0 + 2 * tq, SN * 4)
+    const uint32_t keep = dropout ? dropout_keep_bits(dropout_seed(p.seed), p.dropout_p,
+                                                      static_cast<int64_t>(dropout_offset(p.seed)) +
+                                                          static_cast<int64_t>(bh) * p.L * S,
+                                                      S, row_base, j0 + 2 * tq, SN * 4)
                                   : 0xffffffffu;
 #pragma unroll
     for (int nn = 0; nn < SN; ++nn) {
@@ -271,12 +273,13 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
     uint32_t keep = 0xffffffffu;
     if (dropout) {
       keep = 0;
+      const uint64_t seed = dropout_seed(p.seed), offset = dropout_offset(p.seed);
 #pragma unroll 1
       for (int idx = 0; idx < QN * 4; ++idx) {
         const int64_t key = key_base + 8 * ((idx & 3) >> 1);
         const int64_t query = qi0 + 8 * (idx >> 2) + 2 * tq + (idx & 1);
         keep |= static_cast<uint32_t>(
-                    dropout_keep(p.seed, static_cast<uint64_t>((bh * L + query) * S + key), p.dropout_p))
+                    dropout_keep(seed, offset + static_cast<uint64_t>((bh * L + query) * S + key), p.dropout_p))
                 << idx;
       }
     }

@@ -133,8 +133,9 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
     }
     if (dropout) {
       // element (row_base + 8*(e>>1), j0 + 8*nn + 2*tq + (e&1)); counter ((b*Hq+h)*L + row)*S + col
-      const uint32_t keep = dropout_keep_bits(p.seed, p.dropout_p, static_cast<int64_t>(bh) * p.L * S, S, row_base,
-                                              j0 + 2 * tq, SN * 4);
+      const uint32_t keep = dropout_keep_bits(dropout_seed(p.seed), p.dropout_p,
+                                              static_cast<int64_t>(dropout_offset(p.seed)) + static_cast<int64_t>(bh) * p.L * S,
+                                              S, row_base, j0 + 2 * tq, SN * 4);
 #pragma unroll
       for (int nn = 0; nn < SN; ++nn)
 #pragma unroll

@@ -4,12 +4,14 @@
 // The feed-forward GEMMs are cuBLASLt with fused epilogues.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cublasLt.h>
 
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -57,8 +59,44 @@ void launch(DType dtype, const AttnLaunchers& l, const AttnParams& p, const char
   FA_CHECK_CUDA(fn(p, at::cuda::getCurrentCUDAStream()), what);
 }
 
-uint64_t seed_value(double dropout_p, const std::optional<Tensor>& seed) {
-  return dropout_p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;  // checked: int64 (1,) on the CPU
+// The dropout key: an int64 tensor (2,) (seed, counter offset) on `like`'s device is read by the kernels
+// on the device (torch.ops.fastattn.cuda_philox_seed writes it, graph-safe); a CPU tensor, (1,) seed
+// with offset 0 or (2,) (seed, offset), is read here.
+DropoutKey dropout_key(double dropout_p, const std::optional<Tensor>& seed, const Tensor& like) {
+  DropoutKey key;
+  if (dropout_p <= 0.0) return key;  // seed checked by checks.h's check_dropout
+  const Tensor& t = *seed;
+  if (t.is_cuda()) {
+    key.device = t.data_ptr<int64_t>();
+    return key;
+  }
+  const Tensor c = t.reshape({-1});
+  key.seed = static_cast<uint64_t>(c[0].item<int64_t>());
+  key.offset = t.numel() == 2 ? static_cast<uint64_t>(c[1].item<int64_t>()) : 0;
+  return key;
+}
+
+// torch.ops.fastattn.cuda_philox_seed(like, increment): (seed, offset) of the default CUDA generator of
+// like's device as an int64 (2,) tensor there, the generator's offset advanced by `increment`.
+// Written on the device by one thread from philox_cuda_state, so under CUDA-graph capture each replay
+// writes that replay's state (see philox_seed.cu).
+Tensor cuda_philox_seed_cuda(const Tensor& like, int64_t increment) {
+  TORCH_CHECK(like.is_cuda(), "fastattn cuda: cuda_philox_seed: argument 'like' is on ", like.device(),
+              "; expected a CUDA tensor");
+  TORCH_CHECK(increment > 0 && increment % 4 == 0, "fastattn cuda: cuda_philox_seed: argument 'increment' got ",
+              increment, "; expected a positive multiple of 4");
+  const c10::cuda::CUDAGuard guard(like.device());
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(like.device().index()));
+  at::PhiloxCudaState state;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    state = gen->philox_cuda_state(static_cast<uint64_t>(increment));
+  }
+  Tensor out = at::empty({2}, like.options().dtype(at::kLong));
+  FA_CHECK_CUDA(write_philox_seed(&state, out.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()),
+                "cuda_philox_seed kernel launch");
+  return out;
 }
 
 // Checks the arguments (checks.h) and fills everything but the backward tensors.
@@ -93,7 +131,7 @@ AttnParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.scale = static_cast<float>(scale);
   p.causal = is_causal;
   p.dropout_p = static_cast<float>(dropout_p);
-  p.seed = seed_value(dropout_p, seed);
+  p.seed = dropout_key(dropout_p, seed, q);
   return p;
 }
 
@@ -286,7 +324,7 @@ std::tuple<Tensor, Tensor> ffn_fwd_cuda(const Tensor& x_in, const Tensor& w1_in,
   const Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const std::optional<Tensor> b1 = contig(b1_in), b2 = contig(b2_in);
   const Activation act = s.act;
-  const uint64_t seed_v = seed_value(dropout_p, seed);
+  const DropoutKey seed_v = dropout_key(dropout_p, seed, x);
   const DType dtype = dtype_of(x);
   const float p = static_cast<float>(dropout_p);
   Tensor out = at::empty({s.T, s.D2}, x.options());
@@ -361,7 +399,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_cuda(
   const Tensor dout = grad_out_in.contiguous(), pre = saved_in.contiguous();
   const std::optional<Tensor> b1 = contig(b1_in), b2 = contig(b2_in);
   const Activation act = s.act;
-  const uint64_t seed_v = seed_value(dropout_p, seed);
+  const DropoutKey seed_v = dropout_key(dropout_p, seed, x);
   const DType dtype = dtype_of(x);
   const float p = static_cast<float>(dropout_p);
 
@@ -491,4 +529,5 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("attention_bwd", &fastattn::cuda::attention_bwd_cuda);
   m.impl("ffn_fwd", &fastattn::cuda::ffn_fwd_cuda);
   m.impl("ffn_bwd", &fastattn::cuda::ffn_bwd_cuda);
+  m.impl("cuda_philox_seed", &fastattn::cuda::cuda_philox_seed_cuda);
 }

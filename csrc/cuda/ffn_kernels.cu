@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(256) ffn_act_fwd_kernel(Activation act, const 
                                                           const T* __restrict__ bias,                // (F,) or null
                                                           T* pre_out,                                // (T, F) or null
                                                           T* hidden,                                 // (T, F)
-                                                          int64_t total, int64_t F, float p, uint64_t seed) {
+                                                          int64_t total, int64_t F, float p, DropoutKey seed) {
   const float keep_scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(256) ffn_act_fwd_kernel(Activation act, const 
       pre_out[idx] = pre[idx];
     }
     float y = act_fwd(act, x);
-    if (p > 0.f) y = philox_uniform(seed, static_cast<uint64_t>(idx)) >= p ? y * keep_scale : 0.f;
+    if (p > 0.f) y = philox_uniform(dropout_seed(seed), dropout_offset(seed) + static_cast<uint64_t>(idx)) >= p ? y * keep_scale : 0.f;
     hidden[idx] = TypeOps<T>::from_float(y);
   }
 }
@@ -76,13 +76,13 @@ __global__ void __launch_bounds__(256) ffn_act_bwd_kernel(Activation act, const 
                                                           const T* dh,      // (T, F) grad wrt dropped hidden
                                                           T* hidden_out,    // (T, F) or null
                                                           T* dpre,          // (T, F), may alias dh
-                                                          int64_t total, float p, uint64_t seed) {
+                                                          int64_t total, float p, DropoutKey seed) {
   const float keep_scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float x = TypeOps<T>::to_float(pre[idx]);
     float z = 1.f;
-    if (p > 0.f) z = philox_uniform(seed, static_cast<uint64_t>(idx)) >= p ? keep_scale : 0.f;
+    if (p > 0.f) z = philox_uniform(dropout_seed(seed), dropout_offset(seed) + static_cast<uint64_t>(idx)) >= p ? keep_scale : 0.f;
     if (hidden_out) hidden_out[idx] = TypeOps<T>::from_float(act_fwd(act, x) * z);
     dpre[idx] = TypeOps<T>::from_float(TypeOps<T>::to_float(dh[idx]) * z * act_grad(act, x));
   }
@@ -95,7 +95,7 @@ unsigned grid_for(int64_t total) {
 
 template <typename T>
 cudaError_t act_fwd_t(Activation act, const void* pre, const void* bias, void* pre_out, void* hidden, int64_t total,
-                      int64_t F, float p, uint64_t seed, cudaStream_t stream) {
+                      int64_t F, float p, DropoutKey seed, cudaStream_t stream) {
   if (total == 0) return cudaSuccess;
   ffn_act_fwd_kernel<T><<<grid_for(total), 256, 0, stream>>>(act, static_cast<const T*>(pre),
                                                              static_cast<const T*>(bias), static_cast<T*>(pre_out),
@@ -105,7 +105,7 @@ cudaError_t act_fwd_t(Activation act, const void* pre, const void* bias, void* p
 
 template <typename T>
 cudaError_t act_bwd_t(Activation act, const void* pre, const void* dh, void* hidden_out, void* dpre, int64_t total,
-                      float p, uint64_t seed, cudaStream_t stream) {
+                      float p, DropoutKey seed, cudaStream_t stream) {
   if (total == 0) return cudaSuccess;
   ffn_act_bwd_kernel<T><<<grid_for(total), 256, 0, stream>>>(act, static_cast<const T*>(pre),
                                                              static_cast<const T*>(dh), static_cast<T*>(hidden_out),
@@ -116,7 +116,7 @@ cudaError_t act_bwd_t(Activation act, const void* pre, const void* dh, void* hid
 }  // namespace
 
 cudaError_t ffn_activation_forward(DType dtype, Activation act, const void* pre, const void* bias, void* pre_out,
-                                   void* hidden, int64_t T, int64_t F, float dropout_p, uint64_t seed,
+                                   void* hidden, int64_t T, int64_t F, float dropout_p, DropoutKey seed,
                                    cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32: return act_fwd_t<float>(act, pre, bias, pre_out, hidden, T * F, F, dropout_p, seed, stream);
@@ -127,7 +127,7 @@ cudaError_t ffn_activation_forward(DType dtype, Activation act, const void* pre,
 
 cudaError_t ffn_activation_backward(DType dtype, Activation act, const void* pre, const void* d_hidden_dropped,
                                     void* hidden_out, void* dpre, int64_t T, int64_t F, float dropout_p,
-                                    uint64_t seed, cudaStream_t stream) {
+                                    DropoutKey seed, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32:
       return act_bwd_t<float>(act, pre, d_hidden_dropped, hidden_out, dpre, T * F, dropout_p, seed, stream);

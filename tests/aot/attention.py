@@ -19,7 +19,7 @@ _DIVISIBLE_INTS = {"HEAD_D", "HEAD_DV", "stride_ml", "S", "L"}
 def signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, list]:
     """(types {runtime argument: triton type}, names carrying the JIT's 16-divisibility).
 
-    Integers are i32 except the Philox seed (i64: seeds are drawn from [0, 2**62)); `causal` and
+    Integers are i32; the Philox seed is a pointer to (seed, counter offset); `causal` and
     `has_kpm` are bools, typed as the JIT types one on this triton. Pointers and the head-dim /
     sequence-length integers carry 16-divisibility (aligned tensors, head dims that are multiples
     of 16); every pointer argument is a real, aligned tensor at launch (absent ones get a dummy)."""
@@ -38,12 +38,13 @@ def signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, list]:
         elif name in _FLOAT_ARGS:
             types[name] = "fp32"
         elif name == "seed":
-            types[name] = "i64"
+            types[name] = "*i64"  # (Philox seed, counter offset), read on the device
         elif name in ("causal", "has_kpm"):
             types[name] = runtime_type(True)
         else:
             types[name] = "i32"
-    divisible = [n for n, t in types.items() if t.startswith("*") or n in _DIVISIBLE_INTS]
+    # the seed pointer is do_not_specialize: the JIT never marks it 16-divisible
+    divisible = [n for n, t in types.items() if (t.startswith("*") and n != "seed") or n in _DIVISIBLE_INTS]
     return types, divisible
 
 

@@ -22,13 +22,13 @@ def _arg_types(kernel: str, dt: str, dst: str | None = None) -> dict:
     """triton signature types of every non-constexpr argument, for data type dt."""
     p, i = f"*{dt}", "i32"
     if kernel == "up":
-        return dict(x_ptr=p, w1_ptr=p, b1_ptr=p, h_ptr=p, pre_ptr=p, T=i, F=i, D=i, seed="i64", p="fp32",
+        return dict(x_ptr=p, w1_ptr=p, b1_ptr=p, h_ptr=p, pre_ptr=p, T=i, F=i, D=i, seed="*i64", p="fp32",
                     drop_scale="fp32", has_bias=i, store_pre=i, act=i)
     if kernel in ("linear", "prologue"):
         return dict(a_ptr=p, b_ptr=p, bias_ptr=p, c_ptr=p, M=i, N=i, K=i, lda=i, ldb=i, has_bias=i, act=i)
     if kernel == "dh":
         return dict(go_ptr=p, w2_ptr=p, pre_ptr=p, dpre_ptr=p, h_ptr=p, db1p_ptr="*fp32", T=i, F=i, D2=i,
-                    seed="i64", p="fp32", drop_scale="fp32", store_h=i, act=i)
+                    seed="*i64", p="fp32", drop_scale="fp32", store_h=i, act=i)
     return dict(x_ptr=p, out_ptr=f"*{dst}", R=i, C=i, rows_per_prog=i)
 
 
@@ -80,7 +80,8 @@ def compile_job(job: dict) -> dict:
     if job.get("flags"):
         consts.update(job["flags"])
     aligned = job["align"] == "aligned"
-    divisible = [n for n in types if types[n].startswith("*") or (aligned and n not in _NOT_ALIGNED)]
+    # the seed pointer is do_not_specialize: the JIT never marks it 16-divisible
+    divisible = [n for n in types if n != "seed" and (types[n].startswith("*") or (aligned and n not in _NOT_ALIGNED))]
     return common.compile_source(make_ast_source(fn, types, consts, divisible), job["arch"], tile.num_warps,
                                  tile.num_stages)
 
