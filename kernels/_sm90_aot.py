@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of kernels/attention_sm90.py's forward for sm_90, without a GPU.
 
-Every case of attention_sm90.compile_cases() (head-dim bucket x config x TMA/plain/masked loads) is
+Every case of attention_sm90.compile_cases() (head-dim bucket x config x TMA/plain loads) is
 compiled for fp16 and bf16 with triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)),
 using whatever triton the interpreter imports (PYTHONPATH picks another version), and reported with
 its registers, shared memory, spills and what the PTX issues (wgmma.mma_async, cp.async.bulk.tensor,
@@ -29,13 +29,11 @@ def compile_one(args) -> dict:
     from kernels import attention_sm90 as S
     from kernels._aot_compat import make_ast_source
 
-    hd, cfg, use_tma, even_d = S.compile_cases()[index]
-    constexprs = S.case_constexprs(hd, cfg, use_tma, even_d, warp_spec)
+    hd, cfg, use_tma = S.compile_cases()[index]
+    constexprs = S.case_constexprs(hd, cfg, use_tma, warp_spec)
     types, divisible = T._signature(S._attn_fwd_sm90_kernel, dtype, constexprs)
-    if not even_d:
-        divisible = [d for d in divisible if d != "HEAD_D"]  # E < bucket: any E (e.g. 80 or 25)
     row = dict(triton=triton.__version__, dtype=dtype, head_dim=hd,
-               loads="tma" if use_tma else ("even" if even_d else "masked"),
+               loads="tma" if use_tma else "plain",
                config=f"BM{cfg.kwargs['BLOCK_M']}/BN{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
                warp_spec=warp_spec, error=None)
     t0 = time.perf_counter()
@@ -57,8 +55,8 @@ def compile_one(args) -> dict:
     row.update(T._resource_usage(k.asm["cubin"]))
     row["regs"] = row.get("reg", row.get("ptxas_regs"))
     row["wgmma"] = ptx.count("wgmma.mma_async")
-    row["tma_loads"] = len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx))
-    row["tma_stores"] = len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx))
+    row["tma_loads"] = len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx))
+    row["tma_stores"] = len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::\w+", ptx))
     row["wait_groups"] = sorted({int(m) for m in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})
     row["mma_sync"] = ptx.count("mma.sync")
     return row

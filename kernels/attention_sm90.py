@@ -1,8 +1,8 @@
 """Attention forward for sm_90 (H100/H200): head dim as a compile-time constant, TMA tiles, 128-key blocks.
 
 What it serves (everything else goes to kernels/attention.py's kernels, "classic"):
-  fp16/bf16, no attn_mask, no key_padding_mask, no dropout, E == Ev with head-dim bucket 32..256,
-  S >= 1, scale > 0, on a CUDA device of compute capability 9.x; causal (top-left) or not; GQA.
+  fp16/bf16, no attn_mask, no key_padding_mask, no dropout, E == Ev == a head-dim bucket
+  (32, 64, 128, 256), S >= 1, scale > 0, on a CUDA device of compute capability 9.x; causal (top-left) or not; GQA.
   The contract is fastattn/backends/README.md's: out (N, Hq, L, Ev) in q's dtype, lse (N, Hq, L)
   float32 natural log (these cases have no fully masked row: causal row i always sees key 0).
 
@@ -12,13 +12,15 @@ calling `forward(..., mode=...)` or `use_mode(...)`. kernels/attention.py's atte
 `forward` first and runs its own kernels when it returns None.
 
 Design:
-  * BLOCK_D is the head-dim bucket (tl.constexpr) and, when E == BLOCK_D (EVEN_D), the row stride is
-    that constant too: no head-dim mask anywhere. E < BLOCK_D (e.g. 80 in the 128 bucket) runs the
-    same program with plain masked loads.
+  * BLOCK_D is the head dim itself (tl.constexpr, E == the bucket): the row stride is a constant and
+    there is no head-dim mask anywhere. E < bucket (e.g. 80 in the 128 bucket) stays with the classic
+    kernels: a head-dim-masked variant of this kernel (128-row tiles) spilled 40..1776 B at every
+    bucket in the AOT sweep (255 registers), and it would carry the same masks as the classic one.
   * USE_TMA: Q/K/V/O tiles move through tensor descriptors made in the kernel
     (tl.make_tensor_descriptor over one (batch, head)'s (rows, E) matrix: rows beyond L or S read as
-    zero and the output store is clipped at L by the copy engine). Needs EVEN_D and 16-byte aligned
-    bases (the launcher checks); otherwise plain loads (USE_TMA False).
+    zero and the output store is clipped at L by the copy engine). Needs 16-byte aligned bases (the
+    launcher checks; a contiguous view at an odd offset is not); otherwise plain loads (USE_TMA False)
+    with only the key-boundary mask in the last block.
   * The scale is folded into exp2: the row max is taken on raw q.k, then p = exp2(s * qk_scale - m)
     (one FMA per element), qk_scale = scale * log2(e); lse is converted back to the natural log.
   * The loop over key blocks that need no boundary/causal test is a tl.range with num_stages: the
@@ -70,28 +72,22 @@ def use_mode(mode: str) -> None:
 # Triton program
 # ==================================================================================================
 @triton.jit
-def _sm90_block(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, start_n, offs_m, offs_d, S, HEAD_D,
+def _sm90_block(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, start_n, offs_m, offs_d, S,
                 qk_scale, causal, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDARY: tl.constexpr,
-                USE_TMA: tl.constexpr, EVEN_D: tl.constexpr):
+                USE_TMA: tl.constexpr):
     """One key block of the online softmax; m_i is the running max of raw q.k scaled (log2 units)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if USE_TMA:
         k = k_desc.load([start_n, 0])                                               # (BN, BD)
         v = v_desc.load([start_n, 0])
     else:
-        if EVEN_D:
-            kv_off = offs_n[:, None] * BLOCK_D + offs_d[None, :]
-            if BOUNDARY:
-                k = tl.load(k_base + kv_off, mask=offs_n[:, None] < S, other=0.0)
-                v = tl.load(v_base + kv_off, mask=offs_n[:, None] < S, other=0.0)
-            else:
-                k = tl.load(k_base + kv_off)
-                v = tl.load(v_base + kv_off)
+        kv_off = offs_n[:, None] * BLOCK_D + offs_d[None, :]
+        if BOUNDARY:
+            k = tl.load(k_base + kv_off, mask=offs_n[:, None] < S, other=0.0)
+            v = tl.load(v_base + kv_off, mask=offs_n[:, None] < S, other=0.0)
         else:
-            kv_off = offs_n[:, None] * HEAD_D + offs_d[None, :]
-            ok = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_D)
-            k = tl.load(k_base + kv_off, mask=ok, other=0.0)
-            v = tl.load(v_base + kv_off, mask=ok, other=0.0)
+            k = tl.load(k_base + kv_off)
+            v = tl.load(v_base + kv_off)
     if _WIDEN_BF16 and k.dtype == tl.bfloat16:
         k = k.to(tl.float32)
     if _WIDEN_BF16 and v.dtype == tl.bfloat16:
@@ -118,10 +114,10 @@ def _sm90_block(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, start_n, offs_
 def _attn_fwd_sm90_kernel(
     Q, K, V, Out, Lse,        # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,E), out (N,Hq,L,E), lse (N,Hq,L) f32
     qk_scale,                 # scale * log2(e), > 0
-    Hq, GROUP, L, S, HEAD_D,  # GROUP = Hq // Hkv; HEAD_D = E (== BLOCK_D when EVEN_D)
+    Hq, GROUP, L, S,          # GROUP = Hq // Hkv; the head dim E == Ev == BLOCK_D
     causal,                   # runtime bool
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_TMA: tl.constexpr, EVEN_D: tl.constexpr, WARP_SPEC: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     num_m = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
@@ -137,14 +133,10 @@ def _attn_fwd_sm90_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
 
-    if EVEN_D:
-        row = BLOCK_D
-    else:
-        row = HEAD_D
-    q_base = Q + bh.to(tl.int64) * L * row
-    k_base = K + bhk.to(tl.int64) * S * row
-    v_base = V + bhk.to(tl.int64) * S * row
-    o_base = Out + bh.to(tl.int64) * L * row
+    q_base = Q + bh.to(tl.int64) * L * BLOCK_D
+    k_base = K + bhk.to(tl.int64) * S * BLOCK_D
+    v_base = V + bhk.to(tl.int64) * S * BLOCK_D
+    o_base = Out + bh.to(tl.int64) * L * BLOCK_D
     q_desc = Q
     k_desc = K
     v_desc = V
@@ -160,8 +152,8 @@ def _attn_fwd_sm90_kernel(
                                            block_shape=[BLOCK_M, BLOCK_D])
         q = q_desc.load([start_m, 0])
     else:
-        q = tl.load(q_base + offs_m[:, None] * row + offs_d[None, :],
-                    mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+        q = tl.load(q_base + offs_m[:, None] * BLOCK_D + offs_d[None, :],
+                    mask=m_ok[:, None], other=0.0)
     if _WIDEN_BF16 and q.dtype == tl.bfloat16:
         q = q.to(tl.float32)
 
@@ -175,10 +167,10 @@ def _attn_fwd_sm90_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in tl.range(0, full_end, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPEC):
         acc, l_i, m_i = _sm90_block(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, start_n, offs_m, offs_d,
-                                    S, HEAD_D, qk_scale, causal, BLOCK_N, BLOCK_D, False, USE_TMA, EVEN_D)
+                                    S, qk_scale, causal, BLOCK_N, BLOCK_D, False, USE_TMA)
     for start_n in range(full_end, n_end, BLOCK_N):
         acc, l_i, m_i = _sm90_block(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, start_n, offs_m, offs_d,
-                                    S, HEAD_D, qk_scale, causal, BLOCK_N, BLOCK_D, True, USE_TMA, EVEN_D)
+                                    S, qk_scale, causal, BLOCK_N, BLOCK_D, True, USE_TMA)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -186,8 +178,8 @@ def _attn_fwd_sm90_kernel(
     if USE_TMA:
         o_desc.store([start_m, 0], out)
     else:
-        tl.store(o_base + offs_m[:, None] * row + offs_d[None, :], out,
-                 mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D))
+        tl.store(o_base + offs_m[:, None] * BLOCK_D + offs_d[None, :], out,
+                 mask=m_ok[:, None])
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
 
@@ -208,7 +200,7 @@ HEAD_DIM_BUCKETS = (32, 64, 128, 256)
 # Candidates per head-dim bucket (fp16 and bf16 alike); on a GPU the launcher measures them once per
 # (bucket, seq bucket) and keeps the fastest (kernels/attention.py's _choose).
 FWD_SM90_CONFIGS: dict[int, list] = {
-    32: [_cfg(128, 128, 4, 3), _cfg(128, 64, 4, 3)],
+    32: [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3)],
     64: [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3)],
     128: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
     256: [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
@@ -217,19 +209,13 @@ INTERPRET_CONFIG = _cfg(16, 16, 1, 1)
 
 
 def compile_cases():
-    """Every (head-dim bucket, config, USE_TMA, EVEN_D) a launch on sm_90 can choose: each config runs
-    with TMA (E == bucket, aligned) or with plain loads (E < bucket, or unaligned bases)."""
-    cases = []
-    for hd in HEAD_DIM_BUCKETS:
-        for cfg in FWD_SM90_CONFIGS[hd]:
-            cases.append((hd, cfg, True, True))
-            cases.append((hd, cfg, False, True))
-            cases.append((hd, cfg, False, False))
-    return cases
+    """Every (head-dim bucket, config, USE_TMA) a launch on sm_90 can choose: each config runs with
+    TMA (aligned bases) or with plain loads (a base not 16-byte aligned)."""
+    return [(hd, cfg, tma) for hd in HEAD_DIM_BUCKETS for cfg in FWD_SM90_CONFIGS[hd] for tma in (True, False)]
 
 
-def case_constexprs(hd: int, cfg, use_tma: bool, even_d: bool, warp_spec: bool = False) -> dict:
-    return dict(cfg.kwargs, BLOCK_D=hd, USE_TMA=use_tma, EVEN_D=even_d, WARP_SPEC=warp_spec)
+def case_constexprs(hd: int, cfg, use_tma: bool, warp_spec: bool = False) -> dict:
+    return dict(cfg.kwargs, BLOCK_D=hd, USE_TMA=use_tma, WARP_SPEC=warp_spec)
 
 
 # ==================================================================================================
@@ -268,7 +254,7 @@ def serves(q, k, v, attn_mask, key_padding_mask, dropout_p, scale, force: bool =
     if attn_mask is not None or key_padding_mask is not None or float(dropout_p) != 0.0:
         return False
     e, ev, s = q.shape[3], v.shape[3], k.shape[2]
-    if e != ev or not 1 <= e <= 256 or s == 0 or not float(scale) > 0.0:
+    if e != ev or e not in HEAD_DIM_BUCKETS or s == 0 or not float(scale) > 0.0:
         return False
     return True
 
@@ -286,14 +272,13 @@ def forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is_causal: b
     lse = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_d = _classic.head_dim_bucket(e)
-    even_d = e == block_d
+    block_d = e
     aligned = all(t.data_ptr() % 16 == 0 for t in (q, k, v, out))
-    tma = even_d and aligned and not INTERPRET if use_tma is None else (use_tma and even_d and aligned)
+    tma = aligned and not INTERPRET if use_tma is None else (use_tma and aligned)
     if tma and not INTERPRET:
         _ensure_allocator()
-    dims = dict(Hq=hq, GROUP=hq // hkv, L=l, S=s, HEAD_D=e, causal=bool(is_causal), BLOCK_D=block_d,
-                USE_TMA=tma, EVEN_D=even_d, WARP_SPEC=False)
+    dims = dict(Hq=hq, GROUP=hq // hkv, L=l, S=s, causal=bool(is_causal), BLOCK_D=block_d,
+                USE_TMA=tma, WARP_SPEC=False)
     qk_scale = float(scale) * LOG2E
 
     def launch(cfg):
@@ -304,7 +289,7 @@ def forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is_causal: b
     if INTERPRET:
         cfg = INTERPRET_CONFIG
     else:
-        key = ("f16", block_d, _classic.seq_bucket(l, s), "tma" if tma else ("even" if even_d else "masked"))
+        key = ("f16", block_d, _classic.seq_bucket(l, s), "tma" if tma else "plain")
         cfg = _classic._choose("fwd_sm90", key, FWD_SM90_CONFIGS[block_d], launch, q.device)
     launch(cfg)
     return out, lse

@@ -2,12 +2,13 @@
 
 * Correctness under the Triton interpreter (CPU tensors) against a float64 computation with
   fastattn.testing's bound, for both load paths of the one kernel: TMA tensor descriptors
-  (tl.make_tensor_descriptor runs under the interpreter of triton 3.9) and plain loads, with
-  E == bucket (no head-dim mask) and E < bucket (masked), causal or not, GQA, L != S, L > S.
+  (tl.make_tensor_descriptor runs under the interpreter of triton 3.9) and plain loads, head dims
+  32/64/128/256, causal or not, GQA, L != S, L > S, L < S, partial blocks.
 * Selection: FASTATTN_TRITON_ATTN=sm90|classic read once, bad values named; the calls the kernel
-  does not serve (masks, padding, dropout, fp32, Ev != E, S == 0) return None (classic kernels run).
+  does not serve (masks, padding, dropout, fp32, Ev != E, E not a bucket, S == 0) return None (the
+  classic kernels run).
 * Compile facts for sm_90 (no GPU needed): every config the selection can choose x fp16/bf16 x
-  head-dim bucket x load path, compiled with triton.compile(ASTSource, GPUTarget("cuda", 90, 32))
+  head-dim bucket x load path (TMA / plain), compiled with triton.compile(ASTSource, GPUTarget("cuda", 90, 32))
   by kernels/_sm90_aot.py under this triton (3.9) and under triton 3.6 from a --target folder
   (FASTATTN_TRITON36, default /tmp/triton36; skipped with the reason when absent): no spills,
   shared memory <= 227 KB, wgmma.mma_async in the PTX and no mma.sync, and TMA loads
@@ -63,7 +64,7 @@ CASES = [  # (N, Hq, Hkv, L, S, E, causal)
     (1, 2, 1, 37, 29, 64, False),   # GQA, L != S, partial blocks, E == bucket
     (1, 2, 1, 37, 29, 64, True),    # causal with L > S
     (2, 1, 1, 20, 45, 32, True),    # causal with L < S
-    (1, 2, 2, 33, 33, 40, False),   # E < bucket (64): masked head dim
+    (1, 2, 2, 33, 33, 256, False),
     (1, 1, 1, 18, 40, 128, True),
 ]
 
@@ -115,6 +116,7 @@ def test_declines_what_it_does_not_serve():
     assert not S.serves(q16, q16, q16, None, None, 0.1, 0.125, force=True)
     assert not S.serves(q16.float(), q16.float(), q16.float(), None, None, 0.0, 0.125, force=True)
     assert not S.serves(q16, q16, v48, None, None, 0.0, 0.125, force=True)
+    assert not S.serves(v48, v48, v48, None, None, 0.0, 0.125, force=True)  # 48: not a bucket
     assert not S.serves(q16, q16[:, :, :0], q16[:, :, :0], None, None, 0.0, 0.125, force=True)
     assert not S.serves(q16, q16, q16, None, None, 0.0, -0.125, force=True)
 
