@@ -221,27 +221,18 @@ def case_constexprs(hd: int, cfg, use_tma: bool, warp_spec: bool = False) -> dic
 # ==================================================================================================
 # Launcher
 # ==================================================================================================
-_ALLOCATOR_SET = False
+def _alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device, as the launch's
 
 
 def _ensure_allocator():
-    """tl.make_tensor_descriptor needs global scratch for the descriptors a program builds; set
-    triton's allocator once, unless the application has set its own."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET:
-        return
-    try:
-        from triton.runtime import _allocation
-        current = _allocation._allocator.get()
-        is_null = isinstance(current, _allocation.NullAllocator) or current is getattr(_allocation, "_NULL_ALLOCATOR", None)
-    except Exception:  # a triton without the module: set ours
-        is_null = True
-    if is_null:
-        def alloc(size: int, alignment: int, stream):
-            return torch.empty(size, dtype=torch.int8, device="cuda")
+    """tl.make_tensor_descriptor needs global scratch for the descriptors a program builds. triton's
+    allocator is a ContextVar (per thread/context): set ours where none is set, on every launch
+    (a backward thread starts with none); an allocator the application set is kept."""
+    from triton.runtime import _allocation
 
-        triton.set_allocator(alloc)
-    _ALLOCATOR_SET = True
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_alloc)
 
 
 def serves(q, k, v, attn_mask, key_padding_mask, dropout_p, scale, force: bool = False) -> bool:
