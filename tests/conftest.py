@@ -55,3 +55,21 @@ def thread_counts():
 
     yield counts
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def tuning_knob():
+    """set(name, value): sets one of the C++ kernels' tuning knobs (csrc/tuning.h) for this test and
+    restores it afterwards. The knobs are read from the environment once per process, so a test that
+    varies one sets it here rather than with monkeypatch.setenv."""
+    from fastattn import _C
+
+    old = {}
+
+    def set_knob(name, value):
+        prev = _C.set_tuning_knob(name, value)
+        old.setdefault(name, prev)
+
+    yield set_knob
+    for name, value in old.items():
+        _C.set_tuning_knob(name, value)

@@ -86,6 +86,14 @@ def make_inputs(case: Case, device: str):
     kpm, mask = None, None
     if case.mask == "kpm":
         kpm = torch.rand(n, s, generator=g) < 0.3
+    elif case.mask == "kpm_left":  # left-padded prompts: batch row b's first b*s/(2n) keys ignored
+        kpm = torch.zeros(n, s, dtype=torch.bool)
+        for b in range(n):
+            kpm[b, : b * s // (2 * n)] = True
+    elif case.mask == "kpm_right":  # right padding: batch row b's last b*s/(2n) keys ignored
+        kpm = torch.zeros(n, s, dtype=torch.bool)
+        for b in range(n):
+            kpm[b, s - b * s // (2 * n):] = True
     elif case.mask == "kpm_dead_batch":
         kpm = torch.rand(n, s, generator=g) < 0.3
         kpm[-1] = True  # the last batch element sees no key at all
@@ -157,6 +165,34 @@ def run_and_check(backend: str, case: Case, seed_state: int = 1234):
 
 @pytest.mark.parametrize("backend,case", _params())
 def test_attention_matches_reference(backend, case):
+    run_and_check(backend, case)
+
+
+def _decode_cases(backend):
+    """Decoding: few query rows (L 1..16) against many keys, GQA groups 1/4/8, every mask kind,
+    dropout and each dtype the backend serves (the CPU serves these on its decode path). Kept small:
+    the Triton interpreter runs them too."""
+    small = interpreted(backend)
+    dtypes = family_impls("attention")[backend].dtypes
+    e = 16 if small else 64
+    s_long = 300 if small else 4096
+    base = Case(n=2, hq=4, hkv=1, l=1, s=s_long if not small else 200, e=e, ev=e)
+    cases = [replace(base, n=1, hq=8, hkv=1, s=s_long),              # GQA group 8, the longest cache
+             replace(base, l=4),                                     # group 4
+             replace(base, hq=2, hkv=2, l=16, s=200 if small else 1000),  # group 1, 16 query rows
+             replace(base, l=3, causal=True)]                        # top-left causal, L < S
+    for mask in ("kpm_left", "kpm_right", "kpm_dead_batch", "bool_ls", "float_ls", "bool_nhls", "float_n1ls"):
+        cases.append(replace(base, l=5, s=150 if small else 700, mask=mask))
+    cases.append(replace(base, l=2, s=150 if small else 700, dropout_p=0.3, mask="kpm"))
+    for dt in (torch.bfloat16, torch.float16, torch.float64):
+        if dt in dtypes:
+            cases.append(replace(base, dtype=dt, l=2, s=150 if small else 1000, mask="float_n1ls"))
+    return cases
+
+
+@pytest.mark.parametrize("backend,case", [pytest.param(b, c, id=f"{b}-{c}") for b in BACKENDS
+                                          for c in _decode_cases(b)])
+def test_attention_decode_shapes(backend, case):
     run_and_check(backend, case)
 
 

@@ -368,29 +368,30 @@ def test_forward_bf16_amx_off_switch():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(activation="swish"), "activation"),
-    (dict(w1=torch.randn(16, 9)), "w1"),
-    (dict(w2=torch.randn(4, 15)), "w2"),
-    (dict(b1=torch.randn(15)), "b1"),
-    (dict(b2=torch.randn(5)), "b2"),
-    (dict(w1=torch.randn(16, 8, dtype=torch.float64)), "w1 dtype"),
-    (dict(x=torch.randn(3, 8, dtype=torch.float16)), "x dtype"),
-    (dict(x=torch.randn(8, 3).t()), "contiguous"),
-    (dict(dropout_p=0.5, seed=None), "seed"),
-    (dict(dropout_p=1.0, seed=torch.tensor([1])), "dropout_p"),
-    (dict(dropout_p=0.5, seed=torch.tensor([1.0])), "seed"),
+    (dict(activation="swish"), "argument 'activation' got 'swish'; expected 'relu', 'gelu' or 'gelu_tanh'"),
+    (dict(w1=torch.randn(16, 9)), "argument 'w1' got shape \\[16, 9\\]; expected \\(F, D\\) with D = 8"),
+    (dict(w2=torch.randn(4, 15)), "argument 'w2' got shape \\[4, 15\\]; expected \\(D2, F\\) with F = 16"),
+    (dict(b1=torch.randn(15)), "argument 'b1' got shape \\[15\\]; expected \\(16,\\)"),
+    (dict(b2=torch.randn(5)), "argument 'b2' got shape \\[5\\]; expected \\(4,\\)"),
+    (dict(w1=torch.randn(16, 8, dtype=torch.float64)), "argument 'w1' got dtype float64; expected x's dtype float32"),
+    (dict(x=torch.randn(3, 8, dtype=torch.float16)), "argument 'x' got dtype float16; expected float32, bfloat16 or"),
+    (dict(x=torch.randn(8, 3).t()), "argument 'x' got strides \\[1, 3\\]; expected a contiguous tensor"),
+    (dict(dropout_p=0.5, seed=None), "argument 'seed' got None"),
+    (dict(dropout_p=1.0, seed=torch.tensor([1])), "argument 'dropout_p' got 1; expected a value in \\[0, 1\\)"),
+    (dict(dropout_p=0.5, seed=torch.tensor([1.0])), "argument 'seed' got float32"),
 ])
 def test_errors_name_the_argument(bad, match):
+    # csrc/checks.h: "fastattn: argument 'X' got ...; expected ...", a ValueError
     kw = dict(x=torch.randn(3, 8), w1=torch.randn(16, 8), b1=torch.randn(16), w2=torch.randn(4, 16),
               b2=torch.randn(4), activation="relu", dropout_p=0.0, seed=None)
     kw.update(bad)
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(ValueError, match="fastattn: " + match):
         ffn_fwd(kw["x"], kw["w1"], kw["b1"], kw["w2"], kw["b2"], kw["activation"], kw["dropout_p"], kw["seed"], False)
 
 
 def test_backward_checks_saved():
     x, w1, b1, w2, b2 = _make(3, 8, 16, 4, torch.float32)
-    with pytest.raises(RuntimeError, match="saved"):
+    with pytest.raises(ValueError, match="argument 'saved' got shape \\[0\\]"):
         ffn_bwd(torch.randn(3, 4), x, w1, b1, w2, b2, torch.empty(0), "relu", 0.0, None)
-    with pytest.raises(RuntimeError, match="grad_out"):
+    with pytest.raises(ValueError, match="argument 'grad_out' got shape \\[3, 5\\]; expected \\(T, D2\\) = \\(3, 4\\)"):
         ffn_bwd(torch.randn(3, 5), x, w1, b1, w2, b2, torch.empty(3, 16), "relu", 0.0, None)
