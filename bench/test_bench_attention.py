@@ -17,6 +17,7 @@ import common
 from common import COMPILE_MATH, NAIVE, SDPA, Case
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+TRITON_CLASSIC = "fastattn[triton-classic]"
 
 
 def attn_case(device, pass_, dtype, N, H, L, E, variant="none", family_x=""):
@@ -57,6 +58,8 @@ GPU_CASES = _gpu_cases()
 
 def _methods(case: Case) -> list[str]:
     out = [SDPA] + [common.fastattn_method(b) for b in common.fastattn_backends(case.device)]
+    if case.device == "cuda" and "triton" in common.fastattn_backends(case.device):
+        out.append(TRITON_CLASSIC)  # the pre-sm_90 Triton forward, beside the sm_90 one, same inputs
     small = case["L"] <= 512
     if common.fastattn_module() is not None and (case.device == "cpu" or small):
         out.append(NAIVE)
@@ -124,6 +127,21 @@ def _forward(case: Case, method: str, inp: dict):
         from fastattn.reference import attention_reference
         compiled = common.fresh_compile(attention_reference)
         return lambda: compiled(q, k, v, None, kpm, 0.0, causal)
+    if method == TRITON_CLASSIC:
+        # fastattn[triton] runs kernels/attention_sm90.py's forward where it serves (sm_90);
+        # this method runs kernels/attention.py's kernels for the same call (FASTATTN_TRITON_ATTN=classic).
+        import importlib
+        sm90 = importlib.import_module("fastattn.kernels.attention_sm90")
+
+        def classic():
+            old = sm90.MODE
+            sm90.use_mode("classic")
+            try:
+                return fa.scaled_dot_product_attention(q, k, v, is_causal=causal, key_padding_mask=kpm,
+                                                       backend="triton")
+            finally:
+                sm90.use_mode(old)
+        return classic
     backend = method[len("fastattn["):-1]
     return lambda: fa.scaled_dot_product_attention(q, k, v, is_causal=causal, key_padding_mask=kpm,
                                                    backend=backend)

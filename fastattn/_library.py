@@ -31,6 +31,9 @@ def load_extension() -> None:
     try:
         from . import _C as ext
         _C = ext
+        from . import _philox
+
+        _philox.setup_cuda_seed_op()  # looked up once, so torch.compile never traces the lookup
     except ImportError as exc:  # a source checkout that was never built, or a broken build
         _C_ERROR = ("fastattn._C is not built (run `make build` or `pip install --no-build-isolation .`)"
                     if "cannot import name '_C'" in str(exc) else f"fastattn._C failed to load: {exc}")

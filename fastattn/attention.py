@@ -219,7 +219,7 @@ def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         if kpm.device != device:
             _fail("key_padding_mask", f"device {kpm.device}", f"the query's device {device}")
         kpm = kpm.contiguous()
-    seed = _philox.new_seed() if dropout_p > 0.0 else None
+    seed = _philox.new_seed(device, n * hq * l * s) if dropout_p > 0.0 else None
     return AttentionCall(query.contiguous(), key.contiguous(), value.contiguous(), mask, kpm, dropout_p, is_causal,
                          scale, seed, attn_mask, squeeze_head)
 

@@ -134,7 +134,7 @@ def make_call(x, weight1, bias1, weight2, bias2, activation="relu", dropout_p=0.
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         _fail("dropout_p", repr(dropout_p), "a float in [0, 1)")
     dropout_p = float(dropout_p)
-    seed = _philox.new_seed() if dropout_p > 0.0 else None
+    seed = _philox.new_seed(x.device, (x.numel() // d) * f) if dropout_p > 0.0 else None
     contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
     return FFNCall(x.reshape(-1, d).contiguous(), contig(weight1), contig(bias1), contig(weight2), contig(bias2),
                    activation, dropout_p, seed, tuple(x.shape[:-1]))

@@ -565,6 +565,11 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is
     Returns out (N, Hq, L, Ev) in q's dtype and lse (N, Hq, L) float32 (natural log, +inf for a row
     that sees no key; its output row is 0).
     """
+    # sm_90 devices: kernels/attention_sm90.py serves the cases it covers (FASTATTN_TRITON_ATTN=classic: never).
+    from . import attention_sm90
+    res = attention_sm90.forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
+    if res is not None:
+        return res
     n, hq, l, _ = q.shape
     ev = v.shape[3]
     out = torch.empty((n, hq, l, ev), dtype=q.dtype, device=q.device)

@@ -1,0 +1,194 @@
+"""kernels/attention_sm90.py: the sm_90 forward, its selection, and what it compiles to.
+
+* Correctness under the Triton interpreter (CPU tensors) against a float64 computation with
+  fastattn.testing's bound, for both load paths of the one kernel: TMA tensor descriptors
+  (tl.make_tensor_descriptor runs under the interpreter of triton 3.9) and plain loads, head dims
+  32/64/128/256, causal or not, GQA, L != S, L > S, L < S, partial blocks.
+* Selection: FASTATTN_TRITON_ATTN=sm90|classic read once, bad values named; the calls the kernel
+  does not serve (masks, padding, dropout, fp32, Ev != E, E not a bucket, S == 0) return None (the
+  classic kernels run).
+* Compile facts for sm_90 (no GPU needed): every config the selection can choose x fp16/bf16 x
+  head-dim bucket x load path (TMA / plain), compiled with triton.compile(ASTSource, GPUTarget("cuda", 90, 32))
+  by kernels/_sm90_aot.py under this triton (3.9) and under triton 3.6 from a --target folder
+  (FASTATTN_TRITON36, default /tmp/triton36; skipped with the reason when absent): no spills,
+  shared memory <= 227 KB, wgmma.mma_async in the PTX and no mma.sync, and TMA loads
+  (cp.async.bulk.tensor) exactly where descriptors are used.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+from fastattn.testing import check_bound  # noqa: E402
+
+SMEM_LIMIT_SM90 = 227 * 1024
+
+
+def _sm90():
+    try:
+        return importlib.import_module("fastattn.kernels.attention_sm90")
+    except ImportError:
+        sys.path.insert(0, str(ROOT))
+        return importlib.import_module("kernels.attention_sm90")
+
+
+def _reference(q, k, v, causal, scale, dtype):
+    """(out, lse) computed in `dtype` (torch's own rounding: float64 gives the reference)."""
+    g = q.shape[1] // k.shape[1]
+    q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(g, 1), v.to(dtype).repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)).float() * scale if dtype != torch.float64 else (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).to(dtype)
+    return p @ v, lse
+
+
+CASES = [  # (N, Hq, Hkv, L, S, E, causal)
+    (1, 2, 1, 37, 29, 64, False),   # GQA, L != S, partial blocks, E == bucket
+    (1, 2, 1, 37, 29, 64, True),    # causal with L > S
+    (2, 1, 1, 20, 45, 32, True),    # causal with L < S
+    (1, 2, 2, 33, 33, 256, False),
+    (1, 1, 1, 18, 40, 128, True),
+]
+
+
+@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%d_hq%d_hkv%d_l%d_s%d_e%d_%s" % (*c[:6], "causal" if c[6] else "full"))
+def test_forward_matches_float64_reference(case, dtype, use_tma):
+    S = _sm90()
+    n, hq, hkv, l, s, e, causal = case
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    q, k, v = (torch.randn(n, h, m, e, generator=gen).to(dtype) for h, m in ((hq, l), (hkv, s), (hkv, s)))
+    scale = 1.0 / math.sqrt(e)
+    res = S.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, None, 0.0, causal, scale, None,
+                    force=True, use_tma=use_tma)
+    assert res is not None, "the sm_90 kernel declined a case it serves"
+    out, lse = res
+    ref_out, ref_lse = _reference(q, k, v, causal, scale, torch.float64)
+    torch_out, torch_lse = _reference(q, k, v, causal, scale, dtype)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == (n, hq, l, e)
+    check_bound("out", out, torch_out, ref_out)
+    check_bound("lse", lse, torch_lse, ref_lse, floor=1e-4)
+
+
+def test_the_hook_in_attention_forward_uses_the_mode():
+    # Off sm_90 (here: CPU tensors) the classic kernels run whatever the mode; forward() says so.
+    S = _sm90()
+    q = torch.randn(1, 1, 8, 32, dtype=torch.float16)
+    assert S.forward(q, q, q, None, None, 0.0, False, 0.1, None) is None
+    old = S.MODE
+    try:
+        S.use_mode("classic")
+        assert not S.serves(q.cuda() if torch.cuda.is_available() else q, q, q, None, None, 0.0, 0.1)
+    finally:
+        S.use_mode(old)
+    with pytest.raises(ValueError, match="argument 'mode' got 'fast'"):
+        S.use_mode("fast")
+
+
+def test_declines_what_it_does_not_serve():
+    S = _sm90()
+    q16 = torch.randn(1, 1, 8, 64, dtype=torch.float16)
+    v48 = torch.randn(1, 1, 8, 48, dtype=torch.float16)
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.float16)
+    kpm = torch.zeros(1, 8, dtype=torch.bool)
+    assert S.serves(q16, q16, q16, None, None, 0.0, 0.125, force=True)
+    assert not S.serves(q16, q16, q16, mask, None, 0.0, 0.125, force=True)
+    assert not S.serves(q16, q16, q16, None, kpm, 0.0, 0.125, force=True)
+    assert not S.serves(q16, q16, q16, None, None, 0.1, 0.125, force=True)
+    assert not S.serves(q16.float(), q16.float(), q16.float(), None, None, 0.0, 0.125, force=True)
+    assert not S.serves(q16, q16, v48, None, None, 0.0, 0.125, force=True)
+    assert not S.serves(v48, v48, v48, None, None, 0.0, 0.125, force=True)  # 48: not a bucket
+    assert not S.serves(q16, q16[:, :, :0], q16[:, :, :0], None, None, 0.0, 0.125, force=True)
+    assert not S.serves(q16, q16, q16, None, None, 0.0, -0.125, force=True)
+
+
+@pytest.mark.parametrize("value,ok", [("classic", True), ("SM90", True), ("turbo", False)])
+def test_environment_variable_is_read_once_and_checked(value, ok):
+    code = ("import sys; sys.path.insert(0, '.')\n"
+            "from kernels import attention_sm90 as S\nprint(S.MODE)\n")
+    env = dict(os.environ, FASTATTN_TRITON_ATTN=value, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == value.lower()
+    else:
+        assert proc.returncode != 0
+        assert "'FASTATTN_TRITON_ATTN' got 'turbo'" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile facts (sm_90, no GPU)
+# ---------------------------------------------------------------------------------------------
+def _sweep(tmp_path, pythonpath=None) -> list[dict]:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "sm90_aot.json"
+    jobs = os.environ.get("FASTATTN_AOT_JOBS", str(max(2, min(os.cpu_count() or 2, 8))))
+    proc = subprocess.run([sys.executable, "-m", "kernels._sm90_aot", "--jobs", jobs, "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    assert out.exists(), f"kernels._sm90_aot produced no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    print(proc.stdout)
+    return json.loads(out.read_text())
+
+
+def _check_rows(rows, version_prefix):
+    sys.path.insert(0, str(ROOT))
+    from kernels import _sm90_aot
+
+    assert rows and all(r["triton"].startswith(version_prefix) for r in rows), {r["triton"] for r in rows}
+    assert len(rows) == len(_sm90_aot.all_jobs())
+    bad = []
+    for r in rows:
+        what = f"triton {r['triton']} {r['dtype']} hd{r['head_dim']} {r['loads']} {r['config']}"
+        if r["error"]:
+            bad.append(f"{what}: does not compile: {r['error']}")
+            continue
+        if r["smem"] > SMEM_LIMIT_SM90:
+            bad.append(f"{what}: shared memory {r['smem']} B > {SMEM_LIMIT_SM90} B")
+        if r.get("spill_stores", 0) or r.get("spill_loads", 0) or r.get("stack", 0) or r.get("local", 0):
+            bad.append(f"{what}: spills (ptxas {r.get('spill_stores')}/{r.get('spill_loads')} B, "
+                       f"stack {r.get('stack')} B, local {r.get('local')} B)")
+        if r.get("regs") is None:
+            bad.append(f"{what}: no register count")
+        if r["wgmma"] == 0 or r["mma_sync"]:
+            bad.append(f"{what}: {r['wgmma']} wgmma.mma_async, {r['mma_sync']} mma.sync (expected wgmma only)")
+        if (r["loads"] == "tma") != (r["tma_loads"] > 0):
+            bad.append(f"{what}: {r['tma_loads']} cp.async.bulk.tensor loads with loads={r['loads']}")
+    assert not bad, f"{len(bad)} of {len(rows)} compiles fail:\n" + "\n".join(bad)
+
+
+def test_sm90_forward_compile_facts_triton_here(tmp_path):
+    import triton
+
+    _check_rows(_sweep(tmp_path), triton.__version__)
+
+
+def test_sm90_forward_compile_facts_triton36(tmp_path):
+    folder = os.environ.get("FASTATTN_TRITON36", "/tmp/triton36")
+    if not (pathlib.Path(folder) / "triton" / "__init__.py").exists():
+        pytest.skip(f"triton 3.6 is not installed in {folder} (pip install --target {folder} --no-deps "
+                    "triton==3.6.0, or set FASTATTN_TRITON36)")
+    _check_rows(_sweep(tmp_path, folder), "3.6")
