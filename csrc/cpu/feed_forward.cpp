@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cpu/ffn_math.h"
+#include "cpu/bf16dot.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
 #define FASTATTN_FFN_AMX_BUILD 1
@@ -495,6 +496,8 @@ void ffn_fwd_amx(const at::Tensor& x, const at::Tensor& w1, const std::optional<
 int64_t amx_fwd_calls() { return g_amx_fwd_calls.load(); }
 bool amx_available() { return amx_enabled(); }
 
+#include "cpu/ffn_bf16dot.h"  // bf16 on AVX512_BF16 without AMX
+
 std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Tensor& w1,
                                                const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                const std::optional<at::Tensor>& b2, c10::string_view activation,
@@ -514,6 +517,12 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Te
 #if defined(FASTATTN_FFN_AMX_BUILD)
       if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && amx_enabled()) {
         ffn_fwd_amx(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);
+        break;
+      }
+#endif
+#if defined(FASTATTN_FFN_BF16DOT)
+      if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && bf16dot::enabled()) {
+        ffn_fwd_bf16dot(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);
         break;
       }
 #endif
@@ -821,6 +830,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_c
 #if defined(FASTATTN_FFN_AMX_BUILD)
       if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && amx_enabled()) {
         ffn_bwd_amx(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);
+        break;
+      }
+#endif
+#if defined(FASTATTN_FFN_BF16DOT)
+      if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && bf16dot::enabled()) {
+        ffn_bwd_bf16dot(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);
         break;
       }
 #endif
