@@ -181,39 +181,73 @@ inline void pair_rows_bf16(const uint16_t* r0, const uint16_t* r1, uint32_t* dst
   }
 }
 
-// dst[zp * ldd + r] = (src[r][2zp], src[r][2zp+1]) for r < R, zp < ceil(C/2); rows [R, Rp) zero.
+// 32-bit lanes mask of the first n (<= 16) lanes, 16-bit lanes mask of the first n (<= 32).
+inline __mmask16 lanes16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
+inline __mmask32 lanes32(int64_t n) { return n >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << n) - 1u); }
+
+// dst[zp * ldd + r] = (src[r][2zp], src[r][2zp+1]) for r < R, zp < ceil(C/2) (an odd C's last pair
+// zero-padded); rows [R, Rp) zero; Rp a multiple of 16. 16 x 16 blocks of pairs transposed in registers.
 inline void pair_cols_transposed(const c10::BFloat16* src, int64_t R, int64_t Rp, int64_t C, uint32_t* dst,
                                  int64_t ldd) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   const int64_t C2 = (C + 1) / 2;
-  for (int64_t zp = 0; zp < C2; ++zp) {
-    const int64_t e = 2 * zp;
-    uint32_t* d = dst + zp * ldd;
-    if (e + 1 < C) {
-      for (int64_t r = 0; r < R; ++r) {
-        uint32_t w;
-        std::memcpy(&w, s + r * C + e, 4);
-        d[r] = w;
-      }
-    } else {
-      for (int64_t r = 0; r < R; ++r) d[r] = s[r * C + e];
+  for (int64_t r0 = 0; r0 < Rp; r0 += 16)
+    for (int64_t c0 = 0; c0 < C; c0 += 32) {
+      const __mmask32 m = lanes32(C - c0);
+      __m512 r[16];
+      for (int k = 0; k < 16; ++k)
+        r[k] = r0 + k < R ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, s + (r0 + k) * C + c0))
+                          : _mm512_setzero_ps();
+      transpose16(r);
+      const int64_t np = std::min<int64_t>(16, C2 - c0 / 2);
+      for (int64_t k = 0; k < np; ++k) _mm512_storeu_ps(reinterpret_cast<float*>(dst + (c0 / 2 + k) * ldd + r0), r[k]);
     }
-    for (int64_t r = R; r < Rp; ++r) d[r] = 0u;
-  }
 }
 
-// Rows of a bf16 (n, C) matrix as pairs of columns (ld C2 = ceil(C/2)): src itself when C is even.
+// Rows of a bf16 (n, C) matrix as pairs of columns (ld C2 = ceil(C/2), an odd C's last pair
+// zero-padded): src itself when C is even.
 inline const uint32_t* pair_cols(const c10::BFloat16* src, int64_t n, int64_t C, uint32_t* buf) {
   if (C % 2 == 0) return reinterpret_cast<const uint32_t*>(src);
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   const int64_t C2 = (C + 1) / 2;
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t zp = 0; zp < C2; ++zp) {
-      const uint32_t lo = s[j * C + 2 * zp];
-      const uint32_t hi = 2 * zp + 1 < C ? s[j * C + 2 * zp + 1] : 0u;
-      buf[j * C2 + zp] = lo | (hi << 16);
+    for (int64_t c0 = 0; c0 < C; c0 += 32) {
+      const __m512i v = _mm512_maskz_loadu_epi16(lanes32(C - c0), s + j * C + c0);
+      _mm512_mask_storeu_epi32(buf + j * C2 + c0 / 2, lanes16(C2 - c0 / 2), v);
     }
   return buf;
+}
+
+// dst[r * ldd + c] = bf16(src[c * lds + r] * f_r) for r < R, c < C, f_r = f[r] (or s when f is null):
+// a transposed float accumulator written out row by row (O, dQ).
+inline void store_transposed_bf16(const float* src, int64_t lds, int64_t R, int64_t C, const float* f, float s,
+                                  c10::BFloat16* dst, int64_t ldd) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  int64_t r0 = 0;
+  for (; r0 + 16 <= R; r0 += 16)
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const int64_t n = std::min<int64_t>(16, C - c0);
+      __m512 r[16];
+      for (int k = 0; k < 16; ++k) r[k] = k < n ? _mm512_loadu_ps(src + (c0 + k) * lds + r0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int k = 0; k < 16; ++k) {
+        const __m512 fr = _mm512_set1_ps(f != nullptr ? f[r0 + k] : s);
+        const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(r[k], fr));
+        _mm256_mask_storeu_epi16(d + (r0 + k) * ldd + c0, lanes16(n), b);
+      }
+    }
+  for (int64_t r = r0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c)
+      dst[r * ldd + c] = static_cast<c10::BFloat16>(src[c * lds + r] * (f != nullptr ? f[r] : s));
+}
+
+// dst[c] = bf16(src[c] * s) for c < n (src readable up to n rounded up to 16).
+inline void store_row_bf16(const float* src, float s, int64_t n, c10::BFloat16* dst) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + c), _mm512_set1_ps(s)));
+    _mm256_mask_storeu_epi16(d + c, lanes16(n - c), b);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -337,7 +371,7 @@ inline void fwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
       arow[i] = l > T(0) ? T(1) / l : T(0);
       lse[i] = l > T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
     }
-    store_transposed<T, In>(ot, BM, mrows, Ev, arow, T(1), O, Ev);
+    store_transposed_bf16(ot, BM, mrows, Ev, arow, 1.f, O, Ev);
   }
 }
 
@@ -474,7 +508,7 @@ inline void bwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
       }
       if (nparts == 1) {
         In* DQ = static_cast<In*>(p.dq) + bh * L * E;
-        store_transposed<T, In>(dqt, Lp, L, E, nullptr, scale, DQ, E);
+        store_transposed_bf16(dqt, Lp, L, E, nullptr, scale, DQ, E);
       } else {
         T* DQ = static_cast<T*>(p.dq_part) + (part * p.N * p.Hq + bh) * L * E;
         store_transposed<T, T>(dqt, Lp, L, E, nullptr, scale, DQ, E);
@@ -483,8 +517,8 @@ inline void bwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
     In* DK = static_cast<In*>(p.dk) + (bhk * S + key_lo) * E;
     In* DV = static_cast<In*>(p.dv) + (bhk * S + key_lo) * Ev;
     for (int64_t j = 0; j < nk; ++j) {
-      for (int64_t e = 0; e < E; ++e) DK[j * E + e] = static_cast<In>(dk[j * Ep + e] * scale);
-      for (int64_t e = 0; e < Ev; ++e) DV[j * Ev + e] = static_cast<In>(dv[j * Evp + e]);
+      store_row_bf16(dk + j * Ep, scale, E, DK + j * E);
+      store_row_bf16(dv + j * Evp, 1.f, Ev, DV + j * Ev);
     }
   }
 }

@@ -489,7 +489,6 @@ void ffn_fwd_amx(const at::Tensor& x, const at::Tensor& w1, const std::optional<
     }
     at::native::cpublas::brgemm_release();
   });
-  g_amx_fwd_calls.fetch_add(1);
 }
 #endif
 
@@ -517,6 +516,12 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Te
 #if defined(FASTATTN_FFN_AMX_BUILD)
       if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && amx_enabled()) {
         ffn_fwd_amx(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);
+        g_amx_fwd_calls.fetch_add(1);
+        break;
+      }
+      if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && bf16dot::enabled() && bf16dot_brgemm_ok()) {
+        ffn_fwd_amx(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);  // brgemm on vdpbf16ps
+        bf16dot::count_ffn_fwd();
         break;
       }
 #endif
@@ -790,7 +795,6 @@ void ffn_bwd_amx(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
   dw2.copy_(dw2a);
   db1.copy_(db1a);
   db2.copy_(db2a);
-  g_amx_bwd_calls.fetch_add(1);
 }
 int64_t amx_bwd_calls() { return g_amx_bwd_calls.load(); }
 #else
@@ -830,6 +834,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_c
 #if defined(FASTATTN_FFN_AMX_BUILD)
       if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && amx_enabled()) {
         ffn_bwd_amx(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);
+        g_amx_bwd_calls.fetch_add(1);
+        break;
+      }
+      if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && bf16dot::enabled() && bf16dot_brgemm_ok()) {
+        ffn_bwd_amx(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);  // on vdpbf16ps
+        bf16dot::count_ffn_bwd();
         break;
       }
 #endif

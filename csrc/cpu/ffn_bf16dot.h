@@ -1,7 +1,13 @@
-// bfloat16 feed-forward on CPUs with AVX512_BF16 but no AMX (the AMX brgemm path is tried first):
-// the four GEMMs run as bf16 x bf16 -> fp32-accumulated matmuls in oneDNN (at::addmm / at::mm on
-// bfloat16 tensors, which use vdpbf16ps here and run about twice float32's rate), whole-matrix and
-// multi-threaded; this file adds only the element-wise parts, tiled over tokens in parallel:
+// bfloat16 feed-forward on CPUs with AVX512_BF16 but no AMX (the AMX path is tried first).
+//
+// First choice: the AMX path's own tiled code (ffn_fwd_amx / ffn_bwd_amx in feed_forward.cpp), whose
+// bf16 x bf16 -> fp32 brgemm (at::native::cpublas::brgemm, VNNI-packed B) oneDNN also runs with
+// vdpbf16ps on avx512_bf16 CPUs; there cpublas::could_pack says false (B needs no AMX packing), so
+// the AMX probe refuses the path, and bf16dot_brgemm_ok() below probes the same call without it.
+//
+// Fallback, for a torch whose CPUBlas has no bf16 brgemm: the four GEMMs as whole-matrix bf16
+// matmuls in oneDNN (at::addmm / at::mm on bfloat16 tensors, multi-threaded), this file adding
+// only the element-wise parts, tiled over tokens in parallel:
 //   forward   pre = x w1^T + b1 (bf16, also what is saved)  ->  fp32 activation and dropout (the same
 //             epilogue and Philox counters as the float path)  ->  hid rounded to bf16  ->
 //             out = hid w2^T + b2
@@ -9,7 +15,34 @@
 //             db1 in fp32 per thread group  ->  dx = dpre w1, dW1 = dpre^T x, dW2 = grad_out^T hid.
 // The rounding points (pre, hid, dh, dpre to bf16) are those of eager bf16 nn.Linear + activation.
 // Included by csrc/cpu/feed_forward.cpp inside its anonymous namespace, after the epilogues; chosen
-// by bf16dot::enabled() (csrc/cpu/bf16dot.h), counted by bf16dot::count_ffn_fwd / _bwd.
+// by bf16dot::enabled() (csrc/cpu/bf16dot.h), counted by bf16dot::count_ffn_fwd / _bwd either way.
+// FASTATTN_CPU_BF16DOT_FFN=mm forces the fallback (for its tests).
+#if defined(FASTATTN_FFN_AMX_BUILD)
+// bf16 brgemm runs here and gives the right numbers (probed once; false on any exception).
+bool bf16dot_brgemm_ok() {
+  static const bool ok = [] {
+    const char* env = std::getenv("FASTATTN_CPU_BF16DOT_FFN");
+    if (env != nullptr && std::string(env) == "mm") return false;
+    try {
+      at::BFloat16 a[2] = {at::BFloat16(1.f), at::BFloat16(2.f)};
+      at::BFloat16 bm[32];
+      for (int n = 0; n < 16; ++n) {
+        bm[2 * n] = at::BFloat16(3.f);
+        bm[2 * n + 1] = at::BFloat16(4.f);
+      }
+      float c[16] = {0};
+      at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a, bm, c, true);
+      at::native::cpublas::brgemm_release();
+      for (int n = 0; n < 16; ++n)
+        if (c[n] != 11.f) return false;
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+}
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FASTATTN_FFN_BF16DOT 1
