@@ -270,3 +270,32 @@ def test_ffn_without_biases():
     check_bound("out", out, same, ref, floor=t.FLOOR[BF])
     dx, dw1, db1, dw2, db2 = ffn_bwd(torch.ones(40, 24, dtype=BF), *args, saved, "gelu", 0.0, None)
     assert db1.shape == (70,) and db2.shape == (24,) and torch.equal(db2.float(), torch.full((24,), 40.0))
+
+
+@needs_no_amx_ffn
+def test_ffn_matmul_fallback():
+    """FASTATTN_CPU_BF16DOT_FFN=mm: the whole-matrix oneDNN bf16 matmul fallback (for a torch without
+    bf16 brgemm) serves the call and is within the bound, forward and backward."""
+    code = (
+        "import sys, os, torch, fastattn\n"
+        "sys.path.insert(0, os.path.join(os.getcwd(), 'tests'))\n"
+        "import test_cpu_ffn_kernels as t\n"
+        "from fastattn.testing import check_bound\n"
+        "torch.manual_seed(0)\n"
+        "BF = torch.bfloat16; d = torch.ops.fastattn_bf16dot\n"
+        "for act, p in (('gelu', 0.0), ('relu', 0.3)):\n"
+        "    args = t._make(130, 40, 300, 24, BF, True); seed = t._seed_for(p)\n"
+        "    out, saved = torch.ops.fastattn.ffn_fwd(*args, act, p, seed, True)\n"
+        "    ref, _ = t._math(*t._up(args), act, p, seed); same, _ = t._math(*args, act, p, seed)\n"
+        "    check_bound('out', out, same, ref, floor=t.FLOOR[BF])\n"
+        "    go = torch.randn(130, 24, dtype=torch.float64).bfloat16().double()\n"
+        "    got = torch.ops.fastattn.ffn_bwd(go.bfloat16(), *args, saved, act, p, seed)\n"
+        "    rg = t._grads(t._up(args), act, p, seed, go); sg = t._grads(args, act, p, seed, go.bfloat16())\n"
+        "    for n, g, r, s in zip(['dx', 'dw1', 'db1', 'dw2', 'db2'], got, rg, sg):\n"
+        "        check_bound(n, g, s, r, floor=t.FLOOR[BF])\n"
+        "assert d.ffn_fwd_calls() == 2 and d.ffn_bwd_calls() == 2, 'fallback did not run'\n"
+        "print('ok')\n")
+    env = dict(os.environ, FASTATTN_CPU_BF16DOT_FFN="mm")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
