@@ -47,6 +47,14 @@ needs_no_amx_attn = pytest.mark.skipif(_amx_attn(), reason="this CPU has AMX: bf
 needs_no_amx_ffn = pytest.mark.skipif(_amx_ffn(), reason="this CPU has AMX: the bf16 feed-forward runs on AMX")
 
 
+def _decode_calls() -> int:
+    dec = getattr(torch.ops, "fastattn_decode", None)
+    try:
+        return int(dec.fwd_calls()) if dec is not None else 0
+    except (AttributeError, RuntimeError):
+        return 0
+
+
 def make_mask(kind, n, h, l, s, gen):
     """Additive bf16 mask as the dispatcher hands it: an expanded (n, h, l, s) view."""
     if kind is None:
@@ -88,9 +96,12 @@ def run_case(n=2, hq=2, hkv=2, l=17, s=17, e=64, ev=None, mask=None, kpm=False, 
     scale = 1 / math.sqrt(e)
     name = f"bf16dot n{n} hq{hq} hkv{hkv} l{l} s{s} e{e} ev{ev} mask={mask} kpm={kpm} causal={causal} p={p}"
     inputs = [t.clone() for t in (q, k, v)]
-    before = int(_dot.attn_fwd_calls())
+    before, before_dec = int(_dot.attn_fwd_calls()), _decode_calls()
     out, lse = fwd_op(q, k, v, m, pad, p, causal, scale, sd)
-    assert int(_dot.attn_fwd_calls()) == before + 1, "the bf16 dot-product forward did not serve the call"
+    served = int(_dot.attn_fwd_calls()) - before
+    if l <= 16 and _decode_calls() == before_dec + 1:
+        served += 1  # few query rows: the decoding path (attention_decode.cpp) serves the forward
+    assert served == 1, "the bf16 dot-product forward did not serve the call"
     assert out.dtype == BF and out.shape == (n, hq, l, ev)
     m64 = None if m is None else m.double()
     ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), m64, pad, p, causal, scale, sd,

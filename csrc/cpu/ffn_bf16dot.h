@@ -17,7 +17,7 @@
 // Included by csrc/cpu/feed_forward.cpp inside its anonymous namespace, after the epilogues; chosen
 // by bf16dot::enabled() (csrc/cpu/bf16dot.h), counted by bf16dot::count_ffn_fwd / _bwd either way.
 // FASTATTN_CPU_BF16DOT_FFN=mm forces the fallback (for its tests).
-#if defined(FASTATTN_FFN_AMX_BUILD)
+#if defined(FASTATTN_AMX_BUILD)
 // bf16 brgemm runs here and gives the right numbers (probed once; false on any exception).
 bool bf16dot_brgemm_ok() {
   static const bool ok = [] {
