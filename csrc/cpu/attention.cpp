@@ -40,6 +40,7 @@
 #include "philox.h"
 #include "tuning.h"
 #include "cpu/attention_amx.h"
+#include "cpu/bf16dot.h"
 #include "cpu/vec_exp.h"
 #include "cpu/attention_decode.h"
 
@@ -82,7 +83,6 @@ struct KernelSet {
   const char* name;
   TaskFn fwd_f32, fwd_f64, fwd_bf16, fwd_f16, bwd_f32, bwd_f64, bwd_bf16, bwd_f16;
   int lanes_f32;
-  TaskFn fwd_bf16_any_bm = nullptr;  // fwd_bf16 when that one needs BM % 64 == 0 (bf16 dot path)
 };
 
 #if defined(FASTATTN_X86) && defined(__GNUC__)
@@ -95,7 +95,8 @@ namespace avx512 {
 }  // namespace avx512
 #pragma GCC pop_options
 
-// AVX-512 plus bf16 dot products: only the bfloat16 forward, chosen when the CPU has avx512_bf16.
+// AVX-512 plus bf16 dot products (attention_bf16dot.h): the bfloat16 forward and backward, chosen
+// when the CPU has avx512_bf16 (csrc/cpu/bf16dot.h; FASTATTN_CPU_BF16DOT=0 turns it off).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2,avx512bf16")
 namespace avx512bf16 {
@@ -163,12 +164,9 @@ KernelSet pick_kernels() {
                           __builtin_cpu_supports("avx512vl");
   if (want == "avx512" && has_avx512) {
     KernelSet ks = FA_SET(avx512);
-    // Opt-in (FASTATTN_CPU_BF16DOT=1): on the Sapphire Rapids VM it was measured 1.6x SLOWER than
-    // converting bf16 blocks to float32 and using FMA (vdpbf16ps issues at half the FMA rate there).
-    const char* dot = std::getenv("FASTATTN_CPU_BF16DOT");
-    if (__builtin_cpu_supports("avx512bf16") && dot != nullptr && std::string(dot) == "1") {
-      ks.fwd_bf16_any_bm = ks.fwd_bf16;
+    if (bf16dot::enabled()) {
       ks.fwd_bf16 = &avx512bf16::fwd_bf16_dot;
+      ks.bwd_bf16 = &avx512bf16::bwd_bf16_dot;
       ks.name = "avx512bf16";
     }
     return ks;
@@ -176,6 +174,25 @@ KernelSet pick_kernels() {
   if ((want == "avx512" || want == "avx2") && has_avx2) return FA_SET(avx2);
 #endif
   return FA_SET(base);
+}
+
+// Whether fn is a bf16 dot-product kernel (counted for the tests), and the bf16 kernel to use
+// when it cannot run (an odd FASTATTN_CPU_BN).
+bool is_bf16dot(TaskFn fn) {
+#if defined(FASTATTN_HAVE_WIDE)
+  return fn == &avx512bf16::fwd_bf16_dot || fn == &avx512bf16::bwd_bf16_dot;
+#else
+  (void)fn;
+  return false;
+#endif
+}
+
+TaskFn bf16_fallback(bool backward) {
+#if defined(FASTATTN_HAVE_WIDE)
+  return backward ? &avx512::bwd_bf16 : &avx512::fwd_bf16;
+#else
+  return backward ? &base::bwd_bf16 : &base::fwd_bf16;
+#endif
 }
 
 // Runs tasks [0, ntasks) of fn on torch's intra-op threads (at::parallel_for, so
@@ -206,7 +223,7 @@ void run_tasks(TaskFn fn, const AttnParams& p, int64_t ntasks) {
 // Block sizes: BM queries (a multiple of 16, every lane count) by BN keys; the tuning knobs
 // FASTATTN_CPU_BM / _BN (csrc/tuning.h, range-checked there).
 void choose_blocks(AttnParams& p) {
-  p.bm = tuning::get(tuning::Knob::kCpuBm);  // the bf16 dot path needs a multiple of 64
+  p.bm = tuning::get(tuning::Knob::kCpuBm);
   p.bn = tuning::get(tuning::Knob::kCpuBn);
 }
 
@@ -272,9 +289,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   p.lse = lse.data_ptr<float>();
   const KernelSet ks = pick_kernels();
   TaskFn fn = pick_fwd(ks, dt);
-  if (dt == at::kBFloat16 && ks.fwd_bf16_any_bm != nullptr && p.bm % 64 != 0) fn = ks.fwd_bf16_any_bm;
+  if (is_bf16dot(fn) && p.bn % 2 != 0) fn = bf16_fallback(false);  // key pairs need an even BN
   const int64_t ntasks = N * Hq * ((L + p.bm - 1) / p.bm);
   run_tasks(fn, p, ntasks);
+  if (is_bf16dot(fn)) bf16dot::count_attn_fwd();
   return {out, lse};
 }
 
@@ -320,8 +338,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     p.dq_part = dq_part.data_ptr();
   }
   const KernelSet ks = pick_kernels();
-  const TaskFn fn = pick_bwd(ks, dt);
+  TaskFn fn = pick_bwd(ks, dt);
+  if (is_bf16dot(fn) && p.bn % 2 != 0) fn = bf16_fallback(true);  // key pairs need an even BN
   run_tasks(fn, p, heads * p.key_parts);
+  if (is_bf16dot(fn)) bf16dot::count_attn_bwd();
   if (p.key_parts > 1) {
     // fixed summation order over key ranges, in the compute type, then one rounding to q's dtype
     at::Tensor sum = dq_part.select(0, 0).clone();

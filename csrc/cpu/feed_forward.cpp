@@ -34,6 +34,7 @@
 #include "checks.h"
 #include "cpu/amx_probe.h"
 #include "cpu/ffn_math.h"
+#include "cpu/bf16dot.h"
 #include "tuning.h"
 
 namespace fastattn::ffn {
@@ -426,12 +427,13 @@ void ffn_fwd_amx(const at::Tensor& x, const at::Tensor& w1, const std::optional<
     }
     at::native::cpublas::brgemm_release();
   });
-  g_amx_fwd_calls.fetch_add(1);
 }
 #endif
 
 int64_t amx_fwd_calls() { return g_amx_fwd_calls.load(); }
 bool amx_available() { return amx_enabled(); }
+
+#include "cpu/ffn_bf16dot.h"  // bf16 on AVX512_BF16 without AMX
 
 std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Tensor& w1,
                                                const std::optional<at::Tensor>& b1, const at::Tensor& w2,
@@ -452,6 +454,18 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Te
 #if defined(FASTATTN_AMX_BUILD)
       if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && amx_enabled()) {
         ffn_fwd_amx(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);
+        g_amx_fwd_calls.fetch_add(1);
+        break;
+      }
+      if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && bf16dot::enabled() && bf16dot_brgemm_ok()) {
+        ffn_fwd_amx(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);  // brgemm on vdpbf16ps
+        bf16dot::count_ffn_fwd();
+        break;
+      }
+#endif
+#if defined(FASTATTN_FFN_BF16DOT)
+      if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && bf16dot::enabled()) {
+        ffn_fwd_bf16dot(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);
         break;
       }
 #endif
@@ -732,7 +746,6 @@ void ffn_bwd_amx(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
       },
       true);
   tiles.finish(dw1, dw2, db1, db2);
-  g_amx_bwd_calls.fetch_add(1);
 }
 int64_t amx_bwd_calls() { return g_amx_bwd_calls.load(); }
 #else
@@ -762,6 +775,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_c
 #if defined(FASTATTN_AMX_BUILD)
       if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && amx_enabled()) {
         ffn_bwd_amx(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);
+        g_amx_bwd_calls.fetch_add(1);
+        break;
+      }
+      if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && bf16dot::enabled() && bf16dot_brgemm_ok()) {
+        ffn_bwd_amx(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);  // on vdpbf16ps
+        bf16dot::count_ffn_bwd();
+        break;
+      }
+#endif
+#if defined(FASTATTN_FFN_BF16DOT)
+      if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && bf16dot::enabled()) {
+        ffn_bwd_bf16dot(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);
         break;
       }
 #endif

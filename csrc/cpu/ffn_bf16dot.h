@@ -1,0 +1,154 @@
+// bfloat16 feed-forward on CPUs with AVX512_BF16 but no AMX (the AMX path is tried first).
+//
+// First choice: the AMX path's own tiled code (ffn_fwd_amx / ffn_bwd_amx in feed_forward.cpp), whose
+// bf16 x bf16 -> fp32 brgemm (at::native::cpublas::brgemm, VNNI-packed B) oneDNN also runs with
+// vdpbf16ps on avx512_bf16 CPUs; there cpublas::could_pack says false (B needs no AMX packing), so
+// the AMX probe refuses the path, and bf16dot_brgemm_ok() below probes the same call without it.
+//
+// Fallback, for a torch whose CPUBlas has no bf16 brgemm: the four GEMMs as whole-matrix bf16
+// matmuls in oneDNN (at::addmm / at::mm on bfloat16 tensors, multi-threaded), this file adding
+// only the element-wise parts, tiled over tokens in parallel:
+//   forward   pre = x w1^T + b1 (bf16, also what is saved)  ->  fp32 activation and dropout (the same
+//             epilogue and Philox counters as the float path)  ->  hid rounded to bf16  ->
+//             out = hid w2^T + b2
+//   backward  dh = grad_out w2 (bf16)  ->  fp32 dpre = dh * keep * act'(pre), hid = act(pre) * keep,
+//             db1 in fp32 per thread group  ->  dx = dpre w1, dW1 = dpre^T x, dW2 = grad_out^T hid.
+// The rounding points (pre, hid, dh, dpre to bf16) are those of eager bf16 nn.Linear + activation.
+// Included by csrc/cpu/feed_forward.cpp inside its anonymous namespace, after the epilogues; chosen
+// by bf16dot::enabled() (csrc/cpu/bf16dot.h), counted by bf16dot::count_ffn_fwd / _bwd either way.
+// FASTATTN_CPU_BF16DOT_FFN=mm forces the fallback (for its tests).
+#if defined(FASTATTN_AMX_BUILD)
+// bf16 brgemm runs here and gives the right numbers (probed once; false on any exception).
+bool bf16dot_brgemm_ok() {
+  static const bool ok = [] {
+    const char* env = std::getenv("FASTATTN_CPU_BF16DOT_FFN");
+    if (env != nullptr && std::string(env) == "mm") return false;
+    try {
+      at::BFloat16 a[2] = {at::BFloat16(1.f), at::BFloat16(2.f)};
+      at::BFloat16 bm[32];
+      for (int n = 0; n < 16; ++n) {
+        bm[2 * n] = at::BFloat16(3.f);
+        bm[2 * n + 1] = at::BFloat16(4.f);
+      }
+      float c[16] = {0};
+      at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a, bm, c, true);
+      at::native::cpublas::brgemm_release();
+      for (int n = 0; n < 16; ++n)
+        if (c[n] != 11.f) return false;
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+}
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTATTN_FFN_BF16DOT 1
+
+// rows x F floats (row stride F) rounded to bf16 (nearest even) into dst (row stride F).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void bf16dot_round_rows(
+    int64_t rows, int64_t F, const float* __restrict__ src, at::BFloat16* __restrict__ dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * F;
+    at::BFloat16* d = dst + r * F;
+    int64_t f = 0;
+    for (; f + 16 <= F; f += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + f), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + f)));
+    for (; f < F; ++f) d[f] = at::BFloat16(s[f]);
+  }
+}
+
+// n bf16 values widened to float (exact).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void bf16dot_widen(int64_t n,
+                                                                                const at::BFloat16* __restrict__ src,
+                                                                                float* __restrict__ dst) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(w, 16));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+void ffn_fwd_bf16dot(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                     const at::Tensor& w2, const std::optional<at::Tensor>& b2, Act act, double dropout_p,
+                     uint64_t seed, const FfnShape& s, at::Tensor& out, at::Tensor* saved) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const int64_t T = s.T, F = s.F;
+  const at::Tensor pre = b1.has_value() ? at::addmm(*b1, x, w1.t()) : at::mm(x, w1.t());  // (T, F) bf16
+  at::Tensor hid = at::empty({T, F}, x.options());
+  const bool drop = dropout_p > 0.0;
+  const float p = static_cast<float>(dropout_p);
+  const float scale = drop ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
+  const auto epilogue = pick_fwd<c10::BFloat16, float>(act, drop);
+  const at::BFloat16* pre_p = pre.data_ptr<at::BFloat16>();
+  at::BFloat16* hid_p = hid.data_ptr<at::BFloat16>();
+  const int64_t ntiles = (T + kFwdTile - 1) / kFwdTile;
+  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(static_cast<size_t>(kFwdTile * F));
+    std::vector<float> keep(drop ? static_cast<size_t>(F) : 0);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * kFwdTile, rows = std::min(kFwdTile, T - t0);
+      bf16dot_widen(rows * F, pre_p + t0 * F, h.data());
+      epilogue(rows, F, h.data(), nullptr, nullptr, seed, static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p,
+               scale, keep.data());
+      bf16dot_round_rows(rows, F, h.data(), hid_p + t0 * F);
+    }
+  });
+  if (b2.has_value())
+    at::addmm_out(out, *b2, hid, w2.t());
+  else
+    at::mm_out(out, hid, w2.t());
+  if (saved != nullptr) *saved = pre;
+  bf16dot::count_ffn_fwd();
+}
+
+void ffn_bwd_bf16dot(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                     const at::Tensor& saved, Act act, double dropout_p, uint64_t seed, const FfnShape& s,
+                     at::Tensor& dx, at::Tensor& dw1, at::Tensor& db1, at::Tensor& dw2, at::Tensor& db2) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const int64_t T = s.T, F = s.F;
+  const at::Tensor dh = at::mm(grad_out, w2);  // (T, F) bf16
+  at::Tensor dpre = at::empty({T, F}, x.options());
+  at::Tensor hid = at::empty({T, F}, x.options());
+  const bool drop = dropout_p > 0.0;
+  const float p = static_cast<float>(dropout_p);
+  const float scale = drop ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
+  const auto epilogue = pick_bwd<c10::BFloat16, float>(act, drop);
+  const int64_t ntiles = (T + kBwdTile - 1) / kBwdTile;
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(ntiles, at::get_num_threads()));
+  at::Tensor db1_part = at::zeros({groups, F}, at::TensorOptions().dtype(at::kFloat));
+  float* db1_pp = db1_part.data_ptr<float>();
+  const at::BFloat16* dh_p = dh.data_ptr<at::BFloat16>();
+  const at::BFloat16* pre_p = saved.data_ptr<at::BFloat16>();
+  at::BFloat16* dpre_p = dpre.data_ptr<at::BFloat16>();
+  at::BFloat16* hid_p = hid.data_ptr<at::BFloat16>();
+  at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
+    std::vector<float> d(static_cast<size_t>(kBwdTile * F));
+    std::vector<float> hbuf(static_cast<size_t>(kBwdTile * F));
+    std::vector<float> keep(drop ? static_cast<size_t>(F) : 0);
+    for (int64_t g = gbegin; g < gend; ++g) {
+      const int64_t tile_begin = g * ntiles / groups, tile_end = (g + 1) * ntiles / groups;
+      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+        const int64_t t0 = tile * kBwdTile, rows = std::min(kBwdTile, T - t0);
+        bf16dot_widen(rows * F, dh_p + t0 * F, d.data());
+        epilogue(rows, F, d.data(), pre_p + t0 * F, hbuf.data(), db1_pp + g * F, seed,
+                 static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, keep.data());
+        bf16dot_round_rows(rows, F, d.data(), dpre_p + t0 * F);
+        bf16dot_round_rows(rows, F, hbuf.data(), hid_p + t0 * F);
+      }
+    }
+  });
+  at::mm_out(dx, dpre, w1);
+  at::mm_out(dw1, dpre.t(), x);
+  at::mm_out(dw2, grad_out.t(), hid);
+  at::Tensor db1a = db1_part[0];
+  for (int64_t g = 1; g < groups; ++g) db1a.add_(db1_part[g]);
+  db1.copy_(db1a);
+  db2.copy_(grad_out.sum(0, false, at::kFloat));
+  bf16dot::count_ffn_bwd();
+}
+#endif
