@@ -80,10 +80,11 @@ def _normalise_mask(attn_mask, dtype, device, target: tuple[int, ...], squeeze_h
         ok = False
     if not ok or attn_mask.dim() > len(user_shape):
         _fail("attn_mask", f"shape {tuple(attn_mask.shape)}", f"a shape broadcastable to {tuple(user_shape)}")
+    mdt = torch.float64 if dtype == torch.float64 else torch.float32  # added at accumulation precision
     if attn_mask.dtype == torch.bool:
-        add = torch.zeros(attn_mask.shape, dtype=dtype, device=device).masked_fill(~attn_mask, float("-inf"))
+        add = torch.zeros(attn_mask.shape, dtype=mdt, device=device).masked_fill(~attn_mask, float("-inf"))
     else:
-        add = attn_mask.to(dtype)
+        add = attn_mask.to(mdt)
     if squeeze_head:  # (…, L, S) of a 3-D call -> (B?, 1, L, S)
         add = add.reshape((1,) * (3 - add.dim()) + tuple(add.shape)).unsqueeze(1)
     else:

@@ -92,9 +92,11 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale       # (BM, BN) log2 units
     if HAS_MASK:
+        # natural-log units (a mask of -3e38 is a score: times log2(e) it would overflow to -inf);
+        # only -inf excludes a key, and it is set, not added (a NaN score + -inf would be NaN)
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
-                        mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
-        s += mvals.to(tl.float32) * 1.4426950408889634
+                        mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.where(mvals == float("-inf"), float("-inf"), s * 0.6931471805599453 + mvals)
     if HAS_KPM:
         pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)                      # (BN,) u8, 1 = ignore
         s = tl.where(pad[None, :] == 0, s, float("-inf"))
@@ -106,8 +108,12 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only -inf so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
+    if HAS_MASK:  # natural-log units
+        p = tl.math.exp2((s - m_sub[:, None]) * 1.4426950408889634)
+        alpha = tl.math.exp2((m_i - m_sub) * 1.4426950408889634)
+    else:
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
@@ -193,7 +199,7 @@ def _attn_fwd_kernel(
                                    causal, BLOCK_N, True, HAS_MASK, HAS_KPM, HAS_DROPOUT,
                                    INPUT_PRECISION)
 
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # a row that saw no key (a NaN sum is seen: NaN propagates)
     inv_l = 1.0 / tl.where(seen, l_i, 1.0)
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
@@ -201,8 +207,11 @@ def _attn_fwd_kernel(
     o_base = Out + bh.to(tl.int64) * L * HEAD_DV
     tl.store(o_base + offs_m[:, None] * HEAD_DV + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                   float("inf"))
+    if HAS_MASK:  # m_i in natural-log units
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)) * 0.6931471805599453, float("inf"))
+    else:
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                       float("inf"))
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
 
 
@@ -248,13 +257,15 @@ def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mas
         q = q.to(tl.float32)
     if _WIDEN_BF16 and do.dtype == tl.bfloat16:
         do = do.to(tl.float32)
-    lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
     sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # (BN, BM)
-    if HAS_MASK:
+    if HAS_MASK:  # natural-log units, as in _fwd_block
         mvals = tl.load(mask_cols[:, None] + offs_m[None, :].to(tl.int64) * stride_ml,
-                        mask=(offs_n[:, None] < S) & m_ok[None, :], other=0.0)
-        sT += mvals.to(tl.float32) * 1.4426950408889634
-    pT = tl.math.exp2(sT - lse2[None, :])
+                        mask=(offs_n[:, None] < S) & m_ok[None, :], other=0.0).to(tl.float32)
+        sT = tl.where(mvals == float("-inf"), float("-inf"), sT * 0.6931471805599453 + mvals)
+        pT = tl.math.exp2((sT - lse[None, :]) * 1.4426950408889634)
+    else:
+        pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
     if HAS_KPM:
         pT = tl.where(key_ok[:, None], pT, 0.0)
     if BOUNDARY:
@@ -389,11 +400,13 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
     if _WIDEN_BF16 and v.dtype == tl.bfloat16:
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale       # (BM, BN)
-    if HAS_MASK:
+    if HAS_MASK:  # natural-log units, as in _fwd_block (lse2 is then the natural-log lse)
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
-                        mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
-        s += mvals.to(tl.float32) * 1.4426950408889634
-    p = tl.math.exp2(s - lse2[:, None])
+                        mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.where(mvals == float("-inf"), float("-inf"), s * 0.6931471805599453 + mvals)
+        p = tl.math.exp2((s - lse2[:, None]) * 1.4426950408889634)
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
     if HAS_KPM:
         pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)
         p = tl.where(pad[None, :] == 0, p, 0.0)
@@ -446,7 +459,9 @@ def _attn_bwd_dq_kernel(
         q = q.to(tl.float32)
     if _WIDEN_BF16 and do.dtype == tl.bfloat16:
         do = do.to(tl.float32)
-    lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf"))
+    if not HAS_MASK:  # log2 units (with a mask the blocks work in natural-log units)
+        lse2 = lse2 * 1.4426950408889634
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
     k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
     v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV

@@ -210,6 +210,8 @@ void choose_blocks(AttnParams& p) {
   TORCH_CHECK(p.bn >= 1 && p.bn <= 1024, "attention (cpu): FASTATTN_CPU_BN must be in [1, 1024], got ", p.bn);
 }
 
+at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
 // ------------------------------------------------------------------------------------------------
 // Argument checks (the Python dispatcher guarantees these; a direct caller gets a clear error).
 
@@ -244,7 +246,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (attn_mask.has_value()) {
     const auto& m = *attn_mask;
     TORCH_CHECK(m.device().is_cpu(), "attention (cpu): attn_mask must be on the CPU, got ", m.device());
-    TORCH_CHECK(m.scalar_type() == dt, "attention (cpu): attn_mask must be additive with q's dtype ", dt,
+    TORCH_CHECK(m.scalar_type() == compute_type(dt) || m.scalar_type() == dt,
+                "attention (cpu): attn_mask must be additive float32 (float64 for float64 q) or q's dtype ", dt,
                 ", got ", m.scalar_type());
     TORCH_CHECK(m.dim() == 4 && m.size(0) == N && m.size(1) == Hq && m.size(2) == L && m.size(3) == S,
                 "attention (cpu): attn_mask must be an expanded (N, Hq, L, S) = (", N, ", ", Hq, ", ", L,
@@ -269,7 +272,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
 void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& mask, const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
@@ -308,7 +310,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   check_inputs(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed);
   const auto dt = q_in.scalar_type();
   const at::Tensor &q = q_in, &k = k_in, &v = v_in;
-  const at::Tensor mask = attn_mask.has_value() ? *attn_mask : at::Tensor();  // read in place
+  // read in place in the compute type (float32 for 16-bit q); a mask in q's own dtype is widened
+  const at::Tensor mask = !attn_mask.has_value() ? at::Tensor()
+                          : attn_mask->scalar_type() == compute_type(dt) ? *attn_mask
+                                                                          : attn_mask->to(compute_type(dt));
   const int64_t N = q.size(0), Hq = q.size(1), L = q.size(2), Ev = v.size(3);
   at::Tensor out = at::empty({N, Hq, L, Ev}, q.options());
   at::Tensor lse = at::empty({N, Hq, L}, q.options().dtype(at::kFloat));
@@ -351,7 +356,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor &q = q_in, &k = k_in, &v = v_in;
   const at::Tensor go = grad_out.contiguous(), o = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  const at::Tensor mask = attn_mask.has_value() ? *attn_mask : at::Tensor();
+  const at::Tensor mask = !attn_mask.has_value() ? at::Tensor()
+                          : attn_mask->scalar_type() == ct ? *attn_mask : attn_mask->to(ct);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());

@@ -132,7 +132,7 @@ inline void fwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
         const V mold = mb;
         for (int64_t j = 0; j < nb; ++j) mb = vmax(mb, V::load(st + j * BM + x));
         mb.store(mrow + x);
-        const V msafe = vmax(mb, V::set1(std::numeric_limits<T>::lowest()));
+        const V msafe = vmax(V::set1(std::numeric_limits<T>::lowest()), mb);  // a NaN max stays NaN
         const V alpha = vexp(mold - msafe);
         alpha.store(arow + x);
         V sum = V::set1(0);
@@ -178,9 +178,9 @@ inline void fwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
     float* lse = p.lse + bh * L + i0;
     for (int64_t i = 0; i < mrows; ++i) {
       const T l = lrow[i];
-      const T inv = l > T(0) ? T(1) / l : T(0);
+      const T inv = l != T(0) ? T(1) / l : T(0);
       for (int64_t e = 0; e < Ev; ++e) O[i * Ev + e] = static_cast<In>(ot[e * BM + i] * inv);
-      lse[i] = l > T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
+      lse[i] = l != T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
     }
   }
 }

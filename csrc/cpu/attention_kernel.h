@@ -93,8 +93,8 @@ inline VecF vmax(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
   // by vscalefps, which also takes care of underflow (x = -inf -> 0).
 inline VecF vexp(VecF a) {
     __m512 x = _mm512_mul_ps(a.v, _mm512_set1_ps(1.4426950408889634f));
-    x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(128.f));
+    x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // operand order: a NaN x stays NaN
+    x = _mm512_min_ps(_mm512_set1_ps(128.f), x);
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, n);
     __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
@@ -113,7 +113,7 @@ inline VecF vexp(VecF a) {
 // by vscalefps (which also underflows to 0; the -200 floor keeps -inf out of the reduction).
 inline VecF vexp_sub(VecF s, VecF m) {
   __m512 x = _mm512_mul_ps(_mm512_sub_ps(s.v, m.v), _mm512_set1_ps(1.4426950408889634f));
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // operand order: a NaN x stays NaN
   const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 n = _mm512_sub_ps(x, f);
   __m512 p = _mm512_set1_ps(1.3260914711281657e-03f);
@@ -142,8 +142,8 @@ inline VecF vmax(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
   // As the AVX-512 one; 2^n is built in the exponent bits, and inputs below 2^-126 give 0.
 inline VecF vexp(VecF a) {
     const __m256 x0 = _mm256_mul_ps(a.v, _mm256_set1_ps(1.4426950408889634f));
-    __m256 x = _mm256_max_ps(x0, _mm256_set1_ps(-126.f));
-    x = _mm256_min_ps(x, _mm256_set1_ps(127.f));
+    __m256 x = _mm256_max_ps(_mm256_set1_ps(-126.f), x0);  // operand order: a NaN x0 stays NaN
+    x = _mm256_min_ps(_mm256_set1_ps(127.f), x);
     const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(x, n);
     __m256 p = _mm256_set1_ps(1.525273380405984e-05f);
@@ -317,11 +317,14 @@ template <typename T, typename In>
 inline void mask_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t mrows, int64_t j0,
                       int64_t nb, T* st, int64_t BM) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  if (p.mask != nullptr) {
-    const In* m = static_cast<const In*>(p.mask) + b * p.msb + h * p.msh + i0 * p.msl + j0 * p.mss;
+  if (p.mask != nullptr) {  // additive, in T (float32 for 16-bit inputs); only -inf excludes a key
+    const T* m = static_cast<const T*>(p.mask) + b * p.msb + h * p.msh + i0 * p.msl + j0 * p.mss;
     for (int64_t i = 0; i < mrows; ++i) {
-      const In* row = m + i * p.msl;
-      for (int64_t j = 0; j < nb; ++j) st[j * BM + i] += static_cast<T>(row[j * p.mss]);
+      const T* row = m + i * p.msl;
+      for (int64_t j = 0; j < nb; ++j) {
+        const T mv = row[j * p.mss];
+        st[j * BM + i] = mv == kNegInf ? kNegInf : st[j * BM + i] + mv;
+      }
     }
   }
   if (p.causal && j0 + nb - 1 > i0) {
@@ -540,7 +543,7 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
         const V mb = V::load(mrow + x);
         // a column that has seen only -inf keeps max -inf; subtracting the lowest finite value
         // instead makes its probabilities and its rescale factor exact zeros, never NaN
-        const V sh = vmax(mb, V::set1(std::numeric_limits<T>::lowest()));
+        const V sh = vmax(V::set1(std::numeric_limits<T>::lowest()), mb);  // a NaN max stays NaN
         const V alpha = vexp_sub(mold, sh);
         alpha.store(arow + x);
         V sum0 = V::set1(0), sum1 = V::set1(0);
@@ -583,26 +586,32 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
     float* lse = p.lse + bh * L + i0;
     for (int64_t i = 0; i < mrows; ++i) {
       const T l = lrow[i];
-      arow[i] = l > T(0) ? T(1) / l : T(0);  // 1/l, or 0 for a row that saw no key
-      lse[i] = l > T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
+      arow[i] = l != T(0) ? T(1) / l : T(0);  // 1/l, or 0 for a row that saw no key (NaN stays NaN)
+      lse[i] = l != T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
     }
     store_transposed<T, In>(ot, BM, mrows, Ev, arow, T(1), O, Ev);
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// The log-sum-exp of every query row of head (b, h), recomputed in T. The float32 lse the forward
-// hands over would cap float64 gradients at float32 accuracy; float64 calls recompute it instead.
-// qt: (E, Lp) Q^T times scale; st: (BN, BM) scratch; m, l: (BM) scratch; lse: (Lp) result.
+// The log-sum-exp of every query row of head (b, h), recomputed in T and kept in two parts: the row
+// max lm[i] and the log of the sum ll[i] (lm = 0, ll = +inf for a row that sees no key). The float32
+// lse the forward hands over is one number m + log l, rounded to the ulp of m: float64 calls (whose
+// gradients it would cap at float32 accuracy) and rows with |lse| >= kSplitLse (whose P it would
+// get wrong by up to ulp(lse)/2 relative, or by a factor S when log l vanishes against m = -1e30)
+// recompute it, and the backward then forms P = exp((s - lm) - ll): s - lm exact as in the forward.
+// qt: (E, Lp) Q^T times scale; st: (BN, BM) scratch; m, l: (BM) scratch; kscr: (BN, E) scratch
+// for K in T when In is narrower.
+constexpr float kSplitLse = 32.f;
 
-template <typename V>
+template <typename V, typename In>
 void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::value_type* qt, int64_t Lp,
                typename V::value_type* st, typename V::value_type* m, typename V::value_type* l,
-               typename V::value_type* lse) {
+               typename V::value_type* kscr, typename V::value_type* lm, typename V::value_type* ll) {
   using T = typename V::value_type;
   constexpr int W = V::W;
   const int64_t BM = p.bm, BN = p.bn, E = p.E, L = p.L, S = p.S;
-  const T* K = static_cast<const T*>(p.k) + (b * p.Hkv + h / (p.Hq / p.Hkv)) * S * E;
+  const In* K = static_cast<const In*>(p.k) + (b * p.Hkv + h / (p.Hq / p.Hkv)) * S * E;
   for (int64_t i0 = 0; i0 < L; i0 += BM) {
     const int64_t mrows = std::min(BM, L - i0);
     std::fill(m, m + BM, -std::numeric_limits<T>::infinity());
@@ -611,21 +620,24 @@ void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::valu
     for (int64_t j0 = 0; j0 < kend; j0 += BN) {
       const int64_t nb = std::min(BN, kend - j0);
       if (keys_all_padded(p, b, j0, nb)) continue;
-      block_gemm<V, false>(nb, BM, E, K + j0 * E, E, 1, qt + i0, Lp, st, BM);
-      mask_tile<T, T>(p, b, h, i0, mrows, j0, nb, st, BM);
+      const T* Kb = as_compute<T, In>(K + j0 * E, nb * E, kscr);
+      block_gemm<V, false>(nb, BM, E, Kb, E, 1, qt + i0, Lp, st, BM);
+      mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
       for (int64_t x = 0; x < BM; x += W) {
         V mb = V::load(m + x);
         const V mold = mb;
         for (int64_t j = 0; j < nb; ++j) mb = vmax(mb, V::load(st + j * BM + x));
         mb.store(m + x);
-        const V msafe = vmax(mb, V::set1(std::numeric_limits<T>::lowest()));
+        const V msafe = vmax(V::set1(std::numeric_limits<T>::lowest()), mb);
         V sum = V::set1(0);
         for (int64_t j = 0; j < nb; ++j) sum = sum + vexp(V::load(st + j * BM + x) - msafe);
         fmadd(V::load(l + x), vexp(mold - msafe), sum).store(l + x);
       }
     }
-    for (int64_t i = 0; i < mrows; ++i)
-      lse[i0 + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : std::numeric_limits<T>::infinity();
+    for (int64_t i = 0; i < mrows; ++i) {
+      lm[i0 + i] = l[i] != T(0) ? m[i] : T(0);
+      ll[i0 + i] = l[i] != T(0) ? std::log(l[i]) : std::numeric_limits<T>::infinity();
+    }
   }
 }
 
@@ -646,8 +658,8 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   const int64_t nparts = p.key_parts;
   const int64_t part_len = round_up((S + nparts - 1) / nparts, BN);
   constexpr bool kConvert = !std::is_same<T, In>::value;
-  std::vector<T> buf(E * Lp + Lp * Ep + Ev * Lp + Lp * Evp + 2 * Lp + E * Lp + 2 * BN * BM +
-                     part_len * Ep + part_len * Evp + 2 * BM + (kConvert ? part_len * (E + Ev) : 0));
+  std::vector<T> buf(E * Lp + Lp * Ep + Ev * Lp + Lp * Evp + 3 * Lp + E * Lp + 2 * BN * BM +
+                     part_len * Ep + part_len * Evp + 2 * BM + (kConvert ? part_len * (E + Ev) + BN * E : 0));
   T* qt = buf.data();        // (E, Lp)   Q^T times scale
   T* qn = qt + E * Lp;       // (Lp, Ep)  Q, zero padded
   T* dot = qn + Lp * Ep;     // (Ev, Lp)  dO^T
@@ -663,6 +675,8 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   T* lrow = mrow + BM;
   T* kbuf = lrow + BM;             // (part_len, E), (part_len, Ev): K, V of the range in T
   T* vbuf = kbuf + part_len * E;
+  T* kscr = vbuf + part_len * Ev;  // (BN, E) K in T for exact_lse (kConvert only)
+  T* lm = kscr + (kConvert ? BN * E : 0);  // (Lp) row max of a split log-sum-exp (see exact_lse)
   const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
   const T scale = static_cast<T>(p.scale);
   const int64_t nqb = Lp / BM;
@@ -696,7 +710,15 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
         delta[i] = T(0);
         lse[i] = std::numeric_limits<T>::infinity();
       }
-      if constexpr (std::is_same<T, double>::value) exact_lse<V>(p, b, h, qt, Lp, st, mrow, lrow, lse);
+      bool split = false;  // P = exp((s - lm) - lse) with lse = log l (see exact_lse)
+      for (int64_t i = 0; i < L; ++i)
+        split |= std::abs(LSE[i]) >= kSplitLse && LSE[i] != std::numeric_limits<float>::infinity();
+      if (split || std::is_same<T, double>::value) {
+        std::fill(lm, lm + Lp, T(0));
+        exact_lse<V, In>(p, b, h, qt, Lp, st, mrow, lrow, kscr, lm, lse);
+        if (!split)
+          for (int64_t i = 0; i < L; ++i) lse[i] += lm[i];
+      }
       std::fill(dqt, dqt + E * Lp, T(0));
       for (int64_t jj = 0; jj < nk; jj += BN) {
         const int64_t j0 = key_lo + jj, nb = std::min(BN, nk - jj);
@@ -704,15 +726,18 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
         const int64_t qb0 = p.causal ? std::min(nqb, j0 / BM) : 0;
         for (int64_t qb = qb0; qb < nqb; ++qb) {
           const int64_t i0 = qb * BM, mrows = std::min(BM, L - i0);
-          const bool plain = !tile_needs_mask(p, i0, j0, nb);
+          const bool plain = !split && !tile_needs_mask(p, i0, j0, nb);
           if (plain) {  // P^T = exp(S^T - lse) straight from the GEMM's registers
             block_gemm<V, false, kExp>(nb, BM, E, K + jj * E, E, 1, qt + i0, Lp, st, BM, lse + i0);
           } else {
             block_gemm<V, false>(nb, BM, E, K + jj * E, E, 1, qt + i0, Lp, st, BM);
             mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
             for (int64_t j = 0; j < nb; ++j)
-              for (int64_t x = 0; x < BM; x += W)
-                vexp_sub(V::load(st + j * BM + x), V::load(lse + i0 + x)).store(st + j * BM + x);
+              for (int64_t x = 0; x < BM; x += W) {
+                V sj = V::load(st + j * BM + x);
+                if (split) sj = sj - V::load(lm + i0 + x);
+                vexp_sub(sj, V::load(lse + i0 + x)).store(st + j * BM + x);
+              }
           }
           if (plain && p.dropout_p == 0) {  // dS^T = P^T (dP^T - delta), also in the epilogue
             block_gemm<V, false, kDs>(nb, BM, Ev, Vm + jj * Ev, Ev, 1, dot + i0, Lp, dst, BM, delta + i0, st);

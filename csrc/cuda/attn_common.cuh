@@ -161,14 +161,14 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int row0, int nro
 // Everything that decides one score of (batch b, query head h): causal, key padding, additive mask.
 template <typename T>
 struct ScoreMask {
-  const T* mask;  // already offset to (b, h), or null
+  const float* mask;  // float32, already offset to (b, h), or null
   int64_t sl, ss;
   const uint8_t* kpm;  // already offset to batch b, or null
   int L, S;
   bool causal;
 
   __device__ __forceinline__ ScoreMask(const AttnParams& p, int b, int h)
-      : mask(static_cast<const T*>(p.mask)), sl(p.mask_sl), ss(p.mask_ss), kpm(p.kpm), L(p.L), S(p.S),
+      : mask(p.mask), sl(p.mask_sl), ss(p.mask_ss), kpm(p.kpm), L(p.L), S(p.S),
         causal(p.causal) {
     if (mask) mask += b * p.mask_sb + h * p.mask_sh;
     if (kpm) kpm += static_cast<int64_t>(b) * p.S;
@@ -181,7 +181,10 @@ struct ScoreMask {
   __device__ __forceinline__ float apply(float s, int i, int j) const {
     if (i >= L || j >= S || (causal && j > i)) return -INFINITY;
     if (kpm && kpm[j]) return -INFINITY;
-    if (mask) s += TypeOps<T>::to_float(mask[i * sl + j * ss]);
+    if (mask) {  // only -inf excludes a key: set, not added (a NaN score + -inf would be NaN)
+      const float mv = mask[i * sl + j * ss];
+      s = mv == -INFINITY ? -INFINITY : s + mv;
+    }
     return s;
   }
 };

@@ -84,12 +84,12 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_fp32_kernel(const AttnParams 
       }
     }
   }
-  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const float inv = l != 0.f ? 1.f / l : 0.f;  // a NaN sum stays NaN
   float* out = static_cast<float*>(p.out) + gw * Ev;
 #pragma unroll
   for (int c = 0; c < NC; ++c)
     if (c * 32 + lane < Ev) out[c * 32 + lane] = o[c] * inv;
-  if (lane == 0) p.lse[gw] = l > 0.f ? m * kLn2 + logf(l) : INFINITY;
+  if (lane == 0) p.lse[gw] = l != 0.f ? m * kLn2 + logf(l) : INFINITY;
 }
 
 template <int NC>

@@ -3,7 +3,7 @@
 //
 // Layouts (all contiguous unless said otherwise; see fastattn/backends/README.md):
 //   q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev), out (N, Hq, L, Ev), lse (N, Hq, L) float32
-//   attn_mask: additive, dtype of q, read at mask[b*mask_sb + h*mask_sh + i*mask_sl + j*mask_ss]
+//   attn_mask: additive, float32, read at mask[b*mask_sb + h*mask_sh + i*mask_sl + j*mask_ss]
 //              (an expanded (N, Hq, L, S) view: strides may be 0)
 //   kpm: key padding, bool (N, S) as bytes, nonzero = key ignored
 #pragma once
@@ -22,7 +22,7 @@ struct AttnParams {
   const void* v = nullptr;     // (N, Hkv, S, Ev)
   void* out = nullptr;         // (N, Hq, L, Ev)      forward output / backward input
   float* lse = nullptr;        // (N, Hq, L)          forward output / backward input
-  const void* mask = nullptr;  // additive mask, dtype of q, or null
+  const float* mask = nullptr;  // additive mask, float32, or null
   int64_t mask_sb = 0, mask_sh = 0, mask_sl = 0, mask_ss = 0;  // its strides in elements
   const uint8_t* kpm = nullptr;  // (N, S) nonzero = key ignored, or null
   int N = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;

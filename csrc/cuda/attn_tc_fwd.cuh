@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
     lr += __shfl_xor_sync(0xffffffffu, lr, 2);
     const int row = row_base + r * 8;
     if (row < p.L) {
-      const float inv = lr > 0.f ? 1.f / lr : 0.f;
+      const float inv = lr != 0.f ? 1.f / lr : 0.f;  // a NaN sum stays NaN
 #pragma unroll
       for (int dn = 0; dn < DN; ++dn) {
         const int col = dn * 8 + 2 * tq;
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
         if (col + 1 < Ev)
           out[static_cast<int64_t>(row) * Ev + col + 1] = TypeOps<T>::from_float(o[dn][2 * r + 1] * inv);
       }
-      if (tq == 0) p.lse[static_cast<int64_t>(bh) * p.L + row] = lr > 0.f ? m[r] * kLn2 + logf(lr) : INFINITY;
+      if (tq == 0) p.lse[static_cast<int64_t>(bh) * p.L + row] = lr != 0.f ? m[r] * kLn2 + logf(lr) : INFINITY;
     }
   }
 }

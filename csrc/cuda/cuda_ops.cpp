@@ -56,6 +56,14 @@ uint64_t seed_value(double dropout_p, const std::optional<Tensor>& seed) {
   return static_cast<uint64_t>(seed->item<int64_t>());
 }
 
+// The additive mask as the kernels read it: float32 (a mask in q's 16-bit dtype is widened).
+std::optional<Tensor> float_mask(const std::optional<Tensor>& attn_mask) {
+  if (!attn_mask.has_value() || !attn_mask->defined() || attn_mask->scalar_type() == at::kFloat) return attn_mask;
+  TORCH_CHECK(attn_mask->is_floating_point(), "fastattn cuda: attn_mask has dtype ", attn_mask->scalar_type(),
+              "; expected an additive float32 mask");
+  return attn_mask->to(at::kFloat);
+}
+
 // Fills everything but the backward tensors; checks shapes against the contract.
 AttnParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
                             const std::optional<Tensor>& key_padding_mask, double dropout_p, bool is_causal,
@@ -88,11 +96,14 @@ AttnParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.v = v.data_ptr();
   if (attn_mask.has_value() && attn_mask->defined()) {
     const Tensor& m = *attn_mask;
-    check_cuda_tensor(m, "attn_mask", q);
+    TORCH_CHECK(m.is_cuda() && m.device() == q.device(), "fastattn cuda: attn_mask is on ", m.device(),
+                "; expected ", q.device());
+    TORCH_CHECK(m.scalar_type() == at::kFloat, "fastattn cuda: attn_mask has dtype ", m.scalar_type(),
+                "; expected float32 (added at fp32 accumulation precision)");
     TORCH_CHECK(m.dim() == 4 && m.size(0) == p.N && m.size(1) == p.Hq && m.size(2) == p.L && m.size(3) == p.S,
                 "fastattn cuda: attn_mask has shape ", m.sizes(), "; expected the expanded view (N, Hq, L, S) = (",
                 p.N, ", ", p.Hq, ", ", p.L, ", ", p.S, ")");
-    p.mask = m.data_ptr();
+    p.mask = m.data_ptr<float>();
     p.mask_sb = m.stride(0);
     p.mask_sh = m.stride(1);
     p.mask_sl = m.stride(2);
@@ -120,7 +131,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, 
                                               const std::optional<Tensor>& key_padding_mask, double dropout_p,
                                               bool is_causal, double scale, const std::optional<Tensor>& seed) {
   const c10::cuda::CUDAGuard guard(q.device());
-  AttnParams p = attention_params(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed);
+  const std::optional<Tensor> mask32 = float_mask(attn_mask);
+  AttnParams p = attention_params(q, k, v, mask32, key_padding_mask, dropout_p, is_causal, scale, seed);
   Tensor out = at::empty({p.N, p.Hq, p.L, p.Ev}, q.options());
   Tensor lse = at::empty({p.N, p.Hq, p.L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -144,7 +156,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
                                                       double dropout_p, bool is_causal, double scale,
                                                       const std::optional<Tensor>& seed) {
   const c10::cuda::CUDAGuard guard(q.device());
-  AttnParams p = attention_params(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed);
+  const std::optional<Tensor> mask32 = float_mask(attn_mask);
+  AttnParams p = attention_params(q, k, v, mask32, key_padding_mask, dropout_p, is_causal, scale, seed);
   const Tensor dout_c = grad_out.contiguous();
   const Tensor out_c = out.contiguous();
   const Tensor lse_c = lse.contiguous();
