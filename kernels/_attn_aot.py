@@ -39,8 +39,8 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory a block 
 
 _PTR_TYPES = {"f16": "*fp16", "bf16": "*bf16", "f32": "*fp32"}
 _FLOAT_ARGS = {"dropout_p", "qk_scale", "sm_scale"}
-_F32_PTRS = {"Lse", "Delta"}
-_DATA_PTRS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "Mask"}
+_F32_PTRS = {"Lse", "LseBase", "LseRest", "Delta", "Mask"}  # the additive mask is float32 for every dtype
+_DATA_PTRS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV"}
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, list]:
@@ -117,10 +117,11 @@ def case_constexprs(name: str, block_d: int, spec, cfg, dc: str) -> dict:
     from kernels.attention import input_precision  # import path set by the caller
 
     c = dict(cfg.kwargs)
-    if name == "bwd_delta":
-        c["BLOCK_DV"] = block_d
-        return c
     has_mask, has_kpm, dropout = spec
+    if name == "bwd_delta":
+        c.update(BLOCK_D=block_d, BLOCK_DV=block_d, HAS_MASK=has_mask, HAS_KPM=has_kpm,
+                 INPUT_PRECISION=input_precision(dc))
+        return c
     c.update(BLOCK_D=block_d, BLOCK_DV=block_d, HAS_MASK=has_mask, HAS_KPM=has_kpm, HAS_DROPOUT=dropout,
              INPUT_PRECISION=input_precision(dc))
     return c
@@ -143,7 +144,7 @@ def compile_one(args) -> dict:
     types, divisible = _signature(kernel, dtype, constexprs)
     src = make_ast_source(kernel, types, constexprs, divisible)
     row = dict(kernel=name, dtype="tf32" if dc == "tf32" else dtype, dtype_class=dc, head_dim=hd, arch=arch,
-               spec="-" if spec is None else A.variant(spec),
+               spec=A.variant(spec),
                config="BM%d" % cfg.kwargs["BLOCK_M"] + ("/BN%d" % cfg.kwargs["BLOCK_N"] if "BLOCK_N" in cfg.kwargs else "")
                + f" w{cfg.num_warps} s{cfg.num_stages}" + ("" if A.config_archs(cfg) == A.ARCH_FAMILIES
                                                          else " only sm%d" % A.config_archs(cfg)[0]),

@@ -215,28 +215,102 @@ def _attn_fwd_kernel(
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_delta_kernel(
     Out, DOut, Delta,         # out (N,Hq,L,Ev), grad_out (N,Hq,L,Ev), delta (N,Hq,L) f32
-    L, HEAD_DV,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Q, K, Lse, LseBase, LseRest,  # q, k; lse (N,Hq,L) f32 from the forward; the split (N,Hq,L) f32 outputs
+    Mask, Kpm, KvRange, qk_scale,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    Hq, GROUP, L, S, HEAD_D, HEAD_DV,
+    causal,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """delta[b,h,i] = sum_e dO[b,h,i,e] * O[b,h,i,e] in float32."""
+    """delta[b,h,i] = sum_e dO[b,h,i,e] * O[b,h,i,e] in float32, and the log-sum-exp the dK/dV and dQ
+    kernels recompute P from, as base + rest in their units (log2 units; natural-log units with a
+    mask): P = exp2(s - base - rest). Normally base = lse, rest = 0. The float32 lse is one number
+    m + log l rounded to the ulp of m: where |lse| >= 32 it would get P wrong by up to ulp(lse)/2
+    relative (or by a factor S when log l vanishes against m = -1e30), so those rows recompute the
+    row max m (base) and log l (rest) over their keys, kept apart."""
     num_m = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = (pid % num_m) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    ok = (offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DV)
+    m_ok = offs_m < L
+    ok = m_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
     base = bh.to(tl.int64) * L * HEAD_DV
     ptrs = offs_m[:, None] * HEAD_DV + offs_dv[None, :]
     o = tl.load(Out + base + ptrs, mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DOut + base + ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=m_ok)
+
+    lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
+    big = (tl.abs(lse) >= 32.0) & (lse != float("inf")) & m_ok
+    if HAS_MASK:
+        lse_base = lse
+    else:
+        lse_base = lse * 1.4426950408889634
+    lse_rest = tl.zeros([BLOCK_M], tl.float32)
+    if tl.max(big.to(tl.int32), 0) > 0:  # rare: recompute the row max and sum (as _fwd_block does)
+        b = bh // Hq
+        h = bh % Hq
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + bh.to(tl.int64) * L * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :],
+                    mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+        if _WIDEN_BF16 and q.dtype == tl.bfloat16:
+            q = q.to(tl.float32)
+        k_base = K + (b * (Hq // GROUP) + h // GROUP).to(tl.int64) * S * HEAD_D
+        mask_rows = Mask
+        if HAS_MASK:
+            mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                         + offs_m.to(tl.int64) * stride_ml)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
+        lo = 0
+        if HAS_KPM:
+            lo = (tl.load(KvRange + 2 * b) // BLOCK_N) * BLOCK_N
+            n_end = tl.minimum(n_end, tl.load(KvRange + 2 * b + 1))
+        for start_n in range(lo, n_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < S
+            k = tl.load(k_base + offs_n[:, None] * HEAD_D + offs_d[None, :],
+                        mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+            if _WIDEN_BF16 and k.dtype == tl.bfloat16:
+                k = k.to(tl.float32)
+            sc = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            if HAS_MASK:
+                mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
+                                mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                sc = tl.where(mvals == float("-inf"), float("-inf"), sc * 0.6931471805599453 + mvals)
+            if HAS_KPM:
+                pad = tl.load(Kpm + b.to(tl.int64) * S + offs_n, mask=n_ok, other=1)
+                sc = tl.where(pad[None, :] == 0, sc, float("-inf"))
+            n_diag = tl.where(causal, offs_n, 0)
+            sc = tl.where(n_ok[None, :] & (n_diag[None, :] <= offs_m[:, None]), sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            if HAS_MASK:
+                l_i = (l_i * tl.math.exp2((m_i - m_sub) * 1.4426950408889634)
+                       + tl.sum(tl.math.exp2((sc - m_sub[:, None]) * 1.4426950408889634), 1))
+            else:
+                l_i = l_i * tl.math.exp2(m_i - m_sub) + tl.sum(tl.math.exp2(sc - m_sub[:, None]), 1)
+            m_i = m_new
+        split = big & (l_i != 0.0)
+        if HAS_MASK:
+            rest = tl.math.log2(tl.where(split, l_i, 1.0)) * 0.6931471805599453
+        else:
+            rest = tl.math.log2(tl.where(split, l_i, 1.0))
+        lse_base = tl.where(split, m_i, lse_base)
+        lse_rest = tl.where(split, rest, 0.0)
+    tl.store(LseBase + bh.to(tl.int64) * L + offs_m, lse_base, mask=m_ok)
+    tl.store(LseRest + bh.to(tl.int64) * L + offs_m, lse_rest, mask=m_ok)
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols, drop_base,
+def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, rest_base, delta_base, mask_cols, drop_base,
                 start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                 L, S, HEAD_D, HEAD_DV, stride_ml,
                 causal, BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr,
@@ -257,15 +331,16 @@ def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mas
         q = q.to(tl.float32)
     if _WIDEN_BF16 and do.dtype == tl.bfloat16:
         do = do.to(tl.float32)
-    lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))   # base and rest: see the delta pre-pass
+    rest = tl.load(rest_base + offs_m, mask=m_ok, other=0.0)
     sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # (BN, BM)
     if HAS_MASK:  # natural-log units, as in _fwd_block
         mvals = tl.load(mask_cols[:, None] + offs_m[None, :].to(tl.int64) * stride_ml,
                         mask=(offs_n[:, None] < S) & m_ok[None, :], other=0.0).to(tl.float32)
         sT = tl.where(mvals == float("-inf"), float("-inf"), sT * 0.6931471805599453 + mvals)
-        pT = tl.math.exp2((sT - lse[None, :]) * 1.4426950408889634)
+        pT = tl.math.exp2(((sT - lse[None, :]) - rest[None, :]) * 1.4426950408889634)
     else:
-        pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
+        pT = tl.math.exp2((sT - lse[None, :]) - rest[None, :])
     if HAS_KPM:
         pT = tl.where(key_ok[:, None], pT, 0.0)
     if BOUNDARY:
@@ -288,7 +363,8 @@ def _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mas
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta,  # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev), lse/delta (N,Hq,L)
+    Q, K, V, DOut, Lse, LseRest, Delta,  # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev),
+                                         # lse base/rest (the delta pre-pass's split), delta (N,Hq,L)
     DK, DV,                     # dk (N,Hkv,S,E), dv (N,Hkv,S,Ev)
     Mask, Kpm,                  # additive (N,Hq,L,S) strided view; (N,S) u8
     seed, dropout_p, qk_scale, sm_scale,
@@ -344,6 +420,7 @@ def _attn_bwd_dkdv_kernel(
         q_base = Q + bh.to(tl.int64) * L * HEAD_D
         do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
         lse_base = Lse + bh.to(tl.int64) * L
+        rest_base = LseRest + bh.to(tl.int64) * L
         delta_base = Delta + bh.to(tl.int64) * L
         mask_cols = Mask
         if HAS_MASK:
@@ -351,17 +428,17 @@ def _attn_bwd_dkdv_kernel(
                          + offs_n.to(tl.int64) * stride_ms)                        # (BN,) pointers
         drop_base = bh.to(tl.int64) * L * S
         for start_m in range(m_lo, f_lo, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
+            dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, rest_base, delta_base, mask_cols,
                                  drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                  L, S, HEAD_D, HEAD_DV, stride_ml,
                                  causal, BLOCK_M, True, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
         for start_m in range(f_lo, f_hi, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
+            dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, rest_base, delta_base, mask_cols,
                                  drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                  L, S, HEAD_D, HEAD_DV, stride_ml,
                                  causal, BLOCK_M, False, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
         for start_m in range(f_hi, m_end, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, mask_cols,
+            dk, dv = _dkdv_block(dk, dv, k, v, key_ok, q_base, do_base, lse_base, rest_base, delta_base, mask_cols,
                                  drop_base, start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                  L, S, HEAD_D, HEAD_DV, stride_ml,
                                  causal, BLOCK_M, True, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
@@ -376,7 +453,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
+def _dq_block(dq, q, do, lse2, rest, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
               start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
               L, S, HEAD_D, HEAD_DV, stride_ms,
               causal, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
@@ -404,9 +481,9 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
                         mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0).to(tl.float32)
         s = tl.where(mvals == float("-inf"), float("-inf"), s * 0.6931471805599453 + mvals)
-        p = tl.math.exp2((s - lse2[:, None]) * 1.4426950408889634)
+        p = tl.math.exp2(((s - lse2[:, None]) - rest[:, None]) * 1.4426950408889634)
     else:
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2((s - lse2[:, None]) - rest[:, None])
     if HAS_KPM:
         pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)
         p = tl.where(pad[None, :] == 0, p, 0.0)
@@ -425,7 +502,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta,  # as in _attn_bwd_dkdv_kernel
+    Q, K, V, DOut, Lse, LseRest, Delta,  # as in _attn_bwd_dkdv_kernel
     DQ,                         # dq (N,Hq,L,E)
     Mask, Kpm, KvRange,
     seed, dropout_p, qk_scale, sm_scale,
@@ -459,9 +536,8 @@ def _attn_bwd_dq_kernel(
         q = q.to(tl.float32)
     if _WIDEN_BF16 and do.dtype == tl.bfloat16:
         do = do.to(tl.float32)
-    lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf"))
-    if not HAS_MASK:  # log2 units (with a mask the blocks work in natural-log units)
-        lse2 = lse2 * 1.4426950408889634
+    lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf"))  # base, in the
+    rest = tl.load(LseRest + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)      # blocks' units
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
     k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
     v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
@@ -484,12 +560,12 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, full_end, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
+        dq = _dq_block(dq, q, do, lse2, rest, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
                        start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
                        L, S, HEAD_D, HEAD_DV, stride_ms,
                        causal, BLOCK_N, False, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
     for start_n in range(full_end, n_end, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
+        dq = _dq_block(dq, q, do, lse2, rest, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
                        start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
                        L, S, HEAD_D, HEAD_DV, stride_ms,
                        causal, BLOCK_N, True, HAS_MASK, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION)
@@ -699,11 +775,11 @@ for (_name, _dc, _hd, _var), _to in SPEC_ALIAS.items():
 
 
 # The delta pre-pass is memory bound and tiny: one config.
-DELTA_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)
+DELTA_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 # Under the interpreter: one small config for everything (the interpreter runs a program per block).
 INTERPRET_CONFIG = _cfg(16, 16, 1, 1)
-INTERPRET_DELTA_CONFIG = triton.Config({"BLOCK_M": 16}, num_warps=1, num_stages=1)
+INTERPRET_DELTA_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
 
 KERNELS = {
     "fwd": (_attn_fwd_kernel, FWD_CONFIGS),
@@ -763,8 +839,11 @@ def compile_cases():
                                 seen.append(key)
                                 cases.append((name, kernel, dc, hd, spec, cfg))
     for hd in HEAD_DIM_BUCKETS:
-        for dc in ("f16", "f32"):
-            cases.append(("bwd_delta", _attn_bwd_delta_kernel, dc, hd, None, DELTA_CONFIG))
+        for dc in DTYPE_CLASSES:
+            for has_mask in (False, True):
+                for has_kpm in (False, True):
+                    cases.append(("bwd_delta", _attn_bwd_delta_kernel, dc, hd, (has_mask, has_kpm, False),
+                                  DELTA_CONFIG))
     return cases
 
 
@@ -837,13 +916,17 @@ def _check_inputs(q, k, v):
 
 
 def _mask_args(attn_mask, q, l, s):
+    """(the additive mask as the kernels read it: float32, added at fp32; its strides). Without a
+    mask, a float32 placeholder, so the launched kernel's signature is the one compiled ahead of time."""
     if attn_mask is None:
-        return q, (0, 0, 0, 0)
+        return torch.empty(1, dtype=torch.float32, device=q.device), (0, 0, 0, 0)
     n, hq = q.shape[:2]
     if tuple(attn_mask.shape) != (n, hq, l, s):
         raise ValueError(f"attn_mask: got shape {tuple(attn_mask.shape)}, expected the expanded view {(n, hq, l, s)}")
     if not attn_mask.is_floating_point():
         raise TypeError(f"attn_mask.dtype: got {attn_mask.dtype}, expected an additive float mask")
+    if attn_mask.dtype != torch.float32:  # the contract sends float32; a narrower mask is widened
+        attn_mask = attn_mask.float()
     return attn_mask, tuple(attn_mask.stride())
 
 
@@ -953,10 +1036,14 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
     qk_scale = float(scale) * LOG2E
 
     delta = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)
+    lse_base = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)  # lse split by the pre-pass
+    lse_rest = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)
     dcfg = INTERPRET_DELTA_CONFIG if INTERPRET else DELTA_CONFIG
     _attn_bwd_delta_kernel[(triton.cdiv(l, dcfg.kwargs["BLOCK_M"]) * n * hq,)](
-        out, grad_out, delta, l, ev, BLOCK_DV=dims["BLOCK_DV"], **dcfg.kwargs,
-        num_warps=dcfg.num_warps, num_stages=dcfg.num_stages)
+        out, grad_out, delta, q, k, lse, lse_base, lse_rest, mask, kpm, kv_range, qk_scale,
+        ms[0], ms[1], ms[2], ms[3], **dims, HAS_MASK=flags["HAS_MASK"], HAS_KPM=flags["HAS_KPM"],
+        INPUT_PRECISION=flags["INPUT_PRECISION"], **dcfg.kwargs, num_warps=dcfg.num_warps,
+        num_stages=dcfg.num_stages)
 
     # dK/dV may run as a heavier specialisation (SPEC_ALIAS: key padding added, nothing padded).
     dkdv_spec = launched_spec("bwd_dkdv", key[0], key[1], (flags["HAS_MASK"], flags["HAS_KPM"], flags["HAS_DROPOUT"]))
@@ -967,13 +1054,13 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
 
     def launch_dkdv(cfg):
         grid = (triton.cdiv(s, cfg.kwargs["BLOCK_N"]) * n * hkv,)
-        _attn_bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, mask, dkdv_kpm, seed_val,
+        _attn_bwd_dkdv_kernel[grid](q, k, v, grad_out, lse_base, lse_rest, delta, dk, dv, mask, dkdv_kpm, seed_val,
                                     float(dropout_p), qk_scale, float(scale), ms[0], ms[1], ms[2], ms[3], **dims,
                                     **dkdv_flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def launch_dq(cfg):
         grid = (triton.cdiv(l, cfg.kwargs["BLOCK_M"]) * n * hq,)
-        _attn_bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, dq, mask, kpm, kv_range, seed_val,
+        _attn_bwd_dq_kernel[grid](q, k, v, grad_out, lse_base, lse_rest, delta, dq, mask, kpm, kv_range, seed_val,
                                   float(dropout_p), qk_scale, float(scale), ms[0], ms[1], ms[2], ms[3], **dims,
                                   **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
