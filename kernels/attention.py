@@ -218,8 +218,8 @@ def _attn_fwd_kernel(
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_delta_kernel(
     Out, DOut, Delta,         # out (N,Hq,L,Ev), grad_out (N,Hq,L,Ev), delta (N,Hq,L) f32
-    Q, K, Lse, LseBase, LseRest,  # q, k; lse (N,Hq,L) f32 from the forward; the split (N,Hq,L) f32 outputs
-    Mask, Kpm, KvRange, qk_scale,
+    Q, K, V, Lse, LseBase, LseRest,  # q, k, v; lse (N,Hq,L) f32 from the forward; the split (N,Hq,L) f32 outputs
+    Mask, Kpm, KvRange, dropout_p, qk_scale,
     stride_mb, stride_mh, stride_ml, stride_ms,
     Hq, GROUP, L, S, HEAD_D, HEAD_DV,
     causal,
@@ -231,7 +231,11 @@ def _attn_bwd_delta_kernel(
     mask): P = exp2(s - base - rest). Normally base = lse, rest = 0. The float32 lse is one number
     m + log l rounded to the ulp of m: where |lse| >= 32 it would get P wrong by up to ulp(lse)/2
     relative (or by a factor S when log l vanishes against m = -1e30), so those rows recompute the
-    row max m (base) and log l (rest) over their keys, kept apart."""
+    row max m (base) and log l (rest) over their keys, kept apart. Those rows (large logits) also
+    take delta = rowsum(P dP) with P unrounded and dP = dO V^T by the dQ kernel's own product, as
+    torch's math does: rowsum(dO O) from the output rounded to 16 bits is off by about 2^-9 |dO| |O|,
+    and any rounding apart from dP's, which dS = P (dP - delta) carries into dQ and dK times the
+    logit scale, is what a one-hot row's exact dS = 0 is made of."""
     num_m = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -244,7 +248,7 @@ def _attn_bwd_delta_kernel(
     ptrs = offs_m[:, None] * HEAD_DV + offs_dv[None, :]
     o = tl.load(Out + base + ptrs, mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DOut + base + ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=m_ok)
+    delta = tl.sum(o * do, 1)
 
     lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
     big = (tl.abs(lse) >= 32.0) & (lse != float("inf")) & m_ok
@@ -266,8 +270,13 @@ def _attn_bwd_delta_kernel(
         if HAS_MASK:
             mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
                          + offs_m.to(tl.int64) * stride_ml)
+        v_base = V + (b * (Hq // GROUP) + h // GROUP).to(tl.int64) * S * HEAD_DV
+        do_in = tl.load(DOut + base + ptrs, mask=ok, other=0.0)  # in its dtype, as the dQ kernel reads it
+        if _WIDEN_BF16 and do_in.dtype == tl.bfloat16:
+            do_in = do_in.to(tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
+        dd = tl.zeros([BLOCK_M], tl.float32)  # rowsum(P dP), rescaled like l_i
         n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
         lo = 0
         if HAS_KPM:
@@ -293,11 +302,19 @@ def _attn_bwd_delta_kernel(
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             if HAS_MASK:
-                l_i = (l_i * tl.math.exp2((m_i - m_sub) * 1.4426950408889634)
-                       + tl.sum(tl.math.exp2((sc - m_sub[:, None]) * 1.4426950408889634), 1))
+                alpha = tl.math.exp2((m_i - m_sub) * 1.4426950408889634)
+                pr = tl.math.exp2((sc - m_sub[:, None]) * 1.4426950408889634)
             else:
-                l_i = l_i * tl.math.exp2(m_i - m_sub) + tl.sum(tl.math.exp2(sc - m_sub[:, None]), 1)
+                alpha = tl.math.exp2(m_i - m_sub)
+                pr = tl.math.exp2(sc - m_sub[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
             m_i = m_new
+            v = tl.load(v_base + offs_n[:, None] * HEAD_DV + offs_dv[None, :],
+                        mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+            if _WIDEN_BF16 and v.dtype == tl.bfloat16:
+                v = v.to(tl.float32)
+            dp = tl.dot(do_in, tl.trans(v), input_precision=INPUT_PRECISION)
+            dd = dd * alpha + tl.sum(pr * dp, 1)
         split = big & (l_i != 0.0)
         if HAS_MASK:
             rest = tl.math.log2(tl.where(split, l_i, 1.0)) * 0.6931471805599453
@@ -305,6 +322,9 @@ def _attn_bwd_delta_kernel(
             rest = tl.math.log2(tl.where(split, l_i, 1.0))
         lse_base = tl.where(split, m_i, lse_base)
         lse_rest = tl.where(split, rest, 0.0)
+        # (with dropout delta is rowsum(P Z dP) / (1 - p): keep rowsum(dO O) there)
+        delta = tl.where(split & (dropout_p == 0.0), dd / tl.where(split, l_i, 1.0), delta)
+    tl.store(Delta + bh.to(tl.int64) * L + offs_m, delta, mask=m_ok)
     tl.store(LseBase + bh.to(tl.int64) * L + offs_m, lse_base, mask=m_ok)
     tl.store(LseRest + bh.to(tl.int64) * L + offs_m, lse_rest, mask=m_ok)
 
@@ -1040,7 +1060,7 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
     lse_rest = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)
     dcfg = INTERPRET_DELTA_CONFIG if INTERPRET else DELTA_CONFIG
     _attn_bwd_delta_kernel[(triton.cdiv(l, dcfg.kwargs["BLOCK_M"]) * n * hq,)](
-        out, grad_out, delta, q, k, lse, lse_base, lse_rest, mask, kpm, kv_range, qk_scale,
+        out, grad_out, delta, q, k, v, lse, lse_base, lse_rest, mask, kpm, kv_range, float(dropout_p), qk_scale,
         ms[0], ms[1], ms[2], ms[3], **dims, HAS_MASK=flags["HAS_MASK"], HAS_KPM=flags["HAS_KPM"],
         INPUT_PRECISION=flags["INPUT_PRECISION"], **dcfg.kwargs, num_warps=dcfg.num_warps,
         num_stages=dcfg.num_stages)

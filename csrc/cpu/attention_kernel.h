@@ -472,18 +472,6 @@ inline void store_transposed(const T* src, int64_t lds, int64_t R, int64_t C, co
   }
 }
 
-// sum_e a[e] b[e] in T, eight independent partial sums (no serial chain of n additions).
-template <typename T, typename In>
-inline T row_dot(const In* a, const In* b, int64_t n) {
-  T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
-  int64_t e = 0;
-  for (; e + 8 <= n; e += 8)
-    for (int u = 0; u < 8; ++u) acc[u] += static_cast<T>(a[e + u]) * static_cast<T>(b[e + u]);
-  T tail = 0;
-  for (; e < n; ++e) tail += static_cast<T>(a[e]) * static_cast<T>(b[e]);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
-
 inline uint64_t dropout_offset(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
   return static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j);
 }
@@ -601,21 +589,30 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
 // get wrong by up to ulp(lse)/2 relative, or by a factor S when log l vanishes against m = -1e30)
 // recompute it, and the backward then forms P = exp((s - lm) - ll): s - lm exact as in the forward.
 // qt: (E, Lp) Q^T times scale; st: (BN, BM) scratch; m, l: (BM) scratch; kscr: (BN, E) scratch
-// for K in T when In is narrower.
+// for K in T when In is narrower. With dlt (Lp) given (no dropout), also delta = rowsum(P dP) of
+// every row, P unrounded and dP = dO V^T by the backward's own GEMM (dot: (Ev, Lp) dO^T; vscr:
+// (BN, Ev) V in T; dpt: (BN, BM), dd: (BM) scratch): these rows have large logits, where
+// rowsum(dO O) from the output rounded to 16 bits is off by about 2^-9 |dO| |O| and any rounding
+// apart from dP is carried into dQ and dK multiplied by the logit scale.
 constexpr float kSplitLse = 32.f;
 
 template <typename V, typename In>
 void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::value_type* qt, int64_t Lp,
                typename V::value_type* st, typename V::value_type* m, typename V::value_type* l,
-               typename V::value_type* kscr, typename V::value_type* lm, typename V::value_type* ll) {
+               typename V::value_type* kscr, typename V::value_type* lm, typename V::value_type* ll,
+               const typename V::value_type* dot = nullptr, typename V::value_type* vscr = nullptr,
+               typename V::value_type* dpt = nullptr, typename V::value_type* dd = nullptr,
+               typename V::value_type* dlt = nullptr) {
   using T = typename V::value_type;
   constexpr int W = V::W;
-  const int64_t BM = p.bm, BN = p.bn, E = p.E, L = p.L, S = p.S;
+  const int64_t BM = p.bm, BN = p.bn, E = p.E, Ev = p.Ev, L = p.L, S = p.S;
   const In* K = static_cast<const In*>(p.k) + (b * p.Hkv + h / (p.Hq / p.Hkv)) * S * E;
+  const In* Vsrc = static_cast<const In*>(p.v) + (b * p.Hkv + h / (p.Hq / p.Hkv)) * S * Ev;
   for (int64_t i0 = 0; i0 < L; i0 += BM) {
     const int64_t mrows = std::min(BM, L - i0);
     std::fill(m, m + BM, -std::numeric_limits<T>::infinity());
     std::fill(l, l + BM, T(0));
+    if (dlt != nullptr) std::fill(dd, dd + BM, T(0));  // the running rowsum(P dP), rescaled like l
     const int64_t kend = p.causal ? std::min(S, i0 + mrows) : S;
     for (int64_t j0 = 0; j0 < kend; j0 += BN) {
       const int64_t nb = std::min(BN, kend - j0);
@@ -623,20 +620,30 @@ void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::valu
       const T* Kb = as_compute<T, In>(K + j0 * E, nb * E, kscr);
       block_gemm<V, false>(nb, BM, E, Kb, E, 1, qt + i0, Lp, st, BM);
       mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
+      if (dlt != nullptr)
+        block_gemm<V, false>(nb, BM, Ev, as_compute<T, In>(Vsrc + j0 * Ev, nb * Ev, vscr), Ev, 1, dot + i0, Lp,
+                             dpt, BM);
       for (int64_t x = 0; x < BM; x += W) {
         V mb = V::load(m + x);
         const V mold = mb;
         for (int64_t j = 0; j < nb; ++j) mb = vmax(mb, V::load(st + j * BM + x));
         mb.store(m + x);
         const V msafe = vmax(V::set1(std::numeric_limits<T>::lowest()), mb);
-        V sum = V::set1(0);
-        for (int64_t j = 0; j < nb; ++j) sum = sum + vexp(V::load(st + j * BM + x) - msafe);
-        fmadd(V::load(l + x), vexp(mold - msafe), sum).store(l + x);
+        V sum = V::set1(0), sdp = V::set1(0);
+        for (int64_t j = 0; j < nb; ++j) {
+          const V pj = vexp(V::load(st + j * BM + x) - msafe);
+          sum = sum + pj;
+          if (dlt != nullptr) sdp = fmadd(pj, V::load(dpt + j * BM + x), sdp);
+        }
+        const V alpha = vexp(mold - msafe);
+        fmadd(V::load(l + x), alpha, sum).store(l + x);
+        if (dlt != nullptr) fmadd(V::load(dd + x), alpha, sdp).store(dd + x);
       }
     }
     for (int64_t i = 0; i < mrows; ++i) {
       lm[i0 + i] = l[i] != T(0) ? m[i] : T(0);
       ll[i0 + i] = l[i] != T(0) ? std::log(l[i]) : std::numeric_limits<T>::infinity();
+      if (dlt != nullptr) dlt[i0 + i] = l[i] != T(0) ? dd[i] / l[i] : T(0);
     }
   }
 }
@@ -658,8 +665,9 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   const int64_t nparts = p.key_parts;
   const int64_t part_len = round_up((S + nparts - 1) / nparts, BN);
   constexpr bool kConvert = !std::is_same<T, In>::value;
-  std::vector<T> buf(E * Lp + Lp * Ep + Ev * Lp + Lp * Evp + 3 * Lp + E * Lp + 2 * BN * BM +
-                     part_len * Ep + part_len * Evp + 2 * BM + (kConvert ? part_len * (E + Ev) + BN * E : 0));
+  std::vector<T> buf(E * Lp + Lp * Ep + 2 * Ev * Lp + Lp * Evp + 3 * Lp + E * Lp + 2 * BN * BM +
+                     part_len * Ep + part_len * Evp + 2 * BM +
+                     (kConvert ? part_len * (E + Ev) + BN * E : 0) + BN * Ev + Lp + BM);
   T* qt = buf.data();        // (E, Lp)   Q^T times scale
   T* qn = qt + E * Lp;       // (Lp, Ep)  Q, zero padded
   T* dot = qn + Lp * Ep;     // (Ev, Lp)  dO^T
@@ -677,6 +685,10 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   T* vbuf = kbuf + part_len * E;
   T* kscr = vbuf + part_len * Ev;  // (BN, E) K in T for exact_lse (kConvert only)
   T* lm = kscr + (kConvert ? BN * E : 0);  // (Lp) row max of a split log-sum-exp (see exact_lse)
+  T* otr = lm + Lp;                        // (Ev, Lp) O^T in T, for delta
+  T* vscr = otr + Ev * Lp;                 // (BN, Ev) V in T for exact_lse
+  T* dlt = vscr + BN * Ev;                 // (Lp) exact_lse's rowsum(P dP)
+  T* ddr = dlt + Lp;                       // (BM) its scratch
   const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
   const T scale = static_cast<T>(p.scale);
   const int64_t nqb = Lp / BM;
@@ -696,29 +708,37 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
       const float* LSE = p.lse + bh * L;
       load_transposed<T, In>(Q, E, L, E, scale, qt, Lp);
       load_transposed<T, In>(dO, Ev, L, Ev, T(1), dot, Lp);
+      load_transposed<T, In>(O, Ev, L, Ev, T(1), otr, Lp);
       for (int64_t e = 0; e < E; ++e) std::fill(qt + e * Lp + L, qt + (e + 1) * Lp, T(0));
       for (int64_t e = 0; e < Ev; ++e) std::fill(dot + e * Lp + L, dot + (e + 1) * Lp, T(0));
+      for (int64_t e = 0; e < Ev; ++e) std::fill(otr + e * Lp + L, otr + (e + 1) * Lp, T(0));
       std::fill(qn, qn + Lp * Ep, T(0));
       std::fill(don, don + Lp * Evp, T(0));
       for (int64_t i = 0; i < L; ++i) {
         for (int64_t e = 0; e < E; ++e) qn[i * Ep + e] = static_cast<T>(Q[i * E + e]);
         for (int64_t e = 0; e < Ev; ++e) don[i * Evp + e] = static_cast<T>(dO[i * Ev + e]);
-        delta[i] = row_dot<T, In>(dO + i * Ev, O + i * Ev, Ev);
         lse[i] = static_cast<T>(LSE[i]);
       }
-      for (int64_t i = L; i < Lp; ++i) {
-        delta[i] = T(0);
-        lse[i] = std::numeric_limits<T>::infinity();
-      }
+      for (int64_t i = L; i < Lp; ++i) lse[i] = std::numeric_limits<T>::infinity();
       bool split = false;  // P = exp((s - lm) - lse) with lse = log l (see exact_lse)
       for (int64_t i = 0; i < L; ++i)
         split |= std::abs(LSE[i]) >= kSplitLse && LSE[i] != std::numeric_limits<float>::infinity();
       if (split || std::is_same<T, double>::value) {
         std::fill(lm, lm + Lp, T(0));
-        exact_lse<V, In>(p, b, h, qt, Lp, st, mrow, lrow, kscr, lm, lse);
+        // with dropout delta is rowsum(P Z dP) / (1 - p): keep rowsum(dO O) there
+        exact_lse<V, In>(p, b, h, qt, Lp, st, mrow, lrow, kscr, lm, lse, dot, vscr, dst, ddr,
+                         p.dropout_p == 0 ? dlt : nullptr);
         if (!split)
           for (int64_t i = 0; i < L; ++i) lse[i] += lm[i];
       }
+      // delta = rowsum(dO O) by the same chain of fmadd as each dP = dO . v_j of the GEMM below, so
+      // that a row whose P is one-hot gets dP - delta = 0 exactly (as torch's rowsum(P dP) does)
+      for (int64_t x = 0; x < Lp; x += W) {
+        V acc = V::set1(0);
+        for (int64_t e = 0; e < Ev; ++e) acc = fmadd(V::load(otr + e * Lp + x), V::load(dot + e * Lp + x), acc);
+        acc.store(delta + x);
+      }
+      if ((split || std::is_same<T, double>::value) && p.dropout_p == 0) std::copy(dlt, dlt + L, delta);
       std::fill(dqt, dqt + E * Lp, T(0));
       for (int64_t jj = 0; jj < nk; jj += BN) {
         const int64_t j0 = key_lo + jj, nb = std::min(BN, nk - jj);
