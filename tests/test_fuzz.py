@@ -76,10 +76,10 @@ def _mask_shape(kind, n, h, l, s):
 
 
 def _layout(t, how):
-    """The same values in another memory layout: transposed storage, or a stride-0 expansion."""
+    """Another memory layout: transposed storage, or batch 0 expanded over the batch (stride 0)."""
     if how == "transposed":
         return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if how == "expanded" and t.shape[0] == 1:
+    if how == "expanded":
         return t[:1].expand(t.shape)
     return t
 
@@ -87,8 +87,6 @@ def _layout(t, how):
 def build(c, device):
     g = torch.Generator().manual_seed(c["seed"])
     n, hkv, hq, l, s = c["n"], c["hkv"], c["hkv"] * c["group"], c["l"], c["s"]
-    if c["layout"] == "expanded":
-        n = 1  # one batch row, expanded: stride 0 over the batch
     q = torch.randn(n, hq, l, c["e"], generator=g, dtype=torch.float64)
     k = torch.randn(n, hkv, s, c["e"], generator=g, dtype=torch.float64)
     v = torch.randn(n, hkv, s, c["ev"], generator=g, dtype=torch.float64)
@@ -139,7 +137,7 @@ def _excluded(c, mask, kpm, n, h, l, s):
 
 def math64(q, k, v, mask, kpm, causal, scale, group):
     """fastattn's meaning in float64 (the dtype-rounded inputs, the mask as the kernels see it)."""
-    q, k, v = (t.detach().cpu().double() for t in (q, k, v))
+    q, k, v = (t.cpu().double() for t in (q, k, v))  # differentiable when they require grad
     if group > 1:
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     n, h, l, s = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -184,7 +182,7 @@ def _check_attention(backend, c):
               enable_gqa=c["group"] > 1, backend=backend)
     ref = math64(q, k, v, mask, kpm, c["causal"], c["scale"], c["group"])
     want_grad = c["grads"] and c["nonfinite"] == "none"
-    ins = [t.detach().clone().requires_grad_(want_grad) for t in (q, k, v)]
+    ins = [t.detach().requires_grad_(want_grad) for t in (q, k, v)]  # the layout as built
     out = fastattn.scaled_dot_product_attention(*ins, **kw)
     assert out.shape == ref.shape and out.dtype == q.dtype
     if c["nonfinite"] != "none":
@@ -217,13 +215,14 @@ def _check_attention(backend, c):
             res = []
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                ins2 = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+                ins2 = [t.detach().requires_grad_(True) for t in (q, k, v)]
                 o = fastattn.scaled_dot_product_attention(*ins2, **kw)
                 res.append([o.detach()] + list(torch.autograd.grad(o, ins2, torch.ones_like(o))))
         finally:
             torch.set_num_threads(before)
         for a, b in zip(*res):
-            assert torch.equal(a, b), "results differ between 1 and 2 threads"
+            same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+            assert bool(same.all()), "results differ between 1 and 2 threads"
     del hq
 
 

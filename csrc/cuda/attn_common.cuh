@@ -1,6 +1,7 @@
 // Device helpers shared by the attention kernels: tensor-core fragments (mma.sync m16n8k16,
 // ldmatrix), cp.async, element types, the score mask. CUDA headers only (+ ../philox.h).
 #pragma once
+#include <cfloat>
 #include <cstdint>
 #include <cmath>
 
@@ -188,6 +189,15 @@ struct ScoreMask {
     return s;
   }
 };
+
+// A masked natural-log score in log2 units. A finite score stays finite (a mask of finfo.min times
+// log2(e) would overflow to -inf and count as excluded): only -inf excludes a key. Scores beyond
+// +-FLT_MAX / log2(e) saturate at +-FLT_MAX (their order among themselves is lost; the rest of the
+// row is exact). NaN stays NaN.
+__device__ __forceinline__ float to_log2(float s) {
+  const float x = s * kLog2e;
+  return isfinite(s) ? fminf(fmaxf(x, -FLT_MAX), FLT_MAX) : x;
+}
 
 // Is any key of [j0, j0+bn) not padded? Block-uniform; every thread of the block must call it.
 __device__ __forceinline__ bool key_tile_live(const uint8_t* kpm_b, int j0, int bn, int S) {

@@ -36,6 +36,12 @@ struct AttnParams {
   void* dk = nullptr;          // (N, Hkv, S, E)
   void* dv = nullptr;          // (N, Hkv, S, Ev)
   float* delta = nullptr;      // (N, Hq, L) float32 workspace: rowsum(dout * out)
+  // (N, Hq, L) float32 workspaces, the lse as the backward kernels use it (log2 units): P =
+  // exp2(s - lse_base - lse_rest); lse_base = lse * log2(e) and lse_rest = 0, except on rows whose
+  // float32 lse lost precision to its magnitude (|lse| >= 32: m + log l rounded to the ulp of m),
+  // which the delta pre-pass recomputes as the row max and the log2 of the sum, kept apart.
+  float* lse_base = nullptr;
+  float* lse_rest = nullptr;
 };
 
 // Head-dim bucket the kernels are compiled for: the smallest of 32, 64, 96, 128, 256 that holds

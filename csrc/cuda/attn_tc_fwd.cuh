@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
       for (int e = 0; e < 4; ++e) {
         float x = s[nn][e];
         if (need_mask) {
-          x = sm.apply(x * scale, row_base + (e >> 1) * 8, j0 + nn * 8 + 2 * tq + (e & 1)) * kLog2e;
+          x = to_log2(sm.apply(x * scale, row_base + (e >> 1) * 8, j0 + nn * 8 + 2 * tq + (e & 1)));
         } else {
           x *= scale_log2;
         }
