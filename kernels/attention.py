@@ -926,7 +926,7 @@ def _check_inputs(q, k, v):
     if nk != n or v.shape[0] != n or v.shape[1] != hkv or v.shape[2] != s or ek != e:
         raise ValueError(f"k, v: got shapes {tuple(k.shape)} and {tuple(v.shape)}, expected (N={n}, Hkv, S, E={e}) "
                          "and (N, Hkv, S, Ev)")
-    if hkv == 0 or hq % hkv != 0:
+    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):  # no heads at all: an empty result
         raise ValueError(f"k: got {hkv} heads, expected a divisor of q's {hq} heads")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not t.is_contiguous():

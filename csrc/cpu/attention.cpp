@@ -239,7 +239,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.size(3) == E, "attention (cpu): k's head dim ", k.size(3), " != q's ", E);
   TORCH_CHECK(v.size(1) == Hkv && v.size(2) == S, "attention (cpu): v must be (N, ", Hkv, ", ", S,
               ", Ev) like k, got ", v.sizes());
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "attention (cpu): q heads (", Hq,
+  TORCH_CHECK((Hkv > 0 && Hq % Hkv == 0) || (Hq == 0 && Hkv == 0), "attention (cpu): q heads (", Hq,
               ") must be a multiple of k/v heads (", Hkv, ")");
   TORCH_CHECK(E >= 1 && v.size(3) >= 1, "attention (cpu): head dims must be >= 1, got E=", E,
               " Ev=", v.size(3));

@@ -683,7 +683,7 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   T* lrow = mrow + BM;
   T* kbuf = lrow + BM;             // (part_len, E), (part_len, Ev): K, V of the range in T
   T* vbuf = kbuf + part_len * E;
-  T* kscr = vbuf + part_len * Ev;  // (BN, E) K in T for exact_lse (kConvert only)
+  T* kscr = lrow + BM + (kConvert ? part_len * (E + Ev) : 0);  // (BN, E) K in T for exact_lse (kConvert only)
   T* lm = kscr + (kConvert ? BN * E : 0);  // (Lp) row max of a split log-sum-exp (see exact_lse)
   T* otr = lm + Lp;                        // (Ev, Lp) O^T in T, for delta
   T* vscr = otr + Ev * Lp;                 // (BN, Ev) V in T for exact_lse

@@ -87,7 +87,7 @@ AttnParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, c
   TORCH_CHECK(k.size(0) == p.N && v.size(0) == p.N && v.size(1) == p.Hkv && v.size(2) == p.S && k.size(3) == p.E,
               "fastattn cuda: k ", k.sizes(), " and v ", v.sizes(), " do not match q ", q.sizes(),
               "; expected k (N, Hkv, S, E), v (N, Hkv, S, Ev)");
-  TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "fastattn cuda: query heads ", p.Hq,
+  TORCH_CHECK((p.Hkv > 0 && p.Hq % p.Hkv == 0) || (p.Hq == 0 && p.Hkv == 0), "fastattn cuda: query heads ", p.Hq,
               " must be a multiple of key/value heads ", p.Hkv);
   TORCH_CHECK(p.E >= 1 && p.E <= 256 && p.Ev >= 1 && p.Ev <= 256, "fastattn cuda: head dims E = ", p.E,
               ", Ev = ", p.Ev, "; expected 1..256");
