@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastattn  # noqa: E402
+from fastattn.backends import get_backend  # noqa: E402
 from fastattn.testing import check_bound  # noqa: E402
 
 from conftest import backend_device, interpreted  # noqa: E402
@@ -43,10 +44,12 @@ def _settings(backend):
                     suppress_health_check=list(HealthCheck), print_blob=True)
 
 
-def _dtypes(backend):
-    if backend in ("cpu", "reference"):
-        return (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-    return (torch.float32, torch.bfloat16, torch.float16)
+def _dtypes(backend, kind="attention"):
+    """The dtypes the backend declares it serves for `kind` (fp64 on cpu/reference only)."""
+    want = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    be = get_backend(backend)
+    served = be.dtypes_for(kind) if hasattr(be, "dtypes_for") else getattr(be, "dtypes", want)
+    return tuple(d for d in want if d in served)
 
 
 @st.composite
@@ -274,7 +277,7 @@ def ffn_cases(draw, backend):
     return dict(t=draw(st.sampled_from((1, 2, 3, 5, 17) if small else (1, 2, 3, 5, 17, 67))),
                 d=draw(st.sampled_from(dims)), f=draw(st.sampled_from(dims)), d2=draw(st.sampled_from(dims)),
                 act=draw(st.sampled_from(("relu", "gelu", "gelu_tanh"))),
-                dtype=draw(st.sampled_from(_dtypes(backend))), bias=draw(st.booleans()),
+                dtype=draw(st.sampled_from(_dtypes(backend, "ffn"))), bias=draw(st.booleans()),
                 nonfinite=draw(st.sampled_from(("none", "none", "none", "nan_x", "nan_b1", "inf_x"))),
                 seed=draw(st.integers(0, 2 ** 16)))
 
