@@ -36,7 +36,7 @@ def _extension():
     march = os.environ.get("FASTATTN_MARCH")
     if march:
         cxx.append(f"-march={march}")
-    sources = ["csrc/fastattn.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/fastattn.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("FASTATTN_CXX_FLAGS", '"' + " ".join(cxx) + '"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": cxx}

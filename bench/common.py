@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from fastattn.testing import check_relative
+
 # -- names of the methods (rows of a group's table); the report and its targets use these ----------
 SDPA = "torch SDPA"
 NAIVE = "naive math (fastattn.reference)"
@@ -235,27 +237,10 @@ def skip_if_refused(fn: Callable, what: str):
 
 
 # -- checks -----------------------------------------------------------------------------------------
-REL_TOL = {torch.float32: 2e-3, torch.float64: 1e-6, torch.float16: 3e-2, torch.bfloat16: 5e-2}
-
-
 def check_close(got, want, dtype: torch.dtype, what: str) -> None:
-    """A benchmark of a wrong result means nothing: relative L2 error of each tensor within REL_TOL.
-
-    ``got``/``want``: a tensor or a sequence of tensors (outputs, then gradients).
-    """
-    got = [got] if isinstance(got, torch.Tensor) else list(got)
-    want = [want] if isinstance(want, torch.Tensor) else list(want)
-    assert len(got) == len(want), f"{what}: got {len(got)} tensors, expected {len(want)}"
-    tol = REL_TOL[dtype]
-    for i, (g, w) in enumerate(zip(got, want)):
-        if w is None and g is None:
-            continue
-        assert g is not None and w is not None, f"{what}: tensor {i} is None on one side only"
-        assert g.shape == w.shape, f"{what}: tensor {i} has shape {tuple(g.shape)}, expected {tuple(w.shape)}"
-        g64, w64 = g.detach().double(), w.detach().double()
-        assert torch.isfinite(g64).all(), f"{what}: tensor {i} has non-finite values"
-        err = (g64 - w64).norm().item() / max(w64.norm().item(), 1e-30)
-        assert err <= tol, f"{what}: tensor {i} relative L2 error {err:.3g} > {tol:g} (dtype {dtype})"
+    """A benchmark of a wrong result means nothing: each tensor within fastattn.testing's relative
+    L2 bound of the peer's (``got``/``want``: a tensor or a sequence of tensors, outputs then grads)."""
+    check_relative(what, got, want, dtype)
 
 
 # -- timing -----------------------------------------------------------------------------------------

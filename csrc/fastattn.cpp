@@ -1,19 +1,16 @@
-// The one place fastattn's C++ ops are declared. Each device adds its kernels under the same names
-// with TORCH_LIBRARY_IMPL(fastattn, CPU|CUDA, m) in csrc/cpu/ and csrc/cuda/; PyTorch's dispatcher
-// picks by the tensors' device. Fake (meta) kernels and autograd are registered from Python
-// (fastattn/ops.py), so torch.compile and opcheck see these ops whole.
-//
-// Tensors the Python dispatcher hands these ops (fastattn/api.py guarantees it):
-//   q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev): contiguous, one dtype, Hq % Hkv == 0.
-//   attn_mask: additive, dtype of q, an expanded (N, Hq, L, S) view (strides may be 0); read it
-//              through its strides, never materialise it.
-//   key_padding_mask: bool (N, S) contiguous, true = key ignored.
-//   seed: int64 CPU tensor of shape (1,) when dropout_p > 0 (see csrc/philox.h), else None.
+// fastattn's pybind11 module: how the extension was built. The op schemas are written once, in
+// Python (fastattn/attention.py, fastattn/feed_forward.py, on the `fastattn` namespace that
+// fastattn/_library.py defines); each device implements them here under the same names with
+// TORCH_LIBRARY_IMPL(fastattn, CPU|CUDA, m) (csrc/cpu/, csrc/cuda/), and PyTorch's dispatcher picks
+// by the tensors' device. Implementations may register before the schema exists: the dispatcher
+// checks them against it when Python defines it.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <sstream>
 #include <string>
+
+#include "tuning.h"
 
 #ifndef FASTATTN_CXX_FLAGS
 #define FASTATTN_CXX_FLAGS ""
@@ -22,27 +19,6 @@
 #define FASTATTN_CUDA_ARCHS ""
 #endif
 
-TORCH_LIBRARY(fastattn, m) {
-  // -> (out (N, Hq, L, Ev) dtype of q, lse (N, Hq, L) float32; +inf on a row that sees no key)
-  m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, "
-      "float dropout_p, bool is_causal, float scale, Tensor? seed) -> (Tensor, Tensor)");
-  // -> (dq, dk, dv) shaped like q, k, v (dk, dv summed over each GQA group's query heads)
-  m.def(
-      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, "
-      "Tensor? seed) -> (Tensor, Tensor, Tensor)");
-  // x (T, D) contiguous, w1 (F, D), b1 (F,)?, w2 (D2, F), b2 (D2,)?
-  // -> (out (T, D2), saved): saved = pre-activation x @ w1^T + b1, (T, F) dtype of x, when
-  //    save_for_backward, else an empty (0,) tensor.
-  m.def(
-      "ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, "
-      "float dropout_p, Tensor? seed, bool save_for_backward) -> (Tensor, Tensor)");
-  // -> (dx (T, D), dw1 (F, D), db1 (F,), dw2 (D2, F), db2 (D2,)); db1/db2 even when a bias is None
-  m.def(
-      "ffn_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor saved, "
-      "str activation, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 namespace {
 
@@ -73,9 +49,40 @@ pybind11::dict build_info() {
   return d;
 }
 
+// {name: (value, meaning)} of every tuning knob (csrc/tuning.h); FASTATTN_CPU_ISA's value is its
+// name (auto, default, avx2, avx512), the others are integers.
+pybind11::dict tuning_knobs() {
+  namespace t = fastattn::tuning;
+  pybind11::dict d;
+  for (int i = 0; i < static_cast<int>(t::Knob::kCount); ++i) {
+    const auto k = static_cast<t::Knob>(i);
+    const int64_t v = t::get(k);
+    pybind11::object value = k == t::Knob::kCpuIsa ? pybind11::object(pybind11::str(t::isa_name(v)))
+                                                     : pybind11::object(pybind11::int_(v));
+    d[t::info(k).name] = pybind11::make_tuple(value, std::string(t::info(k).meaning));
+  }
+  return d;
+}
+
+// Sets one knob for this process, from the text an environment variable would hold (an int is
+// taken as its decimal text). Returns the previous value as tuning_knobs() shows it.
+pybind11::object set_tuning_knob(const std::string& name, const pybind11::object& value) {
+  namespace t = fastattn::tuning;
+  const t::Knob k = t::by_name(name);
+  const int64_t old = t::get(k);
+  t::set(k, t::parse(k, pybind11::str(value).cast<std::string>()));
+  return k == t::Knob::kCpuIsa ? pybind11::object(pybind11::str(t::isa_name(old)))
+                               : pybind11::object(pybind11::int_(old));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn C++/CUDA kernels; ops live under torch.ops.fastattn";
   m.def("build_info", &build_info, "How this extension was built: compiler, flags, torch, CUDA archs.");
+  m.def("tuning_knobs", &tuning_knobs,
+        "The C++ kernels' tuning knobs (environment variables read once): {name: (value, meaning)}.");
+  m.def("set_tuning_knob", &set_tuning_knob, pybind11::arg("name"), pybind11::arg("value"),
+        "Sets one tuning knob for this process (value as its environment variable would hold it); returns the "
+        "previous value.");
 }

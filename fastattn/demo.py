@@ -120,11 +120,10 @@ def bag_of_words_baseline(data: _data.TextData, steps: int = 300, seed: int = 0)
 def resolved_backend(explicit: Optional[str], device: torch.device, head_dim: int) -> str:
     """The backend name fastattn picks for the model's attention calls (explicit, or the automatic one)."""
     try:
-        from .api import make_attention_call
-        from .backends import select_backend
+        from .attention import chosen_backend, make_call
 
         q = torch.zeros(1, 1, 2, head_dim, device=device)
-        return select_backend("attention", make_attention_call(q, q, q), explicit).name
+        return chosen_backend(make_call(q, q, q), explicit)
     except Exception:  # only a label for the printout; the training calls report real errors themselves
         return explicit or "automatic"
 

@@ -1,13 +1,25 @@
 """python -m fastattn.info: version, how the extension was built, and each backend's status."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
 
 import fastattn
-from fastattn import ops
-from fastattn.backends import PRIORITY, get_backend
+from fastattn import _library
+from fastattn.backends import PRIORITY, family_impls, unavailable_reason
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+# The environment variables fastattn reads, each once (at import or at first use).
+PYTHON_KNOBS = {
+    "FASTATTN_BACKEND": "force one backend for every call (cuda, triton, cpu, reference)",
+    "TRITON_INTERPRET": "1: run Triton kernels on CPU tensors under the interpreter (tests only)",
+}
 
 
 def main() -> None:
@@ -18,28 +30,39 @@ def main() -> None:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
-    info = ops.build_info()
+    info = _library.build_info()
     if info:
         print("fastattn._C build:")
         for key, val in info.items():
             print(f"  {key}: {val}")
     else:
-        print(f"fastattn._C: {ops.extension_error()}")
+        print(f"fastattn._C: {_library.extension_error()}")
     print("backends (automatic priority order):")
+    families = {"attention": family_impls("attention"), "feed-forward": family_impls("ffn")}
     for name in PRIORITY:
-        be = get_backend(name)
-        why = be.unavailable_reason()
-        if why is None:
-            gaps = [f"{kind}: {r}" for kind in ("attention", "ffn") if (r := be.op_unavailable_reason(kind))]
-            status = "available" + (f" (but {'; '.join(gaps)})" if gaps else "")
-        else:
-            status = f"not available: {why}"
-        devs = ", ".join(be.devices)
-        dts = ", ".join(str(d).replace("torch.", "") for d in be.dtypes)
-        line = f"  {name:9s} {status}\n            devices: {devs}; dtypes: {dts}"
-        if be.dtypes_for("ffn") != be.dtypes:
-            line += " (feed-forward: " + ", ".join(str(d).replace("torch.", "") for d in be.dtypes_for("ffn")) + ")"
-        print(line)
+        why = unavailable_reason(name)
+        print(f"  {name:9s} " + ("available" if why is None else f"not available: {why}"))
+        for family, impls in families.items():
+            impl = impls.get(name)
+            if impl is None:
+                continue
+            gap = ""
+            if why is None and impl.kernel is not None and not _library.has_kernel(*impl.kernel):
+                gap = f" (this build has no {impl.kernel[1]} kernel)"
+            print(f"            {family}: devices {', '.join(impl.devices)}; dtypes {_names(impl.dtypes)}{gap}")
+    print("tuning knobs (environment variables, read once):")
+    knobs = dict((k, (os.environ.get(k, ""), v)) for k, v in PYTHON_KNOBS.items())
+    ext = getattr(_library._C, "tuning_knobs", None)
+    if ext is not None:
+        knobs.update({k: tuple(v) for k, v in ext().items()})
+    try:
+        from fastattn.kernels import configs as triton_configs  # Triton's tuning knobs, when it has any
+
+        knobs.update(getattr(triton_configs, "KNOBS", {}))
+    except ImportError:
+        pass
+    for key, (value, meaning) in sorted(knobs.items()):
+        print(f"  {key}={value!s:8s} {meaning}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import api as _api
+import importlib
+
+from . import attention as _attention
+
+_ffn = importlib.import_module("fastattn.feed_forward")  # the module (fastattn.feed_forward is the function)
 
 __all__ = ["MultiheadAttention", "TransformerEncoderLayer", "convert"]
 
@@ -272,7 +276,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                     sdpa_mask = _additive(~sdpa_mask if sdpa_mask.dtype == torch.bool else sdpa_mask,
                                           q.dtype) + add
         dropout_p = self.dropout if self.training else 0.0
-        out = _api.scaled_dot_product_attention(q, k, v, sdpa_mask, dropout_p, is_causal,
+        out = _attention.scaled_dot_product_attention(q, k, v, sdpa_mask, dropout_p, is_causal,
                                                 key_padding_mask=kpm, backend=self.backend)
         # (N, H, L, hd) -> the caller's layout, contiguous, then the output projection
         if seq_dim == 0:
@@ -410,7 +414,7 @@ class TransformerEncoderLayer(nn.Module):
             dtype = _autocast_dtype(x)
             if dtype is not None:  # the fused op is not autocast-aware: cast as autocast casts nn.Linear
                 x, w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2))
-            x = _api.feed_forward(x, w1, b1, w2, b2, name, p, backend=self._backend)
+            x = _ffn.feed_forward(x, w1, b1, w2, b2, name, p, backend=self._backend)
         return self.dropout2(x)
 
 

@@ -31,3 +31,45 @@ def interpreted(name: str) -> bool:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: one intra-op thread is faster than two and leaves the shared CPU to others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def thread_counts():
+    """Run a body under several intra-op thread counts, restoring the caller's count afterwards:
+    `for n in thread_counts((1, 2)): ...`."""
+    old = torch.get_num_threads()
+
+    def counts(values):
+        for n in values:
+            torch.set_num_threads(n)
+            yield n
+
+    yield counts
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def tuning_knob():
+    """set(name, value): sets one of the C++ kernels' tuning knobs (csrc/tuning.h) for this test and
+    restores it afterwards. The knobs are read from the environment once per process, so a test that
+    varies one sets it here rather than with monkeypatch.setenv."""
+    from fastattn import _C
+
+    old = {}
+
+    def set_knob(name, value):
+        prev = _C.set_tuning_knob(name, value)
+        old.setdefault(name, prev)
+
+    yield set_knob
+    for name, value in old.items():
+        _C.set_tuning_knob(name, value)

@@ -13,7 +13,7 @@ import torch
 
 import fastattn
 from fastattn import _philox
-from fastattn.backends import get_backend
+from fastattn.backends import family_impls
 from fastattn.reference import attention_reference
 from fastattn.testing import check_bound
 
@@ -48,7 +48,7 @@ class Case:
 
 def cases_for(backend: str) -> list[Case]:
     small = interpreted(backend)
-    be = get_backend(backend)
+    dtypes = family_impls("attention")[backend].dtypes
     cases = []
     for e in (1, 25, 64, 80, 128) + (() if small else (256,)):
         cases.append(Case(e=e, ev=e))
@@ -64,7 +64,7 @@ def cases_for(backend: str) -> list[Case]:
     cases += [Case(hq=4, hkv=2), Case(hq=4, hkv=1, causal=True, mask="kpm"), Case(e=32, ev=16), Case(e=16, ev=48)]
     cases.append(Case(n=1, hq=1, hkv=1, l=1, s=1, e=1, ev=1))
     for dt in (torch.float16, torch.bfloat16, torch.float64):
-        if dt in be.dtypes_for("attention"):
+        if dt in dtypes:
             cases.append(Case(dtype=dt, e=64, ev=64, l=65, s=65))
             cases.append(Case(dtype=dt, e=25, ev=25, mask="kpm", causal=True, l=33, s=47))
             cases.append(Case(dtype=dt, hq=4, hkv=2, mask="float_ls", l=20, s=20))
@@ -86,6 +86,14 @@ def make_inputs(case: Case, device: str):
     kpm, mask = None, None
     if case.mask == "kpm":
         kpm = torch.rand(n, s, generator=g) < 0.3
+    elif case.mask == "kpm_left":  # left-padded prompts: batch row b's first b*s/(2n) keys ignored
+        kpm = torch.zeros(n, s, dtype=torch.bool)
+        for b in range(n):
+            kpm[b, : b * s // (2 * n)] = True
+    elif case.mask == "kpm_right":  # right padding: batch row b's last b*s/(2n) keys ignored
+        kpm = torch.zeros(n, s, dtype=torch.bool)
+        for b in range(n):
+            kpm[b, s - b * s // (2 * n):] = True
     elif case.mask == "kpm_dead_batch":
         kpm = torch.rand(n, s, generator=g) < 0.3
         kpm[-1] = True  # the last batch element sees no key at all
@@ -160,6 +168,34 @@ def test_attention_matches_reference(backend, case):
     run_and_check(backend, case)
 
 
+def _decode_cases(backend):
+    """Decoding: few query rows (L 1..16) against many keys, GQA groups 1/4/8, every mask kind,
+    dropout and each dtype the backend serves (the CPU serves these on its decode path). Kept small:
+    the Triton interpreter runs them too."""
+    small = interpreted(backend)
+    dtypes = family_impls("attention")[backend].dtypes
+    e = 16 if small else 64
+    s_long = 300 if small else 4096
+    base = Case(n=2, hq=4, hkv=1, l=1, s=s_long if not small else 200, e=e, ev=e)
+    cases = [replace(base, n=1, hq=8, hkv=1, s=s_long),              # GQA group 8, the longest cache
+             replace(base, l=4),                                     # group 4
+             replace(base, hq=2, hkv=2, l=16, s=200 if small else 1000),  # group 1, 16 query rows
+             replace(base, l=3, causal=True)]                        # top-left causal, L < S
+    for mask in ("kpm_left", "kpm_right", "kpm_dead_batch", "bool_ls", "float_ls", "bool_nhls", "float_n1ls"):
+        cases.append(replace(base, l=5, s=150 if small else 700, mask=mask))
+    cases.append(replace(base, l=2, s=150 if small else 700, dropout_p=0.3, mask="kpm"))
+    for dt in (torch.bfloat16, torch.float16, torch.float64):
+        if dt in dtypes:
+            cases.append(replace(base, dtype=dt, l=2, s=150 if small else 1000, mask="float_n1ls"))
+    return cases
+
+
+@pytest.mark.parametrize("backend,case", [pytest.param(b, c, id=f"{b}-{c}") for b in BACKENDS
+                                          for c in _decode_cases(b)])
+def test_attention_decode_shapes(backend, case):
+    run_and_check(backend, case)
+
+
 def _dropout_cases(backend):
     small = interpreted(backend)
     base = Case(l=33, s=47, e=16 if small else 32, ev=16 if small else 32, dropout_p=0.3)
@@ -216,3 +252,31 @@ def test_attention_3d_inputs(backend):
     assert out.shape == (3, 9, 12)
     check_bound(f"{backend} 3-D", out, ref, attention_reference(q.double()[:, None], k.double()[:, None],
                                                                   v.double()[:, None], mask.double()).squeeze(1))
+
+
+# ---- GPU-only paths (issue 13 item 6): tensor-core dropout, the hd 80/96 backward, the hd 128 and
+# the split-dK/dV hd 256 paths, fp16/bf16. They run where a CUDA device is (`make gpu-check` selects
+# `-m gpu`); without one each case skips with that reason. -------------------------------------------
+GPU_BACKENDS = ("cuda", "triton")
+_NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
+
+
+def _gpu_cases() -> list[Case]:
+    cases = []
+    for dt in (torch.float16, torch.bfloat16):
+        for e in (80, 96, 128, 256):
+            cases.append(Case(dtype=dt, e=e, ev=e, l=130, s=257, causal=True, mask="kpm"))
+            cases.append(Case(dtype=dt, e=e, ev=e, l=97, s=200, dropout_p=0.2))
+        cases.append(Case(dtype=dt, e=64, ev=64, l=200, s=333, dropout_p=0.1, mask="float_n1ls", hq=4, hkv=2))
+        cases.append(Case(n=1, hq=2, hkv=2, dtype=dt, e=256, ev=256, l=64, s=1024))  # few heads: split dK/dV
+    return cases
+
+
+@pytest.mark.gpu
+@_NO_GPU
+@pytest.mark.parametrize("backend,case", [pytest.param(b, c, id=f"{b}-{c}") for b in GPU_BACKENDS
+                                          for c in _gpu_cases()])
+def test_attention_gpu_paths(backend, case):
+    if backend not in fastattn.available_backends("attention"):
+        pytest.skip(f"backend {backend} not available: {fastattn.backend_status()[backend]}")
+    run_and_check(backend, case)

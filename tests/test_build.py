@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 import fastattn
-from fastattn import ops
+from fastattn import _library as ops
 
 
 def test_extension_built_and_describes_itself():

@@ -142,9 +142,9 @@ def test_long_keys_and_wide_heads(kw):
     run_case(**kw)
 
 
-def test_small_key_chunks_rescale(monkeypatch):
+def test_small_key_chunks_rescale(tuning_knob):
     # Force 32-key chunks so that every row goes through the online rescale between chunks.
-    monkeypatch.setenv("FASTATTN_AMX_KC", "32")
+    tuning_knob("FASTATTN_AMX_KC", 32)
     run_case(l=70, s=300, e=64, causal=True, kpm=True, mask="float2d")
     run_case(l=70, s=300, e=25, p=0.25)
 
@@ -154,9 +154,9 @@ def test_small_key_chunks_rescale(monkeypatch):
     dict(l=100, s=130, e=25, mask="bool2d", kpm=True, causal=True),
     dict(hq=4, hkv=2, l=70, s=90, e=80, p=0.2),
 ], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
-def test_amx_on_off_agree(monkeypatch, kw):
+def test_amx_on_off_agree(tuning_knob, kw):
     q, k, v, m, pad, sd, scale, out, lse = run_case(**kw)
-    monkeypatch.setenv("FASTATTN_CPU_AMX", "0")
+    tuning_knob("FASTATTN_CPU_AMX", 0)
     before = _calls()
     out_off, lse_off = fwd_op(q, k, v, m, pad, kw.get("p", 0.0), kw.get("causal", False), scale, sd)
     assert _calls() == before, "FASTATTN_CPU_AMX=0 must keep the call off the AMX path"

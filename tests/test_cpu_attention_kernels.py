@@ -18,28 +18,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load():
-    """fastattn._C and fastattn._philox, straight from their files if the package cannot import."""
-    try:
-        import fastattn._C  # noqa: F401
-        from fastattn import _philox
-        return _philox
-    except Exception:  # the package's Python side may be mid-edit; the kernels do not need it
-        libs = glob.glob(os.path.join(ROOT, "fastattn", "_C*.so"))
-        if not libs:
-            raise
-        torch.ops.load_library(libs[0])
-        spec = importlib.util.spec_from_file_location("fastattn_philox", os.path.join(ROOT, "fastattn", "_philox.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
-philox = _load()
+import fastattn  # noqa: E402,F401  (defines the ops and loads fastattn._C's kernels)
+from fastattn import _philox as philox  # noqa: E402
+from fastattn.testing import check_bound, error_floor  # noqa: E402
 fwd_op = torch.ops.fastattn.attention_fwd
 bwd_op = torch.ops.fastattn.attention_bwd
 
-FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,16 +94,8 @@ def ref_grads(q, k, v, go, dtype=torch.float64, **kw):
 
 
 def assert_close_bound(name, got, ref, same, dtype):
-    """|got - ref| <= 2 |same - ref| + floor (max norms), printing where it fails."""
-    got, ref, same = got.double(), ref.double(), same.double()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(got))[:5].tolist()}"
-    err = (got - ref).abs()
-    bound = 2 * (same - ref).abs().max().item() + FLOOR[dtype]
-    worst = err.max().item() if err.numel() else 0.0
-    if worst > bound:
-        idx = torch.nonzero(err == err.max())[0].tolist()
-        pytest.fail(f"{name}: max error {worst:.3e} > bound {bound:.3e} at {idx}: got {got[tuple(idx)].item():.6g}, "
-                    f"ref {ref[tuple(idx)].item():.6g}")
+    """|got - ref| <= 2 |same - ref| + floor (fastattn.testing's bound), printing where it fails."""
+    check_bound(name, got, same, ref, floor=error_floor(dtype))
 
 
 def run_and_check(n, hq, hkv, l, s, e, ev, dtype, mask_kind="none", use_kpm=False, causal=False, p=0.0,
@@ -213,8 +189,8 @@ def test_long_keys_few_heads_split():
 
 
 @pytest.mark.parametrize("isa", ["avx2", "default"])
-def test_narrower_instruction_sets(isa, monkeypatch):
-    monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
+def test_narrower_instruction_sets(isa, tuning_knob):
+    tuning_knob("FASTATTN_CPU_ISA", isa)
     run_and_check(2, 4, 2, 45, 70, 25, 25, torch.float32, causal=True, mask_kind="bool2d", use_kpm=True)
     run_and_check(1, 2, 2, 33, 20, 80, 64, torch.float32, p=0.2)
     run_and_check(1, 2, 1, 20, 33, 7, 9, torch.float64, mask_kind="float2d")
@@ -348,17 +324,49 @@ def test_inputs_untouched_outputs_fresh():
 
 
 def test_bad_arguments_name_themselves():
+    # csrc/checks.h: "fastattn: argument 'X' got ...; expected ...", a ValueError
     q, k, v, _, _ = make(1, 2, 2, 8, 8, 4, 4, torch.float32)
-    with pytest.raises(RuntimeError, match="k's head dim"):
+    with pytest.raises(ValueError, match="argument 'k' got head dim 3; expected q's head dim 4"):
         fwd_op(q, k[..., :3].contiguous(), v, None, None, 0.0, False, 1.0, None)
-    with pytest.raises(RuntimeError, match="seed is required"):
+    with pytest.raises(ValueError, match="argument 'seed' got None; expected an int64 CPU tensor"):
         fwd_op(q, k, v, None, None, 0.5, False, 1.0, None)
-    with pytest.raises(RuntimeError, match="multiple of k/v heads"):
+    with pytest.raises(ValueError, match="argument 'k' got 2 heads; expected a divisor of q's 3 heads"):
         fwd_op(torch.randn(1, 3, 8, 4), k, v, None, None, 0.0, False, 1.0, None)
-    with pytest.raises(RuntimeError, match="attn_mask must be additive"):
+    with pytest.raises(ValueError, match="argument 'attn_mask' got dtype bool; expected an additive mask"):
         fwd_op(q, k, v, torch.zeros(1, 2, 8, 8, dtype=torch.bool), None, 0.0, False, 1.0, None)
-    with pytest.raises(RuntimeError, match="dtype must be"):
+    with pytest.raises(ValueError, match="argument 'q' got dtype int32; expected float32, float64, bfloat16 or"):
         fwd_op(q.int(), k.int(), v.int(), None, None, 0.0, False, 1.0, None)
+    with pytest.raises(ValueError, match="argument 'v' got strides"):
+        fwd_op(q, k, v.transpose(2, 3).contiguous().transpose(2, 3), None, None, 0.0, False, 1.0, None)
+    with pytest.raises(ValueError, match="argument 'key_padding_mask' got shape"):
+        fwd_op(q, k, v, None, torch.zeros(1, 7, dtype=torch.bool), 0.0, False, 1.0, None)
+    with pytest.raises(ValueError, match="argument 'dropout_p' got 1; expected a value in"):
+        fwd_op(q, k, v, None, None, 1.0, False, 1.0, torch.tensor([1]))
+    out, lse = fwd_op(q, k, v, None, None, 0.0, False, 1.0, None)
+    with pytest.raises(ValueError, match="argument 'lse' got float64"):
+        bwd_op(out, q, k, v, out, lse.double(), None, None, 0.0, False, 1.0, None)
+    with pytest.raises(ValueError, match="argument 'grad_out' got shape"):
+        bwd_op(out[:, :1], q, k, v, out, lse, None, None, 0.0, False, 1.0, None)
+
+
+def test_tuning_knobs_listed_and_checked(tuning_knob):
+    from fastattn import _C
+
+    knobs = _C.tuning_knobs()
+    for name in ("FASTATTN_CPU_ISA", "FASTATTN_CPU_BM", "FASTATTN_CPU_BN", "FASTATTN_CPU_AMX", "FASTATTN_AMX_BM",
+                 "FASTATTN_AMX_KC", "FASTATTN_FFN_AMX", "FASTATTN_FFN_NO_BRGEMM"):
+        value, meaning = knobs[name]
+        assert isinstance(meaning, str) and meaning, name
+    tuning_knob("FASTATTN_CPU_BM", 32)
+    assert _C.tuning_knobs()["FASTATTN_CPU_BM"][0] == 32
+    tuning_knob("FASTATTN_CPU_ISA", "avx2")
+    assert _C.tuning_knobs()["FASTATTN_CPU_ISA"][0] == "avx2"
+    with pytest.raises(ValueError, match="FASTATTN_CPU_BM got '24'; expected an integer in \\[16, 512\\] that is a "
+                                         "multiple of 16"):
+        _C.set_tuning_knob("FASTATTN_CPU_BM", 24)
+    with pytest.raises(ValueError, match="argument 'name' got 'FASTATTN_NOPE'"):
+        _C.set_tuning_knob("FASTATTN_NOPE", 1)
+    assert _C.tuning_knobs()["FASTATTN_CPU_BM"][0] == 32, "a rejected value must leave the knob as it was"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,8 +387,8 @@ def test_bf16_forward_paths(dot, e, ev, l, s, causal, mask_kind, p, monkeypatch)
 
 @pytest.mark.parametrize("bm,bn", [(16, 7), (128, 33), (48, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_sizes(bm, bn, dtype, monkeypatch):
+def test_block_sizes(bm, bn, dtype, tuning_knob):
     # every block size a tuner may pick gives the same meaning (edges: odd BN, BN=1, BM not % 64)
-    monkeypatch.setenv("FASTATTN_CPU_BM", str(bm))
-    monkeypatch.setenv("FASTATTN_CPU_BN", str(bn))
+    tuning_knob("FASTATTN_CPU_BM", bm)
+    tuning_knob("FASTATTN_CPU_BN", bn)
     run_and_check(1, 2, 2, 100, 75, 25, 19, dtype, causal=True, mask_kind="float2d", use_kpm=True)

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 import fastattn  # noqa: F401  (loads fastattn._C: registers torch.ops.fastattn.*)
 from fastattn import _philox
+from fastattn.testing import check_bound, error_floor
 
 ffn_fwd = torch.ops.fastattn.ffn_fwd
 ffn_bwd = torch.ops.fastattn.ffn_bwd
 
 ACTIVATIONS = ["relu", "gelu", "gelu_tanh"]
-FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def _act(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -59,16 +59,9 @@ def _make(T, D, Fh, D2, dtype, bias=True, scale=1.0):
 
 
 def _check(name, got, ref64, same, dtype):
-    """got within 2x torch's own same-dtype error of the float64 reference, plus a floor."""
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(ref64.shape)}"
+    """got within 2x torch's own same-dtype error of the float64 reference, plus a floor (fastattn.testing)."""
     assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
-    err = (got.double() - ref64).abs()
-    bound = 2 * (same.double() - ref64).abs().max().item() + FLOOR[dtype]
-    worst = err.max().item() if err.numel() else 0.0
-    if worst > bound:
-        idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
-        pytest.fail(f"{name}: max |err| {worst:.3e} at {idx} (got {got[idx].item():.6g}, "
-                    f"ref {ref64[idx].item():.6g}) > bound {bound:.3e}")
+    check_bound(name, got, same, ref64)
 
 
 def _seed_for(p):
@@ -326,8 +319,8 @@ def test_forward_bf16_amx(shape, act, p, bias):
     ref, pre_ref = _math(*_up(args), act, p, seed)
     same, pre_same = _math(*args, act, p, seed)
     assert out.dtype == torch.bfloat16 and saved.dtype == torch.bfloat16
-    check_bound("out", out, same, ref, floor=FLOOR[torch.bfloat16])
-    check_bound("saved", saved, pre_same, pre_ref, floor=FLOOR[torch.bfloat16])
+    check_bound("out", out, same, ref, floor=error_floor(torch.bfloat16))
+    check_bound("saved", saved, pre_same, pre_ref, floor=error_floor(torch.bfloat16))
     assert torch.equal(out, out2), "save_for_backward changed the output"
     if p > 0:  # dropped entries: with w2 = identity the zero pattern is the Philox keep mask
         w1, b1 = args[1], torch.full((Fh,), 3.0, dtype=torch.bfloat16)
@@ -353,7 +346,7 @@ def test_backward_bf16_amx(shape, act, p):
     same = _grads(args, act, p, seed, go.bfloat16())
     for name, g, r, sm in zip(["dx", "dw1", "db1", "dw2", "db2"], got, ref, same):
         assert g.dtype == torch.bfloat16, f"{name}: dtype {g.dtype}"
-        check_bound(name, g, sm, r, floor=FLOOR[torch.bfloat16])
+        check_bound(name, g, sm, r, floor=error_floor(torch.bfloat16))
 
 
 @_needs_amx
@@ -375,29 +368,30 @@ def test_forward_bf16_amx_off_switch():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(activation="swish"), "activation"),
-    (dict(w1=torch.randn(16, 9)), "w1"),
-    (dict(w2=torch.randn(4, 15)), "w2"),
-    (dict(b1=torch.randn(15)), "b1"),
-    (dict(b2=torch.randn(5)), "b2"),
-    (dict(w1=torch.randn(16, 8, dtype=torch.float64)), "w1 dtype"),
-    (dict(x=torch.randn(3, 8, dtype=torch.float16)), "x dtype"),
-    (dict(x=torch.randn(8, 3).t()), "contiguous"),
-    (dict(dropout_p=0.5, seed=None), "seed"),
-    (dict(dropout_p=1.0, seed=torch.tensor([1])), "dropout_p"),
-    (dict(dropout_p=0.5, seed=torch.tensor([1.0])), "seed"),
+    (dict(activation="swish"), "argument 'activation' got 'swish'; expected 'relu', 'gelu' or 'gelu_tanh'"),
+    (dict(w1=torch.randn(16, 9)), "argument 'w1' got shape \\[16, 9\\]; expected \\(F, D\\) with D = 8"),
+    (dict(w2=torch.randn(4, 15)), "argument 'w2' got shape \\[4, 15\\]; expected \\(D2, F\\) with F = 16"),
+    (dict(b1=torch.randn(15)), "argument 'b1' got shape \\[15\\]; expected \\(16,\\)"),
+    (dict(b2=torch.randn(5)), "argument 'b2' got shape \\[5\\]; expected \\(4,\\)"),
+    (dict(w1=torch.randn(16, 8, dtype=torch.float64)), "argument 'w1' got dtype float64; expected x's dtype float32"),
+    (dict(x=torch.randn(3, 8, dtype=torch.float16)), "argument 'x' got dtype float16; expected float32, bfloat16 or"),
+    (dict(x=torch.randn(8, 3).t()), "argument 'x' got strides \\[1, 3\\]; expected a contiguous tensor"),
+    (dict(dropout_p=0.5, seed=None), "argument 'seed' got None"),
+    (dict(dropout_p=1.0, seed=torch.tensor([1])), "argument 'dropout_p' got 1; expected a value in \\[0, 1\\)"),
+    (dict(dropout_p=0.5, seed=torch.tensor([1.0])), "argument 'seed' got float32"),
 ])
 def test_errors_name_the_argument(bad, match):
+    # csrc/checks.h: "fastattn: argument 'X' got ...; expected ...", a ValueError
     kw = dict(x=torch.randn(3, 8), w1=torch.randn(16, 8), b1=torch.randn(16), w2=torch.randn(4, 16),
               b2=torch.randn(4), activation="relu", dropout_p=0.0, seed=None)
     kw.update(bad)
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(ValueError, match="fastattn: " + match):
         ffn_fwd(kw["x"], kw["w1"], kw["b1"], kw["w2"], kw["b2"], kw["activation"], kw["dropout_p"], kw["seed"], False)
 
 
 def test_backward_checks_saved():
     x, w1, b1, w2, b2 = _make(3, 8, 16, 4, torch.float32)
-    with pytest.raises(RuntimeError, match="saved"):
+    with pytest.raises(ValueError, match="argument 'saved' got shape \\[0\\]"):
         ffn_bwd(torch.randn(3, 4), x, w1, b1, w2, b2, torch.empty(0), "relu", 0.0, None)
-    with pytest.raises(RuntimeError, match="grad_out"):
+    with pytest.raises(ValueError, match="argument 'grad_out' got shape \\[3, 5\\]; expected \\(T, D2\\) = \\(3, 4\\)"):
         ffn_bwd(torch.randn(3, 5), x, w1, b1, w2, b2, torch.empty(3, 16), "relu", 0.0, None)

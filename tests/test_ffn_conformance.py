@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn import _philox
-from fastattn.backends import get_backend
+from fastattn.backends import family_impls
 from fastattn.reference import ffn_reference
 from fastattn.testing import check_bound
 
@@ -39,7 +39,7 @@ class FCase:
 
 def cases_for(backend: str) -> list[FCase]:
     small = interpreted(backend)
-    be = get_backend(backend)
+    dtypes = family_impls("ffn")[backend].dtypes
     cases = [FCase(activation=a) for a in ("relu", "gelu", "gelu_tanh")]
     cases += [FCase(bias=False), FCase(lead=(1,), d=97, f=250, d2=97), FCase(lead=(33,), d=97, f=64, d2=40),
               FCase(lead=(5,), d=1, f=3, d2=2), FCase(lead=(2, 2, 2), d=16, f=32, d2=16, activation="gelu")]
@@ -48,7 +48,7 @@ def cases_for(backend: str) -> list[FCase]:
     for a in ("relu", "gelu", "gelu_tanh"):
         cases.append(FCase(activation=a, dropout_p=0.2, lead=(9, 4)))
     for dt in (torch.float16, torch.bfloat16, torch.float64):
-        if dt in be.dtypes_for("ffn"):
+        if dt in dtypes:
             cases += [FCase(dtype=dt), FCase(dtype=dt, activation="gelu", lead=(40,), d=64, f=128, d2=64)]
     return cases
 
@@ -110,3 +110,29 @@ def test_ffn_dropout_reproducible_and_unbiased(backend):
     # Unbiased: the mean over 256 tokens matches the dropout-free mean within a few standard errors.
     clean = F.linear(F.relu(F.linear(x, w1)), w2)
     assert (a.mean(0) - clean.mean(0)).abs().max().item() < 0.15
+
+
+# ---- GPU-only paths (issue 13 item 6): the cuBLASLt GELU epilogues (GELU_AUX_BIAS forward,
+# DGELU_BGRAD backward) need F and D multiples of 8; fp16/bf16, with and without dropout. They run where
+# a CUDA device is (`make gpu-check` selects `-m gpu`); without one each case skips with that reason. ---
+_NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
+
+
+def _gpu_cases() -> list[FCase]:
+    cases = []
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for act in ("gelu", "gelu_tanh", "relu"):
+            cases.append(FCase(lead=(64, 4), d=128, f=512, d2=128, activation=act, dtype=dt))
+        cases.append(FCase(lead=(33,), d=96, f=256, d2=64, activation="gelu", dtype=dt, dropout_p=0.1))
+        cases.append(FCase(lead=(40,), d=64, f=256, d2=64, activation="gelu", bias=False, dtype=dt))
+    return cases
+
+
+@pytest.mark.gpu
+@_NO_GPU
+@pytest.mark.parametrize("backend,case", [pytest.param(b, c, id=f"{b}-{c}") for b in ("cuda", "triton")
+                                          for c in _gpu_cases()])
+def test_ffn_gpu_paths(backend, case):
+    if backend not in fastattn.available_backends("ffn"):
+        pytest.skip(f"backend {backend} not available: {fastattn.backend_status()[backend]}")
+    test_ffn_matches_reference(backend, case)

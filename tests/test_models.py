@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastattn.testing import check_peer
 import fastattn
 from fastattn.demo import resolved_backend
 from fastattn.models import TextClassifier
@@ -15,13 +16,7 @@ from fastattn.modules import MultiheadAttention, TransformerEncoderLayer, conver
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster than two and leaves the shared CPU to others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (tests/conftest.py)
 
 
 def _batch(seq_len=9, batch=4, seed=0):
@@ -61,7 +56,7 @@ def test_classifier_ignores_padded_tokens():
     other = tokens.clone()
     other[mask.t()] = 7  # change only what is padding
     with torch.no_grad():
-        torch.testing.assert_close(model(other, mask), model(tokens, mask))
+        check_peer("a mask hides the padding", model(other, mask), model(tokens, mask))
         assert not torch.allclose(model(other), model(tokens)), "without a mask the padding must count"
 
 
@@ -102,12 +97,12 @@ def test_convert_classifier_same_logits_and_grads(mode, dtype, tol):
         logits = model(tokens, mask)
         F.cross_entropy(logits, labels).backward()
         outs.append(logits)
-    torch.testing.assert_close(outs[1], outs[0], atol=tol, rtol=tol)
+    check_peer("output", outs[1], outs[0], atol=tol, rtol=tol)
     grads_stock = dict(stock.named_parameters())
     for name, p in fast.named_parameters():
         g = grads_stock[name].grad
         assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, g, atol=tol, rtol=tol, msg=lambda m: f"grad of {name}: {m}")
+        check_peer(f"grad of {name}", p.grad, g, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("backend", fastattn.available_backends())
@@ -126,11 +121,10 @@ def test_convert_classifier_every_backend(backend):
         logits = model(tokens, mask)
         F.cross_entropy(logits, labels).backward()
         outs.append(logits)
-    torch.testing.assert_close(outs[1], outs[0], atol=tol, rtol=tol)
+    check_peer("output", outs[1], outs[0], atol=tol, rtol=tol)
     grads_stock = dict(stock.named_parameters())
     for name, p in fast.named_parameters():
-        torch.testing.assert_close(p.grad, grads_stock[name].grad, atol=2.5 * tol, rtol=5 * tol,
-                                   msg=lambda m: f"{backend}: grad of {name}: {m}")
+        check_peer(f"{backend}: grad of {name}", p.grad, grads_stock[name].grad, atol=2.5 * tol, rtol=5 * tol)
 
 
 def test_convert_classifier_in_place_keeps_mode_and_parameters():
@@ -187,13 +181,13 @@ def test_compile_fullgraph_converted_classifier():
     compiled = torch.compile(model, fullgraph=True, backend=_recording_backend(seen), dynamic=False)
     want = model(tokens, mask)
     got = compiled(tokens, mask)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    check_peer("output", got, want, atol=1e-5, rtol=1e-5)
     got.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model(tokens, mask).sum().backward()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        check_peer(f"grad of {name}", grads[name], p.grad, atol=1e-5, rtol=1e-5)
     chosen = resolved_backend(None, torch.device("cpu"), model.embedding_dim // 4)
     if chosen != "reference":  # kernel backends are custom ops; the reference is plain torch math
         prefix = "triton_" if chosen == "triton" else ""
@@ -231,8 +225,7 @@ def test_convert_classifier_on_cuda_same_logits_and_grads():
         logits = model(tokens, mask)
         F.cross_entropy(logits, labels).backward()
         outs.append(logits)
-    torch.testing.assert_close(outs[1], outs[0], atol=2e-4, rtol=2e-4)
+    check_peer("output", outs[1], outs[0], atol=2e-4, rtol=2e-4)
     grads_stock = dict(stock.named_parameters())
     for name, p in fast.named_parameters():
-        torch.testing.assert_close(p.grad, grads_stock[name].grad, atol=2e-4, rtol=2e-3,
-                                   msg=lambda m: f"grad of {name}: {m}")
+        check_peer(f"grad of {name}", p.grad, grads_stock[name].grad, atol=2e-4, rtol=2e-3)

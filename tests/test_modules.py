@@ -8,13 +8,16 @@ conformance matrix.
 import copy
 import warnings
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fastattn
-import fastattn.api
+import fastattn.attention
+from fastattn.testing import check_peer
 from fastattn.modules import MultiheadAttention, TransformerEncoderLayer, convert
 
 BACKEND = "reference"
@@ -23,13 +26,7 @@ E, H = 8, 2
 L, S, N = 5, 7, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster than two and leaves the shared CPU to others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (tests/conftest.py)
 
 
 def _randomize(module: nn.Module, seed: int = 0) -> None:
@@ -40,8 +37,8 @@ def _randomize(module: nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
 
 
-def _close(got, want, what: str, atol=1e-10, rtol=1e-9):
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+def _close(got, want, what: str, atol=None, rtol=None):
+    check_peer(what, got, want, atol, rtol)
 
 
 def _grads(module: nn.Module) -> dict:
@@ -306,13 +303,14 @@ def test_mha_bad_feature_dim_names_the_argument():
 
 def _spy(monkeypatch, name):
     calls = []
-    real = getattr(fastattn.api, name)
+    home = fastattn.attention if name == "scaled_dot_product_attention" else sys.modules["fastattn.feed_forward"]
+    real = getattr(home, name)
 
     def spy(*args, **kwargs):
         calls.append((args, kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fastattn.api, name, spy)
+    monkeypatch.setattr(home, name, spy)
     return calls
 
 
@@ -689,7 +687,7 @@ def test_mha_float_attn_mask_gets_gradient_like_torch(shape):
 def test_encoder_padding_mask_reaches_kernels_as_key_padding_mask(monkeypatch):
     """nn.TransformerEncoder turns a bool padding mask into float 0/-inf before its layers; the converted
     layer turns it back, so kernels get key_padding_mask (and skip padded key blocks), not an additive mask."""
-    import fastattn.api as api
+    import fastattn.attention as api
 
     seen = []
     real = api.scaled_dot_product_attention

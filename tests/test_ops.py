@@ -3,18 +3,23 @@ fake kernel, autograd registration, AOT dispatch), and torch.compile(fullgraph=T
 import pytest
 import torch
 
+from fastattn.testing import check_peer
 import fastattn
 from fastattn import _philox
-from fastattn.backends import get_backend
+import importlib
+
+from fastattn import attention as attention_family
 
 from conftest import backend_device
 
-# backend name -> op prefix, for the backends whose ops are registered custom ops
+ffn_family = importlib.import_module("fastattn.feed_forward")  # the module; fastattn.feed_forward is the function
 OP_BACKENDS = [b for b in fastattn.available_backends() if b in ("cpu", "cuda", "triton")]
 
 
-def _prefix(backend):
-    return get_backend(backend).op_prefix
+def _ops(family, backend):
+    """The (forward, backward) registered ops a backend's kernels implement."""
+    which = "triton" if backend == "triton" else "cpp"
+    return family.FWD_OPS[which], family.BWD_OPS[which]
 
 
 def _attention_args(device, dtype, variant):
@@ -48,8 +53,7 @@ def _ffn_args(device, dtype, variant):
 def test_opcheck_attention(backend, variant):
     device = backend_device(backend)
     args = _attention_args(device, torch.float32, variant)
-    fwd = getattr(torch.ops.fastattn, _prefix(backend) + "attention_fwd")
-    bwd = getattr(torch.ops.fastattn, _prefix(backend) + "attention_bwd")
+    fwd, bwd = _ops(attention_family, backend)
     torch.library.opcheck(fwd, args)
     with torch.no_grad():
         out, lse = fwd(*args)
@@ -62,8 +66,7 @@ def test_opcheck_attention(backend, variant):
 def test_opcheck_ffn(backend, variant):
     device = backend_device(backend)
     args = _ffn_args(device, torch.float32, variant)
-    fwd = getattr(torch.ops.fastattn, _prefix(backend) + "ffn_fwd")
-    bwd = getattr(torch.ops.fastattn, _prefix(backend) + "ffn_bwd")
+    fwd, bwd = _ops(ffn_family, backend)
     torch.library.opcheck(fwd, args)
     with torch.no_grad():
         out, saved = fwd(*args)
@@ -94,6 +97,6 @@ def test_compile_fullgraph_forward_and_backward(backend):
     eager_grads = torch.autograd.grad(eager, leaves)
     compiled = torch.compile(block, fullgraph=True)(q, k, v, kpm, x, w1, b1, w2, b2)
     grads = torch.autograd.grad(compiled, leaves)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    check_peer("compiled output", compiled, eager, rtol=1e-4, atol=1e-4)
     for g, ge in zip(grads, eager_grads):  # inductor may reorder the reference's float32 sums
-        torch.testing.assert_close(g, ge, rtol=1e-3, atol=1e-3)
+        check_peer("compiled grad", g, ge, rtol=1e-3, atol=1e-3)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastattn.testing import check_peer
 from fastattn import _philox
 from fastattn.reference import attention_reference, ffn_reference
 
@@ -26,7 +27,7 @@ def test_attention_reference_matches_torch_sdpa(shape, mask, causal):
         m = (m & keep) if m.dtype == torch.bool else m.masked_fill(~keep, float("-inf"))
         causal = False
     theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal)
-    torch.testing.assert_close(ours, theirs)
+    check_peer("reference vs torch", ours, theirs)
 
 
 def test_attention_reference_key_padding_matches_mha_convention():
@@ -34,13 +35,13 @@ def test_attention_reference_key_padding_matches_mha_convention():
     kpm = torch.tensor([[False, True, False, True], [False, False, False, True]])
     ours = attention_reference(q, k, v, None, kpm)
     theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=~kpm[:, None, None, :])
-    torch.testing.assert_close(ours, theirs)
+    check_peer("reference vs torch", ours, theirs)
 
 
 def test_attention_reference_gqa_matches_torch():
     q = torch.randn(2, 6, 5, 8, dtype=torch.float64)
     k, v = torch.randn(2, 2, 7, 8, dtype=torch.float64), torch.randn(2, 2, 7, 8, dtype=torch.float64)
-    torch.testing.assert_close(attention_reference(q, k, v),
+    check_peer("reference vs torch", attention_reference(q, k, v),
                                F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
 
 
@@ -58,7 +59,7 @@ def test_attention_reference_lse():
     q, k, v = (torch.randn(2, 2, 5, 4, dtype=torch.float64) for _ in range(3))
     _, lse = attention_reference(q, k, v, return_lse=True)
     ref = torch.logsumexp(q @ k.transpose(-1, -2) / 2.0, dim=-1)
-    torch.testing.assert_close(lse, ref.float())
+    check_peer("reference vs torch", lse, ref.float())
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
@@ -66,7 +67,7 @@ def test_ffn_reference_matches_modules(act):
     lin1, lin2 = torch.nn.Linear(12, 30).double(), torch.nn.Linear(30, 7).double()
     fn = {"relu": torch.nn.ReLU(), "gelu": torch.nn.GELU(), "gelu_tanh": torch.nn.GELU("tanh")}[act]
     x = torch.randn(3, 4, 12, dtype=torch.float64)
-    torch.testing.assert_close(ffn_reference(x, lin1.weight, lin1.bias, lin2.weight, lin2.bias, act),
+    check_peer("reference vs torch", ffn_reference(x, lin1.weight, lin1.bias, lin2.weight, lin2.bias, act),
                                lin2(fn(lin1(x))))
 
 
@@ -76,7 +77,7 @@ def test_ffn_reference_dropout_uses_shared_stream():
     seed = torch.tensor([12345])
     keep = _philox.ffn_keep_mask(12345, 0.4, 6, 9)
     expected = (F.relu(x @ w1.T) * keep / 0.6) @ w2.T
-    torch.testing.assert_close(ffn_reference(x, w1, None, w2, None, "relu", 0.4, seed), expected)
+    check_peer("reference vs torch", ffn_reference(x, w1, None, w2, None, "relu", 0.4, seed), expected)
 
 
 def test_philox_known_answer():

@@ -3,7 +3,8 @@
 // The kernels (csrc/cpu/attention_kernel.h) are compiled three times in this file, for AVX-512,
 // AVX2+FMA and plain x86-64 / any CPU, each under `#pragma GCC target` in its own namespace; the
 // instruction set is picked at run time (torch's own capability, so ATEN_CPU_CAPABILITY=avx2 or
-// =default selects the narrower ones, and FASTATTN_CPU_ISA=avx512|avx2|default overrides it).
+// =default selects the narrower ones, and the tuning knob FASTATTN_CPU_ISA=avx512|avx2|default
+// overrides it; csrc/tuning.h).
 // Nothing is built with -march: the wheel runs on any x86-64.
 //
 // float32 and float64 run natively (float64 accumulates in float64); bfloat16 and float16 are read
@@ -35,20 +36,26 @@
 #define FASTATTN_X86 1
 #endif
 
+#include "checks.h"
 #include "philox.h"
+#include "tuning.h"
 #include "cpu/attention_amx.h"
+#include "cpu/vec_exp.h"
+#include "cpu/attention_decode.h"
 
 namespace fastattn {
 namespace cpu_attn {
 
-// Everything a kernel task needs, as raw pointers to contiguous buffers of the compute type T
-// (float or double) except lse (always float) and kpm (bool).
+// Everything a kernel task needs, as raw pointers to contiguous buffers: q, k, v, the mask, out,
+// dout, o, dq, dk, dv in the input dtype (read and written in place), dq_part in the compute type T
+// (float, or double for float64), lse always float, kpm bool.
 struct AttnParams {
   int64_t N = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
   const void* q = nullptr;  // (N, Hq, L, E)
   const void* k = nullptr;  // (N, Hkv, S, E)
   const void* v = nullptr;  // (N, Hkv, S, Ev)
-  const void* mask = nullptr;  // additive, type T, element (b,h,i,j) at b*msb + h*msh + i*msl + j*mss
+  // additive, of dtype expected_mask_dtype(q) (checks.h); element (b,h,i,j) at b*msb + h*msh + i*msl + j*mss
+  const void* mask = nullptr;
   int64_t msb = 0, msh = 0, msl = 0, mss = 0;
   const bool* kpm = nullptr;  // (N, S), true = key ignored
   double dropout_p = 0;
@@ -141,10 +148,11 @@ TaskFn pick_bwd(const KernelSet& ks, at::ScalarType dt) {
 // The widest kernel set this CPU runs and the user allows.
 KernelSet pick_kernels() {
   std::string want;
-  if (const char* env = std::getenv("FASTATTN_CPU_ISA")) {
-    want = env;
-  } else {
-    want = at::get_cpu_capability();  // "AVX512", "AVX2" or "DEFAULT"; honours ATEN_CPU_CAPABILITY
+  switch (tuning::get(tuning::Knob::kCpuIsa)) {
+    case tuning::kIsaAvx512: want = "avx512"; break;
+    case tuning::kIsaAvx2: want = "avx2"; break;
+    case tuning::kIsaDefault: want = "default"; break;
+    default: want = at::get_cpu_capability(); break;  // "AVX512", "AVX2" or "DEFAULT"; honours ATEN_CPU_CAPABILITY
   }
   for (auto& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
 #if defined(FASTATTN_HAVE_WIDE)
@@ -195,81 +203,17 @@ void run_tasks(TaskFn fn, const AttnParams& p, int64_t ntasks) {
   });
 }
 
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' ? std::atoll(v) : fallback;
-}
-
-// Block sizes: BM queries (a multiple of 16, every lane count) by BN keys. FASTATTN_CPU_BM / _BN
-// override them (for tuning).
+// Block sizes: BM queries (a multiple of 16, every lane count) by BN keys; the tuning knobs
+// FASTATTN_CPU_BM / _BN (csrc/tuning.h, range-checked there).
 void choose_blocks(AttnParams& p) {
-  p.bm = env_int("FASTATTN_CPU_BM", 64);  // the bf16 dot path needs a multiple of 64
-  p.bn = env_int("FASTATTN_CPU_BN", 64);
-  TORCH_CHECK(p.bm >= 16 && p.bm <= 512 && p.bm % 16 == 0,
-              "attention (cpu): FASTATTN_CPU_BM must be a multiple of 16 in [16, 512], got ", p.bm);
-  TORCH_CHECK(p.bn >= 1 && p.bn <= 1024, "attention (cpu): FASTATTN_CPU_BN must be in [1, 1024], got ", p.bn);
+  p.bm = tuning::get(tuning::Knob::kCpuBm);  // the bf16 dot path needs a multiple of 64
+  p.bn = tuning::get(tuning::Knob::kCpuBn);
 }
 
-at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
-
-// ------------------------------------------------------------------------------------------------
-// Argument checks (the Python dispatcher guarantees these; a direct caller gets a clear error).
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const std::optional<at::Tensor>& attn_mask,
-                  const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                  const std::optional<at::Tensor>& seed) {
-  TORCH_CHECK(q.dim() == 4, "attention (cpu): q must be 4-D (N, Hq, L, E), got ", q.dim(), "-D");
-  TORCH_CHECK(k.dim() == 4, "attention (cpu): k must be 4-D (N, Hkv, S, E), got ", k.dim(), "-D");
-  TORCH_CHECK(v.dim() == 4, "attention (cpu): v must be 4-D (N, Hkv, S, Ev), got ", v.dim(), "-D");
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->device().is_cpu(), "attention (cpu): q, k, v must be CPU tensors, got ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "attention (cpu): q, k, v must be contiguous (got strides ",
-                t->strides(), ")");
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "attention (cpu): q, k, v must share one dtype, got q ",
-                q.scalar_type(), " and ", t->scalar_type());
-  }
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "attention (cpu): dtype must be float32, float64, bfloat16 or float16, got ", dt);
-  const int64_t N = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3);
-  const int64_t Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == N && v.size(0) == N, "attention (cpu): batch sizes differ: q ", N, ", k ",
-              k.size(0), ", v ", v.size(0));
-  TORCH_CHECK(k.size(3) == E, "attention (cpu): k's head dim ", k.size(3), " != q's ", E);
-  TORCH_CHECK(v.size(1) == Hkv && v.size(2) == S, "attention (cpu): v must be (N, ", Hkv, ", ", S,
-              ", Ev) like k, got ", v.sizes());
-  TORCH_CHECK((Hkv > 0 && Hq % Hkv == 0) || (Hq == 0 && Hkv == 0), "attention (cpu): q heads (", Hq,
-              ") must be a multiple of k/v heads (", Hkv, ")");
-  TORCH_CHECK(E >= 1 && v.size(3) >= 1, "attention (cpu): head dims must be >= 1, got E=", E,
-              " Ev=", v.size(3));
-  if (attn_mask.has_value()) {
-    const auto& m = *attn_mask;
-    TORCH_CHECK(m.device().is_cpu(), "attention (cpu): attn_mask must be on the CPU, got ", m.device());
-    TORCH_CHECK(m.scalar_type() == compute_type(dt) || m.scalar_type() == dt,
-                "attention (cpu): attn_mask must be additive float32 (float64 for float64 q) or q's dtype ", dt,
-                ", got ", m.scalar_type());
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == N && m.size(1) == Hq && m.size(2) == L && m.size(3) == S,
-                "attention (cpu): attn_mask must be an expanded (N, Hq, L, S) = (", N, ", ", Hq, ", ", L,
-                ", ", S, ") view, got ", m.sizes());
-  }
-  if (key_padding_mask.has_value()) {
-    const auto& m = *key_padding_mask;
-    TORCH_CHECK(m.device().is_cpu(), "attention (cpu): key_padding_mask must be on the CPU, got ", m.device());
-    TORCH_CHECK(m.scalar_type() == at::kBool, "attention (cpu): key_padding_mask must be bool, got ",
-                m.scalar_type());
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == N && m.size(1) == S,
-                "attention (cpu): key_padding_mask must be (N, S) = (", N, ", ", S, "), got ", m.sizes());
-    TORCH_CHECK(m.is_contiguous(), "attention (cpu): key_padding_mask must be contiguous");
-  }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention (cpu): dropout_p must be in [0, 1), got ",
-              dropout_p);
-  if (dropout_p > 0) {
-    TORCH_CHECK(seed.has_value(), "attention (cpu): seed is required when dropout_p > 0 (got None)");
-    TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
-                "attention (cpu): seed must be an int64 CPU tensor of shape (1,), got ", seed->scalar_type(),
-                " ", seed->sizes(), " on ", seed->device());
-  }
+// What these kernels serve; the checks themselves are csrc/checks.h's.
+const Serves& cpu_serves() {
+  static const Serves s{c10::DeviceType::CPU, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}};
+  return s;
 }
 
 
@@ -307,17 +251,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
                                                      const std::optional<at::Tensor>& key_padding_mask,
                                                      double dropout_p, bool is_causal, double scale,
                                                      const std::optional<at::Tensor>& seed) {
-  check_inputs(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed);
+  check_attention_args(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed, cpu_serves());
   const auto dt = q_in.scalar_type();
   const at::Tensor &q = q_in, &k = k_in, &v = v_in;
   // read in place in the compute type (float32 for 16-bit q); a mask in q's own dtype is widened
   const at::Tensor mask = !attn_mask.has_value() ? at::Tensor()
-                          : attn_mask->scalar_type() == compute_type(dt) ? *attn_mask
-                                                                          : attn_mask->to(compute_type(dt));
+                          : attn_mask->scalar_type() == expected_mask_dtype(dt) ? *attn_mask
+                                                                          : attn_mask->to(expected_mask_dtype(dt));
   const int64_t N = q.size(0), Hq = q.size(1), L = q.size(2), Ev = v.size(3);
   at::Tensor out = at::empty({N, Hq, L, Ev}, q.options());
   at::Tensor lse = at::empty({N, Hq, L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  // few query rows against many keys (attention_decode.cpp); false means "not served here"
+  if (decode::fwd(q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed, out, lse)) return {out, lse};
   // bfloat16 on AMX (attention_amx.cpp) when the CPU has it; false means "not served here"
   if (dt == at::kBFloat16 &&
       amx::fwd_bf16(q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed, out, lse))
@@ -339,20 +285,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
     const std::optional<at::Tensor>& seed) {
-  check_inputs(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed);
-  const int64_t N = q_in.size(0), Hq = q_in.size(1), L = q_in.size(2), Ev = v_in.size(3);
-  for (const auto* t : {&grad_out, &out_in}) {
-    TORCH_CHECK(t->sizes() == at::IntArrayRef({N, Hq, L, Ev}), "attention_bwd (cpu): grad_out and out must be (",
-                N, ", ", Hq, ", ", L, ", ", Ev, "), got ", t->sizes());
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q_in.scalar_type(),
-                "attention_bwd (cpu): grad_out and out must be CPU tensors of q's dtype ", q_in.scalar_type(),
-                ", got ", t->scalar_type(), " on ", t->device());
-  }
-  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == at::kFloat &&
-                  lse_in.sizes() == at::IntArrayRef({N, Hq, L}),
-              "attention_bwd (cpu): lse must be a float32 CPU tensor (", N, ", ", Hq, ", ", L, "), got ",
-              lse_in.scalar_type(), " ", lse_in.sizes());
-  const auto dt = q_in.scalar_type(), ct = compute_type(dt);
+  const AttnShape shape =
+      check_attention_args(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed, cpu_serves());
+  check_attention_bwd_args(grad_out, out_in, lse_in, q_in, shape);
+  const int64_t N = shape.N, Hq = shape.Hq, L = shape.L;
+  const auto dt = q_in.scalar_type(), ct = expected_mask_dtype(dt);
   const at::Tensor &q = q_in, &k = k_in, &v = v_in;
   const at::Tensor go = grad_out.contiguous(), o = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();

@@ -15,15 +15,13 @@
 // Semantics are the kernel contract's (fastattn/backends/README.md), same as attention_kernel.h;
 // dropout uses the shared Philox counter ((b*Hq + h)*L + i)*S + j. The vector code is compiled
 // with __attribute__((target)) on functions of internal linkage only, and runs only after a run-time
-// check of the CPU (avx512bw + avx512_bf16, and torch's could_pack(kBFloat16) for AMX) and a probe
-// of brgemm; FASTATTN_CPU_AMX=0 turns the path off. torch.ops.fastattn_amx.fwd_calls() counts the
+// check of the CPU (AVX-512 BW/VL/DQ + avx512_bf16) and the AMX brgemm probe (amx_probe.h); the
+// tuning knob FASTATTN_CPU_AMX=0 turns the path off. torch.ops.fastattn_amx.fwd_calls() counts the
 // calls served here (for the tests).
 //
 // Defaults: BM = 128 queries (A/B against 32/64/96/192/256 on the bench shapes), KC = S rounded up to
-// 32 when S <= 1024, else 512. Tuning knobs (read per call): FASTATTN_AMX_BM, FASTATTN_AMX_KC,
-// FASTATTN_AMX_PAD (row-stride padding), FASTATTN_AMX_EPAD (round E up to this), FASTATTN_AMX_QBLOCKS.
-// Compile with -DFA_AMX_PROFILE for per-phase rdtsc counters (g_prof: QK, softmax, PV, finalize, pack).
-// Where the time goes (1 thread, N8 H12 L512 E64): the two brgemm calls ~45%, the softmax ~40-45%,
+// 32 when S <= 1024, else 512; the tuning knobs FASTATTN_AMX_BM and FASTATTN_AMX_KC (csrc/tuning.h)
+// set them. Where the time goes (1 thread, N8 H12 L512 E64): the two brgemm calls ~45%, the softmax ~40-45%,
 // packing and finishing rows ~10%.
 #include "cpu/attention_amx.h"
 
@@ -34,18 +32,18 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
-#define FASTATTN_AMX_BUILD 1
+#include "cpu/amx_probe.h"
+#include "cpu/vec_exp.h"
+#include "philox.h"
+#include "tuning.h"
+
+#if defined(FASTATTN_AMX_BUILD)
 #include <immintrin.h>
 #endif
-
-#include "philox.h"
 
 namespace fastattn {
 namespace cpu_attn {
@@ -53,17 +51,6 @@ namespace amx {
 namespace {
 
 std::atomic<int64_t> g_fwd_calls{0};
-
-#if defined(FA_AMX_PROFILE)
-}  // namespace
-uint64_t g_prof[8];
-namespace {
-#define FA_PROF_T0 uint64_t fa_t = __rdtsc();
-#define FA_PROF(i) { uint64_t t2 = __rdtsc(); __atomic_fetch_add(&g_prof[i], t2 - fa_t, __ATOMIC_RELAXED); fa_t = t2; }
-#else
-#define FA_PROF_T0
-#define FA_PROF(i)
-#endif
 
 #if defined(FASTATTN_AMX_BUILD)
 
@@ -130,21 +117,12 @@ struct Scratch {
   }
 };
 
-// 2^x for x <= 0 (a little above 0 is fine too). Degree-4 polynomial for 2^f on [-1/2, 1/2]
-// (Chebyshev fit, relative error 3.6e-6: the probabilities are rounded to bf16 (2^-9) anyway, and
-// lse moves by at most 4e-6), times 2^n by vscalefps. -inf would give NaN (n = -inf): CLAMP maps
-// it (and anything below -200) to 0; without CLAMP the caller guarantees finite x.
+// 2^x for x <= 0 (a little above 0 is fine too): cpu/vec_exp.h at degree 4 (relative error 3.6e-6:
+// the probabilities are rounded to bf16 (2^-9) anyway, and lse moves by at most 4e-6). CLAMP maps
+// -inf (and anything below -200) to 0; without CLAMP the caller guarantees finite x.
 template <bool CLAMP>
 FA_AMX_TARGET inline __m512 exp2_ps(__m512 x) {
-  if (CLAMP) x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // operand order: a NaN x stays NaN
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.676037097854473e-03f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.592203564726694e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107355830966e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93121033991546e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000754953486f));
-  return _mm512_scalef_ps(p, n);
+  return cpu::exp2_avx512<4, CLAMP>(x);
 }
 
 // ln x for finite x > 0: x = mm * 2^e with mm in [0.75, 1.5), ln mm = 2 atanh(t), t = (mm-1)/(mm+1)
@@ -375,7 +353,6 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
     A = reinterpret_cast<const at::BFloat16*>(sc.qb.data());
   }
   const bool fast = p.mask == nullptr && p.kpm == nullptr && p.scale > 0;
-  FA_PROF_T0
   float* m = sc.m.data();
   float* l = sc.l.data();
   float* O = sc.o.data();
@@ -392,7 +369,6 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
     at::native::cpublas::brgemm(mrows, cnp, Ep, Ep, p.ldk, lds, false, A,
                                 reinterpret_cast<const at::BFloat16*>(sc.kp.data()) + c0 * 2,
                                 sc.s.data(), true);
-    FA_PROF(0)
     float* cm = sc.cm.data();
     for (int64_t i = 0; i < mrows; ++i) {
       const int64_t n = p.causal ? std::min<int64_t>(cn, i0 + i + 1 - c0) : cn;
@@ -425,11 +401,9 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
         }
       }
     }
-    FA_PROF(1)
     at::native::cpublas::brgemm(mrows, Ev, cnp, ldp, Ev, Ev, c0 > 0,
                                 reinterpret_cast<const at::BFloat16*>(sc.pb.data()),
                                 reinterpret_cast<const at::BFloat16*>(sc.vp.data()) + c0 * Ev, O, true);
-    FA_PROF(2)
   }
   uint16_t* out = p.out + (bh * L + i0) * Ev;
   float* lse = p.lse + bh * L + i0;
@@ -458,10 +432,8 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
       _mm256_mask_storeu_epi16(dst + e, km, (__m256i)_mm512_cvtneps_pbh(x));
     }
   }
-  FA_PROF(3)
 }
 
-// Tasks [t0, t1) of (b, kv head, range of `per` query blocks).
 // Task t of (b, kv head, range of `per` query blocks); t_next is the task this thread runs next
 // (or ntasks), prefetched meanwhile.
 FA_AMX_TARGET void run_task(const Params& p, Scratch& sc, int64_t per, int64_t t, int64_t t_next, int64_t ntasks) {
@@ -472,13 +444,11 @@ FA_AMX_TARGET void run_task(const Params& p, Scratch& sc, int64_t per, int64_t t
   const int64_t qb0 = r * per, qb1 = std::min(nqb, qb0 + per);
   const int64_t last_row = std::min(p.L, qb1 * p.BM);
   const int64_t rows = p.causal ? std::min(p.S, last_row) : p.S;
-  FA_PROF_T0
   pack_kv(p, p.k + bk * p.S * p.E, p.v + bk * p.S * p.Ev, rows, sc.kp.data(), sc.vp.data());
   if (p.kpm != nullptr) {
     const bool* kr = p.kpm + b * p.S;
     for (int64_t j = 0; j < p.S; ++j) sc.kb[j] = kr[j] ? -std::numeric_limits<float>::infinity() : 0.f;
   }
-  FA_PROF(4)
   // the next task's K and V, spread over this task's blocks
   const int64_t nblocks = group * (qb1 - qb0);
   int64_t kv_lines = 0;
@@ -515,40 +485,16 @@ FA_AMX_TARGET void run_task(const Params& p, Scratch& sc, int64_t per, int64_t t
   }
 }
 
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' ? std::atoll(v) : fallback;
-}
-
-// The CPU and this torch can run the path: AVX-512 BW/BF16 for the row pass, AMX for brgemm (torch
-// reports it through could_pack), and a bf16 brgemm that gives the right answer on a tiny product.
+// The CPU and this torch can run the path: AVX-512 BW/VL/DQ and avx512_bf16 for the row pass, and
+// bf16 brgemm on AMX.
 bool hardware_ok() {
-  static const bool ok = [] {
+  static const bool isa = [] {
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq") ||
-        !__builtin_cpu_supports("avx512bf16"))
-      return false;
-    try {
-      if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
-      // A (1 x 2) = [1, 2]; B (2 x 16) VNNI: column n is (3, 4) for every n -> C = 11
-      at::BFloat16 a[2] = {at::BFloat16(1.f), at::BFloat16(2.f)};
-      at::BFloat16 bm[32];
-      for (int n = 0; n < 16; ++n) {
-        bm[2 * n] = at::BFloat16(3.f);
-        bm[2 * n + 1] = at::BFloat16(4.f);
-      }
-      float c[16] = {0};
-      at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a, bm, c, true);
-      at::native::cpublas::brgemm_release();
-      for (int n = 0; n < 16; ++n)
-        if (c[n] != 11.f) return false;
-      return true;
-    } catch (...) {
-      return false;
-    }
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
   }();
-  return ok;
+  return isa && cpu::amx_bf16_brgemm_ok();
 }
 
 #endif  // FASTATTN_AMX_BUILD
@@ -560,10 +506,7 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
               double scale, const std::optional<at::Tensor>& seed, at::Tensor& out, at::Tensor& lse) {
 #if defined(FASTATTN_AMX_BUILD)
   if (q.scalar_type() != at::kBFloat16) return false;
-  if (const char* env = std::getenv("FASTATTN_CPU_AMX")) {
-    if (std::string(env) == "0") return false;
-  }
-  if (!hardware_ok()) return false;
+  if (tuning::get(tuning::Knob::kCpuAmx) == 0 || !hardware_ok()) return false;
   const int64_t N = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3);
   if (N == 0 || Hq == 0 || L == 0 || S == 0 || E > 256 || Ev > 256) return false;  // old path does these
@@ -577,12 +520,12 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   p.S = S;
   p.E = E;
   p.Ev = Ev;
-  p.Ep = round_up(E, std::max<int64_t>(2, env_int("FASTATTN_AMX_EPAD", 2)));
+  p.Ep = round_up(E, 2);
   p.Sp = round_up(S, 32);
-  p.BM = std::max<int64_t>(1, env_int("FASTATTN_AMX_BM", 128));
-  const int64_t kc_default = S <= 1024 ? p.Sp : 512;
-  p.KC = round_up(std::max<int64_t>(32, env_int("FASTATTN_AMX_KC", kc_default)), 32);
-  const int64_t pad = std::max<int64_t>(0, env_int("FASTATTN_AMX_PAD", 16));
+  p.BM = tuning::get(tuning::Knob::kAmxBm);
+  const int64_t kc = tuning::get(tuning::Knob::kAmxKc);
+  p.KC = round_up(std::max<int64_t>(32, kc > 0 ? kc : S <= 1024 ? p.Sp : 512), 32);
+  constexpr int64_t pad = 16;  // row strides off powers of two
   p.ldk = p.Sp + pad;
   p.lds = p.KC + pad;
   p.ldp = p.KC + 2 * pad;
@@ -614,11 +557,10 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const int64_t want = 4 * threads;
   int64_t per = nqb;
   if (heads < want) per = std::max<int64_t>(1, (nqb * heads + want - 1) / want);
-  per = std::min<int64_t>(std::max<int64_t>(1, env_int("FASTATTN_AMX_QBLOCKS", per)), nqb);
+  per = std::min<int64_t>(per, nqb);
   const int64_t ntasks = heads * ((nqb + per - 1) / per);
   const int64_t nthreads = std::min<int64_t>(threads, ntasks);
   std::atomic<int64_t> next{0};
-  std::atomic<bool> failed{false};
   auto worker = [&]() {
     // Scratch lives on with the (persistent) intra-op thread: fresh buffers on every call cost
     // page faults (the score block alone is BM x KC floats, over malloc's mmap threshold). Every
@@ -654,7 +596,6 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   } else {
     at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) { worker(); });
   }
-  (void)failed;
   g_fwd_calls.fetch_add(1);
   return true;
 #else
@@ -679,9 +620,7 @@ bool available() {
 }  // namespace fastattn
 
 // Introspection for the tests: whether the path can run here, and how many forward calls it served.
-#if !defined(FA_AMX_PROFILE)  // (the profiling build is a separate test module)
 TORCH_LIBRARY(fastattn_amx, m) {
   m.def("available() -> bool", &fastattn::cpu_attn::amx::available);
   m.def("fwd_calls() -> int", &fastattn::cpu_attn::amx::fwd_calls);
 }
-#endif

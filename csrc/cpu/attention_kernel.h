@@ -89,40 +89,15 @@ inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline VecF operator*(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline VecF vmax(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
-  // e^x = 2^(x log2 e): 2^f on f in [-1/2, 1/2] by a degree-7 polynomial (error ~5e-9), times 2^n
-  // by vscalefps, which also takes care of underflow (x = -inf -> 0).
+// e^x = 2^(x log2 e), exact to float32 (cpu/vec_exp.h, degree 7); +inf stays +inf, -inf gives 0.
 inline VecF vexp(VecF a) {
-    __m512 x = _mm512_mul_ps(a.v, _mm512_set1_ps(1.4426950408889634f));
-    x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // operand order: a NaN x stays NaN
-    x = _mm512_min_ps(_mm512_set1_ps(128.f), x);
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return {_mm512_scalef_ps(p, n)};
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_mul_ps(a.v, _mm512_set1_ps(1.4426950408889634f)));
+  return {fastattn::cpu::exp2_avx512<7>(x)};
 }
 // exp(s - m) for s - m <= 0 (a row max or log-sum-exp m; s - m = -inf gives 0): the subtraction
-// first (exact when s is near m), then 2^x, x = (s - m) log2e, as 2^n 2^f: f = x - round(x) in
-// [-1/2, 1/2] by vreduceps, 2^f by a degree-5 fit (relative error 3e-7 in float arithmetic), 2^n
-// by vscalefps (which also underflows to 0; the -200 floor keeps -inf out of the reduction).
+// first (exact when s is near m), then 2^x, x = (s - m) log2e (cpu/vec_exp.h, degree 5).
 inline VecF vexp_sub(VecF s, VecF m) {
-  __m512 x = _mm512_mul_ps(_mm512_sub_ps(s.v, m.v), _mm512_set1_ps(1.4426950408889634f));
-  x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // operand order: a NaN x stays NaN
-  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 n = _mm512_sub_ps(x, f);
-  __m512 p = _mm512_set1_ps(1.3260914711281657e-03f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.670180268585682e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507123470306396e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402222454547882e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470036506653e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return {_mm512_scalef_ps(p, n)};
+  return {fastattn::cpu::exp2_avx512<5>(_mm512_mul_ps(_mm512_sub_ps(s.v, m.v), _mm512_set1_ps(1.4426950408889634f)))};
 }
 #elif defined(FA_VEC_AVX2)
 struct VecF {  // 8 floats in a ymm register
@@ -139,25 +114,9 @@ inline VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline VecF operator*(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline VecF vmax(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
-  // As the AVX-512 one; 2^n is built in the exponent bits, and inputs below 2^-126 give 0.
+// As the AVX-512 one (cpu/vec_exp.h, degree 7); inputs below 2^-126 give 0.
 inline VecF vexp(VecF a) {
-    const __m256 x0 = _mm256_mul_ps(a.v, _mm256_set1_ps(1.4426950408889634f));
-    __m256 x = _mm256_max_ps(_mm256_set1_ps(-126.f), x0);  // operand order: a NaN x0 stays NaN
-    x = _mm256_min_ps(_mm256_set1_ps(127.f), x);
-    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(x, n);
-    __m256 p = _mm256_set1_ps(1.525273380405984e-05f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381606e-04f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-03f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-03f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-02f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-01f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-01f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    const __m256 under = _mm256_cmp_ps(x0, _mm256_set1_ps(-126.f), _CMP_LT_OQ);
-    return {_mm256_andnot_ps(under, r)};
+  return {fastattn::cpu::exp2_avx2<7>(_mm256_mul_ps(a.v, _mm256_set1_ps(1.4426950408889634f)))};
 }
 inline VecF vexp_sub(VecF s, VecF m) { return vexp(s - m); }
 #else
@@ -651,7 +610,7 @@ void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::valu
 // ------------------------------------------------------------------------------------------------
 // Backward: one task = (batch b, kv head hk, key range [key_lo, key_hi)); it walks the GQA group's
 // query heads, its key blocks, and every query block that can see them, in a fixed order.
-// dK and dV of its keys are its own; dQ goes to p.dq_part[part] (float, (N, Hq, L, E)), one
+// dK and dV of its keys are its own; dQ goes to p.dq_part[part] (the compute type T, (N, Hq, L, E)), one
 // partial per key range, summed in a fixed order by the caller (or written straight to p.dq when
 // there is a single key range).
 

@@ -13,7 +13,7 @@
 //             is the same on every call with the same thread count.
 // GEMMs: oneDNN's brgemm micro-kernel through at::native::cpublas::brgemm (float; as fast as MKL
 // sgemm on these tile shapes here, without at::mm's per-call overhead), else at::mm on tile views
-// (double, a torch without float brgemm, or FASTATTN_FFN_NO_BRGEMM=1). at::native::cpublas::gemm
+// (double, a torch without float brgemm, or the tuning knob FASTATTN_FFN_NO_BRGEMM=1). at::native::cpublas::gemm
 // is no option: its float overload is not exported from libtorch_cpu.
 // bfloat16 forward: on AMX (ffn_fwd_amx below) bf16 brgemm with fp32 accumulation; otherwise, and
 // for the backward, bfloat16 inputs compute in float32 (converted per tile; weights once per call) and
@@ -31,11 +31,10 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
+#include "cpu/amx_probe.h"
 #include "cpu/ffn_math.h"
-
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
-#define FASTATTN_FFN_AMX_BUILD 1
-#endif
+#include "tuning.h"
 
 namespace fastattn::ffn {
 namespace {
@@ -48,10 +47,9 @@ constexpr int64_t kBwdTile = 64;  // tokens per backward tile (two (64, F) fp32 
 // when called inside at::parallel_for.
 
 bool brgemm_usable() {
+  if (tuning::get(tuning::Knob::kFfnNoBrgemm) != 0) return false;
   static const bool ok = [] {
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
-    const char* env = std::getenv("FASTATTN_FFN_NO_BRGEMM");
-    if (env != nullptr && env[0] == '1') return false;
     try {
       float a[2] = {1.f, 2.f}, b[2] = {3.f, 4.f}, c[1] = {0.f};
       at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, false, a, b, c, false);
@@ -217,62 +215,20 @@ BwdEpilogueFn<scalar_t, acc_t> pick_bwd(Act a, bool drop) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Argument checks (every message names the argument, what it got and what was expected).
+// Arguments: checked by csrc/checks.h against what these kernels serve.
 
-Act parse_activation(c10::string_view activation) {
-  if (activation == "relu") return Act::Relu;
-  if (activation == "gelu") return Act::Gelu;
-  if (activation == "gelu_tanh") return Act::GeluTanh;
-  TORCH_CHECK(false, "fastattn ffn (cpu): activation must be \"relu\", \"gelu\" or \"gelu_tanh\", got \"",
-              std::string(activation), "\"");
+const Serves& cpu_serves() {
+  static const Serves s{c10::DeviceType::CPU, {at::kFloat, at::kBFloat16, at::kDouble}};
+  return s;
 }
 
-struct FfnShape {
-  int64_t T, D, F, D2;
-};
-
-FfnShape check_ffn_args(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                        const at::Tensor& w2, const std::optional<at::Tensor>& b2, double dropout_p,
-                        const std::optional<at::Tensor>& seed) {
-  TORCH_CHECK(x.device().is_cpu(), "fastattn ffn (cpu): x must be a CPU tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 2, "fastattn ffn (cpu): x must be 2-D (T, D), got shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "fastattn ffn (cpu): x must be contiguous, got strides ", x.strides());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble,
-              "fastattn ffn (cpu): x dtype must be float32, bfloat16 or float64, got ", dt);
-  const int64_t T = x.size(0), D = x.size(1);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == D, "fastattn ffn (cpu): w1 must have shape (F, D) with D = ", D,
-              " (x's last dim), got ", w1.sizes());
-  const int64_t F = w1.size(0);
-  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == F, "fastattn ffn (cpu): w2 must have shape (D2, F) with F = ", F,
-              " (w1's rows), got ", w2.sizes());
-  const int64_t D2 = w2.size(0);
-  auto same = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device().is_cpu(), "fastattn ffn (cpu): ", name, " must be a CPU tensor, got device ", t.device());
-    TORCH_CHECK(t.scalar_type() == dt, "fastattn ffn (cpu): ", name, " dtype must equal x's (", dt, "), got ",
-                t.scalar_type());
-  };
-  same(w1, "w1");
-  same(w2, "w2");
-  if (b1.has_value()) {
-    same(*b1, "b1");
-    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == F, "fastattn ffn (cpu): b1 must have shape (", F, ",), got ",
-                b1->sizes());
+// checks.h's activation as ffn_math.h's.
+Act to_act(Activation a) {
+  switch (a) {
+    case Activation::kRelu: return Act::Relu;
+    case Activation::kGelu: return Act::Gelu;
+    default: return Act::GeluTanh;
   }
-  if (b2.has_value()) {
-    same(*b2, "b2");
-    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == D2, "fastattn ffn (cpu): b2 must have shape (", D2, ",), got ",
-                b2->sizes());
-  }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastattn ffn (cpu): dropout_p must be in [0, 1), got ",
-              dropout_p);
-  if (dropout_p > 0.0) {
-    TORCH_CHECK(seed.has_value(), "fastattn ffn (cpu): seed must be given when dropout_p > 0 (got None)");
-    TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
-                "fastattn ffn (cpu): seed must be an int64 CPU tensor of shape (1,), got ", seed->scalar_type(),
-                " on ", seed->device(), " with shape ", seed->sizes());
-  }
-  return {T, D, F, D2};
 }
 
 // acc_t copy of a (rows, cols) matrix, optionally transposed to (cols, rows), contiguous.
@@ -349,49 +305,31 @@ void ffn_fwd_kernel(const at::Tensor& x, const at::Tensor& w1, const std::option
 // bfloat16 forward on AMX: both GEMMs as bf16 x bf16 -> fp32 brgemm (weights packed once per call
 // in VNNI layout: pairs of K rows interleaved, odd K zero-padded), the same fp32 epilogue as the
 // float path (bias, saved pre-activation, activation, dropout with the same Philox counters), the
-// hidden tile rounded to bf16 for the second GEMM (as eager bf16 does). FASTATTN_FFN_AMX=0 turns it
-// off; torch.ops.fastattn_ffn.amx_fwd_calls() counts the calls it served.
+// hidden tile rounded to bf16 for the second GEMM (as eager bf16 does). The tuning knob
+// FASTATTN_FFN_AMX=0 turns it off; torch.ops.fastattn_ffn.amx_fwd_calls() counts the calls it served.
 
 std::atomic<int64_t> g_amx_fwd_calls{0};
 
-#if defined(FASTATTN_FFN_AMX_BUILD)
+#if defined(FASTATTN_AMX_BUILD)
+// AVX-512 F/BW for the packing and rounding code, and bf16 brgemm on AMX.
 bool amx_hardware_ok() {
-  static const bool ok = [] {
+  static const bool isa = [] {
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return false;
-    try {
-      if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
-      at::BFloat16 a[2] = {at::BFloat16(1.f), at::BFloat16(2.f)};
-      at::BFloat16 bm[32];
-      for (int n = 0; n < 16; ++n) {
-        bm[2 * n] = at::BFloat16(3.f);
-        bm[2 * n + 1] = at::BFloat16(4.f);
-      }
-      float c[16] = {0};
-      at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a, bm, c, true);
-      at::native::cpublas::brgemm_release();
-      for (int n = 0; n < 16; ++n)
-        if (c[n] != 11.f) return false;
-      return true;
-    } catch (...) {
-      return false;
-    }
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   }();
-  return ok;
+  return isa && cpu::amx_bf16_brgemm_ok();
 }
 #endif
 
 bool amx_enabled() {
-#if defined(FASTATTN_FFN_AMX_BUILD)
-  const char* env = std::getenv("FASTATTN_FFN_AMX");
-  if (env != nullptr && env[0] == '0') return false;
-  return amx_hardware_ok();
+#if defined(FASTATTN_AMX_BUILD)
+  return tuning::get(tuning::Knob::kFfnAmx) != 0 && amx_hardware_ok();
 #else
   return false;
 #endif
 }
 
-#if defined(FASTATTN_FFN_AMX_BUILD)
+#if defined(FASTATTN_AMX_BUILD)
 // B (K, N) with B[k][n] = src[n * ld + k] (src is a row-major (N, K) weight), as VNNI (Kp/2, N, 2).
 at::Tensor pack_vnni_transposed(const at::Tensor& w_nk, int64_t N, int64_t K) {
   const int64_t Kp = (K + 1) / 2 * 2;
@@ -500,8 +438,8 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Te
                                                const std::optional<at::Tensor>& b2, c10::string_view activation,
                                                double dropout_p, const std::optional<at::Tensor>& seed,
                                                bool save_for_backward) {
-  const Act act = parse_activation(activation);
-  const FfnShape s = check_ffn_args(x, w1, b1, w2, b2, dropout_p, seed);
+  const FfnShape s = check_ffn_args(x, w1, b1, w2, b2, activation, dropout_p, seed, cpu_serves());
+  const Act act = to_act(s.act);
   const uint64_t seed_v = dropout_p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
   at::Tensor out = at::empty({s.T, s.D2}, x.options());
   at::Tensor saved = save_for_backward ? at::empty({s.T, s.F}, x.options()) : at::empty({0}, x.options());
@@ -511,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Te
       ffn_fwd_kernel<float, float>(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);
       break;
     case at::kBFloat16:
-#if defined(FASTATTN_FFN_AMX_BUILD)
+#if defined(FASTATTN_AMX_BUILD)
       if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && amx_enabled()) {
         ffn_fwd_amx(x, w1, b1, w2, b2, act, dropout_p, seed_v, s, out, saved_ptr);
         break;
@@ -529,13 +467,81 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Te
 // ------------------------------------------------------------------------------------------------
 // Backward
 
+// The backward's token loop and weight-gradient partials, shared by the float kernel and the AMX one.
+// Tokens are cut into tiles of kBwdTile rows; the tiles into `groups` contiguous ranges (groups =
+// threads, at most the tiles); each group accumulates its own (dW1^T, dW2, db1, db2) partial, in acc_t,
+// over its tiles in order, and the partials are summed in group order at the end: the result is
+// the same on every call with the same thread count.
+template <typename acc_t>
+struct BwdTiles {
+  struct Partial {
+    acc_t* dw1t;  // (D, F)
+    acc_t* dw2;   // (D2, F)
+    acc_t* db1;   // (F,)
+    acc_t* db2;   // (D2,)
+  };
+  int64_t T, ntiles, groups;
+  at::Tensor dw1t, dw2, db1, db2;  // (groups, D, F), (groups, D2, F), (groups, F), (groups, D2)
+
+  explicit BwdTiles(const FfnShape& s)
+      : T(s.T),
+        ntiles((s.T + kBwdTile - 1) / kBwdTile),
+        groups(std::max<int64_t>(1, std::min<int64_t>(ntiles, at::get_num_threads()))) {
+    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    dw1t = at::zeros({groups, s.D, s.F}, opt);
+    dw2 = at::zeros({groups, s.D2, s.F}, opt);
+    db1 = at::zeros({groups, s.F}, opt);
+    db2 = at::zeros({groups, s.D2}, opt);
+  }
+
+  // Runs tile(scratch, t0, rows, partial) for every tile, the groups in parallel; each thread makes
+  // its scratch once with make_scratch(). release_brgemm: release brgemm's AMX state per thread.
+  template <typename MakeScratch, typename Tile>
+  void run(MakeScratch make_scratch, Tile tile, bool release_brgemm) {
+    acc_t* dw1t_p = dw1t.data_ptr<acc_t>();
+    acc_t* dw2_p = dw2.data_ptr<acc_t>();
+    acc_t* db1_p = db1.data_ptr<acc_t>();
+    acc_t* db2_p = db2.data_ptr<acc_t>();
+    const int64_t D = dw1t.size(1), F = dw1t.size(2), D2 = dw2.size(1);
+    at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
+      auto scratch = make_scratch();
+      for (int64_t g = gbegin; g < gend; ++g) {
+        const Partial part{dw1t_p + g * D * F, dw2_p + g * D2 * F, db1_p + g * F, db2_p + g * D2};
+        for (int64_t t = g * ntiles / groups; t < (g + 1) * ntiles / groups; ++t) {
+          const int64_t t0 = t * kBwdTile;
+          tile(scratch, t0, std::min(kBwdTile, T - t0), part);
+        }
+      }
+#if defined(FASTATTN_AMX_BUILD)
+      if (release_brgemm) at::native::cpublas::brgemm_release();
+#else
+      (void)release_brgemm;
+#endif
+    });
+  }
+
+  // Sums the partials in group order into the outputs (dW1 laid out as (F, D)).
+  void finish(at::Tensor& dw1_out, at::Tensor& dw2_out, at::Tensor& db1_out, at::Tensor& db2_out) {
+    at::Tensor a = dw1t[0], b = dw2[0], c = db1[0], d = db2[0];
+    for (int64_t g = 1; g < groups; ++g) {
+      a.add_(dw1t[g]);
+      b.add_(dw2[g]);
+      c.add_(db1[g]);
+      d.add_(db2[g]);
+    }
+    dw1_out.copy_(a.t());
+    dw2_out.copy_(b);
+    db1_out.copy_(c);
+    db2_out.copy_(d);
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void ffn_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                     const at::Tensor& saved, Act act, double dropout_p, uint64_t seed, const FfnShape& s,
                     at::Tensor& dx, at::Tensor& dw1, at::Tensor& db1, at::Tensor& dw2, at::Tensor& db2) {
   constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t T = s.T, D = s.D, F = s.F, D2 = s.D2;
+  const int64_t D = s.D, F = s.F, D2 = s.D2;
   const at::Tensor w1a = as_acc<acc_t>(w1, false);  // (F, D)
   const at::Tensor w2a = as_acc<acc_t>(w2, false);  // (D2, F)
   const acc_t* w1_p = w1a.data_ptr<acc_t>();
@@ -549,87 +555,59 @@ void ffn_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const acc_t scale = drop ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
   const auto epilogue = pick_bwd<scalar_t, acc_t>(act, drop);
   const bool use_brgemm = brgemm_usable();
-  const int64_t ntiles = (T + kBwdTile - 1) / kBwdTile;
-  // one weight-gradient partial per group of consecutive tiles; groups = threads (<= tiles)
-  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(ntiles, at::get_num_threads()));
-  at::Tensor dw1t_part = at::zeros({groups, D, F}, at::TensorOptions().dtype(acc_type));  // dW1^T partials
-  at::Tensor dw2_part = at::zeros({groups, D2, F}, at::TensorOptions().dtype(acc_type));
-  at::Tensor db1_part = at::zeros({groups, F}, at::TensorOptions().dtype(acc_type));
-  at::Tensor db2_part = at::zeros({groups, D2}, at::TensorOptions().dtype(acc_type));
-  acc_t* dw1t_pp = dw1t_part.data_ptr<acc_t>();
-  acc_t* dw2_pp = dw2_part.data_ptr<acc_t>();
-  acc_t* db1_pp = db1_part.data_ptr<acc_t>();
-  acc_t* db2_pp = db2_part.data_ptr<acc_t>();
-
-  at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
-    std::vector<acc_t> dh(static_cast<size_t>(kBwdTile * F));   // dh, then d pre
-    std::vector<acc_t> hid(static_cast<size_t>(kBwdTile * F));  // act(pre) * keep
-    std::vector<acc_t> keep(drop ? static_cast<size_t>(F) : 0);
-    std::vector<acc_t> go_t(static_cast<size_t>(D2 * kBwdTile));  // grad_out tile transposed (D2, rows)
-    std::vector<acc_t> x_t(static_cast<size_t>(D * kBwdTile));    // x tile transposed (D, rows)
-    std::vector<acc_t> go_buf(kSame ? 0 : static_cast<size_t>(kBwdTile * D2));
-    std::vector<acc_t> dx_buf(kSame ? 0 : static_cast<size_t>(kBwdTile * D));
-    for (int64_t g = gbegin; g < gend; ++g) {
-      acc_t* dw1t_g = dw1t_pp + g * D * F;
-      acc_t* dw2_g = dw2_pp + g * D2 * F;
-      acc_t* db1_g = db1_pp + g * F;
-      acc_t* db2_g = db2_pp + g * D2;
-      const int64_t tile_begin = g * ntiles / groups, tile_end = (g + 1) * ntiles / groups;
-      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-        const int64_t t0 = tile * kBwdTile;
-        const int64_t rows = std::min(kBwdTile, T - t0);
+  struct Scratch {
+    std::vector<acc_t> dh, hid, keep, go_t, x_t, go_buf, dx_buf;
+  };
+  BwdTiles<acc_t> tiles(s);
+  tiles.run(
+      [&] {
+        Scratch sc;
+        sc.dh.resize(kBwdTile * F);   // dh, then d pre
+        sc.hid.resize(kBwdTile * F);  // act(pre) * keep
+        sc.keep.resize(drop ? F : 0);
+        sc.go_t.resize(D2 * kBwdTile);  // grad_out tile transposed (D2, rows)
+        sc.x_t.resize(D * kBwdTile);    // x tile transposed (D, rows)
+        sc.go_buf.resize(kSame ? 0 : kBwdTile * D2);
+        sc.dx_buf.resize(kSame ? 0 : kBwdTile * D);
+        return sc;
+      },
+      [&](Scratch& sc, int64_t t0, int64_t rows, const typename BwdTiles<acc_t>::Partial& part) {
         const acc_t* go;
         if constexpr (kSame) {
           go = go_p + t0 * D2;
         } else {
-          for (int64_t i = 0; i < rows * D2; ++i) go_buf[i] = static_cast<acc_t>(go_p[t0 * D2 + i]);
-          go = go_buf.data();
+          for (int64_t i = 0; i < rows * D2; ++i) sc.go_buf[i] = static_cast<acc_t>(go_p[t0 * D2 + i]);
+          go = sc.go_buf.data();
         }
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < D2; ++j) {
-            go_t[j * rows + r] = go[r * D2 + j];
-            db2_g[j] += go[r * D2 + j];
+            sc.go_t[j * rows + r] = go[r * D2 + j];
+            part.db2[j] += go[r * D2 + j];
           }
           const scalar_t* xr = x_p + (t0 + r) * D;
-          for (int64_t j = 0; j < D; ++j) x_t[j * rows + r] = static_cast<acc_t>(xr[j]);
+          for (int64_t j = 0; j < D; ++j) sc.x_t[j * rows + r] = static_cast<acc_t>(xr[j]);
         }
         // dh (rows, F) = grad_out_tile (rows, D2) @ w2 (D2, F)
-        gemm<acc_t>(rows, F, D2, go, D2, w2_p, F, dh.data(), F, false, use_brgemm);
-        epilogue(rows, F, dh.data(), pre_p + t0 * F, hid.data(), db1_g, seed,
-                 static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, keep.data());
+        gemm<acc_t>(rows, F, D2, go, D2, w2_p, F, sc.dh.data(), F, false, use_brgemm);
+        epilogue(rows, F, sc.dh.data(), pre_p + t0 * F, sc.hid.data(), part.db1, seed,
+                 static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, sc.keep.data());
         // dW2 (D2, F) += grad_out_tile^T (D2, rows) @ hid (rows, F)
-        gemm<acc_t>(D2, F, rows, go_t.data(), rows, hid.data(), F, dw2_g, F, true, use_brgemm);
+        gemm<acc_t>(D2, F, rows, sc.go_t.data(), rows, sc.hid.data(), F, part.dw2, F, true, use_brgemm);
         // dW1^T (D, F) += x_tile^T (D, rows) @ dpre (rows, F)
-        gemm<acc_t>(D, F, rows, x_t.data(), rows, dh.data(), F, dw1t_g, F, true, use_brgemm);
+        gemm<acc_t>(D, F, rows, sc.x_t.data(), rows, sc.dh.data(), F, part.dw1t, F, true, use_brgemm);
         // dx_tile (rows, D) = dpre (rows, F) @ w1 (F, D)
         if constexpr (kSame) {
-          gemm<acc_t>(rows, D, F, dh.data(), F, w1_p, D, dx_p + t0 * D, D, false, use_brgemm);
+          gemm<acc_t>(rows, D, F, sc.dh.data(), F, w1_p, D, dx_p + t0 * D, D, false, use_brgemm);
         } else {
-          gemm<acc_t>(rows, D, F, dh.data(), F, w1_p, D, dx_buf.data(), D, false, use_brgemm);
-          for (int64_t i = 0; i < rows * D; ++i) dx_p[t0 * D + i] = static_cast<scalar_t>(dx_buf[i]);
+          gemm<acc_t>(rows, D, F, sc.dh.data(), F, w1_p, D, sc.dx_buf.data(), D, false, use_brgemm);
+          for (int64_t i = 0; i < rows * D; ++i) dx_p[t0 * D + i] = static_cast<scalar_t>(sc.dx_buf[i]);
         }
-      }
-    }
-  });
-
-  // Sum the partials in group order (fixed), then lay dW1 out as (F, D).
-  at::Tensor dw1t = dw1t_part[0];
-  at::Tensor dw2a = dw2_part[0];
-  at::Tensor db1a = db1_part[0];
-  at::Tensor db2a = db2_part[0];
-  for (int64_t g = 1; g < groups; ++g) {
-    dw1t.add_(dw1t_part[g]);
-    dw2a.add_(dw2_part[g]);
-    db1a.add_(db1_part[g]);
-    db2a.add_(db2_part[g]);
-  }
-  dw1.copy_(dw1t.t());
-  dw2.copy_(dw2a);
-  db1.copy_(db1a);
-  db2.copy_(db2a);
+      },
+      false);
+  tiles.finish(dw1, dw2, db1, db2);
 }
 
-#if defined(FASTATTN_FFN_AMX_BUILD)
+#if defined(FASTATTN_AMX_BUILD)
 std::atomic<int64_t> g_amx_bwd_calls{0};
 
 // (K, N) row-major source (float or bf16, leading dim ld) as VNNI (Kp/2, N, 2) bf16 into dst.
@@ -683,7 +661,7 @@ void ffn_bwd_amx(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
                  const at::Tensor& saved, Act act, double dropout_p, uint64_t seed, const FfnShape& s,
                  at::Tensor& dx, at::Tensor& dw1, at::Tensor& db1, at::Tensor& dw2, at::Tensor& db2) {
   using scalar_t = c10::BFloat16;
-  const int64_t T = s.T, D = s.D, F = s.F, D2 = s.D2;
+  const int64_t D = s.D, F = s.F, D2 = s.D2;
   const int64_t D2p = (D2 + 1) / 2 * 2, Fp = (F + 1) / 2 * 2;
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   at::Tensor w2v = at::empty({D2p / 2, F, 2}, at::TensorOptions().dtype(at::kBFloat16));  // B of go @ w2
@@ -700,87 +678,60 @@ void ffn_bwd_amx(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
   const float p = static_cast<float>(dropout_p);
   const float scale = drop ? float(1.0 / (1.0 - dropout_p)) : 1.f;
   const auto epilogue = pick_bwd<scalar_t, float>(act, drop);
-  const int64_t ntiles = (T + kBwdTile - 1) / kBwdTile;
-  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(ntiles, at::get_num_threads()));
-  const auto fopt = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor dw1t_part = at::zeros({groups, D, F}, fopt);
-  at::Tensor dw2_part = at::zeros({groups, D2, F}, fopt);
-  at::Tensor db1_part = at::zeros({groups, F}, fopt);
-  at::Tensor db2_part = at::zeros({groups, D2}, fopt);
-  float* dw1t_pp = dw1t_part.data_ptr<float>();
-  float* dw2_pp = dw2_part.data_ptr<float>();
-  float* db1_pp = db1_part.data_ptr<float>();
-  float* db2_pp = db2_part.data_ptr<float>();
   constexpr int64_t kRp = kBwdTile;  // kBwdTile is even
-
-  at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
-    std::vector<float> dh(static_cast<size_t>(kBwdTile * F));
-    std::vector<float> hid(static_cast<size_t>(kBwdTile * F));
-    std::vector<float> keep(drop ? static_cast<size_t>(F) : 0);
-    std::vector<at::BFloat16> go_pad(static_cast<size_t>(kBwdTile * D2p));
-    std::vector<at::BFloat16> go_t(static_cast<size_t>(D2 * kRp));  // (D2, rows_p)
-    std::vector<at::BFloat16> x_t(static_cast<size_t>(D * kRp));    // (D, rows_p)
-    std::vector<at::BFloat16> dpre_b(static_cast<size_t>(kBwdTile * Fp));
-    std::vector<at::BFloat16> hid_v(static_cast<size_t>(kRp * F));   // VNNI (rows_p/2, F, 2)
-    std::vector<at::BFloat16> dpre_v(static_cast<size_t>(kRp * F));  // VNNI (rows_p/2, F, 2)
-    std::vector<float> dx_buf(static_cast<size_t>(kBwdTile * D));
-    for (int64_t g = gbegin; g < gend; ++g) {
-      float* dw1t_g = dw1t_pp + g * D * F;
-      float* dw2_g = dw2_pp + g * D2 * F;
-      float* db1_g = db1_pp + g * F;
-      float* db2_g = db2_pp + g * D2;
-      const int64_t tile_begin = g * ntiles / groups, tile_end = (g + 1) * ntiles / groups;
-      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-        const int64_t t0 = tile * kBwdTile;
-        const int64_t rows = std::min(kBwdTile, T - t0);
+  struct Scratch {
+    std::vector<float> dh, hid, keep, dx_buf;
+    std::vector<at::BFloat16> go_pad, go_t, x_t, dpre_b, hid_v, dpre_v;
+  };
+  BwdTiles<float> tiles(s);
+  tiles.run(
+      [&] {
+        Scratch sc;
+        sc.dh.resize(kBwdTile * F);
+        sc.hid.resize(kBwdTile * F);
+        sc.keep.resize(drop ? F : 0);
+        sc.go_pad.resize(kBwdTile * D2p);
+        sc.go_t.resize(D2 * kRp);  // (D2, rows_p)
+        sc.x_t.resize(D * kRp);    // (D, rows_p)
+        sc.dpre_b.resize(kBwdTile * Fp);
+        sc.hid_v.resize(kRp * F);   // VNNI (rows_p/2, F, 2)
+        sc.dpre_v.resize(kRp * F);  // VNNI (rows_p/2, F, 2)
+        sc.dx_buf.resize(kBwdTile * D);
+        return sc;
+      },
+      [&](Scratch& sc, int64_t t0, int64_t rows, const BwdTiles<float>::Partial& part) {
         const int64_t rp = (rows + 1) / 2 * 2;
         const scalar_t* go = go_p + t0 * D2;
         const scalar_t* xs = x_p + t0 * D;
-        std::fill(go_t.begin(), go_t.end(), at::BFloat16(0.f));
-        std::fill(x_t.begin(), x_t.end(), at::BFloat16(0.f));
+        std::fill(sc.go_t.begin(), sc.go_t.end(), at::BFloat16(0.f));
+        std::fill(sc.x_t.begin(), sc.x_t.end(), at::BFloat16(0.f));
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < D2; ++j) {
             const scalar_t v = go[r * D2 + j];
-            go_pad[r * D2p + j] = v;
-            go_t[j * rp + r] = v;
-            db2_g[j] += static_cast<float>(v);
+            sc.go_pad[r * D2p + j] = v;
+            sc.go_t[j * rp + r] = v;
+            part.db2[j] += static_cast<float>(v);
           }
-          if (D2p != D2) go_pad[r * D2p + D2] = at::BFloat16(0.f);
-          for (int64_t j = 0; j < D; ++j) x_t[j * rp + r] = xs[r * D + j];
+          if (D2p != D2) sc.go_pad[r * D2p + D2] = at::BFloat16(0.f);
+          for (int64_t j = 0; j < D; ++j) sc.x_t[j * rp + r] = xs[r * D + j];
         }
         // dh (rows, F) = grad_out_tile (rows, D2) @ w2 (D2, F)
-        at::native::cpublas::brgemm(rows, F, D2p, D2p, F, F, false, go_pad.data(), w2v_p, dh.data(), true);
-        epilogue(rows, F, dh.data(), pre_p + t0 * F, hid.data(), db1_g, seed,
-                 static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, keep.data());
-        pack_vnni_rows_f32(hid.data(), rows, F, F, hid_v.data());
-        pack_vnni_rows_f32(dh.data(), rows, F, F, dpre_v.data());
-        round_rows_bf16(rows, F, Fp, dh.data(), dpre_b.data());
+        at::native::cpublas::brgemm(rows, F, D2p, D2p, F, F, false, sc.go_pad.data(), w2v_p, sc.dh.data(), true);
+        epilogue(rows, F, sc.dh.data(), pre_p + t0 * F, sc.hid.data(), part.db1, seed,
+                 static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, sc.keep.data());
+        pack_vnni_rows_f32(sc.hid.data(), rows, F, F, sc.hid_v.data());
+        pack_vnni_rows_f32(sc.dh.data(), rows, F, F, sc.dpre_v.data());
+        round_rows_bf16(rows, F, Fp, sc.dh.data(), sc.dpre_b.data());
         // dW2 (D2, F) += grad_out_tile^T (D2, rows) @ hid (rows, F)
-        at::native::cpublas::brgemm(D2, F, rp, rp, F, F, true, go_t.data(), hid_v.data(), dw2_g, true);
+        at::native::cpublas::brgemm(D2, F, rp, rp, F, F, true, sc.go_t.data(), sc.hid_v.data(), part.dw2, true);
         // dW1^T (D, F) += x_tile^T (D, rows) @ dpre (rows, F)
-        at::native::cpublas::brgemm(D, F, rp, rp, F, F, true, x_t.data(), dpre_v.data(), dw1t_g, true);
+        at::native::cpublas::brgemm(D, F, rp, rp, F, F, true, sc.x_t.data(), sc.dpre_v.data(), part.dw1t, true);
         // dx_tile (rows, D) = dpre (rows, F) @ w1 (F, D)
-        at::native::cpublas::brgemm(rows, D, Fp, Fp, D, D, false, dpre_b.data(), w1v_p, dx_buf.data(), true);
-        for (int64_t i = 0; i < rows * D; ++i) dx_p[t0 * D + i] = static_cast<scalar_t>(dx_buf[i]);
-      }
-    }
-    at::native::cpublas::brgemm_release();
-  });
-
-  at::Tensor dw1t = dw1t_part[0];
-  at::Tensor dw2a = dw2_part[0];
-  at::Tensor db1a = db1_part[0];
-  at::Tensor db2a = db2_part[0];
-  for (int64_t g = 1; g < groups; ++g) {
-    dw1t.add_(dw1t_part[g]);
-    dw2a.add_(dw2_part[g]);
-    db1a.add_(db1_part[g]);
-    db2a.add_(db2_part[g]);
-  }
-  dw1.copy_(dw1t.t());
-  dw2.copy_(dw2a);
-  db1.copy_(db1a);
-  db2.copy_(db2a);
+        at::native::cpublas::brgemm(rows, D, Fp, Fp, D, D, false, sc.dpre_b.data(), w1v_p, sc.dx_buf.data(), true);
+        for (int64_t i = 0; i < rows * D; ++i) dx_p[t0 * D + i] = static_cast<scalar_t>(sc.dx_buf[i]);
+      },
+      true);
+  tiles.finish(dw1, dw2, db1, db2);
   g_amx_bwd_calls.fetch_add(1);
 }
 int64_t amx_bwd_calls() { return g_amx_bwd_calls.load(); }
@@ -792,19 +743,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_c
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& saved, c10::string_view activation,
     double dropout_p, const std::optional<at::Tensor>& seed) {
-  const Act act = parse_activation(activation);
-  const FfnShape s = check_ffn_args(x, w1, b1, w2, b2, dropout_p, seed);
-  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.scalar_type() == x.scalar_type(),
-              "fastattn ffn_bwd (cpu): grad_out must be a CPU tensor of x's dtype (", x.scalar_type(), "), got ",
-              grad_out.scalar_type(), " on ", grad_out.device());
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == s.T && grad_out.size(1) == s.D2,
-              "fastattn ffn_bwd (cpu): grad_out must have shape (", s.T, ", ", s.D2, "), got ", grad_out.sizes());
-  TORCH_CHECK(saved.device().is_cpu() && saved.scalar_type() == x.scalar_type(),
-              "fastattn ffn_bwd (cpu): saved must be a CPU tensor of x's dtype (", x.scalar_type(), "), got ",
-              saved.scalar_type(), " on ", saved.device());
-  TORCH_CHECK(saved.dim() == 2 && saved.size(0) == s.T && saved.size(1) == s.F,
-              "fastattn ffn_bwd (cpu): saved (the pre-activation from ffn_fwd with save_for_backward=True) must "
-              "have shape (", s.T, ", ", s.F, "), got ", saved.sizes());
+  const FfnShape s = check_ffn_args(x, w1, b1, w2, b2, activation, dropout_p, seed, cpu_serves());
+  check_ffn_bwd_args(grad_out, saved, x, s);
+  const Act act = to_act(s.act);
   const uint64_t seed_v = dropout_p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
   const at::Tensor go = grad_out.contiguous();
   const at::Tensor pre = saved.contiguous();
@@ -818,7 +759,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_c
       ffn_bwd_kernel<float, float>(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);
       break;
     case at::kBFloat16:
-#if defined(FASTATTN_FFN_AMX_BUILD)
+#if defined(FASTATTN_AMX_BUILD)
       if (s.T > 0 && s.D > 0 && s.F > 0 && s.D2 > 0 && amx_enabled()) {
         ffn_bwd_amx(go, x, w1, w2, pre, act, dropout_p, seed_v, s, dx, dw1, db1, dw2, db2);
         break;

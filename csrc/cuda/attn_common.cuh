@@ -122,6 +122,59 @@ __device__ __forceinline__ void load_b_frag_kn(uint32_t b[4], const T* tile, int
   ldmatrix_x4_trans(b, smem_addr(tile + r * lds + c));
 }
 
+// C (16 x 8*NC: NC n8 tiles, NC even) = A B^T on tensor cores, both from shared memory: A the 16 rows
+// from row0 of a tile stored [m][k], B a tile stored [n][k] (row stride lds for both), k < 16*KS;
+// k steps from k_valid on (zero padding of the head dim) are skipped.
+template <typename T, int KS, int NC>
+__device__ __forceinline__ void mma_smem_abt(float (&c)[NC][4], const T* a_tile, int row0, const T* b_tile, int lds,
+                                             int k_valid, int lane) {
+  static_assert(NC % 2 == 0, "B fragments come in pairs of n8 tiles");
+#pragma unroll
+  for (int nn = 0; nn < NC; ++nn) c[nn][0] = c[nn][1] = c[nn][2] = c[nn][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    if (kk * 16 < k_valid) {
+      uint32_t a[4];
+      load_a_frag(a, a_tile, lds, row0, kk * 16, lane);
+#pragma unroll
+      for (int nn = 0; nn < NC; nn += 2) {
+        uint32_t bf[4];
+        load_b_frag_nk(bf, b_tile, lds, nn * 8, kk * 16, lane);
+        mma_16816<T>(c[nn], a, bf[0], bf[1]);
+        mma_16816<T>(c[nn + 1], a, bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+// C (16 x 8*NC: NC n8 tiles, NC even) += A B on tensor cores, where A (16 x 16*KS) is still in the
+// fp32 accumulators of 2*KS n8 tiles of an earlier mma (scores, probabilities, dS): two adjacent
+// accumulator tiles, rounded to T and packed in pairs, are exactly one A fragment. B (16*KS x 8*NC)
+// is a shared-memory tile stored [k][n] with row stride lds; column tiles from n_valid on (zero
+// padding of the head dim) are skipped.
+template <typename T, int KS, int NC>
+__device__ __forceinline__ void mma_acc_a(float (&c)[NC][4], const float (&acc)[2 * KS][4], const T* b_tile, int lds,
+                                          int n_valid, int lane) {
+  static_assert(NC % 2 == 0, "B fragments come in pairs of n8 tiles");
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t a[4];
+    a[0] = TypeOps<T>::pack(acc[2 * kk][0], acc[2 * kk][1]);
+    a[1] = TypeOps<T>::pack(acc[2 * kk][2], acc[2 * kk][3]);
+    a[2] = TypeOps<T>::pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    a[3] = TypeOps<T>::pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+#pragma unroll
+    for (int dn = 0; dn < NC; dn += 2) {
+      if (dn * 8 < n_valid) {
+        uint32_t bf[4];
+        load_b_frag_kn(bf, b_tile, lds, kk * 16, dn * 8, lane);
+        mma_16816<T>(c[dn], a, bf[0], bf[1]);
+        mma_16816<T>(c[dn + 1], a, bf[2], bf[3]);
+      }
+    }
+  }
+}
+
 // ---- cp.async ---------------------------------------------------------------------------------------
 // 16 bytes global -> shared; when !valid nothing is read and the 16 bytes are zero-filled.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {

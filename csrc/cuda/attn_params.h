@@ -11,6 +11,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../activation.h"
+
 namespace fastattn {
 namespace cuda {
 
@@ -62,7 +64,7 @@ cudaError_t attention_forward_fp32(const AttnParams& p, cudaStream_t stream);
 cudaError_t attention_backward_fp32(const AttnParams& p, cudaStream_t stream);
 
 // ---- feed-forward elementwise kernels (the GEMMs are cuBLASLt, in cuda_ops.cpp) -------------------
-enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2 };
+// Activation: csrc/activation.h (fastattn::Activation)
 
 // hidden[t, f] = dropout(act(pre[t, f] (+ bias[f] if bias))), and when pre_out is not null it gets
 // the biased pre-activation. pre and hidden may alias. Dropout counter t*F + f.

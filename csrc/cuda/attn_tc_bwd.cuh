@@ -176,32 +176,8 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
     const T* vt = sV + buf * BN * LDS;
 
     float s[SN][4], dp[SN][4];
-#pragma unroll
-    for (int nn = 0; nn < SN; ++nn)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nn][e] = dp[nn][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4], bf[4];
-      if (kk * 16 < E) {  // S = Q K^T
-        load_a_frag(a, sQ, LDS, warp * 16, kk * 16, lane);
-#pragma unroll
-        for (int nn = 0; nn < SN; nn += 2) {
-          load_b_frag_nk(bf, kt, LDS, nn * 8, kk * 16, lane);
-          mma_16816<T>(s[nn], a, bf[0], bf[1]);
-          mma_16816<T>(s[nn + 1], a, bf[2], bf[3]);
-        }
-      }
-      if (kk * 16 < Ev) {  // dP = dO V^T
-        load_a_frag(a, sdO, LDS, warp * 16, kk * 16, lane);
-#pragma unroll
-        for (int nn = 0; nn < SN; nn += 2) {
-          load_b_frag_nk(bf, vt, LDS, nn * 8, kk * 16, lane);
-          mma_16816<T>(dp[nn], a, bf[0], bf[1]);
-          mma_16816<T>(dp[nn + 1], a, bf[2], bf[3]);
-        }
-      }
-    }
+    mma_smem_abt<T, D / 16, SN>(s, sQ, warp * 16, kt, LDS, E, lane);    // S = Q K^T
+    mma_smem_abt<T, D / 16, SN>(dp, sdO, warp * 16, vt, LDS, Ev, lane);  // dP = dO V^T
     // dS = P * (dP_kept - delta), P = exp(S - lse)  (into s)
     const int j0 = t * BN;
     const bool need_mask = sm.tile_needs_mask(i0, BM, j0, BN);
@@ -221,23 +197,7 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
       }
     }
     // dQ += dS K
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = TypeOps<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = TypeOps<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = TypeOps<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = TypeOps<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dn = 0; dn < DN; dn += 2) {
-        if (dn * 8 < E) {
-          uint32_t bf[4];
-          load_b_frag_kn(bf, kt, LDS, kk * 16, dn * 8, lane);
-          mma_16816<T>(dq[dn], a, bf[0], bf[1]);
-          mma_16816<T>(dq[dn + 1], a, bf[2], bf[3]);
-        }
-      }
-    }
+    mma_acc_a<T, BN / 16, DN>(dq, s, kt, LDS, E, lane);
     __syncthreads();
     buf ^= 1;
     t = t_next;
@@ -363,32 +323,8 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
     const bool need_mask = sm.tile_needs_mask(qi0, BM, j0, BN);
 
     float s[QN][4], dp[QN][4];
-#pragma unroll
-    for (int nn = 0; nn < QN; ++nn)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nn][e] = dp[nn][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4], bf[4];
-      if (kk * 16 < E) {  // S^T = K Q^T
-        load_a_frag(a, sK, LDS, warp * 16, kk * 16, lane);
-#pragma unroll
-        for (int nn = 0; nn < QN; nn += 2) {
-          load_b_frag_nk(bf, qt, LDS, nn * 8, kk * 16, lane);
-          mma_16816<T>(s[nn], a, bf[0], bf[1]);
-          mma_16816<T>(s[nn + 1], a, bf[2], bf[3]);
-        }
-      }
-      if (DO_DK && kk * 16 < Ev) {  // dP^T = V dO^T
-        load_a_frag(a, sV, LDS, warp * 16, kk * 16, lane);
-#pragma unroll
-        for (int nn = 0; nn < QN; nn += 2) {
-          load_b_frag_nk(bf, dot, LDS, nn * 8, kk * 16, lane);
-          mma_16816<T>(dp[nn], a, bf[0], bf[1]);
-          mma_16816<T>(dp[nn + 1], a, bf[2], bf[3]);
-        }
-      }
-    }
+    mma_smem_abt<T, D / 16, QN>(s, sK, warp * 16, qt, LDS, E, lane);  // S^T = K Q^T
+    if constexpr (DO_DK) mma_smem_abt<T, D / 16, QN>(dp, sV, warp * 16, dot, LDS, Ev, lane);  // dP^T = V dO^T
     // s <- P_kept^T (for dV), dp <- dS^T (for dK). Counter of (query, key): (bh*L + query)*S + key,
     // i.e. base + key*1 + query*S: the fragment's rows (keys) have stride 1, its columns stride S.
     uint32_t keep = 0xffffffffu;
@@ -417,41 +353,8 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
         s[nn][e] = pe * z;
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      if (DO_DV) {  // dV += P_kept^T dO
-        uint32_t a[4];
-        a[0] = TypeOps<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-        a[1] = TypeOps<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-        a[2] = TypeOps<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        a[3] = TypeOps<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-        for (int dn = 0; dn < DN; dn += 2) {
-          if (dn * 8 < Ev) {
-            uint32_t bf[4];
-            load_b_frag_kn(bf, dot, LDS, kk * 16, dn * 8, lane);
-            mma_16816<T>(dv[dn], a, bf[0], bf[1]);
-            mma_16816<T>(dv[dn + 1], a, bf[2], bf[3]);
-          }
-        }
-      }
-      if (DO_DK) {  // dK += dS^T Q
-        uint32_t a[4];
-        a[0] = TypeOps<T>::pack(dp[2 * kk][0], dp[2 * kk][1]);
-        a[1] = TypeOps<T>::pack(dp[2 * kk][2], dp[2 * kk][3]);
-        a[2] = TypeOps<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-        a[3] = TypeOps<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-#pragma unroll
-        for (int dn = 0; dn < DN; dn += 2) {
-          if (dn * 8 < E) {
-            uint32_t bf[4];
-            load_b_frag_kn(bf, qt, LDS, kk * 16, dn * 8, lane);
-            mma_16816<T>(dk[dn], a, bf[0], bf[1]);
-            mma_16816<T>(dk[dn + 1], a, bf[2], bf[3]);
-          }
-        }
-      }
-    }
+    if constexpr (DO_DV) mma_acc_a<T, BM / 16, DN>(dv, s, dot, LDS, Ev, lane);  // dV += P_kept^T dO
+    if constexpr (DO_DK) mma_acc_a<T, BM / 16, DN>(dk, dp, qt, LDS, E, lane);   // dK += dS^T Q
     __syncthreads();
   }
   cp_async_wait<0>();

@@ -87,22 +87,7 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
 
     // S = Q K^T for this warp's 16 rows x BN keys
     float s[SN][4];
-#pragma unroll
-    for (int nn = 0; nn < SN; ++nn) s[nn][0] = s[nn][1] = s[nn][2] = s[nn][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      if (kk * 16 < E) {
-        uint32_t a[4];
-        load_a_frag(a, sQ, LDS, warp * 16, kk * 16, lane);
-#pragma unroll
-        for (int nn = 0; nn < SN; nn += 2) {
-          uint32_t bf[4];
-          load_b_frag_nk(bf, kt, LDS, nn * 8, kk * 16, lane);
-          mma_16816<T>(s[nn], a, bf[0], bf[1]);
-          mma_16816<T>(s[nn + 1], a, bf[2], bf[3]);
-        }
-      }
-    }
+    mma_smem_abt<T, D / 16, SN>(s, sQ, warp * 16, kt, LDS, E, lane);
 
     // mask, online softmax
     const int j0 = t * BN;
@@ -156,24 +141,8 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
         for (int e = 0; e < 4; ++e) s[nn][e] = (keep >> (4 * nn + e)) & 1u ? s[nn][e] * keep_scale : 0.f;
     }
 
-    // O += P V: the score accumulators of two n8 tiles are exactly one A fragment
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = TypeOps<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = TypeOps<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = TypeOps<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = TypeOps<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dn = 0; dn < DN; dn += 2) {
-        if (dn * 8 < Ev) {
-          uint32_t bf[4];
-          load_b_frag_kn(bf, vt, LDS, kk * 16, dn * 8, lane);
-          mma_16816<T>(o[dn], a, bf[0], bf[1]);
-          mma_16816<T>(o[dn + 1], a, bf[2], bf[3]);
-        }
-      }
-    }
+    // O += P V, P straight from the score accumulators
+    mma_acc_a<T, BN / 16, DN>(o, s, vt, LDS, Ev, lane);
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
     buf ^= 1;
     t = t_next;

@@ -1,7 +1,6 @@
 // The "cuda" backend's kernels for the ops declared in csrc/fastattn.cpp, registered with
 // TORCH_LIBRARY_IMPL(fastattn, CUDA, m). This file is the only one here that includes torch: it
-// checks arguments (against fastattn/backends/README.md, the contract), allocates outputs, and
-// calls the plain-pointer launchers of attn_*.cu / ffn_kernels.cu on the current stream.
+// checks arguments (csrc/checks.h, shared with the CPU kernels), allocates outputs, and calls the plain-pointer launchers of attn_*.cu / ffn_kernels.cu on the current stream.
 // The feed-forward GEMMs are cuBLASLt with fused epilogues.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -15,6 +14,7 @@
 #include <string>
 #include <tuple>
 
+#include "../checks.h"
 #include "attn_params.h"
 
 namespace fastattn {
@@ -26,84 +26,61 @@ using at::Tensor;
 #define FA_CHECK_CUDA(err, what) \
   TORCH_CHECK((err) == cudaSuccess, "fastattn cuda: ", what, " failed: ", cudaGetErrorString(err))
 
-DType dtype_of(const Tensor& t, const char* name) {
+// What these kernels serve (tensor-core buckets up to head dim 256); the checks are csrc/checks.h's.
+const Serves& cuda_attention_serves() {
+  static const Serves s{c10::DeviceType::CUDA, {at::kFloat, at::kHalf, at::kBFloat16}, 256};
+  return s;
+}
+const Serves& cuda_ffn_serves() {
+  static const Serves s{c10::DeviceType::CUDA, {at::kFloat, at::kHalf, at::kBFloat16}};
+  return s;
+}
+
+// The kernels' element type of a checked dtype.
+DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "fastattn cuda: ", name, " has dtype ", t.scalar_type(),
-                  "; expected float32, float16 or bfloat16");
+      TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat, "fastattn cuda: unchecked dtype ", t.scalar_type());
+      return DType::kFloat32;
   }
-  return DType::kFloat32;
 }
 
-void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), "fastattn cuda: ", name, " is on ", t.device(), "; expected a CUDA tensor");
-  TORCH_CHECK(t.device() == like.device(), "fastattn cuda: ", name, " is on ", t.device(), "; expected ",
-              like.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastattn cuda: ", name, " has dtype ", t.scalar_type(),
-              "; expected ", like.scalar_type());
+// Runs the launcher of one attention kernel family (fp32, fp16, bf16) for dtype on the current stream.
+using AttnLauncher = cudaError_t (*)(const AttnParams&, cudaStream_t);
+struct AttnLaunchers {
+  AttnLauncher fp32, fp16, bf16;
+};
+void launch(DType dtype, const AttnLaunchers& l, const AttnParams& p, const char* what) {
+  const AttnLauncher fn = dtype == DType::kFloat16 ? l.fp16 : dtype == DType::kBFloat16 ? l.bf16 : l.fp32;
+  FA_CHECK_CUDA(fn(p, at::cuda::getCurrentCUDAStream()), what);
 }
 
 uint64_t seed_value(double dropout_p, const std::optional<Tensor>& seed) {
-  if (dropout_p <= 0.0) return 0;
-  TORCH_CHECK(dropout_p < 1.0, "fastattn cuda: dropout_p = ", dropout_p, "; expected a value in [0, 1)");
-  TORCH_CHECK(seed.has_value() && seed->defined(), "fastattn cuda: dropout_p = ", dropout_p,
-              " > 0 needs seed, an int64 CPU tensor of shape (1,); got None");
-  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, "fastattn cuda: seed has dtype ",
-              seed->scalar_type(), " and ", seed->numel(), " elements; expected int64 of shape (1,)");
-  return static_cast<uint64_t>(seed->item<int64_t>());
+  return dropout_p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;  // checked: int64 (1,) on the CPU
 }
 
-// The additive mask as the kernels read it: float32 (a mask in q's 16-bit dtype is widened).
-std::optional<Tensor> float_mask(const std::optional<Tensor>& attn_mask) {
-  if (!attn_mask.has_value() || !attn_mask->defined() || attn_mask->scalar_type() == at::kFloat) return attn_mask;
-  TORCH_CHECK(attn_mask->is_floating_point(), "fastattn cuda: attn_mask has dtype ", attn_mask->scalar_type(),
-              "; expected an additive float32 mask");
-  return attn_mask->to(at::kFloat);
-}
-
-// Fills everything but the backward tensors; checks shapes against the contract.
+// Checks the arguments (checks.h) and fills everything but the backward tensors.
 AttnParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
                             const std::optional<Tensor>& key_padding_mask, double dropout_p, bool is_causal,
                             double scale, const std::optional<Tensor>& seed) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "fastattn cuda: q, k, v must be 4-D (N, H, L, E); got ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  check_cuda_tensor(q, "q", q);
-  check_cuda_tensor(k, "k", q);
-  check_cuda_tensor(v, "v", q);
-  dtype_of(q, "q");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
-              "fastattn cuda: q, k, v must be contiguous");
+  const AttnShape s =
+      check_attention_args(q, k, v, attn_mask, key_padding_mask, dropout_p, seed, cuda_attention_serves());
   AttnParams p;
-  p.N = static_cast<int>(q.size(0));
-  p.Hq = static_cast<int>(q.size(1));
-  p.L = static_cast<int>(q.size(2));
-  p.E = static_cast<int>(q.size(3));
-  p.Hkv = static_cast<int>(k.size(1));
-  p.S = static_cast<int>(k.size(2));
-  p.Ev = static_cast<int>(v.size(3));
-  TORCH_CHECK(k.size(0) == p.N && v.size(0) == p.N && v.size(1) == p.Hkv && v.size(2) == p.S && k.size(3) == p.E,
-              "fastattn cuda: k ", k.sizes(), " and v ", v.sizes(), " do not match q ", q.sizes(),
-              "; expected k (N, Hkv, S, E), v (N, Hkv, S, Ev)");
-  TORCH_CHECK((p.Hkv > 0 && p.Hq % p.Hkv == 0) || (p.Hq == 0 && p.Hkv == 0), "fastattn cuda: query heads ", p.Hq,
-              " must be a multiple of key/value heads ", p.Hkv);
-  TORCH_CHECK(p.E >= 1 && p.E <= 256 && p.Ev >= 1 && p.Ev <= 256, "fastattn cuda: head dims E = ", p.E,
-              ", Ev = ", p.Ev, "; expected 1..256");
+  p.N = static_cast<int>(s.N);
+  p.Hq = static_cast<int>(s.Hq);
+  p.L = static_cast<int>(s.L);
+  p.E = static_cast<int>(s.E);
+  p.Hkv = static_cast<int>(s.Hkv);
+  p.S = static_cast<int>(s.S);
+  p.Ev = static_cast<int>(s.Ev);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   if (attn_mask.has_value() && attn_mask->defined()) {
     const Tensor& m = *attn_mask;
-    TORCH_CHECK(m.is_cuda() && m.device() == q.device(), "fastattn cuda: attn_mask is on ", m.device(),
-                "; expected ", q.device());
-    TORCH_CHECK(m.scalar_type() == at::kFloat, "fastattn cuda: attn_mask has dtype ", m.scalar_type(),
-                "; expected float32 (added at fp32 accumulation precision)");
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == p.N && m.size(1) == p.Hq && m.size(2) == p.L && m.size(3) == p.S,
-                "fastattn cuda: attn_mask has shape ", m.sizes(), "; expected the expanded view (N, Hq, L, S) = (",
-                p.N, ", ", p.Hq, ", ", p.L, ", ", p.S, ")");
-    p.mask = m.data_ptr<float>();
+    p.mask = static_cast<const float*>(m.data_ptr());  // float32: checks.h's expected_mask_dtype
     p.mask_sb = m.stride(0);
     p.mask_sh = m.stride(1);
     p.mask_sl = m.stride(2);
@@ -111,12 +88,6 @@ AttnParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, c
   }
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     const Tensor& kp = *key_padding_mask;
-    TORCH_CHECK(kp.is_cuda() && kp.device() == q.device(), "fastattn cuda: key_padding_mask is on ", kp.device(),
-                "; expected ", q.device());
-    TORCH_CHECK(kp.scalar_type() == at::kBool && kp.dim() == 2 && kp.size(0) == p.N && kp.size(1) == p.S &&
-                    kp.is_contiguous(),
-                "fastattn cuda: key_padding_mask is ", kp.scalar_type(), " ", kp.sizes(),
-                "; expected contiguous bool (N, S) = (", p.N, ", ", p.S, ")");
     p.kpm = reinterpret_cast<const uint8_t*>(kp.data_ptr<bool>());
   }
   p.scale = static_cast<float>(scale);
@@ -130,22 +101,15 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, 
                                               const std::optional<Tensor>& attn_mask,
                                               const std::optional<Tensor>& key_padding_mask, double dropout_p,
                                               bool is_causal, double scale, const std::optional<Tensor>& seed) {
+  AttnParams p = attention_params(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed);
   const c10::cuda::CUDAGuard guard(q.device());
-  const std::optional<Tensor> mask32 = float_mask(attn_mask);
-  AttnParams p = attention_params(q, k, v, mask32, key_padding_mask, dropout_p, is_causal, scale, seed);
   Tensor out = at::empty({p.N, p.Hq, p.L, p.Ev}, q.options());
   Tensor lse = at::empty({p.N, p.Hq, p.L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaError_t err = cudaSuccess;
-  switch (dtype_of(q, "q")) {
-    case DType::kFloat16: err = attention_forward_fp16(p, stream); break;
-    case DType::kBFloat16: err = attention_forward_bf16(p, stream); break;
-    default: err = attention_forward_fp32(p, stream); break;
-  }
-  FA_CHECK_CUDA(err, "attention_fwd kernel launch");
+  launch(dtype_of(q), {&attention_forward_fp32, &attention_forward_fp16, &attention_forward_bf16}, p,
+         "attention_fwd kernel launch");
   return {out, lse};
 }
 
@@ -155,21 +119,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
                                                       const std::optional<Tensor>& key_padding_mask,
                                                       double dropout_p, bool is_causal, double scale,
                                                       const std::optional<Tensor>& seed) {
+  AttnParams p = attention_params(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed);
   const c10::cuda::CUDAGuard guard(q.device());
-  const std::optional<Tensor> mask32 = float_mask(attn_mask);
-  AttnParams p = attention_params(q, k, v, mask32, key_padding_mask, dropout_p, is_causal, scale, seed);
+  check_attention_bwd_args(grad_out, out, lse, q, AttnShape{p.N, p.Hq, p.Hkv, p.L, p.S, p.E, p.Ev});
   const Tensor dout_c = grad_out.contiguous();
   const Tensor out_c = out.contiguous();
   const Tensor lse_c = lse.contiguous();
-  check_cuda_tensor(dout_c, "grad_out", q);
-  check_cuda_tensor(out_c, "out", q);
-  TORCH_CHECK(dout_c.sizes() == out_c.sizes() && out_c.dim() == 4 && out_c.size(0) == p.N &&
-                  out_c.size(1) == p.Hq && out_c.size(2) == p.L && out_c.size(3) == p.Ev,
-              "fastattn cuda: grad_out ", dout_c.sizes(), " and out ", out_c.sizes(), "; expected (N, Hq, L, Ev) = (",
-              p.N, ", ", p.Hq, ", ", p.L, ", ", p.Ev, ")");
-  TORCH_CHECK(lse_c.is_cuda() && lse_c.scalar_type() == at::kFloat && lse_c.dim() == 3 && lse_c.size(0) == p.N &&
-                  lse_c.size(1) == p.Hq && lse_c.size(2) == p.L,
-              "fastattn cuda: lse is ", lse_c.scalar_type(), " ", lse_c.sizes(), "; expected float32 (N, Hq, L)");
   Tensor dq = at::empty_like(q);
   Tensor dk = at::empty_like(k);
   Tensor dv = at::empty_like(v);
@@ -187,17 +142,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.delta = delta.data_ptr<float>();
-  Tensor lse_split = at::empty({2, p.N, p.Hq, p.L}, q.options().dtype(at::kFloat));  // see attn_params.h
-  p.lse_base = lse_split.data_ptr<float>();
-  p.lse_rest = p.lse_base + static_cast<int64_t>(p.N) * p.Hq * p.L;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaError_t err = cudaSuccess;
-  switch (dtype_of(q, "q")) {
-    case DType::kFloat16: err = attention_backward_fp16(p, stream); break;
-    case DType::kBFloat16: err = attention_backward_bf16(p, stream); break;
-    default: err = attention_backward_fp32(p, stream); break;
-  }
-  FA_CHECK_CUDA(err, "attention_bwd kernel launch");
+  launch(dtype_of(q), {&attention_backward_fp32, &attention_backward_fp16, &attention_backward_bf16}, p,
+         "attention_bwd kernel launch");
   return {dq, dk, dv};
 }
 
@@ -318,41 +264,6 @@ void linear_into(const LtResources& r, DType dtype, const Tensor& a, const Tenso
   }
 }
 
-Activation activation_of(c10::string_view name) {
-  if (name == "relu") return Activation::kRelu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  TORCH_CHECK(false, "fastattn cuda: activation = '", std::string(name), "'; expected 'relu', 'gelu' or 'gelu_tanh'");
-  return Activation::kRelu;
-}
-
-struct FfnShapes {
-  int64_t T, D, F, D2;
-};
-
-FfnShapes ffn_check(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
-                    const std::optional<Tensor>& b2) {
-  check_cuda_tensor(x, "x", x);
-  check_cuda_tensor(w1, "w1", x);
-  check_cuda_tensor(w2, "w2", x);
-  dtype_of(x, "x");
-  TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w2.dim() == 2, "fastattn cuda: x ", x.sizes(), ", w1 ", w1.sizes(),
-              ", w2 ", w2.sizes(), "; expected 2-D (T, D), (F, D), (D2, F)");
-  FfnShapes s{x.size(0), x.size(1), w1.size(0), w2.size(0)};
-  TORCH_CHECK(w1.size(1) == s.D && w2.size(1) == s.F, "fastattn cuda: w1 ", w1.sizes(), " and w2 ", w2.sizes(),
-              " do not fit x ", x.sizes(), "; expected w1 (F, D), w2 (D2, F)");
-  if (b1.has_value() && b1->defined()) {
-    check_cuda_tensor(*b1, "b1", x);
-    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == s.F, "fastattn cuda: b1 ", b1->sizes(), "; expected (", s.F, ",)");
-  }
-  if (b2.has_value() && b2->defined()) {
-    check_cuda_tensor(*b2, "b2", x);
-    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == s.D2, "fastattn cuda: b2 ", b2->sizes(), "; expected (", s.D2,
-                ",)");
-  }
-  return s;
-}
-
 LtResources lt_resources(const Tensor& like, Tensor& workspace_holder) {
   constexpr size_t kWorkspace = 32u << 20;
   workspace_holder = at::empty({static_cast<int64_t>(kWorkspace)}, like.options().dtype(at::kByte));
@@ -369,13 +280,14 @@ std::tuple<Tensor, Tensor> ffn_fwd_cuda(const Tensor& x_in, const Tensor& w1_in,
                                         const Tensor& w2_in, const std::optional<Tensor>& b2_in,
                                         c10::string_view activation, double dropout_p, const std::optional<Tensor>& seed,
                                         bool save_for_backward) {
+  const FfnShape s = check_ffn_args(x_in, w1_in, b1_in, w2_in, b2_in, activation, dropout_p, seed, cuda_ffn_serves());
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const Tensor& x = x_in;  // checked contiguous
+  const Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const std::optional<Tensor> b1 = contig(b1_in), b2 = contig(b2_in);
-  const FfnShapes s = ffn_check(x, w1, b1, w2, b2);
-  const Activation act = activation_of(activation);
+  const Activation act = s.act;
   const uint64_t seed_v = seed_value(dropout_p, seed);
-  const DType dtype = dtype_of(x, "x");
+  const DType dtype = dtype_of(x);
   const float p = static_cast<float>(dropout_p);
   Tensor out = at::empty({s.T, s.D2}, x.options());
   Tensor saved = save_for_backward ? at::empty({s.T, s.F}, x.options()) : at::empty({0}, x.options());
@@ -441,21 +353,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_cuda(
     const Tensor& grad_out_in, const Tensor& x_in, const Tensor& w1_in, const std::optional<Tensor>& b1_in,
     const Tensor& w2_in, const std::optional<Tensor>& b2_in, const Tensor& saved_in, c10::string_view activation,
     double dropout_p, const std::optional<Tensor>& seed) {
+  const FfnShape s = check_ffn_args(x_in, w1_in, b1_in, w2_in, b2_in, activation, dropout_p, seed, cuda_ffn_serves());
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  check_ffn_bwd_args(grad_out_in, saved_in, x_in, s);
+  const Tensor& x = x_in;  // checked contiguous
+  const Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const Tensor dout = grad_out_in.contiguous(), pre = saved_in.contiguous();
   const std::optional<Tensor> b1 = contig(b1_in), b2 = contig(b2_in);
-  const FfnShapes s = ffn_check(x, w1, b1, w2, b2);
-  check_cuda_tensor(dout, "grad_out", x);
-  check_cuda_tensor(pre, "saved", x);
-  TORCH_CHECK(dout.dim() == 2 && dout.size(0) == s.T && dout.size(1) == s.D2, "fastattn cuda: grad_out ",
-              dout.sizes(), "; expected (T, D2) = (", s.T, ", ", s.D2, ")");
-  TORCH_CHECK(pre.dim() == 2 && pre.size(0) == s.T && pre.size(1) == s.F, "fastattn cuda: saved ", pre.sizes(),
-              "; expected the pre-activation (T, F) = (", s.T, ", ", s.F,
-              ") (ffn_fwd with save_for_backward=True)");
-  const Activation act = activation_of(activation);
+  const Activation act = s.act;
   const uint64_t seed_v = seed_value(dropout_p, seed);
-  const DType dtype = dtype_of(x, "x");
+  const DType dtype = dtype_of(x);
   const float p = static_cast<float>(dropout_p);
 
   Tensor dx = at::empty_like(x), dw1 = at::empty_like(w1), dw2 = at::empty_like(w2);

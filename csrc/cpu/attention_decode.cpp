@@ -1,0 +1,258 @@
+// The CPU decoding path of torch.ops.fastattn.attention_fwd (flash-decoding): few query rows
+// (L <= 16) against many keys, as in generation against a KV cache.
+//
+// Work: one task = (batch, kv head, chunk of keys). The chunk length depends on the shape only
+// (never on the thread count), so every result is bitwise the same whatever the number of
+// threads: each task writes its chunk's unnormalised output, running max and sum, and a second
+// pass combines the chunks of each row in chunk order. The query heads that share a kv head (GQA)
+// are processed together as one block of group * L rows, so each K/V row is read once per group;
+// the micro-kernels are shaped for that handful of rows (csrc/cpu/attention_decode_kernel.h).
+// float32, bfloat16 and float16 K/V are read in place and computed in float32; float64 runs in
+// float64 (portable code). Semantics are the kernel contract's (fastattn/backends/README.md):
+// attn_mask read through its strides, top-left causality, key_padding_mask (wholly padded key
+// blocks skipped), dropout by the shared Philox counter, rows that see no key give out 0, lse +inf.
+//
+// The kernels are compiled for AVX-512 and for any x86-64 / any CPU under `#pragma GCC target`
+// in their own namespaces, and picked at run time as attention.cpp picks its own (torch's CPU
+// capability, FASTATTN_CPU_ISA overrides; AVX2 machines run the portable code compiled for AVX2).
+// FASTATTN_CPU_DECODE=0 (read once) turns the path off; FASTATTN_CPU_DECODE_CHUNK (read per call,
+// for tuning) sets the chunk length, FASTATTN_CPU_DECODE_PREFETCH (per call) the software prefetch
+// distance in key blocks (default 1 for float32/64; 0 = off, the default for 16-bit K/V).
+// torch.ops.fastattn_decode.fwd_calls() counts the calls served.
+#include "cpu/attention_decode.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FASTATTN_DEC_X86 1
+#endif
+
+#include "philox.h"
+
+namespace fastattn {
+namespace cpu_attn {
+namespace decode {
+
+struct DecodeParams {
+  int64_t N = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
+  const void* q = nullptr;  // (N, Hq, L, E)
+  const void* k = nullptr;  // (N, Hkv, S, E)
+  const void* v = nullptr;  // (N, Hkv, S, Ev)
+  const void* mask = nullptr;  // additive, q's dtype, element (b,h,i,j) at b*msb + h*msh + i*msl + j*mss
+  int64_t msb = 0, msh = 0, msl = 0, mss = 0;
+  const bool* kpm = nullptr;  // (N, S), true = key ignored
+  double dropout_p = 0;
+  uint64_t seed = 0;
+  bool causal = false;
+  double scale = 1;
+  int64_t kend = 0;     // keys any query can see: S, or min(S, L) when causal
+  int64_t chunk = 0;    // keys per task
+  int64_t nchunks = 1;  // chunks per (batch, kv head)
+  int64_t rows = 0;     // N * Hq * L
+  int64_t prefetch_blocks = 1;  // software prefetch of K/V this many key blocks ahead (0: none)
+  void* out = nullptr;  // (N, Hq, L, Ev), q's dtype
+  float* lse = nullptr; // (N, Hq, L)
+  void* o_part = nullptr;   // (nchunks, N, Hq, L, Ev) compute type, when nchunks > 1
+  void* ml_part = nullptr;  // (nchunks, N, Hq, L, 2) compute type: the chunk's max and sum
+};
+
+using TaskFn = void (*)(const DecodeParams&, int64_t, int64_t);
+
+#if defined(FASTATTN_DEC_X86) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2")
+namespace avx512 {
+#define FA_DEC_AVX512 1
+#include "attention_decode_kernel.h"
+#undef FA_DEC_AVX512
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2")
+namespace avx2 {
+#include "attention_decode_kernel.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#define FASTATTN_DEC_HAVE_WIDE 1
+#endif
+
+namespace base {
+#include "attention_decode_kernel.h"
+}  // namespace base
+
+struct DecodeKernels {
+  TaskFn f32, bf16, f16, f64, c_f32, c_bf16, c_f16, c_f64;
+};
+
+#define FA_DEC_SET(ns) \
+  DecodeKernels{&ns::dec_f32, &ns::dec_bf16, &ns::dec_f16, &ns::dec_f64, &ns::comb_f32, &ns::comb_bf16, &ns::comb_f16, &ns::comb_f64}
+
+// The widest set this CPU runs and the user allows (the same choice as attention.cpp's).
+DecodeKernels pick_kernels() {
+  std::string want;
+  if (const char* env = std::getenv("FASTATTN_CPU_ISA")) {
+    want = env;
+  } else {
+    want = at::get_cpu_capability();  // "AVX512", "AVX2" or "DEFAULT"; honours ATEN_CPU_CAPABILITY
+  }
+  for (auto& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+#if defined(FASTATTN_DEC_HAVE_WIDE)
+  __builtin_cpu_init();
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (want == "avx512" && has_avx512) return FA_DEC_SET(avx512);
+  if ((want == "avx512" || want == "avx2") && has_avx2) return FA_DEC_SET(avx2);
+#endif
+  return FA_DEC_SET(base);
+}
+
+std::atomic<int64_t> g_fwd_calls{0};
+
+bool enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("FASTATTN_CPU_DECODE");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoll(v) : fallback;
+}
+
+// Keys per task, from the shape only: enough chunks that there are about 64 tasks (so up to a few
+// dozen threads have work), but at least 256 keys each (the combine and per-task setup stay small).
+int64_t choose_chunk(int64_t heads, int64_t kend) {
+  int64_t chunk = env_int("FASTATTN_CPU_DECODE_CHUNK", 0);
+  if (chunk <= 0) {
+    const int64_t splits = std::max<int64_t>(1, (64 + heads - 1) / heads);
+    chunk = std::max<int64_t>(256, (kend + splits - 1) / splits);
+  }
+  TORCH_CHECK(chunk >= 1, "attention (cpu): FASTATTN_CPU_DECODE_CHUNK must be >= 1, got ", chunk);
+  chunk = (chunk + 63) / 64 * 64;  // whole kernel blocks
+  return std::min(chunk, std::max<int64_t>(64, (kend + 63) / 64 * 64));
+}
+
+// Runs tasks [0, ntasks) on torch's intra-op threads, chunks handed out from a shared counter
+// (a descheduled thread does not hold up the call); each task runs whole on one thread.
+void run_tasks(TaskFn fn, const DecodeParams& p, int64_t ntasks) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), ntasks);
+  if (threads <= 1) {
+    fn(p, 0, ntasks);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    int64_t b = next.load(std::memory_order_relaxed);
+    for (;;) {
+      if (b >= ntasks) break;
+      const int64_t step = std::max<int64_t>(1, (ntasks - b) / (threads * 4));
+      if (!next.compare_exchange_weak(b, b + step, std::memory_order_relaxed)) continue;
+      fn(p, b, std::min(ntasks, b + step));
+      b = next.load(std::memory_order_relaxed);
+    }
+  });
+}
+
+bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+         const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
+         const std::optional<at::Tensor>& seed, at::Tensor& out, at::Tensor& lse) {
+  const int64_t L = q.size(2);
+  if (!enabled() || L > 16 || L < 1) return false;
+  const auto dt = q.scalar_type();
+  if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf && dt != at::kDouble) return false;
+  DecodeParams p;
+  p.N = q.size(0);
+  p.Hq = q.size(1);
+  p.L = L;
+  p.E = q.size(3);
+  p.Hkv = k.size(1);
+  p.S = k.size(2);
+  p.Ev = v.size(3);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  if (mask.defined()) {
+    p.mask = mask.data_ptr();
+    p.msb = mask.stride(0);
+    p.msh = mask.stride(1);
+    p.msl = mask.stride(2);
+    p.mss = mask.stride(3);
+  }
+  if (key_padding_mask.has_value()) p.kpm = key_padding_mask->data_ptr<bool>();
+  p.dropout_p = dropout_p;
+  p.seed = dropout_p > 0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+  p.causal = is_causal;
+  p.scale = scale;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.rows = p.N * p.Hq * p.L;
+  p.kend = is_causal ? std::min(p.S, p.L) : p.S;
+  const int64_t heads = p.N * p.Hkv;
+  p.chunk = choose_chunk(heads, p.kend);
+  // measured (1 thread, this file's bench shapes): one block ahead pays ~15% on float32, costs ~5%
+  // on 16-bit K/V (whose converted blocks already keep the loads ahead)
+  p.prefetch_blocks = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 1 : 0));
+  p.nchunks = std::max<int64_t>(1, (p.kend + p.chunk - 1) / p.chunk);
+  const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor o_part, ml_part;
+  if (p.nchunks > 1) {
+    o_part = at::empty({p.nchunks, p.rows, p.Ev}, q.options().dtype(ct));
+    ml_part = at::empty({p.nchunks, p.rows, 2}, q.options().dtype(ct));
+    p.o_part = o_part.data_ptr();
+    p.ml_part = ml_part.data_ptr();
+  }
+  const DecodeKernels ks = pick_kernels();
+  TaskFn task = ks.f32, comb = ks.c_f32;
+  if (dt == at::kBFloat16) {
+    task = ks.bf16;
+    comb = ks.c_bf16;
+  } else if (dt == at::kHalf) {
+    task = ks.f16;
+    comb = ks.c_f16;
+  } else if (dt == at::kDouble) {
+    task = ks.f64;
+    comb = ks.c_f64;
+  }
+  if (p.kend == 0) {  // causal with S == 0 cannot happen (S >= 1); kept for safety: no key at all
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+  } else {
+    run_tasks(task, p, heads * p.nchunks);
+    if (p.nchunks > 1) {
+      at::parallel_for(0, p.rows, 16, [&](int64_t r0, int64_t r1) { comb(p, r0, r1); });
+    }
+  }
+  g_fwd_calls.fetch_add(1);
+  return true;
+}
+
+int64_t fwd_calls() { return g_fwd_calls.load(); }
+bool available() { return enabled(); }
+
+}  // namespace decode
+}  // namespace cpu_attn
+}  // namespace fastattn
+
+// Introspection for the tests: whether the path is on, and how many forward calls it served.
+TORCH_LIBRARY(fastattn_decode, m) {
+  m.def("enabled() -> bool", &fastattn::cpu_attn::decode::available);
+  m.def("fwd_calls() -> int", &fastattn::cpu_attn::decode::fwd_calls);
+}

@@ -1,0 +1,478 @@
+// The CPU decoding kernel: few query rows (L <= 16) against many keys. See attention_decode.cpp.
+//
+// NO include guard on purpose: attention_decode.cpp includes this file once per instruction set,
+// each time in its own namespace under a matching `#pragma GCC target(...)`, after defining
+// FA_DEC_AVX512 (or nothing for the portable build). Plain C++ on raw pointers plus <immintrin.h>.
+//
+// One task = (batch b, kv head hk, chunk c of keys). Its rows are the R = group * L query rows of
+// the GQA group that reads kv head hk (row r = g * L + i: head hk * group + g, query i), so each K/V
+// row of the chunk is read once for the whole group. The chunk is walked in blocks of kBK keys:
+//   s (R x kBK) = Qs K^T   (Qs = Q * scale)   one row against 16 keys at a time: 16 accumulators
+//                                             over the head dim, summed across lanes in a tree
+//   masks, then the online softmax per row    (running max m, sum l, rescale alpha)
+//   o (R x Ev) = o * alpha + P V              register tiles of up to 4 rows x 8 vectors
+// and the task writes its (o, m, l); a second pass combines the chunks of each row in chunk order.
+// Chunks have a fixed length (shape-only), so results do not depend on the number of threads.
+
+constexpr int64_t kBK = 64;  // keys per block inside a chunk (a multiple of 16)
+
+inline int64_t dec_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ------------------------------------------------------------------------------------------------
+// Portable primitives (any T, any ISA): used for float64 everywhere and for every dtype on CPUs
+// without AVX-512. The compiler vectorises the axpy loops for the enclosing target.
+
+// s[r * lds + j] = sum_e qs[r * ldq + e] * K[j * ldk + e] for r < R, j < nk.
+template <typename T>
+inline void qk_generic(const T* qs, int64_t R, int64_t ldq, const T* K, int64_t ldk, int64_t E, int64_t nk,
+                       T* s, int64_t lds) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < nk; ++j) {
+      const T* a = qs + r * ldq;
+      const T* k = K + j * ldk;
+      T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+      int64_t e = 0;
+      for (; e + 8 <= E; e += 8)
+        for (int u = 0; u < 8; ++u) acc[u] += a[e + u] * k[e + u];
+      T tail = 0;
+      for (; e < E; ++e) tail += a[e] * k[e];
+      s[r * lds + j] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+    }
+}
+
+// o[r * ldo + e] = o[r * ldo + e] * alpha[r] + sum_j pr[r * ldp + j] * V[j * ldv + e].
+template <typename T>
+inline void pv_generic(const T* pr, int64_t R, int64_t ldp, const T* V, int64_t ldv, int64_t Ev, int64_t nk, T* o,
+                       int64_t ldo, const T* alpha) {
+  for (int64_t r = 0; r < R; ++r) {
+    T* orow = o + r * ldo;
+    const T a = alpha[r];
+    for (int64_t e = 0; e < Ev; ++e) orow[e] *= a;
+    for (int64_t j = 0; j < nk; ++j) {
+      const T w = pr[r * ldp + j];
+      const T* vrow = V + j * ldv;
+      for (int64_t e = 0; e < Ev; ++e) orow[e] += w * vrow[e];
+    }
+  }
+}
+
+// One online-softmax step of row s[0..nk): m, l updated, s turned into exp(s - m_new), returns
+// alpha = exp(m_old - m_new) (0 while the row has seen only -inf).
+template <typename T>
+inline T softmax_step_generic(T* s, int64_t nk, T& m, T& l) {
+  T mx = m;
+  for (int64_t j = 0; j < nk; ++j) mx = s[j] > mx ? s[j] : mx;
+  // a row that has seen only -inf keeps max -inf; subtracting the lowest finite value instead
+  // makes its probabilities and its rescale factor exact zeros, never NaN
+  const T sh = mx > std::numeric_limits<T>::lowest() ? mx : std::numeric_limits<T>::lowest();
+  const T alpha = std::exp(m - sh);
+  T sum = 0;
+  for (int64_t j = 0; j < nk; ++j) {
+    s[j] = std::exp(s[j] - sh);
+    sum += s[j];
+  }
+  l = l * alpha + sum;
+  m = mx;
+  return alpha;
+}
+
+// ------------------------------------------------------------------------------------------------
+#if defined(FA_DEC_AVX512)
+
+// exp(x) for x <= 0 (or -inf -> 0): 2^(x log2 e) as 2^n 2^f, f in [-1/2, 1/2] by vreduceps,
+// 2^f by a degree-5 fit (relative error ~3e-7), 2^n by vscalefps (underflows to 0).
+inline __m512 dec_exp_neg(__m512 xin) {
+  __m512 x = _mm512_mul_ps(xin, _mm512_set1_ps(1.4426950408889634f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 n = _mm512_sub_ps(x, f);
+  __m512 p = _mm512_set1_ps(1.3260914711281657e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.670180268585682e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507123470306396e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402222454547882e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470036506653e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 dec_tail_mask(int64_t n) {  // the low n lanes (n in 1..16)
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u));
+}
+
+// Lane j of the result = the sum of the 16 lanes of a[j]: a transposing tree of 30 shuffles and
+// 15 additions.
+inline __m512 hsum16x16(const __m512 a[16]) {
+  __m512 t[8], u[4];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k)  // per 128-bit lane: keys 4k..4k+3, partial over that lane's elements
+    u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+  const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD));
+}
+
+// Scores of one query row (qs, E floats) against 16 keys (rows of K, stride ldk): lane j = q . k_j.
+inline __m512 qk_row16(const float* qs, const float* K, int64_t ldk, int64_t E) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  int64_t e = 0;
+  for (; e + 16 <= E; e += 16) {
+    const __m512 qv = _mm512_loadu_ps(qs + e);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + j * ldk + e), acc[j]);
+  }
+  if (e < E) {
+    const __mmask16 m = dec_tail_mask(E - e);
+    const __m512 qv = _mm512_maskz_loadu_ps(m, qs + e);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, K + j * ldk + e), acc[j]);
+  }
+  return hsum16x16(acc);
+}
+
+// One key: q . k as a horizontal sum (the < 16 keys at a chunk's end).
+inline float qk_row1(const float* qs, const float* k, int64_t E) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t e = 0;
+  for (; e + 16 <= E; e += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qs + e), _mm512_loadu_ps(k + e), acc);
+  if (e < E) {
+    const __mmask16 m = dec_tail_mask(E - e);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qs + e), _mm512_maskz_loadu_ps(m, k + e), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// s[r * lds + j] = qs[r] . K[j] for r < R, j < nk. Groups of 16 keys outer, rows inner: a group
+// of K (16 x E floats) stays in L1 while every row of the GQA group reads it.
+inline void qk_avx512(const float* qs, int64_t R, int64_t ldq, const float* K, int64_t ldk, int64_t E, int64_t nk,
+                      float* s, int64_t lds) {
+  int64_t j0 = 0;
+  for (; j0 + 16 <= nk; j0 += 16)
+    for (int64_t r = 0; r < R; ++r) _mm512_storeu_ps(s + r * lds + j0, qk_row16(qs + r * ldq, K + j0 * ldk, ldk, E));
+  for (; j0 < nk; ++j0)
+    for (int64_t r = 0; r < R; ++r) s[r * lds + j0] = qk_row1(qs + r * ldq, K + j0 * ldk, E);
+}
+
+// o[RT rows][XV vectors] = o * alpha + sum_j p[r][j] V[j], the last vector's lanes limited by vmask.
+template <int RT, int XV>
+inline void pv_tile(const float* pr, int64_t ldp, const float* V, int64_t ldv, int64_t nk, float* o, int64_t ldo,
+                    const float* alpha, __mmask16 vmask) {
+  __m512 acc[RT][XV];
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 8
+    for (int x = 0; x < XV; ++x) acc[r][x] = _mm512_mul_ps(_mm512_loadu_ps(o + r * ldo + 16 * x), a);
+  }
+  for (int64_t j = 0; j < nk; ++j) {
+    __m512 vv[XV];
+#pragma GCC unroll 8
+    for (int x = 0; x < XV; ++x)
+      vv[x] = x == XV - 1 ? _mm512_maskz_loadu_ps(vmask, V + j * ldv + 16 * x) : _mm512_loadu_ps(V + j * ldv + 16 * x);
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; ++r) {
+      const __m512 w = _mm512_set1_ps(pr[r * ldp + j]);
+#pragma GCC unroll 8
+      for (int x = 0; x < XV; ++x) acc[r][x] = _mm512_fmadd_ps(w, vv[x], acc[r][x]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 8
+    for (int x = 0; x < XV; ++x) _mm512_storeu_ps(o + r * ldo + 16 * x, acc[r][x]);
+}
+
+template <int RT>
+inline void pv_rows(int xv, const float* pr, int64_t ldp, const float* V, int64_t ldv, int64_t nk, float* o,
+                    int64_t ldo, const float* alpha, __mmask16 vmask) {
+  switch (xv) {
+#define FA_DEC_XV(X) \
+  case X: pv_tile<RT, X>(pr, ldp, V, ldv, nk, o, ldo, alpha, vmask); break;
+    FA_DEC_XV(1) FA_DEC_XV(2) FA_DEC_XV(3) FA_DEC_XV(4)
+#undef FA_DEC_XV
+    default: break;
+  }
+}
+
+template <int RT>
+inline void pv_rows_wide(int xv, const float* pr, int64_t ldp, const float* V, int64_t ldv, int64_t nk, float* o,
+                         int64_t ldo, const float* alpha, __mmask16 vmask) {
+  switch (xv) {
+#define FA_DEC_XV(X) \
+  case X: pv_tile<RT, X>(pr, ldp, V, ldv, nk, o, ldo, alpha, vmask); break;
+    FA_DEC_XV(1) FA_DEC_XV(2) FA_DEC_XV(3) FA_DEC_XV(4) FA_DEC_XV(5) FA_DEC_XV(6) FA_DEC_XV(7) FA_DEC_XV(8)
+#undef FA_DEC_XV
+    default: break;
+  }
+}
+
+// o (R x Ev, stride ldo, padded to a multiple of 16 floats) = o * alpha + P V. Row tiles of up to
+// 4 rows (balanced), column tiles of up to 8 vectors for 1-2 rows and 4 vectors for 3-4 rows, so
+// accumulators, a row of V and a broadcast fit the 32 registers and no tile row is wasted.
+inline void pv_avx512(const float* pr, int64_t R, int64_t ldp, const float* V, int64_t ldv, int64_t Ev, int64_t nk,
+                      float* o, int64_t ldo, const float* alpha) {
+  const int64_t nvec = (Ev + 15) / 16;
+  const int64_t rtiles = (R + 3) / 4;
+  const int64_t rt_even = (R + rtiles - 1) / rtiles;
+  for (int64_t r0 = 0; r0 < R; r0 += rt_even) {
+    const int rt = static_cast<int>(std::min(rt_even, R - r0));
+    const int maxv = rt <= 2 ? 8 : 4;
+    const int64_t vtiles = (nvec + maxv - 1) / maxv;
+    const int64_t v_even = (nvec + vtiles - 1) / vtiles;
+    for (int64_t x0 = 0; x0 < nvec; x0 += v_even) {
+      const int xv = static_cast<int>(std::min(v_even, nvec - x0));
+      const int64_t last_cols = std::min<int64_t>(16, Ev - (x0 + xv - 1) * 16);
+      const __mmask16 vmask = dec_tail_mask(last_cols);
+      const float* pp = pr + r0 * ldp;
+      const float* vp = V + x0 * 16;
+      float* op = o + r0 * ldo + x0 * 16;
+      const float* ap = alpha + r0;
+      switch (rt) {
+        case 1: pv_rows_wide<1>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
+        case 2: pv_rows_wide<2>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
+        case 3: pv_rows<3>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
+        default: pv_rows<4>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
+      }
+    }
+  }
+}
+
+// The online-softmax step of one row on s[0..nk) (s padded with -inf up to a multiple of 16).
+inline float softmax_step_avx512(float* s, int64_t nk, float& m, float& l) {
+  const int64_t nv = (nk + 15) / 16;
+  __m512 mx = _mm512_set1_ps(m);
+  for (int64_t x = 0; x < nv; ++x) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + 16 * x));
+  const float mnew = _mm512_reduce_max_ps(mx);
+  const float sh = mnew > std::numeric_limits<float>::lowest() ? mnew : std::numeric_limits<float>::lowest();
+  const __m512 vsh = _mm512_set1_ps(sh);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t x = 0; x < nv; ++x) {
+    const __m512 pv = dec_exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * x), vsh));
+    _mm512_storeu_ps(s + 16 * x, pv);
+    sum = _mm512_add_ps(sum, pv);
+  }
+  const float alpha = std::exp(m - sh);
+  l = l * alpha + _mm512_reduce_add_ps(sum);
+  m = mnew;
+  return alpha;
+}
+
+// n values of In starting at src, as floats into dst (the n..round16(n) tail zero).
+template <typename In>
+inline void dec_convert_row(const In* src, int64_t n, float* dst) {
+  for (int64_t e = 0; e < n; e += 16) {
+    const __mmask16 m = dec_tail_mask(n - e);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(src) + e);
+    if constexpr (std::is_same<In, c10::BFloat16>::value) {
+      _mm512_storeu_ps(dst + e, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    } else {
+      _mm512_storeu_ps(dst + e, _mm512_cvtph_ps(h));
+    }
+  }
+}
+#endif  // FA_DEC_AVX512
+
+// ------------------------------------------------------------------------------------------------
+// The task loop, written once: T the compute type, In the storage type; kWide selects the AVX-512
+// primitives (T = float only).
+
+template <typename T, typename In, bool kWide>
+void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr bool kConvert = !std::is_same<T, In>::value;
+  const int64_t E = p.E, Ev = p.Ev, L = p.L, S = p.S, group = p.Hq / p.Hkv, R = group * L;
+  const int64_t Ep = dec_round_up(E, 16), Evp = dec_round_up(Ev, 16);
+  std::vector<T> buf(R * Ep + R * kBK + R * Evp + 3 * R + (kConvert ? kBK * (Ep + Evp) : 0));
+  T* qs = buf.data();       // (R, Ep)   query rows times scale, zero padded
+  T* sc = qs + R * Ep;      // (R, kBK)  scores, then probabilities
+  T* ob = sc + R * kBK;     // (R, Evp)  unnormalised output
+  T* mrow = ob + R * Evp;   // (R)       running max
+  T* lrow = mrow + R;       // (R)       running sum
+  T* arow = lrow + R;       // (R)       rescale factor of this block
+  T* kbuf = arow + R;       // (kBK, Ep), (kBK, Evp): the K and V blocks in T when In is narrower
+  T* vbuf = kConvert ? kbuf + kBK * Ep : nullptr;
+  const T scale = static_cast<T>(p.scale);
+  const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t c = task % p.nchunks, bhk = task / p.nchunks, b = bhk / p.Hkv, hk = bhk % p.Hkv;
+    const int64_t j_lo = c * p.chunk, j_hi = std::min(p.kend, j_lo + p.chunk);
+    const In* K = static_cast<const In*>(p.k) + bhk * S * E;
+    const In* Vm = static_cast<const In*>(p.v) + bhk * S * Ev;
+    const In* Q = static_cast<const In*>(p.q) + (b * p.Hq + hk * group) * L * E;  // R consecutive rows
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t e = 0; e < E; ++e) qs[r * Ep + e] = static_cast<T>(Q[r * E + e]) * scale;
+      for (int64_t e = E; e < Ep; ++e) qs[r * Ep + e] = T(0);
+    }
+    std::fill(ob, ob + R * Evp, T(0));
+    std::fill(mrow, mrow + R, kNegInf);
+    std::fill(lrow, lrow + R, T(0));
+    const bool* kpm = p.kpm != nullptr ? p.kpm + b * S : nullptr;
+    for (int64_t j0 = j_lo; j0 < j_hi; j0 += kBK) {
+      const int64_t nk = std::min(kBK, j_hi - j0);
+      if (kpm != nullptr) {  // skip a block whose keys are all padded
+        bool all = true;
+        for (int64_t j = 0; j < nk && all; ++j) all = kpm[j0 + j];
+        if (all) continue;
+      }
+      const int64_t jp = j0 + p.prefetch_blocks * kBK;  // a later block's K and V rows, one touch per line
+      if (p.prefetch_blocks > 0 && jp < j_hi) {
+        const int64_t nn = std::min(kBK, j_hi - jp);
+        const char* kn = reinterpret_cast<const char*>(K + jp * E);
+        const char* vn = reinterpret_cast<const char*>(Vm + jp * Ev);
+        const int64_t kbytes = nn * E * static_cast<int64_t>(sizeof(In));
+        const int64_t vbytes = nn * Ev * static_cast<int64_t>(sizeof(In));
+        for (int64_t x = 0; x < kbytes; x += 64) __builtin_prefetch(kn + x, 0, 3);
+        for (int64_t x = 0; x < vbytes; x += 64) __builtin_prefetch(vn + x, 0, 3);
+      }
+      const T* Kb;
+      int64_t ldk;
+      if constexpr (kConvert) {
+#if defined(FA_DEC_AVX512)
+        if constexpr (kWide) {
+          for (int64_t j = 0; j < nk; ++j) dec_convert_row<In>(K + (j0 + j) * E, E, kbuf + j * Ep);
+        } else
+#endif
+        {
+          for (int64_t j = 0; j < nk; ++j)
+            for (int64_t e = 0; e < E; ++e) kbuf[j * Ep + e] = static_cast<T>(K[(j0 + j) * E + e]);
+        }
+        Kb = kbuf;
+        ldk = Ep;
+      } else {
+        Kb = K + j0 * E;
+        ldk = E;
+      }
+#if defined(FA_DEC_AVX512)
+      if constexpr (kWide)
+        qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc, kBK);
+      else
+#endif
+        qk_generic<T>(qs, R, Ep, Kb, ldk, E, nk, sc, kBK);
+      const int64_t nk16 = dec_round_up(nk, 16);
+      for (int64_t r = 0; r < R; ++r) {
+        T* s = sc + r * kBK;
+        const int64_t g = r / L, i = r % L, h = hk * group + g;
+        for (int64_t j = nk; j < nk16; ++j) s[j] = kNegInf;
+        if (p.mask != nullptr) {
+          // float32 (float64 for float64 q); only -inf excludes a key: set, not added
+          const T* mrow_p = static_cast<const T*>(p.mask) + b * p.msb + h * p.msh + i * p.msl + j0 * p.mss;
+          for (int64_t j = 0; j < nk; ++j) {
+            const T mv = mrow_p[j * p.mss];
+            s[j] = mv == kNegInf ? kNegInf : s[j] + mv;
+          }
+        }
+        if (p.causal)  // top-left: query i sees key j iff j <= i
+          for (int64_t j = std::max<int64_t>(0, i + 1 - j0); j < nk; ++j) s[j] = kNegInf;
+        if (kpm != nullptr)
+          for (int64_t j = 0; j < nk; ++j)
+            if (kpm[j0 + j]) s[j] = kNegInf;
+#if defined(FA_DEC_AVX512)
+        if constexpr (kWide)
+          arow[r] = softmax_step_avx512(s, nk, mrow[r], lrow[r]);
+        else
+#endif
+          arow[r] = softmax_step_generic<T>(s, nk, mrow[r], lrow[r]);
+        if (p.dropout_p > 0) {
+          const uint64_t off = static_cast<uint64_t>(((b * p.Hq + h) * L + i) * S + j0);
+          for (int64_t j = 0; j < nk; ++j) {
+            const bool keep = fastattn::philox_uniform(p.seed, off + j) >= p.dropout_p;
+            s[j] = keep ? s[j] * keep_scale : T(0);
+          }
+        }
+      }
+      const T* Vb;
+      int64_t ldv;
+      if constexpr (kConvert) {
+#if defined(FA_DEC_AVX512)
+        if constexpr (kWide) {
+          for (int64_t j = 0; j < nk; ++j) dec_convert_row<In>(Vm + (j0 + j) * Ev, Ev, vbuf + j * Evp);
+        } else
+#endif
+        {
+          for (int64_t j = 0; j < nk; ++j)
+            for (int64_t e = 0; e < Ev; ++e) vbuf[j * Evp + e] = static_cast<T>(Vm[(j0 + j) * Ev + e]);
+        }
+        Vb = vbuf;
+        ldv = Evp;
+      } else {
+        Vb = Vm + j0 * Ev;
+        ldv = Ev;
+      }
+#if defined(FA_DEC_AVX512)
+      if constexpr (kWide)
+        pv_avx512(sc, R, kBK, Vb, ldv, Ev, nk, ob, Evp, arow);
+      else
+#endif
+        pv_generic<T>(sc, R, kBK, Vb, ldv, Ev, nk, ob, Evp, arow);
+    }
+    // this chunk's (o, m, l) -- or, when the chunk is the whole row, the finished row
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t g = r / L, i = r % L, row = (b * p.Hq + hk * group + g) * L + i;
+      const T* orow = ob + r * Evp;
+      if (p.nchunks == 1) {
+        const T l = lrow[r];
+        const T inv = l != T(0) ? T(1) / l : T(0);  // a row that saw no key: out 0, lse +inf
+        In* O = static_cast<In*>(p.out) + row * Ev;
+        for (int64_t e = 0; e < Ev; ++e) O[e] = static_cast<In>(orow[e] * inv);
+        p.lse[row] = l != T(0) ? static_cast<float>(mrow[r] + std::log(l)) : std::numeric_limits<float>::infinity();
+      } else {
+        const int64_t prow = c * p.rows + row;
+        T* part = static_cast<T*>(p.o_part) + prow * Ev;
+        T* ml = static_cast<T*>(p.ml_part) + 2 * prow;
+        ml[0] = mrow[r];
+        ml[1] = lrow[r];
+        if (lrow[r] > T(0)) std::copy(orow, orow + Ev, part);
+      }
+    }
+  }
+}
+
+// Combines the chunks of rows [row_begin, row_end) (rows of (N, Hq, L)) in chunk order.
+template <typename T, typename In>
+void decode_combine(const DecodeParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t Ev = p.Ev, nc = p.nchunks;
+  std::vector<T> acc(Ev);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const T* ml = static_cast<const T*>(p.ml_part);
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* x = ml + 2 * (c * p.rows + row);
+      if (x[1] > T(0) && x[0] > mx) mx = x[0];
+    }
+    std::fill(acc.begin(), acc.end(), T(0));
+    T l = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* x = ml + 2 * (c * p.rows + row);
+      if (!(x[1] > T(0))) continue;
+      const T w = std::exp(x[0] - mx);
+      l += x[1] * w;
+      const T* part = static_cast<const T*>(p.o_part) + (c * p.rows + row) * Ev;
+      for (int64_t e = 0; e < Ev; ++e) acc[e] += part[e] * w;
+    }
+    const T inv = l != T(0) ? T(1) / l : T(0);
+    In* O = static_cast<In*>(p.out) + row * Ev;
+    for (int64_t e = 0; e < Ev; ++e) O[e] = static_cast<In>(acc[e] * inv);
+    p.lse[row] = l != T(0) ? static_cast<float>(mx + std::log(l)) : std::numeric_limits<float>::infinity();
+  }
+}
+
+// Entry points of this instruction set.
+#if defined(FA_DEC_AVX512)
+#define FA_DEC_WIDE true
+#else
+#define FA_DEC_WIDE false
+#endif
+inline void dec_f32(const DecodeParams& p, int64_t b, int64_t e) { decode_tasks<float, float, FA_DEC_WIDE>(p, b, e); }
+inline void dec_bf16(const DecodeParams& p, int64_t b, int64_t e) {
+  decode_tasks<float, c10::BFloat16, FA_DEC_WIDE>(p, b, e);
+}
+inline void dec_f16(const DecodeParams& p, int64_t b, int64_t e) { decode_tasks<float, c10::Half, FA_DEC_WIDE>(p, b, e); }
+inline void dec_f64(const DecodeParams& p, int64_t b, int64_t e) { decode_tasks<double, double, false>(p, b, e); }
+inline void comb_f32(const DecodeParams& p, int64_t b, int64_t e) { decode_combine<float, float>(p, b, e); }
+inline void comb_bf16(const DecodeParams& p, int64_t b, int64_t e) { decode_combine<float, c10::BFloat16>(p, b, e); }
+inline void comb_f16(const DecodeParams& p, int64_t b, int64_t e) { decode_combine<float, c10::Half>(p, b, e); }
+inline void comb_f64(const DecodeParams& p, int64_t b, int64_t e) { decode_combine<double, double>(p, b, e); }
+#undef FA_DEC_WIDE

@@ -1,0 +1,247 @@
+"""The CPU decoding path (csrc/cpu/attention_decode.cpp): attention_fwd calls with few query rows
+(L <= 16) against many keys, keys split into fixed chunks across threads, GQA heads packed.
+
+Every case asserts that the decode path served the call (torch.ops.fastattn_decode.fwd_calls()
+counts them). Ground truth is fastattn.reference in float64; the bound is the conformance matrix's
+(fastattn.testing.check_bound): |out - ref64| <= 2 |same-dtype reference - ref64| + floor. Rows
+that see no key must give out 0 and lse +inf.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _philox
+from fastattn.reference import attention_reference
+from fastattn.testing import check_bound
+
+fwd_op = torch.ops.fastattn.attention_fwd
+
+pytestmark = pytest.mark.skipif(not torch.ops.fastattn_decode.enabled(),
+                                reason="the decode path is switched off (FASTATTN_CPU_DECODE=0)")
+
+
+def _calls() -> int:
+    return int(torch.ops.fastattn_decode.fwd_calls())
+
+
+def make_mask(kind, n, h, l, s, dtype, gen):
+    """Additive mask in q's dtype as the dispatcher hands it: an expanded (n, h, l, s) view."""
+    if kind is None:
+        return None
+    if kind == "float2d":  # strides (0, 0, S, 1)
+        return torch.randn(l, s, generator=gen).to(dtype).expand(n, h, l, s)
+    if kind == "bool2d":  # a converted bool mask: keep -> 0, drop -> -inf; query 0 sees nothing
+        keep = torch.rand(l, s, generator=gen) > 0.4
+        keep[0] = False
+        return torch.zeros(l, s).masked_fill(~keep, -math.inf).to(dtype).expand(n, h, l, s)
+    if kind == "bool_nhls":  # a converted per-(batch, head) bool mask, (N, H, L, S) contiguous
+        keep = torch.rand(n, h, l, s, generator=gen) > 0.5
+        return torch.zeros(n, h, l, s).masked_fill(~keep, -math.inf).to(dtype)
+    if kind == "float_n1ls":  # (N, 1, L, S): head stride 0, some -inf
+        m = torch.randn(n, 1, l, s, generator=gen).masked_fill(torch.rand(n, 1, l, s, generator=gen) < 0.2, -math.inf)
+        return m.to(dtype).expand(n, h, l, s)
+    if kind == "col":  # (1, 1, 1, S): strides (0, 0, 0, 1)
+        return torch.randn(1, 1, 1, s, generator=gen).to(dtype).expand(n, h, l, s)
+    if kind == "transposed":  # an (S, L) tensor seen as (L, S): key stride L
+        return torch.randn(s, l, generator=gen).to(dtype).t().expand(n, h, l, s)
+    raise ValueError(kind)
+
+
+def make_kpm(kind, n, s, gen):
+    if kind is None:
+        return None
+    pad = torch.zeros(n, s, dtype=torch.bool)
+    if kind == "left":  # left padding of a batch of prompts: row b's first b*s/(2n) keys padded
+        for b in range(n):
+            pad[b, : b * s // (2 * n)] = True
+    elif kind == "right":  # right padding: row b's last keys padded
+        for b in range(n):
+            pad[b, s - b * s // (2 * n):] = True
+    elif kind == "random":
+        pad = torch.rand(n, s, generator=gen) > 0.7
+    elif kind == "dead_batch":  # the last batch row sees no key at all
+        pad = torch.rand(n, s, generator=gen) > 0.7
+        pad[-1] = True
+    else:
+        raise ValueError(kind)
+    return pad
+
+
+def run_case(n=2, hq=4, hkv=1, l=1, s=300, e=64, ev=None, mask=None, kpm=None, causal=False, p=0.0,
+             dtype=torch.float32, seed=0):
+    ev = e if ev is None else ev
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, hq, l, e, generator=gen).to(dtype)
+    k = torch.randn(n, hkv, s, e, generator=gen).to(dtype)
+    v = torch.randn(n, hkv, s, ev, generator=gen).to(dtype)
+    m = make_mask(mask, n, hq, l, s, dtype, gen)
+    pad = make_kpm(kpm, n, s, gen)
+    sd = torch.tensor([1234 + seed], dtype=torch.int64) if p > 0 else None
+    scale = 1 / math.sqrt(e)
+    before = _calls()
+    out, lse = fwd_op(q, k, v, m, pad, p, causal, scale, sd)
+    assert _calls() == before + 1, "the decode path was not taken"
+    assert out.shape == (n, hq, l, ev) and out.dtype == dtype and lse.shape == (n, hq, l)
+    assert lse.dtype == torch.float32
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), None if m is None else m.double(), pad,
+                                       p, causal, scale, sd, return_lse=True)
+    same, same_lse = attention_reference(q, k, v, m, pad, p, causal, scale, sd, return_lse=True, upcast=False)
+    name = (f"decode n{n} hq{hq} hkv{hkv} l{l} s{s} e{e} ev{ev} mask={mask} kpm={kpm} causal={causal} p={p} "
+            f"{dtype}")
+    check_bound(name + " out", out, same, ref)
+    dead = torch.isinf(ref_lse)
+    assert (lse[dead] == math.inf).all(), f"{name}: rows that see no key must have lse +inf"
+    assert (out[dead] == 0).all(), f"{name}: rows that see no key must give out 0"
+    live = ~dead
+    if live.any():
+        floor = 1e-9 if dtype == torch.float64 else 1e-4
+        check_bound(name + " lse", lse[live].double(), same_lse[live].float(), ref_lse[live].double(),
+                    floor=max(floor, 1e-6))
+    return q, k, v, m, pad, sd, scale, out, lse
+
+
+@pytest.mark.parametrize("l", [1, 2, 5, 16])
+@pytest.mark.parametrize("s", [1, 17, 300, 4096])
+def test_lengths(l, s):
+    run_case(n=2, hq=8, hkv=2, l=l, s=s, e=64)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("l", [1, 3, 16])
+def test_gqa_groups(group, l):
+    run_case(n=2, hq=2 * group, hkv=2, l=l, s=1000, e=128)
+
+
+@pytest.mark.parametrize("e,ev", [(1, 1), (7, 33), (25, 25), (80, 80), (128, 64), (256, 256), (16, 200)])
+def test_head_dims(e, ev):
+    run_case(n=1, hq=4, hkv=2, l=2, s=150, e=e, ev=ev)
+
+
+@pytest.mark.parametrize("mask", ["float2d", "bool2d", "bool_nhls", "float_n1ls", "col", "transposed"])
+@pytest.mark.parametrize("l", [1, 7])
+def test_attn_masks(mask, l):
+    run_case(n=2, hq=4, hkv=2, l=l, s=700, e=64, mask=mask)
+
+
+@pytest.mark.parametrize("kpm", ["left", "right", "random", "dead_batch"])
+def test_key_padding(kpm):
+    run_case(n=3, hq=8, hkv=2, l=2, s=2000, e=64, kpm=kpm)
+
+
+@pytest.mark.parametrize("l,s", [(1, 50), (5, 300), (16, 4096), (16, 16), (3, 2)])
+def test_causal_top_left(l, s):
+    # top-left: query i sees keys j <= i, so only the first L keys take part
+    run_case(n=2, hq=8, hkv=1, l=l, s=s, e=32, causal=True)
+    run_case(n=2, hq=4, hkv=4, l=l, s=s, e=32, causal=True, kpm="random", mask="float2d")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(l=1, s=1000, p=0.3),
+    dict(l=4, s=300, p=0.1, hq=8, hkv=1, kpm="left", mask="bool2d"),
+    dict(l=16, s=40, p=0.5, causal=True),
+], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_dropout_same_mask_as_reference(kw):
+    run_case(**kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kw", [
+    dict(n=1, hq=8, hkv=2, l=1, s=4096, e=128),
+    dict(n=2, hq=4, hkv=4, l=9, s=333, e=25, ev=40, mask="float_n1ls", kpm="right"),
+    dict(n=2, hq=8, hkv=1, l=3, s=500, e=64, p=0.2, mask="bool_nhls"),
+], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_dtypes(dtype, kw):
+    run_case(dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_portable_kernels(monkeypatch, isa):
+    # FASTATTN_CPU_ISA picks the narrower builds (read per call): the portable code must agree too
+    monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
+    run_case(n=2, hq=8, hkv=2, l=3, s=1100, e=80, mask="float2d", kpm="random")
+    run_case(n=1, hq=4, hkv=1, l=2, s=300, e=64, dtype=torch.bfloat16, causal=True)
+    run_case(n=1, hq=4, hkv=1, l=2, s=300, e=64, dtype=torch.float16, p=0.2)
+
+
+def test_small_chunks_combine(monkeypatch):
+    # 64-key chunks: many partial results per row, combined across chunks (some wholly padded)
+    monkeypatch.setenv("FASTATTN_CPU_DECODE_CHUNK", "64")
+    run_case(n=2, hq=4, hkv=2, l=4, s=1000, e=64, kpm="left", mask="float2d")
+    run_case(n=2, hq=4, hkv=1, l=1, s=777, e=32, p=0.2, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_bitwise(dtype):
+    """Chunks depend on the shape only: 1 and 2 threads give bitwise the same out and lse."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 8, 2, 128, generator=gen).to(dtype)
+    k = torch.randn(1, 2, 4096, 128, generator=gen).to(dtype)
+    v = torch.randn(1, 2, 4096, 128, generator=gen).to(dtype)
+    pad = torch.rand(1, 4096, generator=gen) > 0.8
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            before = _calls()
+            results.append(fwd_op(q, k, v, None, pad, 0.0, False, 0.1, None))
+            assert _calls() == before + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_longer_queries_not_served():
+    q = torch.randn(1, 2, 17, 32)
+    k = torch.randn(1, 2, 100, 32)
+    before = _calls()
+    fwd_op(q, k, k, None, None, 0.0, False, 0.2, None)
+    assert _calls() == before, "L = 17 must go to the tiled kernels"
+
+
+def test_off_switch():
+    code = ("import torch, fastattn; q = torch.randn(1, 2, 1, 32); k = torch.randn(1, 2, 100, 32); "
+            "torch.ops.fastattn.attention_fwd(q, k, k, None, None, 0.0, False, 0.2, None); "
+            "print(torch.ops.fastattn_decode.enabled(), torch.ops.fastattn_decode.fwd_calls())")
+    env = dict(os.environ, FASTATTN_CPU_DECODE="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "0"], res.stdout
+
+
+@pytest.mark.parametrize("kw", [
+    dict(hq=8, hkv=2, l=1, s=600, causal=False, kpm=True),
+    dict(hq=4, hkv=4, l=5, s=300, causal=True, kpm=False, p=0.2),
+], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_backward_through_decode_forward(kw):
+    """The backward reads the lse the decode forward wrote: gradients within the bound too."""
+    hq, hkv, l, s, causal, p = kw["hq"], kw["hkv"], kw["l"], kw["s"], kw["causal"], kw.get("p", 0.0)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, h, n, 64, generator=gen) for h, n in ((hq, l), (hkv, s), (hkv, s)))
+    pad = (torch.rand(2, s, generator=gen) > 0.7) if kw["kpm"] else None
+    dout = torch.randn(2, hq, l, 64, generator=gen)
+    qb, kb, vb = (t.clone().requires_grad_() for t in (q, k, v))
+    before = _calls()
+    torch.manual_seed(3)
+    out = fastattn.scaled_dot_product_attention(qb, kb, vb, dropout_p=p, is_causal=causal, key_padding_mask=pad,
+                                                enable_gqa=hq != hkv, backend="cpu")
+    assert _calls() == before + 1, "the decode path was not taken"
+    grads = torch.autograd.grad(out, (qb, kb, vb), dout)
+    torch.manual_seed(3)
+    sd = _philox.new_seed() if p > 0 else None
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, None, pad, p, causal, None, sd)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    same = attention_reference(qs, ks, vs, None, pad, p, causal, None, sd, upcast=False)
+    same_grads = torch.autograd.grad(same, (qs, ks, vs), dout)
+    check_bound("decode out", out, same, ref)
+    for name, g_, r_, s_ in zip(("dq", "dk", "dv"), grads, ref_grads, same_grads):
+        check_bound(f"decode {name}", g_, s_, r_)
