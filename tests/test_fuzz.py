@@ -36,7 +36,7 @@ SIZES = (1, 2, 3, 5, 7, 13, 17)
 SIZES_BIG = SIZES + (31, 64, 67)
 HEAD_DIMS = (1, 2, 3, 5, 8, 13, 16)
 HEAD_DIMS_BIG = HEAD_DIMS + (25, 32, 67)
-EXAMPLES = {"cpu": 60, "triton": 14, "reference": 15, "cuda": 40}
+EXAMPLES = {"cpu": 60, "triton": 10, "reference": 10, "cuda": 40}
 
 
 def _settings(backend):
