@@ -99,7 +99,11 @@ inline void check_dropout(double dropout_p, const std::optional<at::Tensor>& see
 // Attention: attention_fwd / attention_bwd.
 
 // The dtype attn_mask must have when q has dtype q_dtype; every kernel reads the mask as this type.
-inline at::ScalarType expected_mask_dtype(at::ScalarType q_dtype) { return q_dtype; }
+// float32 (float64 for float64 q), whatever q's dtype: the mask is added at the kernels' accumulation
+// precision, never rounded to q's dtype first (fp16 would turn -1e5 into -inf).
+inline at::ScalarType expected_mask_dtype(at::ScalarType q_dtype) {
+  return q_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 struct AttnShape {
   int64_t N, Hq, Hkv, L, S, E, Ev;
@@ -133,7 +137,7 @@ inline AttnShape check_attention_args(const at::Tensor& q, const at::Tensor& k, 
   FASTATTN_CHECK_ARG(k.size(3) == s.E, "k", c10::str("head dim ", k.size(3)), c10::str("q's head dim ", s.E));
   FASTATTN_CHECK_ARG(v.size(0) == s.N && v.size(1) == s.Hkv && v.size(2) == s.S, "v", c10::str("shape ", v.sizes()),
                      c10::str("(N, Hkv, S, Ev) = (", s.N, ", ", s.Hkv, ", ", s.S, ", Ev) like k"));
-  FASTATTN_CHECK_ARG(s.Hkv > 0 && s.Hq % s.Hkv == 0, "k", c10::str(s.Hkv, " heads"),
+  FASTATTN_CHECK_ARG((s.Hkv > 0 && s.Hq % s.Hkv == 0) || (s.Hq == 0 && s.Hkv == 0), "k", c10::str(s.Hkv, " heads"),
                      c10::str("a divisor of q's ", s.Hq, " heads (grouped-query attention)"));
   FASTATTN_CHECK_ARG(s.E >= 1 && s.E <= serves.max_head_dim, "q", c10::str("head dim ", s.E),
                      c10::str("a head dim in [1, ", serves.max_head_dim, "]"));

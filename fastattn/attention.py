@@ -90,8 +90,9 @@ def _check_tensor(name: str, t, floating: bool = True) -> None:
 
 
 def mask_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype an additive attn_mask reaches the kernels in, for queries of `dtype`."""
-    return dtype
+    """The dtype an additive attn_mask reaches the kernels in, for queries of `dtype`: float32 (float64
+    for float64), added at the accumulation precision, never rounded to a 16-bit dtype first."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class AttentionCall:

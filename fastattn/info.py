@@ -15,7 +15,8 @@ def _names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-# The environment variables fastattn reads, each once (at import or at first use).
+# The environment variables fastattn reads outside csrc/tuning.h (the C++ table is listed from
+# fastattn._C.tuning_knobs() below).
 PYTHON_KNOBS = {
     "FASTATTN_BACKEND": "force one backend for every call (cuda, triton, cpu, reference)",
     "TRITON_INTERPRET": "1: run Triton kernels on CPU tensors under the interpreter (tests only)",

@@ -59,7 +59,9 @@ def attention_reference(
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask.to(ct)
+            # only -inf excludes a key, and takes it out whatever its score (a NaN there stays out)
+            m = attn_mask.to(ct)
+            scores = torch.where(m == float("-inf"), m, scores + m)
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     if is_causal:

@@ -527,9 +527,11 @@ class _Launch:
         self.seq = configs.seq_bucket(l, s)
         self.arch = 80 if configs.INTERPRET or not q.is_cuda else configs.device_arch(q.device)
         if attn_mask is None:
-            self.mask, self.mstrides = q, (0, 0, 0, 0)
+            self.mask, self.mstrides = _dummy(q.device, torch.float32), (0, 0, 0, 0)  # the AOT-checked *fp32 type
         else:
             assert tuple(attn_mask.shape) == (n, hq, l, s)
+            if attn_mask.dtype != torch.float32:  # the contract sends float32; a 16-bit mask is widened
+                attn_mask = attn_mask.float()
             self.mask, self.mstrides = attn_mask, tuple(attn_mask.stride())
         self.kpm, self.kv_range = _kpm_args(key_padding_mask, q, s)
         self.seed = _seed_arg(float(dropout_p), seed, q.device)

@@ -133,7 +133,7 @@ def _tanh(u):
 def _act_fwd(x, act):
     """activation of an fp32 tile: act 0 relu, 1 gelu (erf), 2 gelu (tanh approximation)."""
     if act == 0:
-        y = tl.maximum(x, 0.0)
+        y = tl.where(x <= 0.0, 0.0, x)  # NaN stays NaN, as torch.relu
     elif act == 1:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     else:
@@ -146,7 +146,7 @@ def _act_fwd(x, act):
 def _act_grad(x, act):
     """d act(x) / dx of an fp32 tile (relu'(0) = 0, as torch)."""
     if act == 0:
-        d = tl.where(x > 0.0, 1.0, 0.0)
+        d = tl.where(x <= 0.0, 0.0, 1.0)  # NaN passes the gradient, as torch
     elif act == 1:
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327

@@ -233,7 +233,6 @@ const Serves& cpu_serves() {
   return s;
 }
 
-at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
 void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& mask, const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
@@ -272,7 +271,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   check_attention_args(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed, cpu_serves());
   const auto dt = q_in.scalar_type();
   const at::Tensor &q = q_in, &k = k_in, &v = v_in;
-  const at::Tensor mask = attn_mask.has_value() ? *attn_mask : at::Tensor();  // read in place
+  // read in place in the compute type (float32 for 16-bit q); a mask in q's own dtype is widened
+  const at::Tensor mask = !attn_mask.has_value() ? at::Tensor()
+                          : attn_mask->scalar_type() == expected_mask_dtype(dt) ? *attn_mask
+                                                                          : attn_mask->to(expected_mask_dtype(dt));
   const int64_t N = q.size(0), Hq = q.size(1), L = q.size(2), Ev = v.size(3);
   at::Tensor out = at::empty({N, Hq, L, Ev}, q.options());
   at::Tensor lse = at::empty({N, Hq, L}, q.options().dtype(at::kFloat));
@@ -305,11 +307,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       check_attention_args(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed, cpu_serves());
   check_attention_bwd_args(grad_out, out_in, lse_in, q_in, shape);
   const int64_t N = shape.N, Hq = shape.Hq, L = shape.L;
-  const auto dt = q_in.scalar_type(), ct = compute_type(dt);
+  const auto dt = q_in.scalar_type(), ct = expected_mask_dtype(dt);
   const at::Tensor &q = q_in, &k = k_in, &v = v_in;
   const at::Tensor go = grad_out.contiguous(), o = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  const at::Tensor mask = attn_mask.has_value() ? *attn_mask : at::Tensor();
+  const at::Tensor mask = !attn_mask.has_value() ? at::Tensor()
+                          : attn_mask->scalar_type() == ct ? *attn_mask : attn_mask->to(ct);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());

@@ -68,7 +68,7 @@ struct Params {
   const uint16_t* q;
   const uint16_t* k;
   const uint16_t* v;
-  const uint16_t* mask;
+  const float* mask;  // additive, float32
   int64_t msb, msh, msl, mss;
   const bool* kpm;
   double dropout_p;
@@ -247,7 +247,7 @@ FA_AMX_TARGET void pack_kv(const Params& p, const uint16_t* K, const uint16_t* V
 // max reduction.
 // Pass 1: the row's maximum (after adding scale/mask/padding in place when not fast).
 template <bool fast>
-FA_AMX_TARGET inline float row_max(const Params& p, float* s, int64_t n, const uint16_t* mrow, const float* kb,
+FA_AMX_TARGET inline float row_max(const Params& p, float* s, int64_t n, const float* mrow, const float* kb,
                                    float* tmp) {
   const float kNegInf = -std::numeric_limits<float>::infinity();
   const __m512 vneg = _mm512_set1_ps(kNegInf);
@@ -269,21 +269,17 @@ FA_AMX_TARGET inline float row_max(const Params& p, float* s, int64_t n, const u
       if (mrow != nullptr) {
         __m512 mv;
         if (p.mss == 1) {
-          mv = bf16x16_to_ps(_mm256_maskz_loadu_epi16(km, mrow + j));
+          mv = _mm512_maskz_loadu_ps(km, mrow + j);
         } else if (p.mss == 0) {
-          const uint32_t bits = static_cast<uint32_t>(mrow[0]) << 16;
-          float x;
-          std::memcpy(&x, &bits, 4);
-          mv = _mm512_set1_ps(x);
+          mv = _mm512_set1_ps(mrow[0]);
         } else {
           const int64_t cnt = std::min<int64_t>(16, n - j);
-          for (int64_t t = 0; t < cnt; ++t) {
-            const uint32_t bits = static_cast<uint32_t>(mrow[(j + t) * p.mss]) << 16;
-            std::memcpy(tmp + t, &bits, 4);
-          }
+          for (int64_t t = 0; t < cnt; ++t) tmp[t] = mrow[(j + t) * p.mss];
           mv = _mm512_maskz_loadu_ps(km, tmp);
         }
-        y = _mm512_add_ps(y, mv);
+        // only -inf excludes a key: set, not added (a NaN score + -inf would be NaN)
+        const __mmask16 excl = _mm512_cmp_ps_mask(mv, vneg, _CMP_EQ_OQ);
+        y = _mm512_mask_blend_ps(excl, _mm512_add_ps(y, mv), vneg);
       }
       if (kb != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km, kb + j));
       _mm512_mask_storeu_ps(s + j, km, y);
@@ -365,7 +361,7 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
     l[i] = 0.f;
   }
   const int64_t kend = p.causal ? std::min(S, i0 + mrows) : S;
-  const uint16_t* mbase = p.mask != nullptr ? p.mask + b * p.msb + h * p.msh + i0 * p.msl : nullptr;
+  const float* mbase = p.mask != nullptr ? p.mask + b * p.msb + h * p.msh + i0 * p.msl : nullptr;
   const float* kb = p.kpm != nullptr ? sc.kb.data() : nullptr;
   for (int64_t c0 = 0; c0 < kend; c0 += KC) {
     const int64_t cn = std::min(KC, kend - c0);
@@ -378,7 +374,7 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
       const int64_t n = p.causal ? std::min<int64_t>(cn, i0 + i + 1 - c0) : cn;
       if (n <= 0) continue;
       float* srow = sc.s.data() + i * lds;
-      const uint16_t* mrow = mbase != nullptr ? mbase + i * p.msl + c0 * p.mss : nullptr;
+      const float* mrow = mbase != nullptr ? mbase + i * p.msl + c0 * p.mss : nullptr;
       const float* kbc = kb != nullptr ? kb + c0 : nullptr;
       cm[i] = fast ? row_max<true>(p, srow, n, mrow, kbc, sc.tmp.data())
                    : row_max<false>(p, srow, n, mrow, kbc, sc.tmp.data());
@@ -417,7 +413,7 @@ FA_AMX_TARGET void fwd_block(const Params& p, Scratch& sc, int64_t b, int64_t h,
   for (int64_t i = 0; i < mrows; i += 16) {
     const __mmask16 km = tail_mask(mrows - i);
     const __m512 lv = _mm512_mask_loadu_ps(_mm512_set1_ps(1.f), km, l + i);
-    const __mmask16 live = _mm512_cmp_ps_mask(lv, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __mmask16 live = _mm512_cmp_ps_mask(lv, _mm512_setzero_ps(), _CMP_NEQ_UQ);  // NaN l: live
     const __m512 x = _mm512_mask_blend_ps(live, _mm512_set1_ps(1.f), lv);
     const __m512 lnl = log_ps(x);
     const __m512 mv = _mm512_maskz_loadu_ps(km, m + i);
@@ -515,7 +511,7 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3);
   if (N == 0 || Hq == 0 || L == 0 || S == 0 || E > 256 || Ev > 256) return false;  // old path does these
   if (!q.is_contiguous() || !k.is_contiguous() || !v.is_contiguous() || !out.is_contiguous()) return false;
-  if (mask.defined() && mask.scalar_type() != at::kBFloat16) return false;
+  if (mask.defined() && mask.scalar_type() != at::kFloat) return false;  // float32: added at fp32
   Params p;
   p.N = N;
   p.Hq = Hq;
@@ -539,7 +535,7 @@ bool fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   p.mask = nullptr;
   p.msb = p.msh = p.msl = p.mss = 0;
   if (mask.defined()) {
-    p.mask = reinterpret_cast<const uint16_t*>(mask.data_ptr());
+    p.mask = mask.data_ptr<float>();
     p.msb = mask.stride(0);
     p.msh = mask.stride(1);
     p.msl = mask.stride(2);

@@ -314,7 +314,7 @@ inline void fwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
       }
       const bool drop = p.dropout_p > 0;
       for (int64_t x = 0; x < BM; x += W) {
-        const V sh = vmax(V::load(mrow + x), V::set1(std::numeric_limits<T>::lowest()));
+        const V sh = vmax(V::set1(std::numeric_limits<T>::lowest()), V::load(mrow + x));  // a NaN max stays NaN
         const V alpha = vexp_sub(V::load(arow + x), sh);
         alpha.store(arow + x);
         V sum0 = V::set1(0), sum1 = V::set1(0);
@@ -368,8 +368,8 @@ inline void fwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
     float* lse = p.lse + bh * L + i0;
     for (int64_t i = 0; i < mrows; ++i) {
       const T l = lrow[i];
-      arow[i] = l > T(0) ? T(1) / l : T(0);
-      lse[i] = l > T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
+      arow[i] = l != T(0) ? T(1) / l : T(0);
+      lse[i] = l != T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
     }
     store_transposed_bf16(ot, BM, mrows, Ev, arow, 1.f, O, Ev);
   }

@@ -19,6 +19,7 @@
 // for tuning) sets the chunk length, FASTATTN_CPU_DECODE_PREFETCH (per call) the software prefetch
 // distance in key blocks (default 1 for float32/64; 0 = off, the default for 16-bit K/V).
 // torch.ops.fastattn_decode.fwd_calls() counts the calls served.
+#include "tuning.h"
 #include "cpu/attention_decode.h"
 
 #include <ATen/Parallel.h>
@@ -105,10 +106,11 @@ struct DecodeKernels {
 // The widest set this CPU runs and the user allows (the same choice as attention.cpp's).
 DecodeKernels pick_kernels() {
   std::string want;
-  if (const char* env = std::getenv("FASTATTN_CPU_ISA")) {
-    want = env;
-  } else {
-    want = at::get_cpu_capability();  // "AVX512", "AVX2" or "DEFAULT"; honours ATEN_CPU_CAPABILITY
+  switch (tuning::get(tuning::Knob::kCpuIsa)) {  // FASTATTN_CPU_ISA, read once (csrc/tuning.h)
+    case tuning::kIsaAvx512: want = "avx512"; break;
+    case tuning::kIsaAvx2: want = "avx2"; break;
+    case tuning::kIsaDefault: want = "default"; break;
+    default: want = at::get_cpu_capability(); break;  // "AVX512", "AVX2" or "DEFAULT"; honours ATEN_CPU_CAPABILITY
   }
   for (auto& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
 #if defined(FASTATTN_DEC_HAVE_WIDE)

@@ -64,7 +64,7 @@ inline T softmax_step_generic(T* s, int64_t nk, T& m, T& l) {
   for (int64_t j = 0; j < nk; ++j) mx = s[j] > mx ? s[j] : mx;
   // a row that has seen only -inf keeps max -inf; subtracting the lowest finite value instead
   // makes its probabilities and its rescale factor exact zeros, never NaN
-  const T sh = mx > std::numeric_limits<T>::lowest() ? mx : std::numeric_limits<T>::lowest();
+  const T sh = mx < std::numeric_limits<T>::lowest() ? std::numeric_limits<T>::lowest() : mx;  // a NaN max stays NaN
   const T alpha = std::exp(m - sh);
   T sum = 0;
   for (int64_t j = 0; j < nk; ++j) {
@@ -83,7 +83,7 @@ inline T softmax_step_generic(T* s, int64_t nk, T& m, T& l) {
 // 2^f by a degree-5 fit (relative error ~3e-7), 2^n by vscalefps (underflows to 0).
 inline __m512 dec_exp_neg(__m512 xin) {
   __m512 x = _mm512_mul_ps(xin, _mm512_set1_ps(1.4426950408889634f));
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // max_ps returns its second operand on NaN: NaN stays NaN
   const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 n = _mm512_sub_ps(x, f);
   __m512 p = _mm512_set1_ps(1.3260914711281657e-03f);
@@ -246,7 +246,7 @@ inline float softmax_step_avx512(float* s, int64_t nk, float& m, float& l) {
   __m512 mx = _mm512_set1_ps(m);
   for (int64_t x = 0; x < nv; ++x) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + 16 * x));
   const float mnew = _mm512_reduce_max_ps(mx);
-  const float sh = mnew > std::numeric_limits<float>::lowest() ? mnew : std::numeric_limits<float>::lowest();
+  const float sh = mnew < std::numeric_limits<float>::lowest() ? std::numeric_limits<float>::lowest() : mnew;  // NaN stays NaN
   const __m512 vsh = _mm512_set1_ps(sh);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t x = 0; x < nv; ++x) {
@@ -357,8 +357,12 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
         const int64_t g = r / L, i = r % L, h = hk * group + g;
         for (int64_t j = nk; j < nk16; ++j) s[j] = kNegInf;
         if (p.mask != nullptr) {
-          const In* mrow_p = static_cast<const In*>(p.mask) + b * p.msb + h * p.msh + i * p.msl + j0 * p.mss;
-          for (int64_t j = 0; j < nk; ++j) s[j] += static_cast<T>(mrow_p[j * p.mss]);
+          // float32 (float64 for float64 q); only -inf excludes a key: set, not added
+          const T* mrow_p = static_cast<const T*>(p.mask) + b * p.msb + h * p.msh + i * p.msl + j0 * p.mss;
+          for (int64_t j = 0; j < nk; ++j) {
+            const T mv = mrow_p[j * p.mss];
+            s[j] = mv == kNegInf ? kNegInf : s[j] + mv;
+          }
         }
         if (p.causal)  // top-left: query i sees key j iff j <= i
           for (int64_t j = std::max<int64_t>(0, i + 1 - j0); j < nk; ++j) s[j] = kNegInf;
@@ -410,17 +414,17 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
       const T* orow = ob + r * Evp;
       if (p.nchunks == 1) {
         const T l = lrow[r];
-        const T inv = l > T(0) ? T(1) / l : T(0);  // a row that saw no key: out 0, lse +inf
+        const T inv = l != T(0) ? T(1) / l : T(0);  // a row that saw no key: out 0, lse +inf
         In* O = static_cast<In*>(p.out) + row * Ev;
         for (int64_t e = 0; e < Ev; ++e) O[e] = static_cast<In>(orow[e] * inv);
-        p.lse[row] = l > T(0) ? static_cast<float>(mrow[r] + std::log(l)) : std::numeric_limits<float>::infinity();
+        p.lse[row] = l != T(0) ? static_cast<float>(mrow[r] + std::log(l)) : std::numeric_limits<float>::infinity();
       } else {
         const int64_t prow = c * p.rows + row;
         T* part = static_cast<T*>(p.o_part) + prow * Ev;
         T* ml = static_cast<T*>(p.ml_part) + 2 * prow;
         ml[0] = mrow[r];
         ml[1] = lrow[r];
-        if (lrow[r] > T(0)) std::copy(orow, orow + Ev, part);
+        if (lrow[r] != T(0)) std::copy(orow, orow + Ev, part);  // NaN sums too
       }
     }
   }
@@ -436,22 +440,22 @@ void decode_combine(const DecodeParams& p, int64_t row_begin, int64_t row_end) {
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t c = 0; c < nc; ++c) {
       const T* x = ml + 2 * (c * p.rows + row);
-      if (x[1] > T(0) && x[0] > mx) mx = x[0];
+      if (x[1] != T(0) && x[0] > mx) mx = x[0];
     }
     std::fill(acc.begin(), acc.end(), T(0));
     T l = 0;
     for (int64_t c = 0; c < nc; ++c) {
       const T* x = ml + 2 * (c * p.rows + row);
-      if (!(x[1] > T(0))) continue;
+      if (x[1] == T(0)) continue;  // a chunk that saw no key (a NaN sum takes part)
       const T w = std::exp(x[0] - mx);
       l += x[1] * w;
       const T* part = static_cast<const T*>(p.o_part) + (c * p.rows + row) * Ev;
       for (int64_t e = 0; e < Ev; ++e) acc[e] += part[e] * w;
     }
-    const T inv = l > T(0) ? T(1) / l : T(0);
+    const T inv = l != T(0) ? T(1) / l : T(0);
     In* O = static_cast<In*>(p.out) + row * Ev;
     for (int64_t e = 0; e < Ev; ++e) O[e] = static_cast<In>(acc[e] * inv);
-    p.lse[row] = l > T(0) ? static_cast<float>(mx + std::log(l)) : std::numeric_limits<float>::infinity();
+    p.lse[row] = l != T(0) ? static_cast<float>(mx + std::log(l)) : std::numeric_limits<float>::infinity();
   }
 }
 

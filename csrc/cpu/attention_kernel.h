@@ -276,11 +276,14 @@ template <typename T, typename In>
 inline void mask_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t mrows, int64_t j0,
                       int64_t nb, T* st, int64_t BM) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  if (p.mask != nullptr) {
-    const In* m = static_cast<const In*>(p.mask) + b * p.msb + h * p.msh + i0 * p.msl + j0 * p.mss;
+  if (p.mask != nullptr) {  // additive, in T (float32 for 16-bit inputs); only -inf excludes a key
+    const T* m = static_cast<const T*>(p.mask) + b * p.msb + h * p.msh + i0 * p.msl + j0 * p.mss;
     for (int64_t i = 0; i < mrows; ++i) {
-      const In* row = m + i * p.msl;
-      for (int64_t j = 0; j < nb; ++j) st[j * BM + i] += static_cast<T>(row[j * p.mss]);
+      const T* row = m + i * p.msl;
+      for (int64_t j = 0; j < nb; ++j) {
+        const T mv = row[j * p.mss];
+        st[j * BM + i] = mv == kNegInf ? kNegInf : st[j * BM + i] + mv;
+      }
     }
   }
   if (p.causal && j0 + nb - 1 > i0) {
@@ -428,18 +431,6 @@ inline void store_transposed(const T* src, int64_t lds, int64_t R, int64_t C, co
   }
 }
 
-// sum_e a[e] b[e] in T, eight independent partial sums (no serial chain of n additions).
-template <typename T, typename In>
-inline T row_dot(const In* a, const In* b, int64_t n) {
-  T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
-  int64_t e = 0;
-  for (; e + 8 <= n; e += 8)
-    for (int u = 0; u < 8; ++u) acc[u] += static_cast<T>(a[e + u]) * static_cast<T>(b[e + u]);
-  T tail = 0;
-  for (; e < n; ++e) tail += static_cast<T>(a[e]) * static_cast<T>(b[e]);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
-
 inline uint64_t dropout_offset(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
   return static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j);
 }
@@ -499,7 +490,7 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
         const V mb = V::load(mrow + x);
         // a column that has seen only -inf keeps max -inf; subtracting the lowest finite value
         // instead makes its probabilities and its rescale factor exact zeros, never NaN
-        const V sh = vmax(mb, V::set1(std::numeric_limits<T>::lowest()));
+        const V sh = vmax(V::set1(std::numeric_limits<T>::lowest()), mb);  // a NaN max stays NaN
         const V alpha = vexp_sub(mold, sh);
         alpha.store(arow + x);
         V sum0 = V::set1(0), sum1 = V::set1(0);
@@ -542,49 +533,77 @@ void fwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
     float* lse = p.lse + bh * L + i0;
     for (int64_t i = 0; i < mrows; ++i) {
       const T l = lrow[i];
-      arow[i] = l > T(0) ? T(1) / l : T(0);  // 1/l, or 0 for a row that saw no key
-      lse[i] = l > T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
+      arow[i] = l != T(0) ? T(1) / l : T(0);  // 1/l, or 0 for a row that saw no key (NaN stays NaN)
+      lse[i] = l != T(0) ? static_cast<float>(mrow[i] + std::log(l)) : std::numeric_limits<float>::infinity();
     }
     store_transposed<T, In>(ot, BM, mrows, Ev, arow, T(1), O, Ev);
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// The log-sum-exp of every query row of head (b, h), recomputed in T. The float32 lse the forward
-// hands over would cap float64 gradients at float32 accuracy; float64 calls recompute it instead.
-// qt: (E, Lp) Q^T times scale; st: (BN, BM) scratch; m, l: (BM) scratch; lse: (Lp) result.
+// The log-sum-exp of every query row of head (b, h), recomputed in T and kept in two parts: the row
+// max lm[i] and the log of the sum ll[i] (lm = 0, ll = +inf for a row that sees no key). The float32
+// lse the forward hands over is one number m + log l, rounded to the ulp of m: float64 calls (whose
+// gradients it would cap at float32 accuracy) and rows with |lse| >= kSplitLse (whose P it would
+// get wrong by up to ulp(lse)/2 relative, or by a factor S when log l vanishes against m = -1e30)
+// recompute it, and the backward then forms P = exp((s - lm) - ll): s - lm exact as in the forward.
+// qt: (E, Lp) Q^T times scale; st: (BN, BM) scratch; m, l: (BM) scratch; kscr: (BN, E) scratch
+// for K in T when In is narrower. With dlt (Lp) given (no dropout), also delta = rowsum(P dP) of
+// every row, P unrounded and dP = dO V^T by the backward's own GEMM (dot: (Ev, Lp) dO^T; vscr:
+// (BN, Ev) V in T; dpt: (BN, BM), dd: (BM) scratch): these rows have large logits, where
+// rowsum(dO O) from the output rounded to 16 bits is off by about 2^-9 |dO| |O| and any rounding
+// apart from dP is carried into dQ and dK multiplied by the logit scale.
+constexpr float kSplitLse = 32.f;
 
-template <typename V>
+template <typename V, typename In>
 void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::value_type* qt, int64_t Lp,
                typename V::value_type* st, typename V::value_type* m, typename V::value_type* l,
-               typename V::value_type* lse) {
+               typename V::value_type* kscr, typename V::value_type* lm, typename V::value_type* ll,
+               const typename V::value_type* dot = nullptr, typename V::value_type* vscr = nullptr,
+               typename V::value_type* dpt = nullptr, typename V::value_type* dd = nullptr,
+               typename V::value_type* dlt = nullptr) {
   using T = typename V::value_type;
   constexpr int W = V::W;
-  const int64_t BM = p.bm, BN = p.bn, E = p.E, L = p.L, S = p.S;
-  const T* K = static_cast<const T*>(p.k) + (b * p.Hkv + h / (p.Hq / p.Hkv)) * S * E;
+  const int64_t BM = p.bm, BN = p.bn, E = p.E, Ev = p.Ev, L = p.L, S = p.S;
+  const In* K = static_cast<const In*>(p.k) + (b * p.Hkv + h / (p.Hq / p.Hkv)) * S * E;
+  const In* Vsrc = static_cast<const In*>(p.v) + (b * p.Hkv + h / (p.Hq / p.Hkv)) * S * Ev;
   for (int64_t i0 = 0; i0 < L; i0 += BM) {
     const int64_t mrows = std::min(BM, L - i0);
     std::fill(m, m + BM, -std::numeric_limits<T>::infinity());
     std::fill(l, l + BM, T(0));
+    if (dlt != nullptr) std::fill(dd, dd + BM, T(0));  // the running rowsum(P dP), rescaled like l
     const int64_t kend = p.causal ? std::min(S, i0 + mrows) : S;
     for (int64_t j0 = 0; j0 < kend; j0 += BN) {
       const int64_t nb = std::min(BN, kend - j0);
       if (keys_all_padded(p, b, j0, nb)) continue;
-      block_gemm<V, false>(nb, BM, E, K + j0 * E, E, 1, qt + i0, Lp, st, BM);
-      mask_tile<T, T>(p, b, h, i0, mrows, j0, nb, st, BM);
+      const T* Kb = as_compute<T, In>(K + j0 * E, nb * E, kscr);
+      block_gemm<V, false>(nb, BM, E, Kb, E, 1, qt + i0, Lp, st, BM);
+      mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
+      if (dlt != nullptr)
+        block_gemm<V, false>(nb, BM, Ev, as_compute<T, In>(Vsrc + j0 * Ev, nb * Ev, vscr), Ev, 1, dot + i0, Lp,
+                             dpt, BM);
       for (int64_t x = 0; x < BM; x += W) {
         V mb = V::load(m + x);
         const V mold = mb;
         for (int64_t j = 0; j < nb; ++j) mb = vmax(mb, V::load(st + j * BM + x));
         mb.store(m + x);
-        const V msafe = vmax(mb, V::set1(std::numeric_limits<T>::lowest()));
-        V sum = V::set1(0);
-        for (int64_t j = 0; j < nb; ++j) sum = sum + vexp(V::load(st + j * BM + x) - msafe);
-        fmadd(V::load(l + x), vexp(mold - msafe), sum).store(l + x);
+        const V msafe = vmax(V::set1(std::numeric_limits<T>::lowest()), mb);
+        V sum = V::set1(0), sdp = V::set1(0);
+        for (int64_t j = 0; j < nb; ++j) {
+          const V pj = vexp(V::load(st + j * BM + x) - msafe);
+          sum = sum + pj;
+          if (dlt != nullptr) sdp = fmadd(pj, V::load(dpt + j * BM + x), sdp);
+        }
+        const V alpha = vexp(mold - msafe);
+        fmadd(V::load(l + x), alpha, sum).store(l + x);
+        if (dlt != nullptr) fmadd(V::load(dd + x), alpha, sdp).store(dd + x);
       }
     }
-    for (int64_t i = 0; i < mrows; ++i)
-      lse[i0 + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : std::numeric_limits<T>::infinity();
+    for (int64_t i = 0; i < mrows; ++i) {
+      lm[i0 + i] = l[i] != T(0) ? m[i] : T(0);
+      ll[i0 + i] = l[i] != T(0) ? std::log(l[i]) : std::numeric_limits<T>::infinity();
+      if (dlt != nullptr) dlt[i0 + i] = l[i] != T(0) ? dd[i] / l[i] : T(0);
+    }
   }
 }
 
@@ -605,8 +624,9 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   const int64_t nparts = p.key_parts;
   const int64_t part_len = round_up((S + nparts - 1) / nparts, BN);
   constexpr bool kConvert = !std::is_same<T, In>::value;
-  std::vector<T> buf(E * Lp + Lp * Ep + Ev * Lp + Lp * Evp + 2 * Lp + E * Lp + 2 * BN * BM +
-                     part_len * Ep + part_len * Evp + 2 * BM + (kConvert ? part_len * (E + Ev) : 0));
+  std::vector<T> buf(E * Lp + Lp * Ep + 2 * Ev * Lp + Lp * Evp + 3 * Lp + E * Lp + 2 * BN * BM +
+                     part_len * Ep + part_len * Evp + 2 * BM +
+                     (kConvert ? part_len * (E + Ev) + BN * E : 0) + BN * Ev + Lp + BM);
   T* qt = buf.data();        // (E, Lp)   Q^T times scale
   T* qn = qt + E * Lp;       // (Lp, Ep)  Q, zero padded
   T* dot = qn + Lp * Ep;     // (Ev, Lp)  dO^T
@@ -622,6 +642,12 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   T* lrow = mrow + BM;
   T* kbuf = lrow + BM;             // (part_len, E), (part_len, Ev): K, V of the range in T
   T* vbuf = kbuf + part_len * E;
+  T* kscr = lrow + BM + (kConvert ? part_len * (E + Ev) : 0);  // (BN, E) K in T for exact_lse (kConvert only)
+  T* lm = kscr + (kConvert ? BN * E : 0);  // (Lp) row max of a split log-sum-exp (see exact_lse)
+  T* otr = lm + Lp;                        // (Ev, Lp) O^T in T, for delta
+  T* vscr = otr + Ev * Lp;                 // (BN, Ev) V in T for exact_lse
+  T* dlt = vscr + BN * Ev;                 // (Lp) exact_lse's rowsum(P dP)
+  T* ddr = dlt + Lp;                       // (BM) its scratch
   const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
   const T scale = static_cast<T>(p.scale);
   const int64_t nqb = Lp / BM;
@@ -641,21 +667,37 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
       const float* LSE = p.lse + bh * L;
       load_transposed<T, In>(Q, E, L, E, scale, qt, Lp);
       load_transposed<T, In>(dO, Ev, L, Ev, T(1), dot, Lp);
+      load_transposed<T, In>(O, Ev, L, Ev, T(1), otr, Lp);
       for (int64_t e = 0; e < E; ++e) std::fill(qt + e * Lp + L, qt + (e + 1) * Lp, T(0));
       for (int64_t e = 0; e < Ev; ++e) std::fill(dot + e * Lp + L, dot + (e + 1) * Lp, T(0));
+      for (int64_t e = 0; e < Ev; ++e) std::fill(otr + e * Lp + L, otr + (e + 1) * Lp, T(0));
       std::fill(qn, qn + Lp * Ep, T(0));
       std::fill(don, don + Lp * Evp, T(0));
       for (int64_t i = 0; i < L; ++i) {
         for (int64_t e = 0; e < E; ++e) qn[i * Ep + e] = static_cast<T>(Q[i * E + e]);
         for (int64_t e = 0; e < Ev; ++e) don[i * Evp + e] = static_cast<T>(dO[i * Ev + e]);
-        delta[i] = row_dot<T, In>(dO + i * Ev, O + i * Ev, Ev);
         lse[i] = static_cast<T>(LSE[i]);
       }
-      for (int64_t i = L; i < Lp; ++i) {
-        delta[i] = T(0);
-        lse[i] = std::numeric_limits<T>::infinity();
+      for (int64_t i = L; i < Lp; ++i) lse[i] = std::numeric_limits<T>::infinity();
+      bool split = false;  // P = exp((s - lm) - lse) with lse = log l (see exact_lse)
+      for (int64_t i = 0; i < L; ++i)
+        split |= std::abs(LSE[i]) >= kSplitLse && LSE[i] != std::numeric_limits<float>::infinity();
+      if (split || std::is_same<T, double>::value) {
+        std::fill(lm, lm + Lp, T(0));
+        // with dropout delta is rowsum(P Z dP) / (1 - p): keep rowsum(dO O) there
+        exact_lse<V, In>(p, b, h, qt, Lp, st, mrow, lrow, kscr, lm, lse, dot, vscr, dst, ddr,
+                         p.dropout_p == 0 ? dlt : nullptr);
+        if (!split)
+          for (int64_t i = 0; i < L; ++i) lse[i] += lm[i];
       }
-      if constexpr (std::is_same<T, double>::value) exact_lse<V>(p, b, h, qt, Lp, st, mrow, lrow, lse);
+      // delta = rowsum(dO O) by the same chain of fmadd as each dP = dO . v_j of the GEMM below, so
+      // that a row whose P is one-hot gets dP - delta = 0 exactly (as torch's rowsum(P dP) does)
+      for (int64_t x = 0; x < Lp; x += W) {
+        V acc = V::set1(0);
+        for (int64_t e = 0; e < Ev; ++e) acc = fmadd(V::load(otr + e * Lp + x), V::load(dot + e * Lp + x), acc);
+        acc.store(delta + x);
+      }
+      if ((split || std::is_same<T, double>::value) && p.dropout_p == 0) std::copy(dlt, dlt + L, delta);
       std::fill(dqt, dqt + E * Lp, T(0));
       for (int64_t jj = 0; jj < nk; jj += BN) {
         const int64_t j0 = key_lo + jj, nb = std::min(BN, nk - jj);
@@ -663,15 +705,18 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
         const int64_t qb0 = p.causal ? std::min(nqb, j0 / BM) : 0;
         for (int64_t qb = qb0; qb < nqb; ++qb) {
           const int64_t i0 = qb * BM, mrows = std::min(BM, L - i0);
-          const bool plain = !tile_needs_mask(p, i0, j0, nb);
+          const bool plain = !split && !tile_needs_mask(p, i0, j0, nb);
           if (plain) {  // P^T = exp(S^T - lse) straight from the GEMM's registers
             block_gemm<V, false, kExp>(nb, BM, E, K + jj * E, E, 1, qt + i0, Lp, st, BM, lse + i0);
           } else {
             block_gemm<V, false>(nb, BM, E, K + jj * E, E, 1, qt + i0, Lp, st, BM);
             mask_tile<T, In>(p, b, h, i0, mrows, j0, nb, st, BM);
             for (int64_t j = 0; j < nb; ++j)
-              for (int64_t x = 0; x < BM; x += W)
-                vexp_sub(V::load(st + j * BM + x), V::load(lse + i0 + x)).store(st + j * BM + x);
+              for (int64_t x = 0; x < BM; x += W) {
+                V sj = V::load(st + j * BM + x);
+                if (split) sj = sj - V::load(lm + i0 + x);
+                vexp_sub(sj, V::load(lse + i0 + x)).store(st + j * BM + x);
+              }
           }
           if (plain && p.dropout_p == 0) {  // dS^T = P^T (dP^T - delta), also in the epilogue
             block_gemm<V, false, kDs>(nb, BM, Ev, Vm + jj * Ev, Ev, 1, dot + i0, Lp, dst, BM, delta + i0, st);

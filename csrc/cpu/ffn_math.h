@@ -88,7 +88,7 @@ FFN_INLINE double tanh_approx(double u) { return std::tanh(u); }
 template <Act A, typename acc_t>
 FFN_INLINE acc_t act_value(acc_t p) {
   if constexpr (A == Act::Relu) {
-    return p > acc_t(0) ? p : acc_t(0);
+    return p <= acc_t(0) ? acc_t(0) : p;  // NaN stays NaN, as torch.relu
   } else if constexpr (A == Act::Gelu) {
     return acc_t(0.5) * p * (acc_t(1) + erf_approx(p * acc_t(kSqrtHalf)));
   } else {
@@ -101,9 +101,9 @@ FFN_INLINE acc_t act_value(acc_t p) {
 template <Act A, typename acc_t>
 FFN_INLINE void act_value_grad(acc_t p, acc_t& value, acc_t& grad) {
   if constexpr (A == Act::Relu) {
-    const bool pos = p > acc_t(0);
-    value = pos ? p : acc_t(0);
-    grad = pos ? acc_t(1) : acc_t(0);
+    const bool off = p <= acc_t(0);  // NaN: value NaN, gradient passed (torch's threshold_backward)
+    value = off ? acc_t(0) : p;
+    grad = off ? acc_t(0) : acc_t(1);
   } else if constexpr (A == Act::Gelu) {
     const acc_t cdf = acc_t(0.5) * (acc_t(1) + erf_approx(p * acc_t(kSqrtHalf)));
     const acc_t pdf = acc_t(kInvSqrt2Pi) * exp_nonpos(acc_t(-0.5) * p * p);

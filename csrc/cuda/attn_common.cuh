@@ -1,6 +1,7 @@
 // Device helpers shared by the attention kernels: tensor-core fragments (mma.sync m16n8k16,
 // ldmatrix), cp.async, element types, the score mask. CUDA headers only (+ ../philox.h).
 #pragma once
+#include <cfloat>
 #include <cstdint>
 #include <cmath>
 
@@ -214,14 +215,14 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int row0, int nro
 // Everything that decides one score of (batch b, query head h): causal, key padding, additive mask.
 template <typename T>
 struct ScoreMask {
-  const T* mask;  // already offset to (b, h), or null
+  const float* mask;  // float32, already offset to (b, h), or null
   int64_t sl, ss;
   const uint8_t* kpm;  // already offset to batch b, or null
   int L, S;
   bool causal;
 
   __device__ __forceinline__ ScoreMask(const AttnParams& p, int b, int h)
-      : mask(static_cast<const T*>(p.mask)), sl(p.mask_sl), ss(p.mask_ss), kpm(p.kpm), L(p.L), S(p.S),
+      : mask(p.mask), sl(p.mask_sl), ss(p.mask_ss), kpm(p.kpm), L(p.L), S(p.S),
         causal(p.causal) {
     if (mask) mask += b * p.mask_sb + h * p.mask_sh;
     if (kpm) kpm += static_cast<int64_t>(b) * p.S;
@@ -234,10 +235,22 @@ struct ScoreMask {
   __device__ __forceinline__ float apply(float s, int i, int j) const {
     if (i >= L || j >= S || (causal && j > i)) return -INFINITY;
     if (kpm && kpm[j]) return -INFINITY;
-    if (mask) s += TypeOps<T>::to_float(mask[i * sl + j * ss]);
+    if (mask) {  // only -inf excludes a key: set, not added (a NaN score + -inf would be NaN)
+      const float mv = mask[i * sl + j * ss];
+      s = mv == -INFINITY ? -INFINITY : s + mv;
+    }
     return s;
   }
 };
+
+// A masked natural-log score in log2 units. A finite score stays finite (a mask of finfo.min times
+// log2(e) would overflow to -inf and count as excluded): only -inf excludes a key. Scores beyond
+// +-FLT_MAX / log2(e) saturate at +-FLT_MAX (their order among themselves is lost; the rest of the
+// row is exact). NaN stays NaN.
+__device__ __forceinline__ float to_log2(float s) {
+  const float x = s * kLog2e;
+  return isfinite(s) ? fminf(fmaxf(x, -FLT_MAX), FLT_MAX) : x;
+}
 
 // Is any key of [j0, j0+bn) not padded? Block-uniform; every thread of the block must call it.
 __device__ __forceinline__ bool key_tile_live(const uint8_t* kpm_b, int j0, int bn, int S) {

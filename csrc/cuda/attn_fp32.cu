@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_fp32_kernel(const AttnParams 
   for (int j0 = 0; j0 < j_end; j0 += 32) {
     const int j = j0 + lane;
     float s = -INFINITY;
-    if (j < j_end) s = sm.apply(dot_row(sqw, k + static_cast<int64_t>(j) * E, E) * p.scale, i, j) * kLog2e;
+    if (j < j_end) s = to_log2(sm.apply(dot_row(sqw, k + static_cast<int64_t>(j) * E, E) * p.scale, i, j));
     const float m_new = fmaxf(m, warp_max(s));
     const float m_use = m_new == -INFINITY ? 0.f : m_new;
     const float alpha = exp2f(m - m_use);
@@ -84,12 +84,12 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_fp32_kernel(const AttnParams 
       }
     }
   }
-  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const float inv = l != 0.f ? 1.f / l : 0.f;  // a NaN sum stays NaN
   float* out = static_cast<float*>(p.out) + gw * Ev;
 #pragma unroll
   for (int c = 0; c < NC; ++c)
     if (c * 32 + lane < Ev) out[c * 32 + lane] = o[c] * inv;
-  if (lane == 0) p.lse[gw] = l > 0.f ? m * kLn2 + logf(l) : INFINITY;
+  if (lane == 0) p.lse[gw] = l != 0.f ? m * kLn2 + logf(l) : INFINITY;
 }
 
 template <int NC>
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_fp32_kernel(const AttnPara
     sdow[c * 32 + lane] = c * 32 + lane < Ev ? dout[c * 32 + lane] : 0.f;
   }
   __syncwarp();
-  const float lse2 = p.lse[gw] * kLog2e;
+  const float lse2 = p.lse_base[gw], rest = p.lse_rest[gw];  // see attn_params.h
   const float delta = p.delta[gw];
   float dq[NC];
 #pragma unroll
@@ -128,8 +128,8 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_fp32_kernel(const AttnPara
     const int j = j0 + lane;
     float ds = 0.f;
     if (j < j_end) {
-      const float s = sm.apply(dot_row(sqw, k + static_cast<int64_t>(j) * E, E) * p.scale, i, j) * kLog2e;
-      const float pe = exp2f(s - lse2);  // 0 where masked or where the row saw no key (lse = +inf)
+      const float s = to_log2(sm.apply(dot_row(sqw, k + static_cast<int64_t>(j) * E, E) * p.scale, i, j));
+      const float pe = exp2f((s - lse2) - rest);  // 0 where masked or where the row saw no key (lse = +inf)
       if (pe != 0.f) {
         float dp = dot_row(sdow, v + static_cast<int64_t>(j) * Ev, Ev);
         if (dropout) {
@@ -195,8 +195,8 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_fp32_kernel(const AttnPa
       const int i = i0 + lane;
       float pd = 0.f, ds = 0.f;
       if (i < L) {
-        const float s = sm.apply(dot_row(sk_w, q + static_cast<int64_t>(i) * E, E) * p.scale, i, j) * kLog2e;
-        const float pe = exp2f(s - p.lse[bh * L + i] * kLog2e);
+        const float s = to_log2(sm.apply(dot_row(sk_w, q + static_cast<int64_t>(i) * E, E) * p.scale, i, j));
+        const float pe = exp2f((s - p.lse_base[bh * L + i]) - p.lse_rest[bh * L + i]);
         if (pe != 0.f) {
           float z = 1.f;
           if (dropout) {

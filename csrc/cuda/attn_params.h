@@ -3,7 +3,7 @@
 //
 // Layouts (all contiguous unless said otherwise; see fastattn/backends/README.md):
 //   q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev), out (N, Hq, L, Ev), lse (N, Hq, L) float32
-//   attn_mask: additive, dtype of q, read at mask[b*mask_sb + h*mask_sh + i*mask_sl + j*mask_ss]
+//   attn_mask: additive, float32, read at mask[b*mask_sb + h*mask_sh + i*mask_sl + j*mask_ss]
 //              (an expanded (N, Hq, L, S) view: strides may be 0)
 //   kpm: key padding, bool (N, S) as bytes, nonzero = key ignored
 #pragma once
@@ -47,7 +47,7 @@ struct AttnParams {
   const void* v = nullptr;     // (N, Hkv, S, Ev)
   void* out = nullptr;         // (N, Hq, L, Ev)      forward output / backward input
   float* lse = nullptr;        // (N, Hq, L)          forward output / backward input
-  const void* mask = nullptr;  // additive mask, dtype of q, or null
+  const float* mask = nullptr;  // additive mask, float32, or null
   int64_t mask_sb = 0, mask_sh = 0, mask_sl = 0, mask_ss = 0;  // its strides in elements
   const uint8_t* kpm = nullptr;  // (N, S) nonzero = key ignored, or null
   int N = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
@@ -61,6 +61,12 @@ struct AttnParams {
   void* dk = nullptr;          // (N, Hkv, S, E)
   void* dv = nullptr;          // (N, Hkv, S, Ev)
   float* delta = nullptr;      // (N, Hq, L) float32 workspace: rowsum(dout * out)
+  // (N, Hq, L) float32 workspaces, the lse as the backward kernels use it (log2 units): P =
+  // exp2(s - lse_base - lse_rest); lse_base = lse * log2(e) and lse_rest = 0, except on rows whose
+  // float32 lse lost precision to its magnitude (|lse| >= 32: m + log l rounded to the ulp of m),
+  // which the delta pre-pass recomputes as the row max and the log2 of the sum, kept apart.
+  float* lse_base = nullptr;
+  float* lse_rest = nullptr;
 };
 
 // Head-dim bucket the kernels are compiled for: the smallest of 32, 64, 96, 128, 256 that holds

@@ -1,5 +1,6 @@
 // Flash-attention-2 backward on tensor cores (fp16 / bf16), deterministic (no atomics):
-//   1. attn_bwd_delta_kernel: delta = rowsum(dO * O) in fp32 (one warp per row).
+//   1. attn_bwd_delta_kernel: delta = rowsum(dO * O) in fp32 (one warp per row), and the lse the
+//      other kernels use, p.lse_base + p.lse_rest (see attn_params.h).
 //   2. attn_bwd_dkdv_tc_kernel: a block owns BN = 64 keys of one (batch, kv head) and walks every
 //      query tile of every query head of its GQA group, recomputing P = exp(S - lse) from the saved
 //      lse; dK and dV accumulate in fp32 registers and are written once. For the 256 bucket the
@@ -13,28 +14,82 @@
 namespace fastattn {
 namespace cuda {
 
+__device__ __forceinline__ float warp_allsum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// One warp per row. The rare rows with |lse| >= 32 (large logits or a huge mask offset) walk their
+// keys once more: the row max m and the sum l in log2 units (P = exp2(s - m) / l, kept apart, as
+// the forward had them), and, without dropout, delta = rowsum(P dP) with P unrounded and dP in
+// fp32, as torch's math takes it: rowsum(dO O) from an output rounded to 16 bits, or summed in
+// another order than dP, is off by about ulp(|dO| |O|), and dS = P (dP - delta) carries that into
+// dQ and dK times the (large) logit scale.
 template <typename T>
-__global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const T* __restrict__ dout,  // (rows, Ev)
-                                                             const T* __restrict__ out,   // (rows, Ev)
-                                                             float* __restrict__ delta,   // (rows,)
-                                                             int64_t rows, int Ev) {
+__global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const AttnParams p) {
+  const int64_t rows = static_cast<int64_t>(p.N) * p.Hq * p.L;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
+  const int Ev = p.Ev;
+  const T* dout = static_cast<const T*>(p.dout) + row * Ev;
+  const T* out = static_cast<const T*>(p.out) + row * Ev;
   float acc = 0.f;
-  for (int c = lane; c < Ev; c += 32)
-    acc += TypeOps<T>::to_float(dout[row * Ev + c]) * TypeOps<T>::to_float(out[row * Ev + c]);
+  for (int c = lane; c < Ev; c += 32) acc += TypeOps<T>::to_float(dout[c]) * TypeOps<T>::to_float(out[c]);
+  acc = warp_allsum(acc);
+  const float lse = p.lse[row];
+  float base = lse * kLog2e, rest = 0.f;
+  if (fabsf(lse) >= 32.f && lse != INFINITY) {  // warp-uniform
+    const int i = static_cast<int>(row % p.L), bh = static_cast<int>(row / p.L);
+    const int b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
+    const int E = p.E, S = p.S;
+    const T* q = static_cast<const T*>(p.q) + row * E;
+    const T* k = static_cast<const T*>(p.k) + static_cast<int64_t>(b * p.Hkv + hkv) * S * E;
+    const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(b * p.Hkv + hkv) * S * Ev;
+    const ScoreMask<T> sm(p, b, h);
+    float m = -INFINITY, l = 0.f, dd = 0.f;
+    const int j_end = p.causal ? min(S, i + 1) : S;
+    for (int j0 = 0; j0 < j_end; j0 += 32) {
+      const int j = j0 + lane;
+      float s = -INFINITY, dp = 0.f;
+      if (j < j_end) {
+        float qk = 0.f;
+        for (int d = 0; d < E; ++d)
+          qk = fmaf(TypeOps<T>::to_float(q[d]), TypeOps<T>::to_float(k[static_cast<int64_t>(j) * E + d]), qk);
+        s = to_log2(sm.apply(qk * p.scale, i, j));
+        for (int d = 0; d < Ev; ++d)
+          dp = fmaf(TypeOps<T>::to_float(dout[d]), TypeOps<T>::to_float(v[static_cast<int64_t>(j) * Ev + d]), dp);
+      }
+      float mx = s;
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) delta[row] = acc;
+      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m, mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m - m_use);
+      const float pj = exp2f(s - m_use);
+      l = l * alpha + warp_allsum(pj);
+      dd = dd * alpha + warp_allsum(pj != 0.f ? pj * dp : 0.f);
+      m = m_new;
+    }
+    if (l != 0.f) {
+      base = m;
+      rest = log2f(l);
+      if (p.dropout_p == 0.f) acc = dd / l;  // with dropout, delta is rowsum(P Z dP) / (1 - p): keep dO.O
+    }
+  }
+  if (lane == 0) {
+    p.delta[row] = acc;
+    p.lse_base[row] = base;
+    p.lse_rest[row] = rest;
+  }
 }
 
 template <typename T>
 cudaError_t launch_attn_bwd_delta(const AttnParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.N) * p.Hq * p.L;
   if (rows == 0) return cudaSuccess;
-  attn_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
-      static_cast<const T*>(p.dout), static_cast<const T*>(p.out), p.delta, rows, p.Ev);
+  attn_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -92,11 +147,12 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
   cp_async_commit();
 
   const int row_base = i0 + warp * 16 + g;
-  float lse2[2], dl[2];
+  float lse2[2], rest[2], dl[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row_base + r * 8;
-    lse2[r] = row < p.L ? p.lse[static_cast<int64_t>(bh) * p.L + row] * kLog2e : INFINITY;
+    lse2[r] = row < p.L ? p.lse_base[static_cast<int64_t>(bh) * p.L + row] : INFINITY;
+    rest[r] = row < p.L ? p.lse_rest[static_cast<int64_t>(bh) * p.L + row] : 0.f;
     dl[r] = row < p.L ? p.delta[static_cast<int64_t>(bh) * p.L + row] : 0.f;
   }
   float dq[DN][4];
@@ -136,8 +192,8 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
         const int row = row_base + r * 8, col = j0 + nn * 8 + 2 * tq + (e & 1);
-        const float x = need_mask ? sm.apply(s[nn][e] * scale, row, col) * kLog2e : s[nn][e] * scale_log2;
-        const float pe = exp2f(x - lse2[r]);
+        const float x = need_mask ? to_log2(sm.apply(s[nn][e] * scale, row, col)) : s[nn][e] * scale_log2;
+        const float pe = exp2f((x - lse2[r]) - rest[r]);
         const float dpe = (keep >> (4 * nn + e)) & 1u ? dp[nn][e] * keep_scale : 0.f;
         s[nn][e] = pe * (dpe - dl[r]);
       }
@@ -173,7 +229,7 @@ struct DkdvTC {
   static constexpr int kThreads = 128;
   static constexpr int kLds = D + 8;
   static constexpr size_t kSmem =
-      static_cast<size_t>(2 * kBN + 4 * BM) * kLds * sizeof(T) + 4 * BM * sizeof(float);
+      static_cast<size_t>(2 * kBN + 4 * BM) * kLds * sizeof(T) + 6 * BM * sizeof(float);
   static_assert(kSmem <= kMaxSmemSm80, "dK/dV tile does not fit sm_80 shared memory");
   static_assert(BM % 16 == 0 && BM <= 64, "keep bits: at most 32 accumulator elements per thread");
 };
@@ -193,6 +249,7 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
   T* sdO = sQ + 2 * BM * LDS;              // [2][BM][LDS]
   float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * LDS);  // [2][BM], log2 units
   float* sDelta = sLse + 2 * BM;                               // [2][BM]
+  float* sRest = sDelta + 2 * BM;                              // [2][BM], log2 units
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3;
@@ -229,7 +286,8 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
                                  vec_v, tid);
     for (int r = tid; r < BM; r += NT) {
       const int row = qi0 + r;
-      sLse[bufi * BM + r] = row < L ? p.lse[bh * L + row] * kLog2e : INFINITY;
+      sLse[bufi * BM + r] = row < L ? p.lse_base[bh * L + row] : INFINITY;
+      sRest[bufi * BM + r] = row < L ? p.lse_rest[bh * L + row] : 0.f;
       sDelta[bufi * BM + r] = row < L ? p.delta[bh * L + row] : 0.f;
     }
   };
@@ -261,6 +319,7 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
     const T* qt = sQ + bufi * BM * LDS;
     const T* dot = sdO + bufi * BM * LDS;
     const float* lse_t = sLse + bufi * BM;
+    const float* rest_t = sRest + bufi * BM;
     const float* delta_t = sDelta + bufi * BM;
     const ScoreMask<T> sm(p, b, h);
     const bool need_mask = sm.tile_needs_mask(qi0, BM, j0, BN);
@@ -290,8 +349,8 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
         const int key = key_base + (e >> 1) * 8;
         const int qc = nn * 8 + 2 * tq + (e & 1);  // query column within the tile
         const int row = qi0 + qc;
-        const float x = need_mask ? sm.apply(s[nn][e] * scale, row, key) * kLog2e : s[nn][e] * scale_log2;
-        const float pe = exp2f(x - lse_t[qc]);
+        const float x = need_mask ? to_log2(sm.apply(s[nn][e] * scale, row, key)) : s[nn][e] * scale_log2;
+        const float pe = exp2f((x - lse_t[qc]) - rest_t[qc]);
         const float z = (keep >> (4 * nn + e)) & 1u ? keep_scale : 0.f;  // keep/(1-p) or 0
         if (DO_DK) dp[nn][e] = pe * (dp[nn][e] * z - delta_t[qc]);
         s[nn][e] = pe * z;

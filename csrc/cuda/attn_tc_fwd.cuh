@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
       for (int e = 0; e < 4; ++e) {
         float x = s[nn][e];
         if (need_mask) {
-          x = sm.apply(x * scale, row_base + (e >> 1) * 8, j0 + nn * 8 + 2 * tq + (e & 1)) * kLog2e;
+          x = to_log2(sm.apply(x * scale, row_base + (e >> 1) * 8, j0 + nn * 8 + 2 * tq + (e & 1)));
         } else {
           x *= scale_log2;
         }
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
     lr += __shfl_xor_sync(0xffffffffu, lr, 2);
     const int row = row_base + r * 8;
     if (row < p.L) {
-      const float inv = lr > 0.f ? 1.f / lr : 0.f;
+      const float inv = lr != 0.f ? 1.f / lr : 0.f;  // a NaN sum stays NaN
 #pragma unroll
       for (int dn = 0; dn < DN; ++dn) {
         const int col = dn * 8 + 2 * tq;
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
         if (col + 1 < Ev)
           out[static_cast<int64_t>(row) * Ev + col + 1] = TypeOps<T>::from_float(o[dn][2 * r + 1] * inv);
       }
-      if (tq == 0) p.lse[static_cast<int64_t>(bh) * p.L + row] = lr > 0.f ? m[r] * kLn2 + logf(lr) : INFINITY;
+      if (tq == 0) p.lse[static_cast<int64_t>(bh) * p.L + row] = lr != 0.f ? m[r] * kLn2 + logf(lr) : INFINITY;
     }
   }
 }

@@ -118,7 +118,7 @@ AttnParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.v = v.data_ptr();
   if (attn_mask.has_value() && attn_mask->defined()) {
     const Tensor& m = *attn_mask;
-    p.mask = m.data_ptr();
+    p.mask = static_cast<const float*>(m.data_ptr());  // float32: checks.h's expected_mask_dtype
     p.mask_sb = m.stride(0);
     p.mask_sh = m.stride(1);
     p.mask_sl = m.stride(2);
@@ -180,6 +180,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.delta = delta.data_ptr<float>();
+  Tensor lse_split = at::empty({2, p.N, p.Hq, p.L}, q.options().dtype(at::kFloat));  // see attn_params.h
+  p.lse_base = lse_split.data_ptr<float>();
+  p.lse_rest = p.lse_base + static_cast<int64_t>(p.N) * p.Hq * p.L;
   launch(dtype_of(q), {&attention_backward_fp32, &attention_backward_fp16, &attention_backward_bf16}, p,
          "attention_bwd kernel launch");
   return {dq, dk, dv};

@@ -29,7 +29,7 @@ __device__ __forceinline__ float tanh_accurate(float u) {
 
 __device__ __forceinline__ float act_fwd(Activation act, float x) {
   switch (act) {
-    case Activation::kRelu: return x > 0.f ? x : 0.f;
+    case Activation::kRelu: return x <= 0.f ? 0.f : x;  // NaN stays NaN, as torch.relu
     case Activation::kGelu: return 0.5f * x * (1.f + erff(x * kSqrt1_2));
     default: return 0.5f * x * (1.f + tanh_accurate(kSqrt2OverPi * (x + kGeluTanhCubic * x * x * x)));
   }
@@ -37,7 +37,7 @@ __device__ __forceinline__ float act_fwd(Activation act, float x) {
 
 __device__ __forceinline__ float act_grad(Activation act, float x) {
   switch (act) {
-    case Activation::kRelu: return x > 0.f ? 1.f : 0.f;
+    case Activation::kRelu: return x <= 0.f ? 0.f : 1.f;  // NaN passes the gradient (torch)
     case Activation::kGelu: return 0.5f * (1.f + erff(x * kSqrt1_2)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
     default: {
       const float u = kSqrt2OverPi * (x + kGeluTanhCubic * x * x * x);

@@ -12,7 +12,7 @@ from .compat import make_ast_source, runtime_type
 
 _PTR = {"f16": "*fp16", "bf16": "*bf16", "f32": "*fp32", "tf32": "*fp32"}
 _FLOAT_ARGS = {"dropout_p", "qk_scale", "sm_scale"}
-_DATA_PTRS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "Mask"}
+_DATA_PTRS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV"}
 _DIVISIBLE_INTS = {"HEAD_D", "HEAD_DV", "stride_ml", "S", "L"}
 
 
@@ -27,7 +27,7 @@ def signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, list]:
     for name in kernel.arg_names:
         if name in constexprs:
             continue
-        if name in ("Lse", "Delta"):
+        if name in ("Lse", "Delta", "Mask"):  # the additive mask arrives as float32 (the contract)
             types[name] = "*fp32"
         elif name == "Kpm":
             types[name] = "*u8"
