@@ -13,7 +13,7 @@ BUILD_LOCK := /tmp/fastattn-build.lock
 $(STAMP): pyproject.toml Makefile
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_SPEC)"
-	$(VPY) -m pip install -q "triton>=3.6" pytest pytest-benchmark pybind11 ninja setuptools wheel numpy matplotlib tqdm "transformers>=4.56"
+	$(VPY) -m pip install -q "triton>=3.6" pytest pytest-benchmark pybind11 ninja setuptools wheel numpy matplotlib tqdm "transformers>=4.56" hypothesis
 	@touch $(STAMP)
 
 # Incremental in-place build of fastattn._C (ninja reuses objects); serialised by a lock so that

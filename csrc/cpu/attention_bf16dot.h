@@ -375,6 +375,20 @@ inline void fwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
   }
 }
 
+// delta = rowsum(dO O) in T, eight independent partial sums (no serial chain of n additions). The
+// fp32 kernels compute delta by the dP GEMM's own fmadd chain (attention_kernel.h) so that one-hot rows
+// get dS = 0 exactly; this path keeps the plain sum (bf16 inputs: the rounding of O dominates).
+template <typename T, typename In>
+inline T bf16_row_dot(const In* a, const In* b, int64_t n) {
+  T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += static_cast<T>(a[e + u]) * static_cast<T>(b[e + u]);
+  T tail = 0;
+  for (; e < n; ++e) tail += static_cast<T>(a[e]) * static_cast<T>(b[e]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Backward: one task = (batch b, kv head hk, key range), as bwd_tasks; BM % 16 == 0, BN even.
 
@@ -445,7 +459,7 @@ inline void bwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
         pair_rows_bf16(d16 + 2 * ip * Ev, two ? d16 + (2 * ip + 1) * Ev : nullptr, doi + ip * Evp, Ev);
       }
       for (int64_t i = 0; i < L; ++i) {
-        delta[i] = row_dot<T, In>(dO + i * Ev, O + i * Ev, Ev);
+        delta[i] = bf16_row_dot<T, In>(dO + i * Ev, O + i * Ev, Ev);
         lse[i] = LSE[i];
       }
       for (int64_t i = L; i < Lp; ++i) {
