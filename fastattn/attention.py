@@ -103,15 +103,18 @@ class AttentionCall:
     True = ignore. seed: int64 CPU (1,) when dropout_p > 0."""
 
     __slots__ = ("q", "k", "v", "attn_mask", "key_padding_mask", "dropout_p", "is_causal", "scale", "seed",
-                 "user_attn_mask", "squeeze_head")
+                 "user_attn_mask", "squeeze_head", "choice")
 
     def __init__(self, q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, user_attn_mask,
-                 squeeze_head):
+                 squeeze_head, choice=None):
         self.q, self.k, self.v = q, k, v
         self.attn_mask, self.key_padding_mask = attn_mask, key_padding_mask
         self.dropout_p, self.is_causal, self.scale, self.seed = dropout_p, is_causal, scale, seed
         self.user_attn_mask = user_attn_mask  # as given: the reference keeps its autograd graph
         self.squeeze_head = squeeze_head  # the user passed 3-D (B, L, E) tensors
+        # what the backend choice depends on: (device type, dtype, E, Ev, mask requires grad)
+        self.choice = choice if choice is not None else (q.device.type, q.dtype, q.shape[-1], v.shape[-1],
+                                                         user_attn_mask is not None and user_attn_mask.requires_grad)
 
     @property
     def mask_requires_grad(self) -> bool:
@@ -221,8 +224,9 @@ def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
             _fail("key_padding_mask", f"device {kpm.device}", f"the query's device {device}")
         kpm = kpm.contiguous()
     seed = _philox.new_seed(device, n * hq * l * s) if dropout_p > 0.0 else None
+    choice = (device.type, dtype, e, ev, attn_mask is not None and attn_mask.requires_grad)
     return AttentionCall(query.contiguous(), key.contiguous(), value.contiguous(), mask, kpm, dropout_p, is_causal,
-                         scale, seed, attn_mask, squeeze_head)
+                         scale, seed, attn_mask, squeeze_head, choice)
 
 
 # ---- one record per backend ----------------------------------------------------------------------------
@@ -284,8 +288,7 @@ backends.register_family("attention", IMPLS)
 
 def chosen_backend(call: AttentionCall, backend: Optional[str] = None) -> str:
     """The name of the backend that serves `call` (explicit, use_backend, env, or automatic)."""
-    return backends.choose("attention", call.q.device.type, call.q.dtype, call.q.shape[-1], call.v.shape[-1],
-                           call.mask_requires_grad, backend).backend
+    return backends.choose("attention", *call.choice, backend).backend
 
 
 # ---- the public function ---------------------------------------------------------------------------------
@@ -303,8 +306,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Returns (N, H, L, Ev) (or (B, L, Ev)) in query's dtype.
     """
     call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask, enable_gqa)
-    q = call.q
-    impl = backends.choose("attention", q.device.type, q.dtype, q.shape[-1], call.v.shape[-1],
-                           call.mask_requires_grad, backend)
-    out = impl.run(call)
+    out = backends.choose("attention", *call.choice, backend).run(call)
     return out.squeeze(1) if call.squeeze_head else out

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fastattn
+from fastattn.attention import mask_dtype
 from fastattn import _philox
 from fastattn.reference import attention_reference
 from fastattn.testing import check_bound
@@ -32,7 +33,9 @@ def _calls() -> int:
 
 
 def make_mask(kind, n, h, l, s, dtype, gen):
-    """Additive mask in q's dtype as the dispatcher hands it: an expanded (n, h, l, s) view."""
+    """Additive mask as the dispatcher hands it: float32 (float64 for float64 q, fastattn.attention.mask_dtype),
+    an expanded (n, h, l, s) view."""
+    dtype = mask_dtype(dtype)
     if kind is None:
         return None
     if kind == "float2d":  # strides (0, 0, S, 1)

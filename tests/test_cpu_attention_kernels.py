@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import fastattn  # noqa: E402,F401  (defines the ops and loads fastattn._C's kernels)
 from fastattn import _philox as philox  # noqa: E402
 from fastattn.testing import check_bound, error_floor  # noqa: E402
+from fastattn.attention import mask_dtype  # noqa: E402
 fwd_op = torch.ops.fastattn.attention_fwd
 bwd_op = torch.ops.fastattn.attention_bwd
 
@@ -59,7 +60,9 @@ def reference(q, k, v, mask=None, kpm=None, p=0.0, causal=False, scale=None, see
 
 
 def expanded_mask(kind, n, h, l, s, dtype, gen):
-    """An additive mask as the dispatcher hands it: an (n, h, l, s) view, strides 0 where broadcast."""
+    """An additive mask as the dispatcher hands it: float32 (float64 for float64 q), an (n, h, l, s) view,
+    strides 0 where broadcast."""
+    dtype = mask_dtype(dtype)
     if kind == "none":
         return None
     if kind == "float2d":  # (L, S) -> strides (0, 0, S, 1)

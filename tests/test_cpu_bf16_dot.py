@@ -56,19 +56,19 @@ def _decode_calls() -> int:
 
 
 def make_mask(kind, n, h, l, s, gen):
-    """Additive bf16 mask as the dispatcher hands it: an expanded (n, h, l, s) view."""
+    """Additive mask as the dispatcher hands it for bf16 q: float32, an expanded (n, h, l, s) view."""
     if kind is None:
         return None
     if kind == "float2d":
-        return torch.randn(l, s, generator=gen).to(BF).expand(n, h, l, s)
+        return torch.randn(l, s, generator=gen).to(torch.float32).expand(n, h, l, s)
     if kind == "bool2d":  # keep -> 0, drop -> -inf; row 0 sees nothing
         keep = torch.rand(l, s, generator=gen) > 0.4
         keep[0] = False
-        return torch.zeros(l, s).masked_fill(~keep, -math.inf).to(BF).expand(n, h, l, s)
+        return torch.zeros(l, s).masked_fill(~keep, -math.inf).to(torch.float32).expand(n, h, l, s)
     if kind == "full":
-        return torch.randn(n, h, l, s, generator=gen).to(BF)
+        return torch.randn(n, h, l, s, generator=gen).to(torch.float32)
     if kind == "transposed":
-        return torch.randn(s, l, generator=gen).to(BF).t().expand(n, h, l, s)
+        return torch.randn(s, l, generator=gen).to(torch.float32).t().expand(n, h, l, s)
     raise ValueError(kind)
 
 
