@@ -25,13 +25,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastattn  # noqa: E402
-try:  # noqa: E402
-    from fastattn.backends import get_backend
-except ImportError:  # the rewritten backends package: no per-backend dtype declaration to read
-    def get_backend(name):
-        return type("Any", (), {"dtypes_for": staticmethod(lambda kind: (
-            (torch.float32, torch.bfloat16, torch.float64) if (name, kind) == ("cpu", "ffn")
-            else (torch.float32, torch.float64, torch.bfloat16, torch.float16)))})()
+from fastattn.backends import family_impls  # noqa: E402
 from fastattn.testing import check_bound  # noqa: E402
 
 from conftest import backend_device, interpreted  # noqa: E402
@@ -53,8 +47,7 @@ def _settings(backend):
 def _dtypes(backend, kind="attention"):
     """The dtypes the backend declares it serves for `kind` (fp64 on cpu/reference only)."""
     want = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-    be = get_backend(backend)
-    served = be.dtypes_for(kind) if hasattr(be, "dtypes_for") else getattr(be, "dtypes", want)
+    served = family_impls(kind)[backend].dtypes
     return tuple(d for d in want if d in served)
 
 

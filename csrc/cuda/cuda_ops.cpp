@@ -444,7 +444,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_cuda(
     db1_done = fused;
     if (fused) {
       FA_CHECK_CUDA(ffn_activation_forward(dtype, act, pre.data_ptr(), nullptr, nullptr, hidden.data_ptr(), s.T,
-                                           s.F, 0.f, 0, stream),
+                                           s.F, 0.f, DropoutKey{}, stream),
                     "ffn_bwd activation kernel");
     }
   }
