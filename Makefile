@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(VPY) -m pip install -q "triton>=3.6" pytest pytest-benchmark pybind11 ninja setuptools wheel numpy matplotlib tqdm "transformers>=4.56" hypothesis
 	@touch $(STAMP)
 
-# Incremental in-place build of fastattn._C (ninja reuses objects); serialised by a lock so that
-# concurrent builders on one checkout never race.
+# Editable build of fastattn._C (pip builds in a fresh directory each time, so a rebuild recompiles
+# every file unless ccache is on the PATH); serialised by a lock so concurrent builders never race.
 build: $(STAMP)
 	flock $(BUILD_LOCK) $(VPY) -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
 	@$(VPY) -c "import fastattn._C" || (echo "fastattn._C failed to build" >&2; exit 1)

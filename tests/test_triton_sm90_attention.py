@@ -9,8 +9,8 @@
   classic kernels run).
 * Compile facts for sm_90 (no GPU needed): every config the selection can choose x fp16/bf16 x
   head-dim bucket x load path (TMA / plain), compiled with triton.compile(ASTSource, GPUTarget("cuda", 90, 32))
-  by kernels/_sm90_aot.py under this triton (3.9) and under triton 3.6 from a --target folder
-  (FASTATTN_TRITON36, default /tmp/triton36; skipped with the reason when absent): no spills,
+  by tests/aot/sm90.py under this triton (3.9) and under triton 3.6 from a --target folder
+  (FASTATTN_TRITON36, default .triton36, which make test installs; skipped with the reason when absent): no spills,
   shared memory <= 227 KB, wgmma.mma_async in the PTX and no mma.sync, and TMA loads
   (cp.async.bulk.tensor) exactly where descriptors are used.
 """
@@ -147,16 +147,15 @@ def _sweep(tmp_path, pythonpath=None) -> list[dict]:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     out = tmp_path / "sm90_aot.json"
     jobs = os.environ.get("FASTATTN_AOT_JOBS", str(max(2, min(os.cpu_count() or 2, 8))))
-    proc = subprocess.run([sys.executable, "-m", "kernels._sm90_aot", "--jobs", jobs, "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-    assert out.exists(), f"kernels._sm90_aot produced no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    proc = subprocess.run([sys.executable, "-m", "aot.sm90", "--jobs", jobs, "--json", str(out)],
+                          cwd=ROOT / "tests", env=env, capture_output=True, text=True, timeout=3600)
+    assert out.exists(), f"aot.sm90 produced no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     print(proc.stdout)
     return json.loads(out.read_text())
 
 
 def _check_rows(rows, version_prefix):
-    sys.path.insert(0, str(ROOT))
-    from kernels import _sm90_aot
+    from aot import sm90 as _sm90_aot
 
     assert rows and all(r["triton"].startswith(version_prefix) for r in rows), {r["triton"] for r in rows}
     assert len(rows) == len(_sm90_aot.all_jobs())
@@ -187,7 +186,7 @@ def test_sm90_forward_compile_facts_triton_here(tmp_path):
 
 
 def test_sm90_forward_compile_facts_triton36(tmp_path):
-    folder = os.environ.get("FASTATTN_TRITON36", "/tmp/triton36")
+    folder = os.environ.get("FASTATTN_TRITON36", str(ROOT / ".triton36"))  # make test installs it there
     if not (pathlib.Path(folder) / "triton" / "__init__.py").exists():
         pytest.skip(f"triton 3.6 is not installed in {folder} (pip install --target {folder} --no-deps "
                     "triton==3.6.0, or set FASTATTN_TRITON36)")

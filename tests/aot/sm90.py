@@ -5,7 +5,7 @@ compiled for fp16 and bf16 with triton.compile(ASTSource(...), target=GPUTarget(
 using whatever triton the interpreter imports (PYTHONPATH picks another version), and reported with
 its registers, shared memory, spills and what the PTX issues (wgmma.mma_async, cp.async.bulk.tensor,
 the wgmma.wait_group depths). Used by tests/test_triton_sm90_attention.py; by hand:
-    python -m kernels._sm90_aot --jobs 2 [--json out.json] [--warp-spec]
+    python -m aot.sm90 --jobs 2 [--json out.json] [--warp-spec]   (from tests/)
 """
 from __future__ import annotations
 
@@ -25,13 +25,15 @@ def compile_one(args) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from kernels import _attn_aot as T
-    from kernels import attention_sm90 as S
-    from kernels._aot_compat import make_ast_source
+    from fastattn.kernels import attention_sm90 as S
+
+    from .attention import signature
+    from .common import resource_usage
+    from .compat import make_ast_source
 
     hd, cfg, use_tma = S.compile_cases()[index]
     constexprs = S.case_constexprs(hd, cfg, use_tma, warp_spec)
-    types, divisible = T._signature(S._attn_fwd_sm90_kernel, dtype, constexprs)
+    types, divisible = signature(S._attn_fwd_sm90_kernel, dtype, constexprs)
     row = dict(triton=triton.__version__, dtype=dtype, head_dim=hd,
                loads="tma" if use_tma else "plain",
                config=f"BM{cfg.kwargs['BLOCK_M']}/BN{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
@@ -51,9 +53,11 @@ def compile_one(args) -> dict:
     row["seconds"] = round(time.perf_counter() - t0, 1)
     meta = k.metadata
     row["smem"] = int(meta.shared if hasattr(meta, "shared") else meta["shared"])
-    row.update(T._parse_ptxas_log(buf.getvalue()))
-    row.update(T._resource_usage(k.asm["cubin"]))
-    row["regs"] = row.get("reg", row.get("ptxas_regs"))
+    log = buf.getvalue()
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m:
+        row["spill_stores"], row["spill_loads"] = int(m.group(1)), int(m.group(2))
+    row.update(resource_usage(k.asm["cubin"]))  # {"regs", "stack" (stack frame + local memory)}
     row["wgmma"] = ptx.count("wgmma.mma_async")
     row["tma_loads"] = len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx))
     row["tma_stores"] = len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::\w+", ptx))
@@ -63,7 +67,7 @@ def compile_one(args) -> dict:
 
 
 def all_jobs(warp_spec=False):
-    from kernels import attention_sm90 as S
+    from fastattn.kernels import attention_sm90 as S
 
     return [(i, dt, warp_spec) for i in range(len(S.compile_cases())) for dt in ("f16", "bf16")]
 
