@@ -4,7 +4,7 @@ Three layers, as everywhere in fastattn:
   * ``_attn_fwd_kernel``, ``_attn_bwd_delta_kernel``, ``_attn_bwd_dkdv_kernel``,
     ``_attn_bwd_dq_kernel``: the Triton programs;
   * ``attention_forward`` / ``attention_backward``: host launchers (allocate, pick a config, launch);
-  * the op registration (torch.ops.fastattn.triton_attention_fwd/_bwd) lives in fastattn/ops.py.
+  * the op registration (torch.ops.fastattn.triton_attention_fwd/_bwd) lives in fastattn/attention.py.
 
 What the launchers receive is fixed by fastattn/backends/README.md:
   q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev) contiguous, one dtype; query head h reads

@@ -9,7 +9,7 @@ Shapes (fastattn/backends/README.md is the contract):
     scaled by 1/(1-p). fastattn/_philox.py draws the same bits on the host.
 
 Kernels (three layers, as in Liger-Kernel: ``_ffn_*_kernel`` programs, ``ffn_forward``/``ffn_backward``
-launchers, the op registration lives in fastattn/ops.py):
+launchers, the op registration lives in fastattn/feed_forward.py):
 
     forward   _ffn_up_kernel      pre = x @ w1^T + b1; H = dropout(act(pre)) in the epilogue; one store
                                   of H (plus one of pre only when the backward needs it)
@@ -33,7 +33,7 @@ Save or recompute the pre-activation (decision: SAVE it, the contract's ``saved`
     in bf16 at that size; torch eager keeps 2.5x that (linear2's input H, the activation's input or
     output, the bool dropout mask: 5 bytes per hidden element). The mask is never stored: it is
     regenerated from the counter. So we save pre (time wins; memory stays at 40% of eager), and
-    fastattn/ops.py recomputes it with F.linear when a forward ran with save_for_backward=False.
+    fastattn/feed_forward.py's autograd recomputes it with F.linear when a forward ran with save_for_backward=False.
 
 Recompute H in dW2's prologue, or write it from dH's epilogue (decision: per call, ``_h_in_prologue``)
     dW2 = dOut^T @ H needs H = dropout(act(pre)). The dH epilogue already has act(pre) and the mask
