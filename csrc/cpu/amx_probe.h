@@ -12,14 +12,13 @@
 namespace fastattn {
 namespace cpu {
 
-// torch reports AMX through could_pack(kBFloat16); then a bf16 brgemm must give the right answer
-// on a tiny product: A (1 x 2) = [1, 2], B (2 x 16) in VNNI layout with every column (3, 4) -> 11.
-// Probed once per process.
-inline bool amx_bf16_brgemm_ok() {
+// A bf16 brgemm gives the right answer on a tiny product: A (1 x 2) = [1, 2], B (2 x 16) in VNNI
+// layout with every column (3, 4) -> 11. On AMX and on AVX512-BF16 without AMX (oneDNN picks the
+// kernel); false on any exception. Probed once per process.
+inline bool bf16_brgemm_works() {
 #if defined(FASTATTN_AMX_BUILD)
   static const bool ok = [] {
     try {
-      if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
       at::BFloat16 a[2] = {at::BFloat16(1.f), at::BFloat16(2.f)};
       at::BFloat16 bm[32];
       for (int n = 0; n < 16; ++n) {
@@ -32,6 +31,22 @@ inline bool amx_bf16_brgemm_ok() {
       for (int n = 0; n < 16; ++n)
         if (c[n] != 11.f) return false;
       return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// torch reports AMX through could_pack(kBFloat16); then the bf16 brgemm must work (above).
+inline bool amx_bf16_brgemm_ok() {
+#if defined(FASTATTN_AMX_BUILD)
+  static const bool ok = [] {
+    try {
+      return at::native::cpublas::could_pack(at::kBFloat16) && bf16_brgemm_works();
     } catch (...) {
       return false;
     }

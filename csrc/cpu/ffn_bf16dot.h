@@ -18,27 +18,13 @@
 // by bf16dot::enabled() (csrc/cpu/bf16dot.h), counted by bf16dot::count_ffn_fwd / _bwd either way.
 // FASTATTN_CPU_BF16DOT_FFN=mm forces the fallback (for its tests).
 #if defined(FASTATTN_AMX_BUILD)
-// bf16 brgemm runs here and gives the right numbers (probed once; false on any exception).
+// bf16 brgemm runs here and gives the right numbers (amx_probe.h's probe, once per process), unless
+// FASTATTN_CPU_BF16DOT_FFN=mm asks for the whole-matrix fallback.
 bool bf16dot_brgemm_ok() {
   static const bool ok = [] {
     const char* env = std::getenv("FASTATTN_CPU_BF16DOT_FFN");
     if (env != nullptr && std::string(env) == "mm") return false;
-    try {
-      at::BFloat16 a[2] = {at::BFloat16(1.f), at::BFloat16(2.f)};
-      at::BFloat16 bm[32];
-      for (int n = 0; n < 16; ++n) {
-        bm[2 * n] = at::BFloat16(3.f);
-        bm[2 * n + 1] = at::BFloat16(4.f);
-      }
-      float c[16] = {0};
-      at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a, bm, c, true);
-      at::native::cpublas::brgemm_release();
-      for (int n = 0; n < 16; ++n)
-        if (c[n] != 11.f) return false;
-      return true;
-    } catch (...) {
-      return false;
-    }
+    return ::fastattn::cpu::bf16_brgemm_works();
   }();
   return ok;
 }
