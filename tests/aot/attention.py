@@ -1,7 +1,17 @@
 """The attention sweep: every tile kernels/configs.py can choose, compiled for sm_80 and sm_90.
 
-The jobs are fastattn.kernels.attention.compile_cases(arch) for arch 80 and 90, once per element
-dtype of the dtype class (f16: fp16 and bf16; f32 and tf32: fp32 with input_precision ieee / tf32).
+The jobs are fastattn.kernels.attention.compile_cases(arch) for arch 80 and 90, once per dtype
+class: f16 compiled as fp16, f32 and tf32 as fp32 with input_precision ieee / tf32.
+
+bfloat16 shares the f16 tiles and is not compiled by default (--all-dtypes, or
+FASTATTN_AOT_ALL_DTYPES=1, adds it). Why fp16 proves it: the kernels do every elementwise operation
+in fp32 (scores, softmax, dropout, dS, the accumulators); the element type appears only in the
+loads, in the casts of P and dS to the input dtype before tl.dot, and in the mma's operand type, and
+on sm_80/sm_90 bf16 has the same instruction shapes as fp16 for all three (ldmatrix/ld.global of
+16-bit elements, one cvt.rn.{f16,bf16}x2.f32 per pair, mma.m16n8k16 / wgmma with the same fragment
+registers). Measured (2026-11-30, both versions, sm_80 and sm_90): every fp16 row and its bf16 twin
+agree on registers, stack and shared memory (see test_triton_aot.py); a full run with --all-dtypes
+re-checks that when the kernels change.
 """
 from __future__ import annotations
 
@@ -48,13 +58,14 @@ def signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, list]:
     return types, divisible
 
 
-def all_jobs() -> list[dict]:
+def all_jobs(all_dtypes: bool = False) -> list[dict]:
     from fastattn.kernels import attention as A
 
     jobs = []
+    dtypes = {"f16": ("f16", "bf16") if all_dtypes else ("f16",), "f32": ("f32",), "tf32": ("tf32",)}
     for arch in A.configs.ARCH_FAMILIES:
         for name, dc, hd, var, tile in A.compile_cases(arch):
-            for dtype in {"f16": ("f16", "bf16"), "f32": ("f32",), "tf32": ("tf32",)}[dc]:
+            for dtype in dtypes[dc]:
                 jobs.append(dict(kernel=name, dtype=dtype, hd=hd, variant=var, tile=str(tile), arch=arch))
     # the heaviest first (fp32, large head dims, mask and dropout): they take longest and are the
     # ones that spill, so a sweep's pool ends evenly and a failure shows early

@@ -8,6 +8,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -62,16 +63,25 @@ def problems(row: dict) -> list[str]:
     return bad
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its waited children (ptxas, cuobjdump)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _timed(args):
     fn, job = args
-    t0 = time.time()
+    t0, c0 = time.time(), _cpu_seconds()
     row = dict(job)
     try:
         row.update(fn(job))
     except Exception as exc:  # reported as a failed row
         text = f"{type(exc).__name__}: {exc}".strip()
         row["error"] = text.splitlines()[0][:300] if text else type(exc).__name__
-    row["seconds"] = round(time.time() - t0, 2)
+    row["seconds"] = round(time.time() - t0, 2)  # wall: grows with the machine's load
+    row["cpu"] = round(_cpu_seconds() - c0, 2)    # CPU: the comparable cost of the job
+    peak = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    row["peak_mb"] = peak // 1024                 # the worker's (or a ptxas') peak so far, in MB
     return row
 
 
@@ -85,8 +95,10 @@ def main(description: str, all_jobs, compile_job, argv=None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="compile processes")
     p.add_argument("--filter", default=None, help="only jobs whose description contains this")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--all-dtypes", action="store_true", default=os.environ.get("FASTATTN_AOT_ALL_DTYPES") == "1",
+                   help="also the bf16 twins of fp16 jobs the sweep leaves out (FASTATTN_AOT_ALL_DTYPES=1)")
     a = p.parse_args(argv)
-    jobs = [j for j in all_jobs() if not a.filter or a.filter in describe(j)]
+    jobs = [j for j in all_jobs(a.all_dtypes) if not a.filter or a.filter in describe(j)]
     print(json.dumps({"triton": triton.__version__, "jobs": len(jobs)}), flush=True)
     rows = []
     with mp.get_context("fork").Pool(max(1, a.jobs)) as pool:
