@@ -1,20 +1,35 @@
-"""Ahead-of-time compilation of every Triton tile fastattn can launch, for sm_80 and sm_90, with the
-triton of this environment and with triton 3.6.0 (the GPU machines' version), without a GPU.
+"""Ahead-of-time compilation of every Triton tile fastattn can launch, for sm_80 and sm_90,
+with the triton of this environment and with triton 3.6.0 (the GPU machines' version), without a GPU.
 
 For each (sweep, triton) pair, tests/aot (python -m aot.attention / aot.ffn) compiles in a child
-process every tile kernels/configs.py can return (attention: kernel x dtype x head-dim bucket x
+process every tile kernels/configs.py can return (attention: kernel x dtype class x head-dim bucket x
 mask/dropout specialisation; feed-forward: kernel x dtype x alignment x operand layout) and the test
 asserts, per compiled kernel: it compiled, shared memory fits the chip (A100 163 KB, H100 227 KB),
 ptxas reports no spills and the cubin has no stack frame. The table tile of a key must pass on both
 versions: that is the record of why the tables are what they are.
 
+Cost (a cold make test on a 2-core machine): the first of these tests starts every sweep the session
+selected, all four at once (their compile processes share the cores twice over, so the versions'
+and families' compiles overlap and no core idles behind one sweep's last slow kernel); the others
+collect theirs. The
+attention sweep compiles the f16 class as fp16 only: bf16 runs the same kernel code except the
+element type of loads, of the P/dS casts before tl.dot and of the mma operands, which have the same
+instruction shapes on sm_80/sm_90 (tests/aot/attention.py says why); measured 2026-11-30 with both
+versions, every fp16 row and its bf16 twin had the same verdict, stack and shared memory.
+FASTATTN_AOT_ALL_DTYPES=1 compiles the bf16 twins too (do that after changing the kernels). The
+feed-forward sweep keeps bf16: its epilogues differ from fp16 by up to 25 registers. Each row carries
+its CPU seconds (the compile's own and its ptxas'), the figure to compare between runs on a shared
+machine; the test prints the sums.
+
 triton 3.6.0 lives in .triton36 (`make test` installs it: pip install --target .triton36 --no-deps
-triton==3.6.0; torch is not duplicated) and is put first on the child's PYTHONPATH. The child uses
-every core (FASTATTN_AOT_JOBS overrides; FASTATTN_AOT_FILTER=<substring of a row> compiles only a
-part, by hand). Without .triton36 the 3.6 cases skip, naming the command.
+triton==3.6.0; torch is not duplicated) and is put first on the child's PYTHONPATH. FASTATTN_AOT_JOBS
+sets each child's compile processes (default: twice the cores over the sweeps started together, at
+least 2); FASTATTN_AOT_FILTER=<substring of a row> compiles only a part, by hand. Without .triton36
+the 3.6 cases skip, naming the command.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
@@ -35,6 +50,15 @@ SWEEPS = ("attention", "ffn")
 _RUNNING: dict = {}  # (family, version) -> (Popen, stdout file, stderr file, start time)
 
 
+@atexit.register
+def _stop_unfinished() -> None:
+    """A session that ends early (-x, Ctrl-C) leaves no sweep compiling behind it."""
+    for proc, *_ in _RUNNING.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _env(version: str) -> dict | None:
     """The child's environment for a triton version; None when that version is not installed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile real cubins
@@ -46,11 +70,12 @@ def _env(version: str) -> dict | None:
     return env
 
 
-def _start(family: str, version: str) -> None:
+def _start(family: str, version: str, together: int) -> None:
     env = _env(version)
     if env is None or (family, version) in _RUNNING:
         return
-    jobs = os.environ.get("FASTATTN_AOT_JOBS", str(os.cpu_count() or 2))
+    # the `together` sweeps share the cores, twice over (~0.4 GB per compile process, measured)
+    jobs = os.environ.get("FASTATTN_AOT_JOBS", str(max(2, -(-2 * (os.cpu_count() or 2) // together))))
     only = os.environ.get("FASTATTN_AOT_FILTER")  # by hand: a part of the sweep (a substring of a row)
     # output to files, not pipes: a child nobody reads yet must never block on a full pipe
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
@@ -62,13 +87,13 @@ def _start(family: str, version: str) -> None:
 
 def _sweep(family: str, version: str, selected) -> tuple[dict, list[dict], float]:
     """One sweep's (head, rows, wall seconds). The first call starts every sweep this session selected,
-    all at once, each with every core: the versions' and families' compiles overlap, so a 2-core
-    machine is never left with a core idle behind one sweep's last slow kernel."""
+    all at once, sharing the cores: the versions' and families' compiles overlap, so a 2-core machine
+    is never left with a core idle behind one sweep's last slow kernel."""
     if _env(version) is None:
         pytest.skip("triton 3.6.0 is not in .triton36 (make test installs it: "
                     "pip install --target .triton36 --no-deps triton==3.6.0)")
     for f, v in selected:
-        _start(f, v)
+        _start(f, v, len(selected))
     proc, out, err, t0 = _RUNNING[family, version]
     try:
         proc.wait(timeout=max(1.0, 3600 - (time.time() - t0)))

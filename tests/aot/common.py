@@ -96,7 +96,7 @@ def main(description: str, all_jobs, compile_job, argv=None) -> int:
     p.add_argument("--filter", default=None, help="only jobs whose description contains this")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--all-dtypes", action="store_true", default=os.environ.get("FASTATTN_AOT_ALL_DTYPES") == "1",
-                   help="also the bf16 twins of fp16 jobs the sweep leaves out (FASTATTN_AOT_ALL_DTYPES=1)")
+                   help="also the bf16 twins of fp16 jobs a sweep leaves out (attention; FASTATTN_AOT_ALL_DTYPES=1)")
     a = p.parse_args(argv)
     jobs = [j for j in all_jobs(a.all_dtypes) if not a.filter or a.filter in describe(j)]
     print(json.dumps({"triton": triton.__version__, "jobs": len(jobs)}), flush=True)
