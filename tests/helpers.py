@@ -3,7 +3,7 @@
 - run_python / assert_python_ok: a snippet in a fresh interpreter, for knobs read once per process.
 - counted: asserts that a path counter (torch.ops.fastattn_amx.fwd_calls, ...) moved by the expected
   number of calls inside a `with` block, so a silent fall back to another kernel fails.
-- attention_inputs / expanded_mask / check_dead_rows: the inputs and the no-key-row checks of the
+- attention_inputs / expanded_mask / key_padding / check_dead_rows: the inputs and the no-key-row checks of the
   CPU attention kernel tests.
 """
 from __future__ import annotations
@@ -38,6 +38,11 @@ def counted(counter, expected: int = 1, what: str = "the expected kernel path di
     yield
     got = int(counter()) - before
     assert got == expected, f"{what} ({got} calls counted, expected {expected})"
+
+
+def kw_id(kw: dict) -> str:
+    """A pytest id for a case given as a dict of keyword arguments: "l70-s300-causalTrue"."""
+    return "-".join(f"{k}{v}" for k, v in kw.items())
 
 
 def attention_inputs(n, hq, hkv, l, s, e, ev, dtype, seed=0):
@@ -82,6 +87,15 @@ def expanded_mask(kind, n, h, l, s, dtype, gen, dead_row=True):
     if kind == "transposed":  # an (S, L) tensor seen as (L, S): key stride L
         return torch.randn(s, l, generator=gen).to(dtype).t().expand(n, h, l, s)
     raise ValueError(kind)
+
+
+def key_padding(n, s, gen) -> torch.Tensor:
+    """A random (n, s) key_padding_mask (True = ignore): key 0 of every batch row kept, except in the last
+    batch row, which sees no key at all."""
+    pad = torch.rand(n, s, generator=gen) > 0.7
+    pad[:, 0] = False
+    pad[-1] = True
+    return pad
 
 
 def check_dead_rows(name, out, lse, ref_lse) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import fastattn  # noqa: F401  (loads fastattn._C, which registers the ops)
 from fastattn.reference import attention_reference
 from fastattn.testing import check_bound
-from helpers import attention_inputs, check_dead_rows, counted, expanded_mask
+from helpers import attention_inputs, check_dead_rows, counted, expanded_mask, key_padding, kw_id
 
 fwd_op = torch.ops.fastattn.attention_fwd
 BF = torch.bfloat16
@@ -38,11 +38,7 @@ def run_case(n=2, hq=2, hkv=2, l=17, s=17, e=64, ev=None, mask=None, kpm=False, 
     ev = e if ev is None else ev
     q, k, v, gen = attention_inputs(n, hq, hkv, l, s, e, ev, BF, seed)
     m = expanded_mask(mask, n, hq, l, s, BF, gen)
-    pad = None
-    if kpm:
-        pad = torch.rand(n, s, generator=gen) > 0.7
-        pad[:, 0] = False
-        pad[-1] = True  # the last batch row sees no key at all
+    pad = key_padding(n, s, gen) if kpm else None
     sd = torch.tensor([4321 + seed], dtype=torch.int64) if p > 0 else None
     scale = 1 / math.sqrt(e)
     with _counted(1 if expect_amx else 0):
@@ -79,7 +75,7 @@ def test_head_dims_and_lengths(e, ls):
     dict(l=70, s=90, mask="transposed"),
     dict(l=70, s=90, mask="per_batch", kpm=True),
     dict(l=65, s=300, kpm=True, e=128),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_masks_and_causal(kw):
     run_case(**kw)
 
@@ -88,7 +84,7 @@ def test_masks_and_causal(kw):
     dict(hq=4, hkv=2, l=64, s=80, e=16),
     dict(hq=6, hkv=1, l=33, s=70, e=25, ev=7),
     dict(hq=4, hkv=1, l=257, s=257, e=64, causal=True, kpm=True),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_gqa(kw):
     run_case(**kw)
 
@@ -97,7 +93,7 @@ def test_gqa(kw):
     dict(l=100, s=100, p=0.3),
     dict(l=257, s=300, e=25, p=0.2, causal=True, kpm=True),
     dict(l=40, s=1300, p=0.1, mask="float2d"),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_dropout(kw):
     run_case(**kw)
 
@@ -108,7 +104,7 @@ def test_dropout(kw):
     dict(l=33, s=1500, e=80, mask="float2d", kpm=True),
     dict(l=65, s=70, e=256, ev=256),
     dict(l=65, s=70, e=256, ev=3),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_long_keys_and_wide_heads(kw):
     run_case(**kw)
 
@@ -124,7 +120,7 @@ def test_small_key_chunks_rescale(tuning_knob):
     dict(l=257, s=600, e=64),
     dict(l=100, s=130, e=25, mask="bool2d", kpm=True, causal=True),
     dict(hq=4, hkv=2, l=70, s=90, e=80, p=0.2),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_amx_on_off_agree(tuning_knob, kw):
     q, k, v, m, pad, sd, scale, out, lse = run_case(**kw)
     tuning_knob("FASTATTN_CPU_AMX", 0)

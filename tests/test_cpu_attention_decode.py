@@ -20,7 +20,7 @@ from fastattn.attention import mask_dtype
 from fastattn import _philox
 from fastattn.reference import attention_reference
 from fastattn.testing import check_bound
-from helpers import attention_inputs, check_dead_rows, counted, expanded_mask, run_python
+from helpers import attention_inputs, check_dead_rows, counted, expanded_mask, kw_id, run_python
 
 fwd_op = torch.ops.fastattn.attention_fwd
 
@@ -117,7 +117,7 @@ def test_causal_top_left(l, s):
     dict(l=1, s=1000, p=0.3),
     dict(l=4, s=300, p=0.1, hq=8, hkv=1, kpm="left", mask="bool2d"),
     dict(l=16, s=40, p=0.5, causal=True),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_dropout_same_mask_as_reference(kw):
     run_case(**kw)
 
@@ -127,7 +127,7 @@ def test_dropout_same_mask_as_reference(kw):
     dict(n=1, hq=8, hkv=2, l=1, s=4096, e=128),
     dict(n=2, hq=4, hkv=4, l=9, s=333, e=25, ev=40, mask="float_n1ls", kpm="right"),
     dict(n=2, hq=8, hkv=1, l=3, s=500, e=64, p=0.2, mask="bool_nhls"),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_dtypes(dtype, kw):
     run_case(dtype=dtype, **kw)
 
@@ -187,7 +187,7 @@ def test_off_switch():
 @pytest.mark.parametrize("kw", [
     dict(hq=8, hkv=2, l=1, s=600, causal=False, kpm=True),
     dict(hq=4, hkv=4, l=5, s=300, causal=True, kpm=False, p=0.2),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_backward_through_decode_forward(kw):
     """The backward reads the lse the decode forward wrote: gradients within the bound too."""
     hq, hkv, l, s, causal, p = kw["hq"], kw["hkv"], kw["l"], kw["s"], kw["causal"], kw.get("p", 0.0)

@@ -21,7 +21,8 @@ import torch
 import fastattn  # noqa: F401  (loads fastattn._C, which registers the ops)
 from fastattn.reference import attention_reference
 from fastattn.testing import check_bound
-from helpers import assert_python_ok, attention_inputs, check_dead_rows, counted, expanded_mask
+from helpers import (assert_python_ok, attention_inputs, check_dead_rows, counted, expanded_mask,
+                     key_padding, kw_id)
 
 fwd_op = torch.ops.fastattn.attention_fwd
 bwd_op = torch.ops.fastattn.attention_bwd
@@ -68,11 +69,7 @@ def run_case(n=2, hq=2, hkv=2, l=17, s=17, e=64, ev=None, mask=None, kpm=False, 
     ev = e if ev is None else ev
     q, k, v, gen = attention_inputs(n, hq, hkv, l, s, e, ev, BF, seed)
     m = expanded_mask(mask, n, hq, l, s, torch.float32, gen)  # the mask dtype of bf16 q
-    pad = None
-    if kpm:
-        pad = torch.rand(n, s, generator=gen) > 0.7
-        pad[:, 0] = False
-        pad[-1] = True  # the last batch row sees no key at all
+    pad = key_padding(n, s, gen) if kpm else None
     sd = torch.tensor([4321 + seed], dtype=torch.int64) if p > 0 else None
     scale = 1 / math.sqrt(e)
     name = f"bf16dot n{n} hq{hq} hkv{hkv} l{l} s{s} e{e} ev{ev} mask={mask} kpm={kpm} causal={causal} p={p}"
@@ -120,7 +117,7 @@ def test_head_dims_and_lengths(e, ls):
     dict(l=70, s=70, e=33, mask="full", causal=True),
     dict(l=70, s=90, mask="transposed", e=80),
     dict(l=65, s=150, kpm=True, e=128),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_masks_and_causal(kw):
     run_case(**kw)
 
@@ -130,7 +127,7 @@ def test_masks_and_causal(kw):
     dict(hq=4, hkv=2, l=64, s=80, e=16),
     dict(hq=6, hkv=1, l=33, s=70, e=25, ev=7),
     dict(hq=4, hkv=1, l=130, s=130, e=64, causal=True, kpm=True),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_gqa(kw):
     run_case(**kw)
 
@@ -139,7 +136,7 @@ def test_gqa(kw):
 @pytest.mark.parametrize("kw", [
     dict(l=100, s=100, p=0.3),
     dict(l=130, s=150, e=25, p=0.2, causal=True, kpm=True),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_dropout(kw):
     run_case(**kw)
 

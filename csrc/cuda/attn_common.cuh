@@ -89,12 +89,19 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) 
                : "r"(addr));
 }
 
+// This lane's row address for ldmatrix x4 of the 16x16 block at (row0, col0) of a smem tile with row
+// stride lds: matrices 0..3 = rows 0-7 / 8-15 of columns 0-7, then of columns 8-15.
+template <typename T>
+__device__ __forceinline__ uint32_t block16_addr(const T* tile, int lds, int row0, int col0, int lane) {
+  const int r = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int c = col0 + (lane >> 4) * 8;
+  return smem_addr(tile + r * lds + c);
+}
+
 // A fragment of the 16x16 block at (row0, col0) of a row-major smem tile with row stride lds.
 template <typename T>
 __device__ __forceinline__ void load_a_frag(uint32_t a[4], const T* tile, int lds, int row0, int col0, int lane) {
-  const int r = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-  const int c = col0 + (lane >> 4) * 8;
-  ldmatrix_x4(a, smem_addr(tile + r * lds + c));
+  ldmatrix_x4(a, block16_addr(tile, lds, row0, col0, lane));
 }
 
 // B fragments of two n8 tiles (n0, n0+8) x k16 (k0) where the smem tile is stored [n][k] (row = n):
@@ -109,14 +116,9 @@ __device__ __forceinline__ void load_b_frag_nk(uint32_t b[4], const T* tile, int
 // Same fragments when the smem tile is stored [k][n] (row = k): ldmatrix with transpose.
 template <typename T>
 __device__ __forceinline__ void load_b_frag_kn(uint32_t b[4], const T* tile, int lds, int k0, int n0, int lane) {
-  const int r = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-  const int c = n0 + (lane >> 4) * 8;
-  ldmatrix_x4_trans(b, smem_addr(tile + r * lds + c));
+  ldmatrix_x4_trans(b, block16_addr(tile, lds, k0, n0, lane));
 }
 
-// C (16 x 8*NC: NC n8 tiles, NC even) = A B^T on tensor cores, both from shared memory: A the 16 rows
-// from row0 of a tile stored [m][k], B a tile stored [n][k] (row stride lds for both), k < 16*KS;
-// k steps from k_valid on (zero padding of the head dim) are skipped.
 // Zeroes an accumulator of n8 tiles.
 template <int NC>
 __device__ __forceinline__ void zero_acc(float (&c)[NC][4]) {
@@ -136,6 +138,9 @@ __device__ __forceinline__ void store_acc_row(T* row, const float (&c)[NC][4], i
   }
 }
 
+// C (16 x 8*NC: NC n8 tiles, NC even) = A B^T on tensor cores, both from shared memory: A the 16 rows
+// from row0 of a tile stored [m][k], B a tile stored [n][k] (row stride lds for both), k < 16*KS;
+// k steps from k_valid on (zero padding of the head dim) are skipped.
 template <typename T, int KS, int NC>
 __device__ __forceinline__ void mma_smem_abt(float (&c)[NC][4], const T* a_tile, int row0, const T* b_tile, int lds,
                                              int k_valid, int lane) {
@@ -312,6 +317,44 @@ __device__ __forceinline__ int next_live_tile(const uint8_t* kpm_b, int t, int n
   while (t < n_tiles && !key_tile_live(kpm_b, t * bn, bn, S)) ++t;
   return t;
 }
+
+// The K/V tiles one query tile visits (forward, dQ): BN keys at a time through two shared-memory
+// buffers each (sK, sV: [2][BN][LDS], cp.async double buffering), in key order, tiles wholly covered
+// by key_padding_mask skipped. Block-uniform; every thread of the block calls it.
+template <typename T, int BN, int D, int LDS, int NT>
+struct KvTiles {
+  T* sK;
+  T* sV;
+  const T* k;  // (S, E) of the kv head
+  const T* v;  // (S, Ev)
+  const uint8_t* kpm;  // of the batch row, or null
+  int n_tiles, S, E, Ev;
+  bool vec_k, vec_v;
+
+  __device__ __forceinline__ const T* k_buf(int buf) const { return sK + buf * BN * LDS; }
+  __device__ __forceinline__ const T* v_buf(int buf) const { return sV + buf * BN * LDS; }
+  __device__ __forceinline__ void load(int t, int buf, int tid) const {
+    load_kv_tile<T, BN, D, LDS, NT>(sK + buf * BN * LDS, sV + buf * BN * LDS, k, v, t * BN, S, E, Ev, vec_k, vec_v,
+                                    tid);
+  }
+  // The first live tile (n_tiles when none), its loads into buffer 0 committed with those issued before.
+  __device__ __forceinline__ int first(int tid) const {
+    const int t = next_live_tile(kpm, 0, n_tiles, BN, S);
+    if (t < n_tiles) load(t, 0, tid);
+    cp_async_commit();
+    return t;
+  }
+  // Issues the loads of the next live tile after t into the other buffer, waits until tile t is in
+  // buffer buf, and returns the next tile.
+  __device__ __forceinline__ int prefetch_next(int t, int buf, int tid) const {
+    const int t_next = next_live_tile(kpm, t + 1, n_tiles, BN, S);
+    if (t_next < n_tiles) load(t_next, buf ^ 1, tid);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    return t_next;
+  }
+};
 
 __device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t counter, float p) {
   return philox_uniform(seed, counter) >= p;

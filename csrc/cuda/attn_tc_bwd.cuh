@@ -41,13 +41,13 @@ __global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const AttnParams p)
   const float lse = p.lse[row];
   float base = lse * kLog2e, rest = 0.f;
   if (fabsf(lse) >= 32.f && lse != INFINITY) {  // warp-uniform
-    const int i = static_cast<int>(row % p.L);
-    const QueryHead<T> qh(p, static_cast<int>(row / p.L));
+    const int i = static_cast<int>(row % p.L), bh = static_cast<int>(row / p.L);
+    const int b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
     const int E = p.E, S = p.S;
     const T* q = static_cast<const T*>(p.q) + row * E;
-    const T* k = qh.k;
-    const T* v = qh.v;
-    const ScoreMask<T> sm(p, qh.b, qh.h);
+    const T* k = static_cast<const T*>(p.k) + static_cast<int64_t>(b * p.Hkv + hkv) * S * E;
+    const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(b * p.Hkv + hkv) * S * Ev;
+    const ScoreMask<T> sm(p, b, h);
     float m = -INFINITY, l = 0.f, dd = 0.f;
     const int j_end = p.causal ? min(S, i + 1) : S;
     for (int j0 = 0; j0 < j_end; j0 += 32) {
@@ -131,11 +131,10 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
   const int kv_end = p.causal ? min(S, i0 + BM) : S;
   const int n_tiles = (kv_end + BN - 1) / BN;
 
+  const KvTiles<T, BN, D, LDS, NT> kv{sK, sV, qh.k, qh.v, sm.kpm, n_tiles, S, E, Ev, vec_qk, vec_v};
   load_tile<T, BM, D, LDS, NT>(sQ, q, i0, p.L, E, vec_qk, tid);
   load_tile<T, BM, D, LDS, NT>(sdO, dout, i0, p.L, Ev, vec_v, tid);
-  int t = next_live_tile(sm.kpm, 0, n_tiles, BN, S);
-  if (t < n_tiles) load_kv_tile<T, BN, D, LDS, NT>(sK, sV, qh.k, qh.v, t * BN, S, E, Ev, vec_qk, vec_v, tid);
-  cp_async_commit();
+  int t = kv.first(tid);
 
   const int row_base = i0 + warp * 16 + g;
   float lse2[2], rest[2], dl[2];
@@ -154,16 +153,9 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
 
   int buf = 0;
   while (t < n_tiles) {
-    const int t_next = next_live_tile(sm.kpm, t + 1, n_tiles, BN, S);
-    if (t_next < n_tiles) {
-      load_kv_tile<T, BN, D, LDS, NT>(sK + (buf ^ 1) * BN * LDS, sV + (buf ^ 1) * BN * LDS, qh.k, qh.v, t_next * BN,
-                                      S, E, Ev, vec_qk, vec_v, tid);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* kt = sK + buf * BN * LDS;
-    const T* vt = sV + buf * BN * LDS;
+    const int t_next = kv.prefetch_next(t, buf, tid);
+    const T* kt = kv.k_buf(buf);
+    const T* vt = kv.v_buf(buf);
 
     float s[SN][4], dp[SN][4];
     mma_smem_abt<T, D / 16, SN>(s, sQ, warp * 16, kt, LDS, E, lane);    // S = Q K^T

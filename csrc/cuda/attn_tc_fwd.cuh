@@ -49,10 +49,9 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
   const int kv_end = p.causal ? min(S, i0 + BM) : S;  // keys past the last row's diagonal: skipped
   const int n_tiles = (kv_end + BN - 1) / BN;
 
+  const KvTiles<T, BN, D, LDS, NT> kv{sK, sV, qh.k, qh.v, sm.kpm, n_tiles, S, E, Ev, vec_qk, vec_v};
   load_tile<T, BM, D, LDS, NT>(sQ, q, i0, p.L, E, vec_qk, tid);
-  int t = next_live_tile(sm.kpm, 0, n_tiles, BN, S);
-  if (t < n_tiles) load_kv_tile<T, BN, D, LDS, NT>(sK, sV, qh.k, qh.v, t * BN, S, E, Ev, vec_qk, vec_v, tid);
-  cp_async_commit();
+  int t = kv.first(tid);
 
   float o[DN][4];
   zero_acc(o);
@@ -65,16 +64,9 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
 
   int buf = 0;
   while (t < n_tiles) {
-    const int t_next = next_live_tile(sm.kpm, t + 1, n_tiles, BN, S);
-    if (t_next < n_tiles) {
-      load_kv_tile<T, BN, D, LDS, NT>(sK + (buf ^ 1) * BN * LDS, sV + (buf ^ 1) * BN * LDS, qh.k, qh.v, t_next * BN,
-                                      S, E, Ev, vec_qk, vec_v, tid);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* kt = sK + buf * BN * LDS;
-    const T* vt = sV + buf * BN * LDS;
+    const int t_next = kv.prefetch_next(t, buf, tid);
+    const T* kt = kv.k_buf(buf);
+    const T* vt = kv.v_buf(buf);
 
     // S = Q K^T for this warp's 16 rows x BN keys
     float s[SN][4];

@@ -236,19 +236,7 @@ struct LtGemm {
 // no epilogue yet.
 LtGemm lt_gemm(int64_t m, int64_t n, int64_t k, const void* A, int64_t lda, const void* B, int64_t ldb, void* D,
                int64_t ldd, cublasOperation_t transa = CUBLAS_OP_N, cublasOperation_t transb = CUBLAS_OP_N) {
-  LtGemm g;
-  g.transa = transa;
-  g.transb = transb;
-  g.m = m;
-  g.n = n;
-  g.k = k;
-  g.A = A;
-  g.lda = lda;
-  g.B = B;
-  g.ldb = ldb;
-  g.D = D;
-  g.ldd = ldd;
-  return g;
+  return LtGemm{transa, transb, m, n, k, A, lda, B, ldb, D, ldd};
 }
 
 // Runs the GEMM; false (nothing launched) when cuBLASLt has no algorithm for it, so the caller can
