@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fastattn  # noqa: F401  (loads fastattn._C, which registers the ops)
+from fastattn.attention import mask_dtype
 from fastattn.reference import attention_reference
 from fastattn.testing import check_bound
 from helpers import attention_inputs, check_dead_rows, counted, expanded_mask, key_padding, kw_id
@@ -37,7 +38,7 @@ def run_case(n=2, hq=2, hkv=2, l=17, s=17, e=64, ev=None, mask=None, kpm=False, 
              seed=0, expect_amx=True):
     ev = e if ev is None else ev
     q, k, v, gen = attention_inputs(n, hq, hkv, l, s, e, ev, BF, seed)
-    m = expanded_mask(mask, n, hq, l, s, BF, gen)
+    m = expanded_mask(mask, n, hq, l, s, mask_dtype(BF), gen)  # float32: the mask dtype of bf16 q
     pad = key_padding(n, s, gen) if kpm else None
     sd = torch.tensor([4321 + seed], dtype=torch.int64) if p > 0 else None
     scale = 1 / math.sqrt(e)
