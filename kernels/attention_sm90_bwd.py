@@ -181,19 +181,6 @@ def _attn_bwd_sm90_kernel(
     num_n = tl.cdiv(S, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_desc = Q
-    do_desc = DOut
-    k_desc = K
-    v_desc = V
-    if USE_TMA:  # made once per program; each load names its head
-        q_desc = _descriptor(Q, NB * Hq, L, HEAD_D, BLOCK_M, BLOCK_D)
-        do_desc = _descriptor(DOut, NB * Hq, L, HEAD_DV, BLOCK_M, BLOCK_DV)
-        k_desc = _descriptor(K, NB * Hkv, S, HEAD_D, BLOCK_M, BLOCK_D)
-        v_desc = _descriptor(V, NB * Hkv, S, HEAD_DV, BLOCK_M, BLOCK_DV)
-    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
-        drop_offset = tl.load(seed + 1)
-    else:
-        drop_offset = 0
 
     # ---- phase 1: dK, dV of BLOCK_N keys of kv head bhk -------------------------------------------
     if pid < NB * Hkv * num_n:
@@ -203,6 +190,11 @@ def _attn_bwd_sm90_kernel(
         hk = bhk % Hkv
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < S
+        q_desc = Q
+        do_desc = DOut
+        if USE_TMA:  # made once per program; each load names its head
+            q_desc = _descriptor(Q, NB * Hq, L, HEAD_D, BLOCK_M, BLOCK_D)
+            do_desc = _descriptor(DOut, NB * Hq, L, HEAD_DV, BLOCK_M, BLOCK_DV)
         k = _rows(K, K + bhk.to(tl.int64) * S * HEAD_D, bhk, start_n, S, HEAD_D, BLOCK_N, BLOCK_D, True, False)
         v = _rows(V, V + bhk.to(tl.int64) * S * HEAD_DV, bhk, start_n, S, HEAD_DV, BLOCK_N, BLOCK_DV, True, False)
 
@@ -233,7 +225,9 @@ def _attn_bwd_sm90_kernel(
             if HAS_MASK:
                 mask_cols = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
                              + offs_n.to(tl.int64) * stride_ms)
-            drop_base = bh.to(tl.int64) * L * S + drop_offset
+            drop_base = bh.to(tl.int64) * L * S
+            if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+                drop_base += tl.load(seed + 1)
             for start_m in tl.range(f_lo, f_hi, BLOCK_M, num_stages=LOOP_STAGES):
                 dk, dv = _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_base,
                                   mask_cols, drop_base, seed, bh, start_m, offs_n, dropout_p, qk_scale,
@@ -277,7 +271,14 @@ def _attn_bwd_sm90_kernel(
             mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
                          + offs_m.to(tl.int64) * stride_ml)
         kpm_base = Kpm + b.to(tl.int64) * S
-        drop_rows = (bh.to(tl.int64) * L + offs_m) * S + drop_offset
+        drop_rows = (bh.to(tl.int64) * L + offs_m) * S
+        if HAS_DROPOUT:
+            drop_rows += tl.load(seed + 1)
+        k_desc = K
+        v_desc = V
+        if USE_TMA:
+            k_desc = _descriptor(K, NB * Hkv, S, HEAD_D, BLOCK_M, BLOCK_D)
+            v_desc = _descriptor(V, NB * Hkv, S, HEAD_DV, BLOCK_M, BLOCK_DV)
 
         n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_N), S)
         kv_lo = tl.load(KvRange + 2 * b, mask=has_kpm, other=0)
@@ -315,35 +316,45 @@ def _cfg(block_m, block_n, num_warps, loop_stages):
 
 
 HEAD_DIM_BUCKETS = (32, 64, 128, 256)
-BWD_SM90_CONFIGS: dict[int, object] = {
-    32: _cfg(32, 128, 4, 3),
-    64: _cfg(32, 128, 8, 3),
-    128: _cfg(32, 128, 8, 2),
-    256: _cfg(32, 64, 8, 2),
+VARIANTS = ("plain", "mask", "drop", "mask+drop")  # configs.variant(HAS_MASK, HAS_DROPOUT)
+# (head-dim bucket, variant) -> tile, or absent: no tile of this kernel compiled without spills on both
+# triton 3.6 and 3.9 for sm_90 (found by the AOT sweep), and the classic backward serves the call.
+BWD_SM90_CONFIGS: dict[tuple, object] = {
+    (32, "plain"): _cfg(32, 64, 4, 2),
+    (64, "plain"): _cfg(32, 128, 8, 2),
+    (128, "plain"): _cfg(16, 64, 8, 2),
 }
 INTERPRET_CONFIG = _cfg(16, 32, 1, 1)
-VARIANTS = ((False, False), (True, False), (False, True), (True, True))  # (HAS_MASK, HAS_DROPOUT)
 
 
 def compile_cases():
-    """Every (head-dim bucket, config, HAS_MASK, HAS_DROPOUT, USE_TMA) a launch on sm_90 can choose."""
-    return [(hd, BWD_SM90_CONFIGS[hd], m, d, tma) for hd in HEAD_DIM_BUCKETS for m, d in VARIANTS
-            for tma in (True, False)]
+    """Every (head-dim bucket, variant, config, USE_TMA) a launch on sm_90 can choose."""
+    return [(hd, var, cfg, tma) for (hd, var), cfg in BWD_SM90_CONFIGS.items() for tma in (True, False)]
 
 
-def case_constexprs(hd: int, cfg, has_mask: bool, has_dropout: bool, use_tma: bool) -> dict:
-    return dict(cfg.kwargs, BLOCK_D=hd, BLOCK_DV=hd, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout, USE_TMA=use_tma)
+def case_constexprs(hd: int, var: str, cfg, use_tma: bool) -> dict:
+    return dict(cfg.kwargs, BLOCK_D=hd, BLOCK_DV=hd, HAS_MASK="mask" in var, HAS_DROPOUT="drop" in var,
+                USE_TMA=use_tma)
 
 
 # ==================================================================================================
 # Launcher
 # ==================================================================================================
-def serves(q, k, v, force: bool = False) -> bool:
-    """Whether this backward serves the call (force: ignore device and mode, for the interpreter tests)."""
-    if not force:
-        if _fwd.MODE != "sm90" or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-            return False
-    return q.dtype in (torch.float16, torch.bfloat16) and q.numel() > 0 and k.numel() > 0 and v.numel() > 0
+def _config(q, v, attn_mask, dropout_p):
+    hd = max(_classic.configs.head_dim_bucket(q.shape[3]), _classic.configs.head_dim_bucket(v.shape[3]))
+    return BWD_SM90_CONFIGS.get((hd, _classic.configs.variant(attn_mask is not None, float(dropout_p) > 0.0)))
+
+
+def serves(q, k, v, attn_mask=None, dropout_p=0.0, force: bool = False) -> bool:
+    """Whether this backward serves the call (force: ignore device, mode and the config table, for the
+    interpreter tests, which run every variant)."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return False
+    if force:
+        return True
+    if _fwd.MODE != "sm90" or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    return _config(q, v, attn_mask, dropout_p) is not None
 
 
 def _delta(c, out, grad_out):
@@ -362,7 +373,7 @@ def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p
     """(dq, dk, dv) from the sm_90 kernel, or None when it does not serve the call (the caller then
     runs the classic backward). Arguments as kernels.attention.attention_backward's.
     use_tma: None = where the layout allows (never under the interpreter); True/False to force."""
-    if not serves(q, k, v, force):
+    if not serves(q, k, v, attn_mask, dropout_p, force):
         return None
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -374,7 +385,9 @@ def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p
         if tma and not INTERPRET:
             _fwd._ensure_allocator()
         delta = _delta(c, out, grad_out)
-        cfg = INTERPRET_CONFIG if INTERPRET else BWD_SM90_CONFIGS[c.hd]
+        cfg = INTERPRET_CONFIG if INTERPRET else _config(q, v, attn_mask, dropout_p)
+        if cfg is None:  # forced on a GPU for a case without a spill-free tile
+            return None
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         grid = (max(c.n * c.hkv * triton.cdiv(c.s, bn), c.n * c.hq * triton.cdiv(c.l, bn)),)
         ms = c.mstrides
