@@ -321,6 +321,8 @@ VARIANTS = ("plain", "mask", "drop", "mask+drop")  # configs.variant(HAS_MASK, H
 # triton 3.6 and 3.9 for sm_90 (found by the AOT sweep), and the classic backward serves the call.
 BWD_SM90_CONFIGS: dict[tuple, object] = {
     (32, "plain"): _cfg(32, 64, 4, 2),
+    (32, "mask"): _cfg(16, 64, 4, 1),
+    (32, "drop"): _cfg(32, 64, 4, 2),
     (64, "plain"): _cfg(32, 128, 8, 2),
     (128, "plain"): _cfg(16, 64, 8, 2),
 }
