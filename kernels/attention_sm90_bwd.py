@@ -198,19 +198,8 @@ def _attn_bwd_sm90_kernel(
         k = _rows(K, K + bhk.to(tl.int64) * S * HEAD_D, bhk, start_n, S, HEAD_D, BLOCK_N, BLOCK_D, True, False)
         v = _rows(V, V + bhk.to(tl.int64) * S * HEAD_DV, bhk, start_n, S, HEAD_DV, BLOCK_N, BLOCK_DV, True, False)
 
-        # Query blocks [m_lo, m_end); those in [f_lo, f_hi) need no boundary/causal test (as classic).
-        m_end = tl.cdiv(L, BLOCK_M) * BLOCK_M
-        m_lo = tl.where(causal, tl.minimum((start_n // BLOCK_M) * BLOCK_M, m_end), 0)
-        f_lo = tl.where(causal, tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, 0)
-        f_hi = (L // BLOCK_M) * BLOCK_M
-        pad = tl.load(Kpm + b.to(tl.int64) * S + offs_n, mask=n_ok & has_kpm, other=0)
-        key_ok = n_ok & (pad == 0)
-        m_lo = tl.where(tl.sum(key_ok.to(tl.int32), 0) > 0, m_lo, m_end)  # wholly padded: nothing to do
-        f_lo = tl.where(start_n + BLOCK_N > S, m_end, f_lo)               # the last key block: all boundary
-        f_lo = tl.minimum(tl.maximum(f_lo, m_lo), m_end)
-        f_hi = tl.maximum(f_hi, f_lo)
-        n_head = (f_lo - m_lo) // BLOCK_M
-        n_bound = n_head + (m_end - f_hi) // BLOCK_M
+        key_ok, m_lo, f_lo, f_hi, n_head, n_bound = _classic._dkdv_query_blocks(
+            Kpm + b.to(tl.int64) * S, offs_n, start_n, L, S, causal, has_kpm, BLOCK_M, BLOCK_N)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
