@@ -33,10 +33,18 @@ BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tenso
               "-> (Tensor, Tensor, Tensor)")
 
 
+def _triton_backward(*args):
+    from .kernels import attention as kernels
+    from .kernels import attention_sm90_bwd  # sm_90: serves what its table covers (FASTATTN_TRITON_ATTN)
+
+    grads = attention_sm90_bwd.backward(*args)
+    return grads if grads is not None else kernels.attention_backward(*args)
+
+
 def _triton_kernels():
     from .kernels import attention as kernels  # imported at first use: `import fastattn` never imports triton
 
-    return kernels.attention_forward, kernels.attention_backward
+    return kernels.attention_forward, _triton_backward
 
 
 def _fwd_fake(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
