@@ -110,7 +110,10 @@ def _sweep(family: str, version: str, selected) -> tuple[dict, list[dict], float
 
 @pytest.fixture
 def selected(request) -> list:
-    """The (family, version) cases of this test that the session runs (the current one included)."""
+    """The (family, version) cases of this test that the session runs (the current one included); only
+    the current one under pytest-xdist, whose workers each see every item but run a share."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return [(request.node.callspec.params["family"], request.node.callspec.params["version"])]
     here = [(i.callspec.params["family"], i.callspec.params["version"]) for i in request.session.items
             if getattr(i, "originalname", None) == request.node.originalname and hasattr(i, "callspec")]
     return here or [(request.node.callspec.params["family"], request.node.callspec.params["version"])]
