@@ -142,7 +142,7 @@ def test_every_table_tile_compiles_without_spills(family, version, selected):
           f"sweeps running beside it), {sum(r['cpu'] for r in rows):.0f} CPU seconds of compile "
           f"({sum(r['seconds'] for r in rows):.0f} s of job wall time), peak {max(r['peak_mb'] for r in rows)} MB "
           "in a compile process")
-    assert {r["arch"] for r in rows} == {80, 90}
+    assert os.environ.get("FASTATTN_AOT_FILTER") or {r["arch"] for r in rows} == {80, 90}
     bad = {common.describe(r): "; ".join(common.problems(r)) for r in rows if common.problems(r)}
     new = sorted(f"{d}: {why}" for d, why in bad.items() if d not in KNOWN_GAP)
     assert not new, (f"{len(new)} of {len(rows)} tiles fail with triton {head['triton']} (replace them in "
