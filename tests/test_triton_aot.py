@@ -86,7 +86,7 @@ def _start(family: str, version: str, together: int) -> None:
     env = _env(version)
     if env is None or (family, version) in _RUNNING:
         return
-    # the `together` sweeps share the cores, twice over (~0.4 GB per compile process, measured)
+    # the `together` sweeps share the cores, twice over (up to ~0.65 GB per compile process, measured)
     jobs = os.environ.get("FASTATTN_AOT_JOBS", str(max(2, -(-2 * (os.cpu_count() or 2) // together))))
     only = os.environ.get("FASTATTN_AOT_FILTER")  # by hand: a part of the sweep (a substring of a row)
     # output to files, not pipes: a child nobody reads yet must never block on a full pipe
