@@ -308,19 +308,43 @@ HEAD_DIM_BUCKETS = (32, 64, 128, 256)
 VARIANTS = ("plain", "mask", "drop", "mask+drop")  # configs.variant(HAS_MASK, HAS_DROPOUT)
 # (head-dim bucket, variant) -> tile, or absent: no tile of this kernel compiled without spills on both
 # triton 3.6 and 3.9 for sm_90 (found by the AOT sweep), and the classic backward serves the call.
+# BLOCK_N (the resident rows: keys in phase 1, query rows in phase 2) is 128 on 8 warps (two warpgroups
+# of 64 rows each, wgmma's M) or 64 on 4 warps; BLOCK_M 16 where 32 does not fit in registers
+# (hd 128: dK + dV are 128 fp32 registers per thread, the 2 x 8 hoisted wgmma descriptors of the
+# resident K and V 16 more, and the S / dP tiles 8 each per 16 columns - 254 registers at 16 x 128).
 BWD_SM90_CONFIGS: dict[tuple, object] = {
     (32, "plain"): _cfg(32, 64, 4, 2),
     (32, "mask"): _cfg(16, 64, 4, 1),
     (32, "drop"): _cfg(32, 64, 4, 2),
+    (32, "mask+drop"): _cfg(16, 64, 4, 1),
     (64, "plain"): _cfg(32, 128, 8, 2),
-    (128, "plain"): _cfg(16, 64, 8, 2),
+    (64, "mask"): _cfg(16, 128, 8, 1),
+    (64, "drop"): _cfg(16, 128, 8, 1),
+    (64, "mask+drop"): _cfg(16, 128, 8, 1),
+    (128, "plain"): _cfg(16, 128, 8, 1),
+}
+# The same key with plain loads (USE_TMA False: E or Ev not a multiple of 8, or a base not 16-byte
+# aligned) where that differs: a tile, or None (the classic backward serves those calls). The row and
+# head-dim masks of plain loads cost the few registers these tiles have left: hd 128 at 16 x 128 spills
+# 8-16 B on one version or the other (s1 or s2), hd 64 mask+drop 24 B on triton 3.6.
+BWD_SM90_PLAIN_LOAD_CONFIGS: dict[tuple, object] = {
+    (64, "mask+drop"): None,
+    (128, "plain"): None,
 }
 INTERPRET_CONFIG = _cfg(16, 32, 1, 1)
 
 
+def config_for(hd: int, var: str, use_tma: bool):
+    """The tile of one (head-dim bucket, variant, load path), or None (the classic backward serves it)."""
+    if not use_tma and (hd, var) in BWD_SM90_PLAIN_LOAD_CONFIGS:
+        return BWD_SM90_PLAIN_LOAD_CONFIGS[(hd, var)]
+    return BWD_SM90_CONFIGS.get((hd, var))
+
+
 def compile_cases():
     """Every (head-dim bucket, variant, config, USE_TMA) a launch on sm_90 can choose."""
-    return [(hd, var, cfg, tma) for (hd, var), cfg in BWD_SM90_CONFIGS.items() for tma in (True, False)]
+    return [(hd, var, config_for(hd, var, tma), tma) for (hd, var) in BWD_SM90_CONFIGS for tma in (True, False)
+            if config_for(hd, var, tma) is not None]
 
 
 def case_constexprs(hd: int, var: str, cfg, use_tma: bool) -> dict:
@@ -331,21 +355,29 @@ def case_constexprs(hd: int, var: str, cfg, use_tma: bool) -> dict:
 # ==================================================================================================
 # Launcher
 # ==================================================================================================
-def _config(q, v, attn_mask, dropout_p):
+def _tma_possible(q, k, v, grad_out) -> bool:
+    """Whether the streamed tiles can go through tensor descriptors: head dims a multiple of 8 (16-byte
+    rows) and 16-byte aligned bases (grad_out as the backward will read it: contiguous)."""
+    return (q.shape[3] % 8 == 0 and v.shape[3] % 8 == 0
+            and all(t.data_ptr() % 16 == 0 for t in (q, k, v))
+            and (not grad_out.is_contiguous() or grad_out.data_ptr() % 16 == 0))
+
+
+def _config(q, v, attn_mask, dropout_p, use_tma: bool = True):
     hd = max(_classic.configs.head_dim_bucket(q.shape[3]), _classic.configs.head_dim_bucket(v.shape[3]))
-    return BWD_SM90_CONFIGS.get((hd, _classic.configs.variant(attn_mask is not None, float(dropout_p) > 0.0)))
+    return config_for(hd, _classic.configs.variant(attn_mask is not None, float(dropout_p) > 0.0), use_tma)
 
 
-def serves(q, k, v, attn_mask=None, dropout_p=0.0, force: bool = False) -> bool:
+def serves(q, k, v, attn_mask=None, dropout_p=0.0, force: bool = False, use_tma: bool = True) -> bool:
     """Whether this backward serves the call (force: ignore device, mode and the config table, for the
-    interpreter tests, which run every variant)."""
+    interpreter tests, which run every variant; use_tma: the load path the launch takes)."""
     if q.dtype not in (torch.float16, torch.bfloat16) or q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return False
     if force:
         return True
     if _fwd.MODE != "sm90" or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    return _config(q, v, attn_mask, dropout_p) is not None
+    return _config(q, v, attn_mask, dropout_p, use_tma) is not None
 
 
 def _delta(c, out, grad_out):
@@ -364,19 +396,18 @@ def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p
     """(dq, dk, dv) from the sm_90 kernel, or None when it does not serve the call (the caller then
     runs the classic backward). Arguments as kernels.attention.attention_backward's.
     use_tma: None = where the layout allows (never under the interpreter); True/False to force."""
-    if not serves(q, k, v, attn_mask, dropout_p, force):
+    aligned = _tma_possible(q, k, v, grad_out)
+    tma = aligned and (not INTERPRET if use_tma is None else use_tma)
+    if not serves(q, k, v, attn_mask, dropout_p, force, tma):
         return None
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     with _classic._device_of(q):
         c = _classic._Launch(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
-        e, ev = q.shape[3], v.shape[3]
-        aligned = e % 8 == 0 and ev % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in (q, k, v, grad_out))
-        tma = aligned and (not INTERPRET if use_tma is None else use_tma)
         if tma and not INTERPRET:
             _fwd._ensure_allocator()
         delta = _delta(c, out, grad_out)
-        cfg = INTERPRET_CONFIG if INTERPRET else _config(q, v, attn_mask, dropout_p)
+        cfg = INTERPRET_CONFIG if INTERPRET else _config(q, v, attn_mask, dropout_p, tma)
         if cfg is None:  # forced on a GPU for a case without a spill-free tile
             return None
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
