@@ -18,11 +18,20 @@ Design:
     rows resident (Q, dO, dQ), key blocks of BLOCK_M keys streaming past. No atomics, fixed loop
     orders: bitwise deterministic. (As in Triton's fused-attention tutorial: 7 GEMMs, not FA2's 5,
     but one launch, no dQ partials and no atomics.)
-  * Tiles that wgmma takes: the transposed products of phase 1 (K Q^T, V dO^T) are BLOCK_N (128) rows
-    of M across the warpgroups and BLOCK_M (32/64) wide; dV += P^T dO and dK += dS^T Q take P^T / dS^T
-    from registers. Registers: dK + dV are BLOCK_N * (BD + BDV) fp32 over num_warps * 32 threads; the
-    configs keep that at <= 128 per thread (128 keys x hd128 on 8 warps, 64 keys at hd256), with the
-    (BLOCK_N, BLOCK_M) score tiles at 16..32 more.
+  * Tiles that wgmma takes: the transposed products of phase 1 (K Q^T, V dO^T) are BLOCK_N rows of M
+    - 64 per warpgroup: BLOCK_N 128 on 8 warps or 64 on 4 - and BLOCK_M (16/32) wide; dV += P^T dO
+    and dK += dS^T Q take P^T / dS^T from registers (the AOT test reads these shapes from the TTGIR).
+  * Registers (SASS of hd 128, 32 x 128 on 8 warps, read for this): the phase-1 loop holds dK + dV,
+    128 fp32 per thread, the 2 x 8 shared-memory descriptors of the resident K and V (one per
+    16-wide k-step of the products, hoisted out of the loop) 16, S^T and dP^T 16 each, the fp16 P^T /
+    dS^T operands 8 each, lse and delta of the block's columns 8 each, and the loop's pipeline state:
+    about 245 at the peak, so the ~6 values the epilogue needs spill around the loop. The counts
+    below the cap are not a need: ptxas spends registers up to the 255 cap on scheduling (hd 32 tiles
+    show 160-240 with 16-32 accumulator registers). SPLIT_DKDV (a config flag) is the fix at hd 128:
+    phase 1 runs twice over the query blocks, first accumulating dV (K Q^T, P^T dO), storing it, then
+    dK (K Q^T, V dO^T, dS^T Q) - 8 products instead of 7, half the accumulators live, which lets the
+    query block be 32 wide (wgmma N 32 instead of 16 for the two products whose A operand is read
+    from shared memory) and the loop pipelined.
   * USE_TMA (E and Ev multiples of 8, 16-byte aligned bases, not under the interpreter unless asked):
     the streamed tiles (Q and dO in phase 1, K and V in phase 2) are read through 3-D tensor
     descriptors over (heads, rows, head dim) made once per program, so rows past L/S and columns past
@@ -92,8 +101,9 @@ def _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_bas
              seed, bh, start_m, offs_n, dropout_p, qk_scale, L, S, HEAD_D, HEAD_DV, stride_ml, causal,
              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-             DT: tl.constexpr):
-    """Phase 1: one query block's contribution to the resident keys' dK, dV, as (BN, BM) tiles."""
+             DT: tl.constexpr, PASS: tl.constexpr):
+    """Phase 1: one query block's contribution to the resident keys' dK, dV, as (BN, BM) tiles
+    (PASS 0: both; 1: dV only, 2 products; 2: dK only, 3 products)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
     q = _rows(q_desc, q_base, bh, start_m, L, HEAD_D, BLOCK_M, BLOCK_D, BOUNDARY, USE_TMA)
@@ -109,18 +119,67 @@ def _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_bas
         n_diag = tl.where(causal, offs_n, 0)
         visible = (offs_n[:, None] < S) & m_ok[None, :] & (n_diag[:, None] <= offs_m[None, :])
         pT = tl.where(visible, pT, 0.0)
-    dpT = tl.dot(v, tl.trans(do))                                                     # (BN, BM)
+    if PASS != 1:
+        dpT = tl.dot(v, tl.trans(do))                                                 # (BN, BM)
     if HAS_DROPOUT:
         keep = tl.rand(tl.load(seed, volatile=True),
                        drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
         pT_kept = tl.where(keep, pT, 0.0)  # 1/(1-p) goes on dV once, at the end
-        dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+        if PASS != 1:
+            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
     else:
         pT_kept = pT
-    dv = tl.dot(_operand(pT_kept, DT), do, dv)
-    dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(_operand(dsT, DT), q, dk)
+    if PASS != 2:
+        dv = tl.dot(_operand(pT_kept, DT), do, dv)
+    if PASS != 1:
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(_operand(dsT, DT), q, dk)
     return dk, dv
+
+
+@triton.jit
+def _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, Lse, Delta, Mask, seed, b, hk, offs_n, f_lo, f_hi, m_lo,
+             n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml, stride_ms, Hq, GROUP, L, S,
+             HEAD_D, HEAD_DV, causal, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+             DT: tl.constexpr, PASS: tl.constexpr):
+    """Phase 1's loops: every query block of every query head of the GQA group past the resident keys
+    (the interior blocks pipelined, then the boundary / diagonal ones)."""
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + bh.to(tl.int64) * L * HEAD_D
+        do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
+        lse_base = Lse + bh.to(tl.int64) * L
+        delta_base = Delta + bh.to(tl.int64) * L
+        mask_cols = Mask
+        if HAS_MASK:
+            mask_cols = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                         + offs_n.to(tl.int64) * stride_ms)
+        drop_base = bh.to(tl.int64) * L * S
+        if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+            drop_base += tl.load(seed + 1)
+        for start_m in tl.range(f_lo, f_hi, BLOCK_M, num_stages=LOOP_STAGES):
+            dk, dv = _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_base,
+                              mask_cols, drop_base, seed, bh, start_m, offs_n, dropout_p, qk_scale,
+                              L, S, HEAD_D, HEAD_DV, stride_ml, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
+                              False, HAS_MASK, HAS_DROPOUT, USE_TMA, DT, PASS)
+        for i in range(0, n_bound):
+            start_m = tl.where(i < n_head, m_lo + i * BLOCK_M, f_hi + (i - n_head) * BLOCK_M)
+            dk, dv = _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_base,
+                              mask_cols, drop_base, seed, bh, start_m, offs_n, dropout_p, qk_scale,
+                              L, S, HEAD_D, HEAD_DV, stride_ml, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
+                              True, HAS_MASK, HAS_DROPOUT, USE_TMA, DT, PASS)
+    return dk, dv
+
+
+@triton.jit
+def _store_keys(base, acc, key_ok, offs_n, n_ok, C, BLOCK_C: tl.constexpr):
+    """Rows offs_n of one kv head's (S, C) gradient: acc, zero for keys no query sees."""
+    offs_c = tl.arange(0, BLOCK_C)
+    acc = tl.where(key_ok[:, None], acc, 0.0)
+    tl.store(base + offs_n[:, None] * C + offs_c[None, :], acc.to(base.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_c[None, :] < C))
 
 
 @triton.jit
@@ -174,13 +233,13 @@ def _attn_bwd_sm90_kernel(
     causal, has_kpm,            # runtime bools
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    SPLIT_DKDV: tl.constexpr,
 ):
     DT: tl.constexpr = Q.dtype.element_ty
     pid = tl.program_id(0)
     Hkv = Hq // GROUP
     num_n = tl.cdiv(S, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
 
     # ---- phase 1: dK, dV of BLOCK_N keys of kv head bhk -------------------------------------------
     if pid < NB * Hkv * num_n:
@@ -201,41 +260,31 @@ def _attn_bwd_sm90_kernel(
         key_ok, m_lo, f_lo, f_hi, n_head, n_bound = _classic._dkdv_query_blocks(
             Kpm + b.to(tl.int64) * S, offs_n, start_n, L, S, causal, has_kpm, BLOCK_M, BLOCK_N)
 
+        dk_base = DK + bhk.to(tl.int64) * S * HEAD_D
+        dv_base = DV + bhk.to(tl.int64) * S * HEAD_DV
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            bh = b * Hq + h
-            q_base = Q + bh.to(tl.int64) * L * HEAD_D
-            do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
-            lse_base = Lse + bh.to(tl.int64) * L
-            delta_base = Delta + bh.to(tl.int64) * L
-            mask_cols = Mask
-            if HAS_MASK:
-                mask_cols = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                             + offs_n.to(tl.int64) * stride_ms)
-            drop_base = bh.to(tl.int64) * L * S
-            if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
-                drop_base += tl.load(seed + 1)
-            for start_m in tl.range(f_lo, f_hi, BLOCK_M, num_stages=LOOP_STAGES):
-                dk, dv = _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_base,
-                                  mask_cols, drop_base, seed, bh, start_m, offs_n, dropout_p, qk_scale,
-                                  L, S, HEAD_D, HEAD_DV, stride_ml, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                  False, HAS_MASK, HAS_DROPOUT, USE_TMA, DT)
-            for i in range(0, n_bound):
-                start_m = tl.where(i < n_head, m_lo + i * BLOCK_M, f_hi + (i - n_head) * BLOCK_M)
-                dk, dv = _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_base,
-                                  mask_cols, drop_base, seed, bh, start_m, offs_n, dropout_p, qk_scale,
-                                  L, S, HEAD_D, HEAD_DV, stride_ml, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                  True, HAS_MASK, HAS_DROPOUT, USE_TMA, DT)
-        if HAS_DROPOUT:
-            dv = dv / (1.0 - dropout_p)
-        dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
-        dv = tl.where(key_ok[:, None], dv, 0.0)
-        tl.store(DK + bhk.to(tl.int64) * S * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D))
-        tl.store(DV + bhk.to(tl.int64) * S * HEAD_DV + offs_n[:, None] * HEAD_DV + offs_dv[None, :],
-                 dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+        if SPLIT_DKDV:  # dV in one pass over the query blocks, then dK in a second: half the accumulators
+            _, dv = _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, Lse, Delta, Mask, seed, b, hk, offs_n, f_lo,
+                             f_hi, m_lo, n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml,
+                             stride_ms, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
+                             HAS_MASK, HAS_DROPOUT, USE_TMA, LOOP_STAGES, DT, 1)
+            if HAS_DROPOUT:
+                dv = dv / (1.0 - dropout_p)
+            _store_keys(dv_base, dv, key_ok, offs_n, n_ok, HEAD_DV, BLOCK_DV)
+            dk, _ = _kv_pass(dk, dk, k, v, q_desc, do_desc, Q, DOut, Lse, Delta, Mask, seed, b, hk, offs_n, f_lo,
+                             f_hi, m_lo, n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml,
+                             stride_ms, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
+                             HAS_MASK, HAS_DROPOUT, USE_TMA, LOOP_STAGES, DT, 2)
+        else:
+            dk, dv = _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, Lse, Delta, Mask, seed, b, hk, offs_n, f_lo,
+                              f_hi, m_lo, n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml,
+                              stride_ms, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
+                              HAS_MASK, HAS_DROPOUT, USE_TMA, LOOP_STAGES, DT, 0)
+            if HAS_DROPOUT:
+                dv = dv / (1.0 - dropout_p)
+            _store_keys(dv_base, dv, key_ok, offs_n, n_ok, HEAD_DV, BLOCK_DV)
+        _store_keys(dk_base, dk * sm_scale, key_ok, offs_n, n_ok, HEAD_D, BLOCK_D)
 
     # ---- phase 2: dQ of BLOCK_N query rows of head bh --------------------------------------------
     num_m = tl.cdiv(L, BLOCK_N)
@@ -297,8 +346,8 @@ def _attn_bwd_sm90_kernel(
 # shared memory <= 227 KB. BLOCK_N: keys resident in phase 1 / query rows resident in phase 2;
 # BLOCK_M: query rows (phase 1) / keys (phase 2) per step.
 # ==================================================================================================
-def _cfg(block_m, block_n, num_warps, loop_stages):
-    cfg = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "LOOP_STAGES": loop_stages},
+def _cfg(block_m, block_n, num_warps, loop_stages, split=False):
+    cfg = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "LOOP_STAGES": loop_stages, "SPLIT_DKDV": split},
                         num_warps=num_warps, num_stages=loop_stages)
     cfg.archs = (90,)
     return cfg
@@ -392,10 +441,11 @@ def _delta(c, out, grad_out):
 
 
 def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p: float, is_causal: bool,
-             scale: float, seed, force: bool = False, use_tma: bool | None = None):
+             scale: float, seed, force: bool = False, use_tma: bool | None = None, split: bool | None = None):
     """(dq, dk, dv) from the sm_90 kernel, or None when it does not serve the call (the caller then
     runs the classic backward). Arguments as kernels.attention.attention_backward's.
-    use_tma: None = where the layout allows (never under the interpreter); True/False to force."""
+    use_tma: None = where the layout allows (never under the interpreter); True/False to force.
+    split: None = the tile's SPLIT_DKDV; True/False to force (the interpreter tests run both)."""
     aligned = _tma_possible(q, k, v, grad_out)
     tma = aligned and (not INTERPRET if use_tma is None else use_tma)
     if not serves(q, k, v, attn_mask, dropout_p, force, tma):
@@ -410,7 +460,8 @@ def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p
         cfg = INTERPRET_CONFIG if INTERPRET else _config(q, v, attn_mask, dropout_p, tma)
         if cfg is None:  # forced on a GPU for a case without a spill-free tile
             return None
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        kw = dict(cfg.kwargs, **({} if split is None else {"SPLIT_DKDV": split}))
+        bn = kw["BLOCK_N"]
         grid = (max(c.n * c.hkv * triton.cdiv(c.s, bn), c.n * c.hq * triton.cdiv(c.l, bn)),)
         ms = c.mstrides
         flags = dict(c.flags)
@@ -418,6 +469,6 @@ def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p
         dims = dict(c.dims, BLOCK_D=c.hd, BLOCK_DV=c.hd)  # one bucket for both: the AOT-compiled cases
         _attn_bwd_sm90_kernel[grid](
             q, k, v, grad_out, lse, delta, dq, dk, dv, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p,
-            c.qk_scale, c.scale, ms[0], ms[1], ms[2], ms[3], c.n, **dims, **flags, **cfg.kwargs,
+            c.qk_scale, c.scale, ms[0], ms[1], ms[2], ms[3], c.n, **dims, **flags, **kw,
             USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv

@@ -296,7 +296,7 @@ def _dev(t):
 
 
 def _run_bwd(n, hq, hkv, l, s, e, ev, dtype, mask_kind=None, use_kpm=False, causal=False, p=0.0, tma=False,
-             seed=0):
+             seed=0, split=None):
     T, B = _kernel_tests(), _bwd_module()
     q, k, v, do = T._inputs(n, hq, hkv, l, s, e, ev, dtype, seed)
     mask = T._mask(mask_kind, n, hq, l, s, dtype)
@@ -308,7 +308,7 @@ def _run_bwd(n, hq, hkv, l, s, e, ev, dtype, mask_kind=None, use_kpm=False, caus
     args = [_dev(t) for t in (q, k, v, mask, kpm)]
     out, lse = T.A.attention_forward(*args, p, causal, scale, seed_t)
     grads = B.backward(_dev(do), args[0], args[1], args[2], out, lse, args[3], args[4], p, causal, scale, seed_t,
-                       force=True, use_tma=tma)
+                       force=True, use_tma=tma, split=split)
     assert grads is not None, "the sm_90 backward declined a case it serves"
     return [g.cpu() for g in grads], (q, k, v, do, mask, kpm, causal, scale, p, keep)
 
@@ -329,12 +329,14 @@ def _case_id(c):
     return "n%d_hq%d_hkv%d_l%d_s%d_e%d_ev%d" % c[:7] + f"_{str(c[7])[6:]}_{c[8] or 'nomask'}{flags}"
 
 
-@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "plain"])
+@pytest.mark.parametrize("use_tma,split", [(True, False), (False, False), (True, True)],
+                         ids=["tma", "plain", "tma_split"])
 @pytest.mark.parametrize("case", BWD_CASES, ids=_case_id)
-def test_backward_matches_float64_reference(case, use_tma):
+def test_backward_matches_float64_reference(case, use_tma, split):
+    # split: SPLIT_DKDV, phase 1 as a dV pass then a dK pass (the hd-128 tile's layout)
     n, hq, hkv, l, s, e, ev, dtype, mask_kind, kpm, causal, p = case
     T = _kernel_tests()
-    grads, ctx = _run_bwd(n, hq, hkv, l, s, e, ev, dtype, mask_kind, kpm, causal, p, use_tma)
+    grads, ctx = _run_bwd(n, hq, hkv, l, s, e, ev, dtype, mask_kind, kpm, causal, p, use_tma, split=split)
     _, _, dq64, dk64, dv64 = T._grads64(*ctx)
     _, dqs, dks, dvs = T._grads_same_dtype(*ctx)
     for name, got, ref, same in zip(("dq", "dk", "dv"), grads, (dq64, dk64, dv64), (dqs, dks, dvs)):
@@ -342,14 +344,16 @@ def test_backward_matches_float64_reference(case, use_tma):
         check_bound(name, got, same, ref)
 
 
-def test_backward_is_bitwise_deterministic():
-    a, _ = _run_bwd(2, 4, 2, 33, 65, 32, 32, torch.float16, "float2d", True, True, 0.2, tma=True)
-    b, _ = _run_bwd(2, 4, 2, 33, 65, 32, 32, torch.float16, "float2d", True, True, 0.2, tma=True)
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_backward_is_bitwise_deterministic(split):
+    a, _ = _run_bwd(2, 4, 2, 33, 65, 32, 32, torch.float16, "float2d", True, True, 0.2, tma=True, split=split)
+    b, _ = _run_bwd(2, 4, 2, 33, 65, 32, 32, torch.float16, "float2d", True, True, 0.2, tma=True, split=split)
     for name, x, y in zip(("dq", "dk", "dv"), a, b):
         assert torch.equal(x, y), f"{name}: two runs differ"
 
 
-def test_bf16_rounding_of_p_and_ds_is_what_the_gpu_does():
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_bf16_rounding_of_p_and_ds_is_what_the_gpu_does(split):
     # On the GPU, P and dS are rounded to bf16 before the dV / dK products; the interpreter widens bf16
     # operands to fp32 (kernels/attention.py), so the kernel rounds them itself (_operand). One query
     # row and q = dO = c (c = 1 + 2^-7, exact in bf16) make each dV / dK element one product,
@@ -363,7 +367,7 @@ def test_bf16_rounding_of_p_and_ds_is_what_the_gpu_does():
     scale = 0.125
     out, lse = T.A.attention_forward(*(_dev(t) for t in (q, k, v)), None, None, 0.0, False, scale, None)
     dq, dk, dv = (t.cpu() for t in B.backward(_dev(do), *(_dev(t) for t in (q, k, v)), out, lse, None, None, 0.0,
-                                              False, scale, None, force=True, use_tma=False))
+                                              False, scale, None, force=True, use_tma=False, split=split))
     sc = (q.double() @ k.double().transpose(-1, -2)) * scale
     p = torch.exp(sc - lse.cpu().double()[..., None])                              # (1, 1, 1, S)
     dp = do.double() @ v.double().transpose(-1, -2)

@@ -48,7 +48,8 @@ def compile_one(args) -> dict:
     kernel, constexprs, fields, cfg = _case(kind, index, warp_spec)
     types, divisible = signature(kernel, dtype, constexprs)  # NB (the backward's batch) is an i32 there
     row = dict(triton=triton.__version__, kernel=kind, dtype=dtype, **fields,
-               config=f"BM{cfg.kwargs['BLOCK_M']}/BN{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
+               config=f"BM{cfg.kwargs['BLOCK_M']}/BN{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+                      + (" split" if cfg.kwargs.get("SPLIT_DKDV") else ""),
                warp_spec=warp_spec, error=None)
     t0 = time.perf_counter()
     buf = io.StringIO()
@@ -120,11 +121,11 @@ def all_jobs(warp_spec=False):
 
 def format_table(rows) -> str:
     rows = sorted(rows, key=lambda r: (r["kernel"] != "fwd", r["head_dim"], r["variant"], r["loads"], r["dtype"]))
-    lines = ["triton kernel variant   dtype hd  loads  config            regs  smem    spills wgmma tma_ld tma_st "
+    lines = ["triton kernel variant   dtype hd  loads  config                  regs  smem    spills wgmma tma_ld tma_st "
              "wait  error"]
     for r in rows:
         lines.append(f"{r['triton']:6} {r['kernel']:6} {r['variant']:9} {r['dtype']:5} {r['head_dim']:<3} {r['loads']:6} "
-                     f"{r['config']:17} "
+                     f"{r['config']:23} "
                      f"{r.get('regs')!s:5} {r.get('smem')!s:7} {r.get('stack', 0) + r.get('local', 0) + r.get('spill_stores', 0):<6} "
                      f"{r.get('wgmma')!s:5} {r.get('tma_loads')!s:6} {r.get('tma_stores')!s:6} "
                      f"{r.get('wait_groups')!s:5} {r['error'] or ''}")
