@@ -358,9 +358,12 @@ VARIANTS = ("plain", "mask", "drop", "mask+drop")  # configs.variant(HAS_MASK, H
 # (head-dim bucket, variant) -> tile, or absent: no tile of this kernel compiled without spills on both
 # triton 3.6 and 3.9 for sm_90 (found by the AOT sweep), and the classic backward serves the call.
 # BLOCK_N (the resident rows: keys in phase 1, query rows in phase 2) is 128 on 8 warps (two warpgroups
-# of 64 rows each, wgmma's M) or 64 on 4 warps; BLOCK_M 16 where 32 does not fit in registers
-# (hd 128: dK + dV are 128 fp32 registers per thread, the 2 x 8 hoisted wgmma descriptors of the
-# resident K and V 16 more, and the S / dP tiles 8 each per 16 columns - 254 registers at 16 x 128).
+# of 64 rows each, wgmma's M) or 64 on 4 warps; BLOCK_M 16 where 32 does not fit in registers.
+# split: SPLIT_DKDV (see the docstring), where it buys the 32-wide query block or a variant at all:
+# hd 128 plain (unsplit: 32 x 128 spills 64-88 B, 16 x 128 fits with TMA loads only, 249-254
+# registers) and drop (unsplit 16 x 128 spills 24-40 B), hd 64 drop (unsplit 32 x 128 spills on 3.6).
+# Absent (the classic backward serves them): hd 128 mask / mask+drop (split 16..32 x 128: 56-192 B of
+# spills, the mask's 64-bit addresses), hd 256 (split 16 x 64 on 4 warps: 936 B).
 BWD_SM90_CONFIGS: dict[tuple, object] = {
     (32, "plain"): _cfg(32, 64, 4, 2),
     (32, "mask"): _cfg(16, 64, 4, 1),
@@ -368,17 +371,17 @@ BWD_SM90_CONFIGS: dict[tuple, object] = {
     (32, "mask+drop"): _cfg(16, 64, 4, 1),
     (64, "plain"): _cfg(32, 128, 8, 2),
     (64, "mask"): _cfg(16, 128, 8, 1),
-    (64, "drop"): _cfg(16, 128, 8, 1),
+    (64, "drop"): _cfg(32, 128, 8, 2, split=True),
     (64, "mask+drop"): _cfg(16, 128, 8, 1),
-    (128, "plain"): _cfg(16, 128, 8, 1),
+    (128, "plain"): _cfg(32, 128, 8, 2, split=True),
+    (128, "drop"): _cfg(16, 128, 8, 1, split=True),
 }
 # The same key with plain loads (USE_TMA False: E or Ev not a multiple of 8, or a base not 16-byte
 # aligned) where that differs: a tile, or None (the classic backward serves those calls). The row and
-# head-dim masks of plain loads cost the few registers these tiles have left: hd 128 at 16 x 128 spills
-# 8-16 B on one version or the other (s1 or s2), hd 64 mask+drop 24 B on triton 3.6.
+# head-dim masks of plain loads cost the few registers this tile has left: hd 64 mask+drop spills 24 B
+# on triton 3.6 (split 32 x 128: 336 B).
 BWD_SM90_PLAIN_LOAD_CONFIGS: dict[tuple, object] = {
     (64, "mask+drop"): None,
-    (128, "plain"): None,
 }
 INTERPRET_CONFIG = _cfg(16, 32, 1, 1)
 
