@@ -264,26 +264,17 @@ def _attn_bwd_sm90_kernel(
         dv_base = DV + bhk.to(tl.int64) * S * HEAD_DV
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-        if SPLIT_DKDV:  # dV in one pass over the query blocks, then dK in a second: half the accumulators
-            _, dv = _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, Lse, Delta, Mask, seed, b, hk, offs_n, f_lo,
-                             f_hi, m_lo, n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml,
-                             stride_ms, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
-                             HAS_MASK, HAS_DROPOUT, USE_TMA, LOOP_STAGES, DT, 1)
-            if HAS_DROPOUT:
-                dv = dv / (1.0 - dropout_p)
-            _store_keys(dv_base, dv, key_ok, offs_n, n_ok, HEAD_DV, BLOCK_DV)
-            dk, _ = _kv_pass(dk, dk, k, v, q_desc, do_desc, Q, DOut, Lse, Delta, Mask, seed, b, hk, offs_n, f_lo,
-                             f_hi, m_lo, n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml,
-                             stride_ms, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
-                             HAS_MASK, HAS_DROPOUT, USE_TMA, LOOP_STAGES, DT, 2)
-        else:
+        # PASS 0: dK and dV together; SPLIT_DKDV: PASS 1 (dV) over the query blocks, dV stored, then PASS 2
+        # (dK): half the accumulators live at a time
+        for i_pass in tl.static_range(2 if SPLIT_DKDV else 1):
             dk, dv = _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, Lse, Delta, Mask, seed, b, hk, offs_n, f_lo,
                               f_hi, m_lo, n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml,
                               stride_ms, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
-                              HAS_MASK, HAS_DROPOUT, USE_TMA, LOOP_STAGES, DT, 0)
-            if HAS_DROPOUT:
-                dv = dv / (1.0 - dropout_p)
-            _store_keys(dv_base, dv, key_ok, offs_n, n_ok, HEAD_DV, BLOCK_DV)
+                              HAS_MASK, HAS_DROPOUT, USE_TMA, LOOP_STAGES, DT, (i_pass + 1) if SPLIT_DKDV else 0)
+            if i_pass == 0:  # dV is complete
+                if HAS_DROPOUT:
+                    dv = dv / (1.0 - dropout_p)
+                _store_keys(dv_base, dv, key_ok, offs_n, n_ok, HEAD_DV, BLOCK_DV)
         _store_keys(dk_base, dk * sm_scale, key_ok, offs_n, n_ok, HEAD_D, BLOCK_D)
 
     # ---- phase 2: dQ of BLOCK_N query rows of head bh --------------------------------------------
