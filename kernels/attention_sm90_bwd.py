@@ -369,10 +369,13 @@ BWD_SM90_CONFIGS: dict[tuple, object] = {
 }
 # The same key with plain loads (USE_TMA False: E or Ev not a multiple of 8, or a base not 16-byte
 # aligned) where that differs: a tile, or None (the classic backward serves those calls). The row and
-# head-dim masks of plain loads cost the few registers this tile has left: hd 64 mask+drop spills 24 B
-# on triton 3.6 (split 32 x 128: 336 B).
+# head-dim masks and the pipelined cp.async addresses of plain loads cost registers: one stage keeps
+# hd 64 / hd 128 plain at 200-220 registers (two: 242-255, and 8 B of spills once P comes from the
+# split log-sum-exp); hd 64 mask+drop spills 24 B on triton 3.6 (split 32 x 128: 336 B).
 BWD_SM90_PLAIN_LOAD_CONFIGS: dict[tuple, object] = {
+    (64, "plain"): _cfg(32, 128, 8, 1),
     (64, "mask+drop"): None,
+    (128, "plain"): _cfg(32, 128, 8, 1, split=True),
 }
 INTERPRET_CONFIG = _cfg(16, 32, 1, 1)
 

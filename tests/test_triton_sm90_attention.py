@@ -403,7 +403,8 @@ def test_backward_declines_what_it_does_not_serve():
     # a plain-load launch takes its own tile where the table says so, None: the classic backward
     q128 = torch.randn(1, 1, 8, 128, dtype=torch.float16)
     mask = torch.zeros(1, 1, 8, 8)
-    assert B._config(q128, q128, None, 0.0, use_tma=False) is B.BWD_SM90_CONFIGS[(128, "plain")]
+    assert B._config(q128, q128, None, 0.0, use_tma=True) is B.BWD_SM90_CONFIGS[(128, "plain")]
+    assert B._config(q128, q128, None, 0.0, use_tma=False) is B.BWD_SM90_PLAIN_LOAD_CONFIGS[(128, "plain")]
     assert B._config(q16, q16, mask, 0.1, use_tma=True) is B.BWD_SM90_CONFIGS[(64, "mask+drop")]
     assert B._config(q16, q16, mask, 0.1, use_tma=False) is B.BWD_SM90_PLAIN_LOAD_CONFIGS[(64, "mask+drop")] is None
     for (hd, var), cfg in B.BWD_SM90_CONFIGS.items():
