@@ -275,6 +275,44 @@ inline void dec_convert_row(const In* src, int64_t n, float* dst) {
 }
 #endif  // FA_DEC_AVX512
 
+// Rows [j0, j0 + nk) of X (rows of n values, ldx apart) as T, with their stride in ld: read in place
+// when In is T, else converted into buf (rows of np >= n values).
+template <typename T, typename In, bool kWide>
+inline const T* rows_as(const In* X, int64_t ldx, int64_t j0, int64_t nk, int64_t n, int64_t np, T* buf,
+                        int64_t& ld) {
+  if constexpr (std::is_same<T, In>::value) {
+    ld = ldx;
+    return X + j0 * ldx;
+  } else {
+    ld = np;
+#if defined(FA_DEC_AVX512)
+    if constexpr (kWide) {
+      for (int64_t j = 0; j < nk; ++j) dec_convert_row<In>(X + (j0 + j) * ldx, n, buf + j * np);
+      return buf;
+    }
+#endif
+    for (int64_t j = 0; j < nk; ++j)
+      for (int64_t e = 0; e < n; ++e) buf[j * np + e] = static_cast<T>(X[(j0 + j) * ldx + e]);
+    return buf;
+  }
+}
+
+// Software prefetch of rows [j, j + nr) of X (rows of n values, ldx apart), one touch per cache line.
+template <typename In>
+inline void prefetch_rows(const In* X, int64_t ldx, int64_t j, int64_t nr, int64_t n, int hint) {
+  const bool packed = ldx == n;  // one span
+  const int64_t rows = packed ? 1 : nr, bytes = (packed ? nr * n : n) * static_cast<int64_t>(sizeof(In));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* x0 = reinterpret_cast<const char*>(X + (j + r) * ldx);
+    switch (hint) {  // TEMPORARY experiment
+      case 2: for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 2); break;
+      case 1: for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 1); break;
+      case 0: for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 0); break;
+      default: for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 3); break;
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // The task loop, written once: T the compute type, In the storage type; kWide selects the AVX-512
 // primitives (T = float only).
@@ -299,11 +337,11 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t c = task % p.nchunks, bhk = task / p.nchunks, b = bhk / p.Hkv, hk = bhk % p.Hkv;
     const int64_t j_lo = c * p.chunk, j_hi = std::min(p.kend, j_lo + p.chunk);
-    const In* K = static_cast<const In*>(p.k) + bhk * S * E;
-    const In* Vm = static_cast<const In*>(p.v) + bhk * S * Ev;
-    const In* Q = static_cast<const In*>(p.q) + (b * p.Hq + hk * group) * L * E;  // R consecutive rows
+    const In* K = static_cast<const In*>(p.k) + b * p.ksb + hk * p.ksh;  // key j's row at K + j * p.kss
+    const In* Vm = static_cast<const In*>(p.v) + b * p.vsb + hk * p.vsh;
     for (int64_t r = 0; r < R; ++r) {
-      for (int64_t e = 0; e < E; ++e) qs[r * Ep + e] = static_cast<T>(Q[r * E + e]) * scale;
+      const In* Q = static_cast<const In*>(p.q) + b * p.qsb + (hk * group + r / L) * p.qsh + (r % L) * p.qsl;
+      for (int64_t e = 0; e < E; ++e) qs[r * Ep + e] = static_cast<T>(Q[e]) * scale;
       for (int64_t e = E; e < Ep; ++e) qs[r * Ep + e] = T(0);
     }
     std::fill(ob, ob + R * Evp, T(0));
@@ -317,34 +355,14 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
         for (int64_t j = 0; j < nk && all; ++j) all = kpm[j0 + j];
         if (all) continue;
       }
-      const int64_t jp = j0 + p.prefetch_blocks * kBK;  // a later block's K and V rows, one touch per line
+      const int64_t jp = j0 + p.prefetch_blocks * kBK;  // a later block's K and V rows
       if (p.prefetch_blocks > 0 && jp < j_hi) {
         const int64_t nn = std::min(kBK, j_hi - jp);
-        const char* kn = reinterpret_cast<const char*>(K + jp * E);
-        const char* vn = reinterpret_cast<const char*>(Vm + jp * Ev);
-        const int64_t kbytes = nn * E * static_cast<int64_t>(sizeof(In));
-        const int64_t vbytes = nn * Ev * static_cast<int64_t>(sizeof(In));
-        for (int64_t x = 0; x < kbytes; x += 64) __builtin_prefetch(kn + x, 0, 3);
-        for (int64_t x = 0; x < vbytes; x += 64) __builtin_prefetch(vn + x, 0, 3);
+        prefetch_rows<In>(K, p.kss, jp, nn, E, static_cast<int>(p.pf_hint));
+        prefetch_rows<In>(Vm, p.vss, jp, nn, Ev, static_cast<int>(p.pf_hint));
       }
-      const T* Kb;
       int64_t ldk;
-      if constexpr (kConvert) {
-#if defined(FA_DEC_AVX512)
-        if constexpr (kWide) {
-          for (int64_t j = 0; j < nk; ++j) dec_convert_row<In>(K + (j0 + j) * E, E, kbuf + j * Ep);
-        } else
-#endif
-        {
-          for (int64_t j = 0; j < nk; ++j)
-            for (int64_t e = 0; e < E; ++e) kbuf[j * Ep + e] = static_cast<T>(K[(j0 + j) * E + e]);
-        }
-        Kb = kbuf;
-        ldk = Ep;
-      } else {
-        Kb = K + j0 * E;
-        ldk = E;
-      }
+      const T* Kb = rows_as<T, In, kWide>(K, p.kss, j0, nk, E, Ep, kbuf, ldk);
 #if defined(FA_DEC_AVX512)
       if constexpr (kWide)
         qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc, kBK);
@@ -383,24 +401,8 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
           }
         }
       }
-      const T* Vb;
       int64_t ldv;
-      if constexpr (kConvert) {
-#if defined(FA_DEC_AVX512)
-        if constexpr (kWide) {
-          for (int64_t j = 0; j < nk; ++j) dec_convert_row<In>(Vm + (j0 + j) * Ev, Ev, vbuf + j * Evp);
-        } else
-#endif
-        {
-          for (int64_t j = 0; j < nk; ++j)
-            for (int64_t e = 0; e < Ev; ++e) vbuf[j * Evp + e] = static_cast<T>(Vm[(j0 + j) * Ev + e]);
-        }
-        Vb = vbuf;
-        ldv = Evp;
-      } else {
-        Vb = Vm + j0 * Ev;
-        ldv = Ev;
-      }
+      const T* Vb = rows_as<T, In, kWide>(Vm, p.vss, j0, nk, Ev, Evp, vbuf, ldv);
 #if defined(FA_DEC_AVX512)
       if constexpr (kWide)
         pv_avx512(sc, R, kBK, Vb, ldv, Ev, nk, ob, Evp, arow);
@@ -415,7 +417,7 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
       if (p.nchunks == 1) {
         const T l = lrow[r];
         const T inv = l != T(0) ? T(1) / l : T(0);  // a row that saw no key: out 0, lse +inf
-        In* O = static_cast<In*>(p.out) + row * Ev;
+        In* O = static_cast<In*>(p.out) + b * p.osb + (hk * group + g) * p.osh + i * p.osl;
         for (int64_t e = 0; e < Ev; ++e) O[e] = static_cast<In>(orow[e] * inv);
         p.lse[row] = l != T(0) ? static_cast<float>(mrow[r] + std::log(l)) : std::numeric_limits<float>::infinity();
       } else {
@@ -453,7 +455,8 @@ void decode_combine(const DecodeParams& p, int64_t row_begin, int64_t row_end) {
       for (int64_t e = 0; e < Ev; ++e) acc[e] += part[e] * w;
     }
     const T inv = l != T(0) ? T(1) / l : T(0);
-    In* O = static_cast<In*>(p.out) + row * Ev;
+    const int64_t i = row % p.L, h = (row / p.L) % p.Hq, b = row / (p.L * p.Hq);
+    In* O = static_cast<In*>(p.out) + b * p.osb + h * p.osh + i * p.osl;
     for (int64_t e = 0; e < Ev; ++e) O[e] = static_cast<In>(acc[e] * inv);
     p.lse[row] = l != T(0) ? static_cast<float>(mx + std::log(l)) : std::numeric_limits<float>::infinity();
   }
