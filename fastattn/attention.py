@@ -316,10 +316,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # The common call -- plain 4-D tensors, no mask, no dropout, the automatic choice landing on a C++
     # backend -- goes straight to the op, whose own checks (csrc/checks.h) refuse what it cannot
     # take; a refusal re-runs the call through the full validation below, which raises its precise error.
-    if (attn_mask is None and key_padding_mask is None and backend is None and not torch.compiler.is_compiling()
-            and dropout_p.__class__ is float and dropout_p == 0.0 and (is_causal is False or is_causal is True)
-            and (scale is None or scale.__class__ is float) and type(query) is T and type(key) is T
-            and type(value) is T and not backends._FORCED_STACK
+    if (attn_mask is None and key_padding_mask is None and (backend is None or backend.__class__ is str)
+            and not torch.compiler.is_compiling() and dropout_p.__class__ is float and dropout_p == 0.0
+            and (is_causal is False or is_causal is True) and (scale is None or scale.__class__ is float)
+            and type(query) is T and type(key) is T and type(value) is T
             and not (query.is_nested or key.is_nested or value.is_nested)):
         qs, ks, vs = query.shape, key.shape, value.shape
         # contiguous tensors, or on the CPU any views whose last dim is contiguous (the C++ CPU op reads
@@ -327,7 +327,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and qs[2] and ks[2] and (qs[1] == ks[1] or enable_gqa is True)
                 and ((query.is_contiguous() and key.is_contiguous() and value.is_contiguous())
                      or (query.is_cpu and query.stride(3) == 1 and key.stride(3) == 1 and value.stride(3) == 1))):
-            op = _direct_op(query, qs[3], vs[3])
+            op = _direct_op(query, qs[3], vs[3], backend)
             if op is not None and (scale is None or math.isfinite(scale)):
                 try:
                     return op(query, key, value, None, None, 0.0, is_causal,
@@ -339,20 +339,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.squeeze(1) if call.squeeze_head else out
 
 
-_DIRECT: dict = {}  # (device type, dtype, E, Ev, env backend) -> the C++ forward op, or False
+_DIRECT: dict = {}  # (device type, dtype, E, Ev, backend, use_backend's, env's) -> the C++ forward op, or False
 
 
-def _direct_op(query: torch.Tensor, e: int, ev: int):
-    """The C++ forward op (the raw callable) when the automatic choice for a mask-free call on query's
-    device and dtype with head dims e, ev is a C++ backend ("cpu" or "cuda"); None otherwise."""
+def _direct_op(query: torch.Tensor, e: int, ev: int, backend: Optional[str]):
+    """The C++ forward op (the raw callable) when the choice for a mask-free call on query's device and
+    dtype with head dims e, ev (backend, else use_backend, else FASTATTN_BACKEND, else automatic) is a
+    C++ backend ("cpu" or "cuda"); None otherwise (the full path then serves the call or names the error)."""
     device_type = "cpu" if query.is_cpu else "cuda" if query.is_cuda else None
-    key = (device_type, query.dtype, e, ev, backends._ENV_BACKEND)
+    forced = backends._FORCED_STACK[-1] if backends._FORCED_STACK else None
+    key = (device_type, query.dtype, e, ev, backend, forced, backends._ENV_BACKEND)
     hit = _DIRECT.get(key)
     if hit is None:
         hit = False
         if device_type is not None:
             try:
-                impl = backends.choose("attention", device_type, query.dtype, e, ev, False, None)
+                impl = backends.choose("attention", device_type, query.dtype, e, ev, False, backend)
             except (backends.BackendError, ValueError):
                 impl = None
             if impl is not None and impl.kernel is not None:

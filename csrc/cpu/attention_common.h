@@ -49,25 +49,19 @@ inline void fill_inputs(AttnInputs& p, const at::Tensor& q, const at::Tensor& k,
   p.Hkv = k.size(1);
   p.S = k.size(2);
   p.Ev = v.size(3);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.qsb = q.stride(0);
-  p.qsh = q.stride(1);
-  p.qsl = q.stride(2);
-  p.ksb = k.stride(0);
-  p.ksh = k.stride(1);
-  p.kss = k.stride(2);
-  p.vsb = v.stride(0);
-  p.vsh = v.stride(1);
-  p.vss = v.stride(2);
-  if (mask.defined()) {
-    p.mask = mask.data_ptr();
-    p.msb = mask.stride(0);
-    p.msh = mask.stride(1);
-    p.msl = mask.stride(2);
-    p.mss = mask.stride(3);
-  }
+  // t's data and the strides of its first three dims (its fourth's too: w3, for the mask)
+  const auto take = [](const at::Tensor& t, const void*& data, int64_t& w0, int64_t& w1, int64_t& w2,
+                       int64_t* w3) {
+    data = t.data_ptr();
+    w0 = t.stride(0);
+    w1 = t.stride(1);
+    w2 = t.stride(2);
+    if (w3 != nullptr) *w3 = t.stride(3);
+  };
+  take(q, p.q, p.qsb, p.qsh, p.qsl, nullptr);
+  take(k, p.k, p.ksb, p.ksh, p.kss, nullptr);
+  take(v, p.v, p.vsb, p.vsh, p.vss, nullptr);
+  if (mask.defined()) take(mask, p.mask, p.msb, p.msh, p.msl, &p.mss);
   if (key_padding_mask.has_value()) p.kpm = key_padding_mask->data_ptr<bool>();
   p.dropout_p = dropout_p;
   p.seed = dropout_p > 0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;

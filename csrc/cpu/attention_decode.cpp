@@ -18,7 +18,9 @@
 // capability, FASTATTN_CPU_ISA overrides; AVX2 machines run the portable code compiled for AVX2).
 // FASTATTN_CPU_DECODE=0 (read once) turns the path off; FASTATTN_CPU_DECODE_CHUNK (read per call,
 // for tuning) sets the chunk length, FASTATTN_CPU_DECODE_PREFETCH (per call) the software prefetch
-// distance in key blocks (default 1 for float32/64; 0 = off, the default for 16-bit K/V).
+// distance in key blocks (default 1 for float32/64; 0 = off, the default for 16-bit K/V),
+// FASTATTN_CPU_DECODE_QK_ROWS (per call) the order of the Q K^T loads of a block's first row: 1 (the
+// default) key by key, 0 the 16 keys' columns in step.
 // torch.ops.fastattn_decode.fwd_calls() counts the calls served.
 #include "tuning.h"
 #include "cpu/attention_common.h"
@@ -57,7 +59,7 @@ struct DecodeParams : AttnInputs {
   int64_t nchunks = 1;  // chunks per (batch, kv head)
   int64_t rows = 0;     // N * Hq * L
   int64_t prefetch_blocks = 1;  // software prefetch of K/V this many key blocks ahead (0: none)
-  int64_t pf_hint = 3;  // TEMPORARY
+  bool qk_row_order = true;  // Q K^T loads key by key (attention_decode_kernel.h qk_row16)
   void* out = nullptr;  // (N, Hq, L, Ev), q's dtype; element (b,h,i,e) at b*osb + h*osh + i*osl + e
   int64_t osb = 0, osh = 0, osl = 0;
   float* lse = nullptr; // (N, Hq, L) contiguous
@@ -163,7 +165,7 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   // measured (1 thread, this file's bench shapes): one block ahead pays ~15% on float32, costs ~5%
   // on 16-bit K/V (whose converted blocks already keep the loads ahead)
   p.prefetch_blocks = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 1 : 0));
-  p.pf_hint = env_int("FASTATTN_CPU_DECODE_PFHINT", 3);  // TEMPORARY
+  p.qk_row_order = env_int("FASTATTN_CPU_DECODE_QK_ROWS", 1) != 0;
   p.nchunks = std::max<int64_t>(1, (p.kend + p.chunk - 1) / p.chunk);
   const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor o_part, ml_part;

@@ -114,21 +114,34 @@ inline __m512 hsum16x16(const __m512 a[16]) {
 }
 
 // Scores of one query row (qs, E floats) against 16 keys (rows of K, stride ldk): lane j = q . k_j.
+// kRowOrder: the loads walk key by key (each row's lines in turn, one sequential stream); else
+// column by column (the 16 rows' first 64 bytes, then their next 64 bytes, ...).
+template <bool kRowOrder>
 inline __m512 qk_row16(const float* qs, const float* K, int64_t ldk, int64_t E) {
   __m512 acc[16];
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-  int64_t e = 0;
-  for (; e + 16 <= E; e += 16) {
-    const __m512 qv = _mm512_loadu_ps(qs + e);
+  const int64_t Ef = E / 16 * 16;
+  const __mmask16 m = dec_tail_mask(E - Ef);
+  if constexpr (kRowOrder) {
 #pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + j * ldk + e), acc[j]);
-  }
-  if (e < E) {
-    const __mmask16 m = dec_tail_mask(E - e);
-    const __m512 qv = _mm512_maskz_loadu_ps(m, qs + e);
+    for (int j = 0; j < 16; ++j) {
+      for (int64_t e = 0; e < Ef; e += 16)
+        acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qs + e), _mm512_loadu_ps(K + j * ldk + e), acc[j]);
+      if (Ef < E)
+        acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qs + Ef), _mm512_maskz_loadu_ps(m, K + j * ldk + Ef), acc[j]);
+    }
+  } else {
+    for (int64_t e = 0; e < Ef; e += 16) {
+      const __m512 qv = _mm512_loadu_ps(qs + e);
 #pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, K + j * ldk + e), acc[j]);
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + j * ldk + e), acc[j]);
+    }
+    if (Ef < E) {
+      const __m512 qv = _mm512_maskz_loadu_ps(m, qs + Ef);
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, K + j * ldk + Ef), acc[j]);
+    }
   }
   return hsum16x16(acc);
 }
@@ -148,10 +161,15 @@ inline float qk_row1(const float* qs, const float* k, int64_t E) {
 // s[r * lds + j] = qs[r] . K[j] for r < R, j < nk. Groups of 16 keys outer, rows inner: a group
 // of K (16 x E floats) stays in L1 while every row of the GQA group reads it.
 inline void qk_avx512(const float* qs, int64_t R, int64_t ldq, const float* K, int64_t ldk, int64_t E, int64_t nk,
-                      float* s, int64_t lds) {
+                      float* s, int64_t lds, bool row_order) {
   int64_t j0 = 0;
-  for (; j0 + 16 <= nk; j0 += 16)
-    for (int64_t r = 0; r < R; ++r) _mm512_storeu_ps(s + r * lds + j0, qk_row16(qs + r * ldq, K + j0 * ldk, ldk, E));
+  for (; j0 + 16 <= nk; j0 += 16) {
+    // the first row fetches the 16 keys (in the chosen order); the group's other rows find them in L1
+    _mm512_storeu_ps(s + j0, row_order ? qk_row16<true>(qs, K + j0 * ldk, ldk, E)
+                                       : qk_row16<false>(qs, K + j0 * ldk, ldk, E));
+    for (int64_t r = 1; r < R; ++r)
+      _mm512_storeu_ps(s + r * lds + j0, qk_row16<false>(qs + r * ldq, K + j0 * ldk, ldk, E));
+  }
   for (; j0 < nk; ++j0)
     for (int64_t r = 0; r < R; ++r) s[r * lds + j0] = qk_row1(qs + r * ldq, K + j0 * ldk, E);
 }
@@ -299,17 +317,12 @@ inline const T* rows_as(const In* X, int64_t ldx, int64_t j0, int64_t nk, int64_
 
 // Software prefetch of rows [j, j + nr) of X (rows of n values, ldx apart), one touch per cache line.
 template <typename In>
-inline void prefetch_rows(const In* X, int64_t ldx, int64_t j, int64_t nr, int64_t n, int hint) {
+inline void prefetch_rows(const In* X, int64_t ldx, int64_t j, int64_t nr, int64_t n) {
   const bool packed = ldx == n;  // one span
   const int64_t rows = packed ? 1 : nr, bytes = (packed ? nr * n : n) * static_cast<int64_t>(sizeof(In));
   for (int64_t r = 0; r < rows; ++r) {
     const char* x0 = reinterpret_cast<const char*>(X + (j + r) * ldx);
-    switch (hint) {  // TEMPORARY experiment
-      case 2: for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 2); break;
-      case 1: for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 1); break;
-      case 0: for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 0); break;
-      default: for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 3); break;
-    }
+    for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 3);
   }
 }
 
@@ -358,14 +371,14 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
       const int64_t jp = j0 + p.prefetch_blocks * kBK;  // a later block's K and V rows
       if (p.prefetch_blocks > 0 && jp < j_hi) {
         const int64_t nn = std::min(kBK, j_hi - jp);
-        prefetch_rows<In>(K, p.kss, jp, nn, E, static_cast<int>(p.pf_hint));
-        prefetch_rows<In>(Vm, p.vss, jp, nn, Ev, static_cast<int>(p.pf_hint));
+        prefetch_rows<In>(K, p.kss, jp, nn, E);
+        prefetch_rows<In>(Vm, p.vss, jp, nn, Ev);
       }
       int64_t ldk;
       const T* Kb = rows_as<T, In, kWide>(K, p.kss, j0, nk, E, Ep, kbuf, ldk);
 #if defined(FA_DEC_AVX512)
       if constexpr (kWide)
-        qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc, kBK);
+        qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc, kBK, p.qk_row_order);
       else
 #endif
         qk_generic<T>(qs, R, Ep, Kb, ldk, E, nk, sc, kBK);
