@@ -85,14 +85,14 @@ def _load_tile(base, offs_r, offs_c, R, C, BOUNDARY: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
-            BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """The (BM, BN) scores of query rows offs_m against keys offs_n (k: their (BN, BD) tile) in the
-    kernels' units (qk_scale is in them: log2 units without a mask, natural-log units with one), -inf
-    where a key is excluded: a -inf mask value (set, not added: a NaN score stays out), key padding
-    (has_kpm), and when BOUNDARY the key boundary and causality."""
+def _scores(qk, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
+            BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr):
+    """The (BM, BN) scores of query rows offs_m against keys offs_n from their products qk = q k^T, in
+    the kernels' units (qk_scale is in them: log2 units without a mask, natural-log units with one),
+    -inf where a key is excluded: a -inf mask value (set, not added: a NaN score stays out), key
+    padding (has_kpm), and when BOUNDARY the key boundary and causality."""
     n_ok = offs_n < S
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    s = qk * qk_scale
     if HAS_MASK:
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
                         mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0).to(tl.float32)
@@ -152,8 +152,8 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
     the kernels' units)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(k_base, offs_n, offs_d, S, HEAD_D, BOUNDARY)                  # (BN, BD)
-    s = _scores(q, k, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
-                BOUNDARY, HAS_MASK, INPUT_PRECISION)                              # (BM, BN)
+    s = _scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), mask_rows, kpm_base, offs_m, offs_n,
+                qk_scale, L, S, stride_ms, causal, has_kpm, BOUNDARY, HAS_MASK)  # (BM, BN)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only -inf so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -258,8 +258,9 @@ def _attn_fwd_kernel(
 # with |lse| >= SPLIT_LSE gets base = its row max m, rest = log(l) and delta = rowsum(P dP),
 # recomputed over its keys by the pre-pass (_split_rows). Only blocks holding such a row do that work.
 SPLIT_LSE = tl.constexpr(32.0)  # |lse| from which a row's log-sum-exp is split
-SPLIT_M = 16                    # rows and keys per step of that recompute
+SPLIT_M = 16                    # rows, keys and head-dim slice per step of that recompute
 SPLIT_N = 16
+SPLIT_D = tl.constexpr(32)      # (every head-dim bucket is a multiple of 32)
 
 
 @triton.jit
@@ -270,68 +271,71 @@ def _bwd_probs(s, base, rest, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _split_rows(Out, DOut, Lse, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p,
+def _split_rows(DOut, Lse, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p,
                 qk_scale, stride_ml, stride_ms, bh, b, hk, Hkv, start_m, L, S, HEAD_D, HEAD_DV, causal, has_kpm,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """The pre-pass for the SPLIT_M rows from start_m, of which those with |lse| >= SPLIT_LSE are
-    stored here: the row max m and sum l recomputed as the forward does, base = m, rest = log(l), and
-    delta = rowsum(P dP) with P = exp(s - m) / l unrounded and dP = dO V^T by the dQ kernel's own
-    product (times the kept mask / (1 - p) under dropout), as torch's math does. rowsum(dO O) from an
-    output rounded to 16 bits is off by about 2^-9 |dO| |O|, and any rounding of delta apart from
-    dP's is carried by dS = P (dP - delta) into dQ and dK times the logit scale (a one-hot row's exact
-    dS is 0)."""
+    """The SPLIT_M rows from start_m, of which those with |lse| >= SPLIT_LSE get: the row max m and sum
+    l recomputed as the forward does, base = m, rest = log(l), and delta = rowsum(P dP) with
+    P = exp(s - m) / l unrounded and dP = dO V^T as the dQ kernel computes it (times the kept mask
+    / (1 - p) under dropout), as torch's math does. rowsum(dO O) from an output rounded to 16 bits is
+    off by about 2^-9 |dO| |O|, and any rounding of delta apart from dP's is carried by
+    dS = P (dP - delta) into dQ and dK times the logit scale (a one-hot row's exact dS is 0).
+    The products run over the head dim in SPLIT_D slices (whole-width fp32 operands of this small
+    tile would live in registers and spill); a slice's product accumulates onto the previous one's."""
     offs_m = start_m + tl.arange(0, SPLIT_M)
     m_ok = offs_m < L
     row = bh.to(tl.int64) * L + offs_m
     lse = tl.load(Lse + row, mask=m_ok, other=0.0)
     big = m_ok & (tl.abs(lse) >= SPLIT_LSE) & (lse != float("inf"))
     if tl.max(big.to(tl.int32), 0) > 0:
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        q = _load_tile(Q + bh.to(tl.int64) * L * HEAD_D, offs_m, offs_d, L, HEAD_D, True)         # (SM, BD)
-        do = _load_tile(DOut + bh.to(tl.int64) * L * HEAD_DV, offs_m, offs_dv, L, HEAD_DV, True)  # (SM, BDV)
+        q_base = Q + bh.to(tl.int64) * L * HEAD_D
+        do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
         k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
         v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
         mask_rows = mask_bh + offs_m.to(tl.int64) * stride_ml
         kpm_base = Kpm + b.to(tl.int64) * S
         drop_rows = row * S
-        if HAS_DROPOUT:
+        philox = 0
+        if HAS_DROPOUT:  # seed points at (Philox seed, counter offset)
             drop_rows += tl.load(seed + 1)
-            seed = tl.load(seed)
+            philox = tl.load(seed)
         m_i = tl.full([SPLIT_M], float("-inf"), tl.float32)
         l_i = tl.zeros([SPLIT_M], tl.float32)
         dd = tl.zeros([SPLIT_M], tl.float32)  # rowsum(exp(s - m) dP), rescaled like l_i
         lo, _full, n_end = _key_range(KvRange, b, start_m, S, causal, has_kpm, SPLIT_M, SPLIT_N)
         for start_n in range(lo, n_end, SPLIT_N):
             offs_n = start_n + tl.arange(0, SPLIT_N)
-            k = _load_tile(k_base, offs_n, offs_d, S, HEAD_D, True)
-            s = _scores(q, k, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
-                        True, HAS_MASK, INPUT_PRECISION)
+            qk = tl.zeros([SPLIT_M, SPLIT_N], tl.float32)
+            for d0 in tl.static_range(0, BLOCK_D, SPLIT_D):
+                offs_d = d0 + tl.arange(0, SPLIT_D)
+                q = _load_tile(q_base, offs_m, offs_d, L, HEAD_D, True)
+                k = _load_tile(k_base, offs_n, offs_d, S, HEAD_D, True)
+                qk = tl.dot(q, tl.trans(k), qk, input_precision=INPUT_PRECISION)
+            s = _scores(qk, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
+                        True, HAS_MASK)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = _exp(s - m_sub[:, None], HAS_MASK)
             alpha = _exp(m_i - m_sub, HAS_MASK)
-            v = _load_tile(v_base, offs_n, offs_dv, S, HEAD_DV, True)
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)                # as in _dq_block
+            dp = tl.zeros([SPLIT_M, SPLIT_N], tl.float32)
+            for d0 in tl.static_range(0, BLOCK_DV, SPLIT_D):
+                offs_dv = d0 + tl.arange(0, SPLIT_D)
+                do = _load_tile(do_base, offs_m, offs_dv, L, HEAD_DV, True)
+                v = _load_tile(v_base, offs_n, offs_dv, S, HEAD_DV, True)
+                dp = tl.dot(do, tl.trans(v), dp, input_precision=INPUT_PRECISION)
             if HAS_DROPOUT:
-                keep = tl.rand(seed, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
+                keep = tl.rand(philox, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             l_i = l_i * alpha + tl.sum(p, 1)
             dd = dd * alpha + tl.sum(p * dp, 1)
             m_i = m_new
-        split = l_i != 0.0  # always, unless the recompute saw no key the forward saw: keep lse then
-        o = tl.load(Out + row[:, None] * HEAD_DV + offs_dv[None, :],
-                    mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0).to(tl.float32)
-        plain = tl.sum(o * do.to(tl.float32), 1)
-        if HAS_MASK:
-            lse_u = lse
-        else:
-            lse_u = lse * 1.4426950408889634
+        # l_i is 0 only if the recompute saw none of the keys the forward saw: keep the plain values
+        split = big & (l_i != 0.0)
         l_safe = tl.where(split, l_i, 1.0)
-        tl.store(Delta + row, tl.where(split, dd / l_safe, plain), mask=big)
-        tl.store(LseBase + row, tl.where(split, m_i, lse_u), mask=big)
-        tl.store(LseRest + row, tl.where(split, _log(l_safe, HAS_MASK), 0.0), mask=big)
+        tl.store(Delta + row, dd / l_safe, mask=split)
+        tl.store(LseBase + row, m_i, mask=split)
+        tl.store(LseRest + row, _log(l_safe, HAS_MASK), mask=split)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -347,8 +351,8 @@ def _attn_bwd_delta_kernel(
     SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """delta = rowsum(dO O) in float32 and the log-sum-exp as (base, rest) (see SPLIT_LSE above); the
-    rows with |lse| >= SPLIT_LSE are left to _split_rows."""
+    """delta = rowsum(dO O) in float32 and the log-sum-exp as (base, rest) = (lse, 0) for every row;
+    then, in a block holding rows with |lse| >= SPLIT_LSE, _split_rows overwrites theirs."""
     num_m = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -363,22 +367,22 @@ def _attn_bwd_delta_kernel(
     do = tl.load(DOut + base + ptrs, mask=ok, other=0.0).to(tl.float32)
     row = bh.to(tl.int64) * L + offs_m
     lse = tl.load(Lse + row, mask=m_ok, other=0.0)
-    big = m_ok & (tl.abs(lse) >= SPLIT_LSE) & (lse != float("inf"))
-    plain = m_ok & ~big
-    tl.store(Delta + row, tl.sum(o * do, 1), mask=plain)
+    tl.store(Delta + row, tl.sum(o * do, 1), mask=m_ok)
     if HAS_MASK:
-        tl.store(LseBase + row, lse, mask=plain)
+        tl.store(LseBase + row, lse, mask=m_ok)
     else:
-        tl.store(LseBase + row, lse * 1.4426950408889634, mask=plain)
-    tl.store(LseRest + row, tl.zeros([BLOCK_M], tl.float32), mask=plain)
+        tl.store(LseBase + row, lse * 1.4426950408889634, mask=m_ok)
+    tl.store(LseRest + row, tl.zeros([BLOCK_M], tl.float32), mask=m_ok)
+    big = m_ok & (tl.abs(lse) >= SPLIT_LSE) & (lse != float("inf"))
     if tl.max(big.to(tl.int32), 0) > 0:  # rare: huge mask values or logits
+        tl.debug_barrier()  # the stores above land before _split_rows overwrites some of them
         b = bh // Hq
         h = bh % Hq
         mask_bh = Mask
         if HAS_MASK:
             mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
         for c in range(0, BLOCK_M, SPLIT_M):
-            _split_rows(Out, DOut, Lse, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p,
+            _split_rows(DOut, Lse, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p,
                         qk_scale, stride_ml, stride_ms, bh, b, h // GROUP, Hq // GROUP, start_m + c, L, S,
                         HEAD_D, HEAD_DV, causal, has_kpm, BLOCK_D, BLOCK_DV, SPLIT_M, SPLIT_N, HAS_MASK,
                         HAS_DROPOUT, INPUT_PRECISION)
@@ -524,8 +528,8 @@ def _dq_block(dq, q, do, base, rest, delta, k_base, v_base, mask_rows, kpm_base,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(k_base, offs_n, offs_d, S, HEAD_D, BOUNDARY)                  # (BN, BD)
     v = _load_tile(v_base, offs_n, offs_dv, S, HEAD_DV, BOUNDARY)                # (BN, BDV)
-    s = _scores(q, k, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
-                BOUNDARY, HAS_MASK, INPUT_PRECISION)                              # (BM, BN)
+    s = _scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), mask_rows, kpm_base, offs_m, offs_n,
+                qk_scale, L, S, stride_ms, causal, has_kpm, BOUNDARY, HAS_MASK)  # (BM, BN)
     p = _bwd_probs(s, base[:, None], rest[:, None], HAS_MASK)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)                # (BM, BN)
     if HAS_DROPOUT:
@@ -607,16 +611,16 @@ KERNELS = {"fwd": _attn_fwd_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq":
 
 def compile_cases(arch: int) -> list:
     """Every distinct (kernel name, dtype class, head-dim bucket, variant, Tile) a launch on arch family
-    `arch` can choose (the union over sequence buckets of configs.ATTENTION); the delta pre-pass is
-    listed with the variant None, once per head-dim bucket and dtype class."""
+    `arch` can choose (the union over sequence buckets of configs.ATTENTION), and the delta pre-pass
+    (configs.ATTN_DELTA) once per dtype class, head-dim bucket and variant of the dQ kernel."""
     cases = []
     for (name, dc, hd, _sq, var, a), tile in configs.ATTENTION.items():
         case = (name, dc, hd, var, tile)
         if a == arch and case not in cases:
             cases.append(case)
-    for hd in configs.HEAD_DIM_BUCKETS:
-        for dc in ("f16", "f32"):
-            cases.append(("bwd_delta", dc, hd, None, configs.ATTN_DELTA))
+    for name, dc, hd, var, _tile in list(cases):
+        if name == "bwd_dq":
+            cases.append(("bwd_delta", dc, hd, var, configs.ATTN_DELTA))
     return cases
 
 
