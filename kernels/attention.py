@@ -258,9 +258,8 @@ def _attn_fwd_kernel(
 # with |lse| >= SPLIT_LSE gets base = its row max m, rest = log(l) and delta = rowsum(P dP),
 # recomputed over its keys by the pre-pass (_split_rows). Only blocks holding such a row do that work.
 SPLIT_LSE = tl.constexpr(32.0)  # |lse| from which a row's log-sum-exp is split
-SPLIT_M = 16                    # rows, keys and head-dim slice per step of that recompute
-SPLIT_N = 16
-SPLIT_D = tl.constexpr(32)      # (every head-dim bucket is a multiple of 32)
+SPLIT_N = 16                    # keys per step of that recompute
+SPLIT_D = tl.constexpr(32)      # head-dim slice per product (every head-dim bucket is a multiple of it)
 
 
 @triton.jit
@@ -271,71 +270,66 @@ def _bwd_probs(s, base, rest, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _split_rows(DOut, Lse, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p,
-                qk_scale, stride_ml, stride_ms, bh, b, hk, Hkv, start_m, L, S, HEAD_D, HEAD_DV, causal, has_kpm,
-                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
+def _split_rows(DOut, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
+                stride_ml, stride_ms, bh, b, hk, Hkv, start_m, offs_m, big, L, S, HEAD_D, HEAD_DV, causal, has_kpm,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_N: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """The SPLIT_M rows from start_m, of which those with |lse| >= SPLIT_LSE get: the row max m and sum
+    """The query rows offs_m (from start_m), of which those that are `big` get: the row max m and sum
     l recomputed as the forward does, base = m, rest = log(l), and delta = rowsum(P dP) with
     P = exp(s - m) / l unrounded and dP = dO V^T as the dQ kernel computes it (times the kept mask
     / (1 - p) under dropout), as torch's math does. rowsum(dO O) from an output rounded to 16 bits is
     off by about 2^-9 |dO| |O|, and any rounding of delta apart from dP's is carried by
     dS = P (dP - delta) into dQ and dK times the logit scale (a one-hot row's exact dS is 0).
-    The products run over the head dim in SPLIT_D slices (whole-width fp32 operands of this small
-    tile would live in registers and spill); a slice's product accumulates onto the previous one's."""
-    offs_m = start_m + tl.arange(0, SPLIT_M)
-    m_ok = offs_m < L
+    The products run over the head dim in SPLIT_D slices (whole-width fp32 operands would stay in
+    registers and spill); a slice's product accumulates onto the previous one's."""
     row = bh.to(tl.int64) * L + offs_m
-    lse = tl.load(Lse + row, mask=m_ok, other=0.0)
-    big = m_ok & (tl.abs(lse) >= SPLIT_LSE) & (lse != float("inf"))
-    if tl.max(big.to(tl.int32), 0) > 0:
-        q_base = Q + bh.to(tl.int64) * L * HEAD_D
-        do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
-        k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
-        v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
-        mask_rows = mask_bh + offs_m.to(tl.int64) * stride_ml
-        kpm_base = Kpm + b.to(tl.int64) * S
-        drop_rows = row * S
-        philox = 0
-        if HAS_DROPOUT:  # seed points at (Philox seed, counter offset)
-            drop_rows += tl.load(seed + 1)
-            philox = tl.load(seed)
-        m_i = tl.full([SPLIT_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([SPLIT_M], tl.float32)
-        dd = tl.zeros([SPLIT_M], tl.float32)  # rowsum(exp(s - m) dP), rescaled like l_i
-        lo, _full, n_end = _key_range(KvRange, b, start_m, S, causal, has_kpm, SPLIT_M, SPLIT_N)
-        for start_n in range(lo, n_end, SPLIT_N):
-            offs_n = start_n + tl.arange(0, SPLIT_N)
-            qk = tl.zeros([SPLIT_M, SPLIT_N], tl.float32)
-            for d0 in tl.static_range(0, BLOCK_D, SPLIT_D):
-                offs_d = d0 + tl.arange(0, SPLIT_D)
-                q = _load_tile(q_base, offs_m, offs_d, L, HEAD_D, True)
-                k = _load_tile(k_base, offs_n, offs_d, S, HEAD_D, True)
-                qk = tl.dot(q, tl.trans(k), qk, input_precision=INPUT_PRECISION)
-            s = _scores(qk, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
-                        True, HAS_MASK)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = _exp(s - m_sub[:, None], HAS_MASK)
-            alpha = _exp(m_i - m_sub, HAS_MASK)
-            dp = tl.zeros([SPLIT_M, SPLIT_N], tl.float32)
-            for d0 in tl.static_range(0, BLOCK_DV, SPLIT_D):
-                offs_dv = d0 + tl.arange(0, SPLIT_D)
-                do = _load_tile(do_base, offs_m, offs_dv, L, HEAD_DV, True)
-                v = _load_tile(v_base, offs_n, offs_dv, S, HEAD_DV, True)
-                dp = tl.dot(do, tl.trans(v), dp, input_precision=INPUT_PRECISION)
-            if HAS_DROPOUT:
-                keep = tl.rand(philox, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            dd = dd * alpha + tl.sum(p * dp, 1)
-            m_i = m_new
-        # l_i is 0 only if the recompute saw none of the keys the forward saw: keep the plain values
-        split = big & (l_i != 0.0)
-        l_safe = tl.where(split, l_i, 1.0)
-        tl.store(Delta + row, dd / l_safe, mask=split)
-        tl.store(LseBase + row, m_i, mask=split)
-        tl.store(LseRest + row, _log(l_safe, HAS_MASK), mask=split)
+    q_base = Q + bh.to(tl.int64) * L * HEAD_D
+    do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
+    k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
+    v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
+    mask_rows = mask_bh + offs_m.to(tl.int64) * stride_ml
+    kpm_base = Kpm + b.to(tl.int64) * S
+    drop_rows = row * S
+    philox = 0
+    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset)
+        drop_rows += tl.load(seed + 1)
+        philox = tl.load(seed)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    dd = tl.zeros([BLOCK_M], tl.float32)  # rowsum(exp(s - m) dP), rescaled like l_i
+    lo, _full, n_end = _key_range(KvRange, b, start_m, S, causal, has_kpm, BLOCK_M, SPLIT_N)
+    for start_n in range(lo, n_end, SPLIT_N):
+        offs_n = start_n + tl.arange(0, SPLIT_N)
+        qk = tl.zeros([BLOCK_M, SPLIT_N], tl.float32)
+        for d0 in range(0, BLOCK_D, SPLIT_D):
+            offs_d = d0 + tl.arange(0, SPLIT_D)
+            q = _load_tile(q_base, offs_m, offs_d, L, HEAD_D, True)
+            k = _load_tile(k_base, offs_n, offs_d, S, HEAD_D, True)
+            qk = tl.dot(q, tl.trans(k), qk, input_precision=INPUT_PRECISION)
+        s = _scores(qk, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
+                    True, HAS_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = _exp(s - m_sub[:, None], HAS_MASK)
+        alpha = _exp(m_i - m_sub, HAS_MASK)
+        dp = tl.zeros([BLOCK_M, SPLIT_N], tl.float32)
+        for d0 in range(0, BLOCK_DV, SPLIT_D):
+            offs_dv = d0 + tl.arange(0, SPLIT_D)
+            do = _load_tile(do_base, offs_m, offs_dv, L, HEAD_DV, True)
+            v = _load_tile(v_base, offs_n, offs_dv, S, HEAD_DV, True)
+            dp = tl.dot(do, tl.trans(v), dp, input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            keep = tl.rand(philox, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        dd = dd * alpha + tl.sum(p * dp, 1)
+        m_i = m_new
+    # l_i is 0 only if the recompute saw none of the keys the forward saw: keep the plain values
+    split = big & (l_i != 0.0)
+    l_safe = tl.where(split, l_i, 1.0)
+    tl.store(Delta + row, dd / l_safe, mask=split)
+    tl.store(LseBase + row, m_i, mask=split)
+    tl.store(LseRest + row, _log(l_safe, HAS_MASK), mask=split)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -348,8 +342,7 @@ def _attn_bwd_delta_kernel(
     Hq, GROUP, L, S, HEAD_D, HEAD_DV,
     causal, has_kpm,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SPLIT_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """delta = rowsum(dO O) in float32 and the log-sum-exp as (base, rest) = (lse, 0) for every row;
     then, in a block holding rows with |lse| >= SPLIT_LSE, _split_rows overwrites theirs."""
@@ -381,11 +374,10 @@ def _attn_bwd_delta_kernel(
         mask_bh = Mask
         if HAS_MASK:
             mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        for c in range(0, BLOCK_M, SPLIT_M):
-            _split_rows(DOut, Lse, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p,
-                        qk_scale, stride_ml, stride_ms, bh, b, h // GROUP, Hq // GROUP, start_m + c, L, S,
-                        HEAD_D, HEAD_DV, causal, has_kpm, BLOCK_D, BLOCK_DV, SPLIT_M, SPLIT_N, HAS_MASK,
-                        HAS_DROPOUT, INPUT_PRECISION)
+        _split_rows(DOut, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
+                    stride_ml, stride_ms, bh, b, h // GROUP, Hq // GROUP, start_m, offs_m, big, L, S, HEAD_D,
+                    HEAD_DV, causal, has_kpm, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT_N, HAS_MASK, HAS_DROPOUT,
+                    INPUT_PRECISION)
 
 
 @triton.jit
@@ -752,8 +744,7 @@ def backward_prepass(c: _Launch, q, k, v, out, grad_out, lse):
     ms = c.mstrides
     _attn_bwd_delta_kernel[(triton.cdiv(l, t.block_m) * n * hq,)](
         out, grad_out, lse, delta, lse_base, lse_rest, q, k, v, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p,
-        c.qk_scale, ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, BLOCK_M=t.block_m, SPLIT_M=SPLIT_M,
-        SPLIT_N=SPLIT_N, num_warps=t.num_warps, num_stages=t.num_stages)
+        c.qk_scale, ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, BLOCK_M=t.block_m, SPLIT_N=SPLIT_N, num_warps=t.num_warps, num_stages=t.num_stages)
     return delta, lse_base, lse_rest
 
 

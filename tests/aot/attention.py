@@ -72,9 +72,9 @@ def compile_job(job: dict) -> dict:
     var = job["variant"].split("+")
     consts = dict(tile.kwargs, BLOCK_D=hd, BLOCK_DV=hd, HAS_MASK="mask" in var, HAS_DROPOUT="drop" in var,
                   INPUT_PRECISION=C.input_precision(dc))
-    if name == "bwd_delta":  # BLOCK_M only; the rows it splits go SPLIT_M x SPLIT_N
+    if name == "bwd_delta":  # BLOCK_M only; the rows it splits take SPLIT_N keys a step
         del consts["BLOCK_N"]
-        consts.update(SPLIT_M=A.SPLIT_M, SPLIT_N=A.SPLIT_N)
+        consts["SPLIT_N"] = A.SPLIT_N
     dtype = "f32" if job["dtype"] == "tf32" else job["dtype"]
     types, divisible = signature(kernel, dtype, consts)
     row = common.compile_source(make_ast_source(kernel, types, consts, divisible), job["arch"], tile.num_warps,
