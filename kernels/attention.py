@@ -251,7 +251,8 @@ def _attn_fwd_kernel(
 # |lse| is large (huge mask values, large logits) that rounding is what P = exp(s - lse) is made of:
 # P is off by up to ulp(lse)/2 relative, and where log(l) vanishes against m (m = -1e30) a row's P
 # sums to S instead of 1. The delta pre-pass therefore hands the backward the log-sum-exp as two
-# float32 numbers per row (LseBase, LseRest: (N, Hq, L)), in the kernels' units (log2 without a mask,
+# float32 numbers per row (LseSplit (N, Hq, 2, L): [.., 0, i] base, [.., 1, i] rest; one pointer, the
+# rest a row of L after the base), in the kernels' units (log2 without a mask,
 # natural log with one), and every backward kernel takes P from them through _bwd_probs alone:
 #   P = exp(s - base - rest), (s - base) first.
 # A row with |lse| < SPLIT_LSE gets base = lse, rest = 0 and delta = rowsum(dO O), as before; a row
@@ -270,7 +271,7 @@ def _bwd_probs(s, base, rest, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _split_rows(DOut, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
+def _split_rows(DOut, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
                 stride_ml, stride_ms, bh, b, hk, Hkv, start_m, offs_m, big, L, S, HEAD_D, HEAD_DV, causal, has_kpm,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_N: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -328,14 +329,15 @@ def _split_rows(DOut, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, s
     split = big & (l_i != 0.0)
     l_safe = tl.where(split, l_i, 1.0)
     tl.store(Delta + row, dd / l_safe, mask=split)
-    tl.store(LseBase + row, m_i, mask=split)
-    tl.store(LseRest + row, _log(l_safe, HAS_MASK), mask=split)
+    lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L + offs_m
+    tl.store(lse_ptr, m_i, mask=split)
+    tl.store(lse_ptr + L, _log(l_safe, HAS_MASK), mask=split)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_delta_kernel(
     Out, DOut, Lse,             # out, grad_out (N,Hq,L,Ev); lse (N,Hq,L) f32 from the forward
-    Delta, LseBase, LseRest,    # written: delta and the split log-sum-exp, (N,Hq,L) f32 each
+    Delta, LseSplit,            # written: delta (N,Hq,L) f32, the split log-sum-exp (N,Hq,2,L) f32
     Q, K, V, Mask, Kpm, KvRange,  # as in the dQ kernel; read only for rows with |lse| >= SPLIT_LSE
     seed, dropout_p, qk_scale,
     stride_mb, stride_mh, stride_ml, stride_ms,
@@ -361,11 +363,12 @@ def _attn_bwd_delta_kernel(
     row = bh.to(tl.int64) * L + offs_m
     lse = tl.load(Lse + row, mask=m_ok, other=0.0)
     tl.store(Delta + row, tl.sum(o * do, 1), mask=m_ok)
+    lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L + offs_m
     if HAS_MASK:
-        tl.store(LseBase + row, lse, mask=m_ok)
+        tl.store(lse_ptr, lse, mask=m_ok)
     else:
-        tl.store(LseBase + row, lse * 1.4426950408889634, mask=m_ok)
-    tl.store(LseRest + row, tl.zeros([BLOCK_M], tl.float32), mask=m_ok)
+        tl.store(lse_ptr, lse * 1.4426950408889634, mask=m_ok)
+    tl.store(lse_ptr + L, tl.zeros([BLOCK_M], tl.float32), mask=m_ok)
     big = m_ok & (tl.abs(lse) >= SPLIT_LSE) & (lse != float("inf"))
     if tl.max(big.to(tl.int32), 0) > 0:  # rare: huge mask values or logits
         tl.debug_barrier()  # the stores above land before _split_rows overwrites some of them
@@ -374,14 +377,14 @@ def _attn_bwd_delta_kernel(
         mask_bh = Mask
         if HAS_MASK:
             mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        _split_rows(DOut, Delta, LseBase, LseRest, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
+        _split_rows(DOut, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
                     stride_ml, stride_ms, bh, b, h // GROUP, Hq // GROUP, start_m, offs_m, big, L, S, HEAD_D,
                     HEAD_DV, causal, has_kpm, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT_N, HAS_MASK, HAS_DROPOUT,
                     INPUT_PRECISION)
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_base, do_base, base_ptr, rest_ptr, delta_base, mask_cols, drop_base,
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_ptr, delta_base, mask_cols, drop_base,
                 start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                 L, S, HEAD_D, HEAD_DV, stride_ml,
                 causal, BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr,
@@ -394,8 +397,8 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, base_ptr, rest_ptr, delta_base, m
     m_ok = offs_m < L
     q = _load_tile(q_base, offs_m, offs_d, L, HEAD_D, BOUNDARY)                  # (BM, BD)
     do = _load_tile(do_base, offs_m, offs_dv, L, HEAD_DV, BOUNDARY)              # (BM, BDV)
-    base = tl.load(base_ptr + offs_m, mask=m_ok, other=float("inf"))             # the pre-pass's split
-    rest = tl.load(rest_ptr + offs_m, mask=m_ok, other=0.0)
+    base = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf"))              # the pre-pass's split
+    rest = tl.load(lse_ptr + L + offs_m, mask=m_ok, other=0.0)
     sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # (BN, BM), kernel units
     if HAS_MASK:  # as in _scores
         mvals = tl.load(mask_cols[:, None] + offs_m[None, :].to(tl.int64) * stride_ml,
@@ -424,7 +427,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, base_ptr, rest_ptr, delta_base, m
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut,              # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev)
-    LseBase, LseRest, Delta,    # (N,Hq,L) f32 from the delta pre-pass (see SPLIT_LSE)
+    LseSplit, Delta,            # (N,Hq,2,L) and (N,Hq,L) f32 from the delta pre-pass (see SPLIT_LSE)
     DK, DV,                     # dk (N,Hkv,S,E), dv (N,Hkv,S,Ev)
     Mask, Kpm,                  # additive (N,Hq,L,S) strided view; (N,S) u8
     seed, dropout_p, qk_scale, sm_scale,
@@ -475,8 +478,7 @@ def _attn_bwd_dkdv_kernel(
         bh = b * Hq + h
         q_base = Q + bh.to(tl.int64) * L * HEAD_D
         do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
-        base_ptr = LseBase + bh.to(tl.int64) * L
-        rest_ptr = LseRest + bh.to(tl.int64) * L
+        lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L
         delta_base = Delta + bh.to(tl.int64) * L
         mask_cols = Mask
         if HAS_MASK:
@@ -486,15 +488,13 @@ def _attn_bwd_dkdv_kernel(
         if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
             drop_base += tl.load(seed + 1)
         for start_m in range(f_lo, f_hi, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, base_ptr, rest_ptr, delta_base, mask_cols,
-                                 drop_base,
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_ptr, delta_base, mask_cols, drop_base,
                                  start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                  L, S, HEAD_D, HEAD_DV, stride_ml,
                                  causal, BLOCK_M, False, HAS_MASK, HAS_DROPOUT, INPUT_PRECISION)
         for i in range(0, n_bound):
             start_m = tl.where(i < n_head, m_lo + i * BLOCK_M, f_hi + (i - n_head) * BLOCK_M)
-            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, base_ptr, rest_ptr, delta_base, mask_cols,
-                                 drop_base,
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_ptr, delta_base, mask_cols, drop_base,
                                  start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                  L, S, HEAD_D, HEAD_DV, stride_ml,
                                  causal, BLOCK_M, True, HAS_MASK, HAS_DROPOUT, INPUT_PRECISION)
@@ -535,7 +535,7 @@ def _dq_block(dq, q, do, base, rest, delta, k_base, v_base, mask_rows, kpm_base,
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, LseBase, LseRest, Delta,  # as in _attn_bwd_dkdv_kernel
+    Q, K, V, DOut, LseSplit, Delta,  # as in _attn_bwd_dkdv_kernel
     DQ,                         # dq (N,Hq,L,E)
     Mask, Kpm, KvRange,
     seed, dropout_p, qk_scale, sm_scale,
@@ -563,8 +563,9 @@ def _attn_bwd_dq_kernel(
 
     q = _load_tile(Q + bh.to(tl.int64) * L * HEAD_D, offs_m, offs_d, L, HEAD_D, True)        # (BM, BD)
     do = _load_tile(DOut + bh.to(tl.int64) * L * HEAD_DV, offs_m, offs_dv, L, HEAD_DV, True)  # (BM, BDV)
-    base = tl.load(LseBase + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf"))  # the pre-pass's
-    rest = tl.load(LseRest + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)          # split lse
+    lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L + offs_m                        # the pre-pass's split lse
+    base = tl.load(lse_ptr, mask=m_ok, other=float("inf"))
+    rest = tl.load(lse_ptr + L, mask=m_ok, other=0.0)
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
     k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
     v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
@@ -735,17 +736,18 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is
 
 
 def backward_prepass(c: _Launch, q, k, v, out, grad_out, lse):
-    """The backward's pre-pass: (delta, lse_base, lse_rest), (N, Hq, L) float32 each, what every
-    backward kernel reads in place of the forward's lse: P = exp(s - lse_base - lse_rest) in the
-    kernels' units (_bwd_probs; see SPLIT_LSE), dS = P (dP - delta)."""
+    """The backward's pre-pass: (delta (N, Hq, L), lse_split (N, Hq, 2, L)) float32, what every backward
+    kernel reads in place of the forward's lse: P = exp(s - base - rest) with base = lse_split[..., 0, :],
+    rest = lse_split[..., 1, :] in the kernels' units (_bwd_probs; see SPLIT_LSE), dS = P (dP - delta)."""
     n, hq, l = lse.shape
-    delta, lse_base, lse_rest = (torch.empty((n, hq, l), dtype=torch.float32, device=q.device) for _ in range(3))
+    delta = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)
+    lse_split = torch.empty((n, hq, 2, l), dtype=torch.float32, device=q.device)
     t = c.tile("bwd_delta")
     ms = c.mstrides
     _attn_bwd_delta_kernel[(triton.cdiv(l, t.block_m) * n * hq,)](
-        out, grad_out, lse, delta, lse_base, lse_rest, q, k, v, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p,
+        out, grad_out, lse, delta, lse_split, q, k, v, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p,
         c.qk_scale, ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, BLOCK_M=t.block_m, SPLIT_N=SPLIT_N, num_warps=t.num_warps, num_stages=t.num_stages)
-    return delta, lse_base, lse_rest
+    return delta, lse_split
 
 
 def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p: float,
@@ -767,15 +769,15 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
     with _device_of(q):
         c = _Launch(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
         ms = c.mstrides
-        delta, lse_base, lse_rest = backward_prepass(c, q, k, v, out, grad_out, lse)
+        delta, lse_split = backward_prepass(c, q, k, v, out, grad_out, lse)
         t = c.tile("bwd_dkdv")
         _attn_bwd_dkdv_kernel[(triton.cdiv(c.s, t.block_n) * n * c.hkv,)](
-            q, k, v, grad_out, lse_base, lse_rest, delta, dk, dv, c.mask, c.kpm, c.seed, c.dropout_p, c.qk_scale, c.scale,
+            q, k, v, grad_out, lse_split, delta, dk, dv, c.mask, c.kpm, c.seed, c.dropout_p, c.qk_scale, c.scale,
             ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, **t.kwargs,
             num_warps=t.num_warps, num_stages=t.num_stages)
         t = c.tile("bwd_dq")
         _attn_bwd_dq_kernel[(triton.cdiv(l, t.block_m) * n * hq,)](
-            q, k, v, grad_out, lse_base, lse_rest, delta, dq, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p, c.qk_scale,
+            q, k, v, grad_out, lse_split, delta, dq, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p, c.qk_scale,
             c.scale, ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, **t.kwargs,
             num_warps=t.num_warps, num_stages=t.num_stages)
     return dq, dk, dv

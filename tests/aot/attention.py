@@ -27,7 +27,7 @@ def signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, list]:
     for name in kernel.arg_names:
         if name in constexprs:
             continue
-        if name in ("Lse", "LseBase", "LseRest", "Delta", "Mask"):  # the additive mask arrives as float32
+        if name in ("Lse", "LseSplit", "Delta", "Mask"):  # the additive mask arrives as float32
             types[name] = "*fp32"
         elif name == "Kpm":
             types[name] = "*u8"
