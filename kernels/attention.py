@@ -142,6 +142,35 @@ def _key_range(KvRange, b, start_m, S, causal, has_kpm, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
+def _query_block(K, V, Mask, Kpm, seed, stride_mb, stride_mh, stride_ml, Hq, GROUP, L, S, HEAD_D, HEAD_DV,
+                 causal, BLOCK_M: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Where the forward's and dQ's program for one query block reads: (bh, b, start_m, offs_m, k_base,
+    v_base, mask_rows (BM,) pointers, kpm_base, drop_rows (BM,) i64 Philox counters). Causal: the
+    longest rows first (tail balance)."""
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    pid_m = pid % num_m
+    pid_m = tl.where(causal, num_m - 1 - pid_m, pid_m)
+    b = bh // Hq
+    h = bh % Hq
+    hkv = b * (Hq // GROUP) + h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    k_base = K + hkv.to(tl.int64) * S * HEAD_D
+    v_base = V + hkv.to(tl.int64) * S * HEAD_DV
+    mask_rows = Mask
+    if HAS_MASK:
+        mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                     + offs_m.to(tl.int64) * stride_ml)
+    kpm_base = Kpm + b.to(tl.int64) * S
+    drop_rows = (bh.to(tl.int64) * L + offs_m) * S
+    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+        drop_rows += tl.load(seed + 1)
+    return bh, b, start_m, offs_m, k_base, v_base, mask_rows, kpm_base, drop_rows
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
                start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
                L, S, HEAD_D, HEAD_DV, stride_ms,
@@ -183,34 +212,14 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    pid_m = pid % num_m
-    pid_m = tl.where(causal, num_m - 1 - pid_m, pid_m)  # causal: the longest rows first (tail balance)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // GROUP
-    Hkv = Hq // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, start_m, offs_m, k_base, v_base, mask_rows, kpm_base, drop_rows = _query_block(
+        K, V, Mask, Kpm, seed, stride_mb, stride_mh, stride_ml, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal,
+        BLOCK_M, HAS_MASK, HAS_DROPOUT)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < L
-
-    q_base = Q + bh.to(tl.int64) * L * HEAD_D
-    k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
-    v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
-    q = _load_tile(q_base, offs_m, offs_d, L, HEAD_D, True)                      # (BM, BD)
-
-    mask_rows = Mask
-    if HAS_MASK:
-        mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                     + offs_m.to(tl.int64) * stride_ml)                           # (BM,) pointers
-    kpm_base = Kpm + b.to(tl.int64) * S
-    drop_rows = (bh.to(tl.int64) * L + offs_m) * S                                 # (BM,) i64
-    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
-        drop_rows += tl.load(seed + 1)
+    q = _load_tile(Q + bh.to(tl.int64) * L * HEAD_D, offs_m, offs_d, L, HEAD_D, True)        # (BM, BD)
+    if HAS_DROPOUT:
         seed = tl.load(seed)
 
     lo, full_end, n_end = _key_range(KvRange, b, start_m, S, causal, has_kpm, BLOCK_M, BLOCK_N)
@@ -271,6 +280,20 @@ def _bwd_probs(s, base, rest, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _sliced_product(a_base, b_base, offs_a, offs_b, RA, RB, C, BA: tl.constexpr, BB: tl.constexpr,
+                    BC: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """A B^T for rows offs_a of the row-major (RA, C) matrix at a_base and rows offs_b of the (RB, C)
+    one at b_base, SPLIT_D columns at a time, each slice's product accumulated onto the previous."""
+    acc = tl.zeros([BA, BB], tl.float32)
+    for c0 in range(0, BC, SPLIT_D):
+        offs_c = c0 + tl.arange(0, SPLIT_D)
+        a = _load_tile(a_base, offs_a, offs_c, RA, C, True)
+        b = _load_tile(b_base, offs_b, offs_c, RB, C, True)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _split_rows(DOut, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
                 stride_ml, stride_ms, bh, b, hk, Hkv, start_m, offs_m, big, L, S, HEAD_D, HEAD_DV, causal, has_kpm,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_N: tl.constexpr,
@@ -301,24 +324,16 @@ def _split_rows(DOut, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dro
     lo, _full, n_end = _key_range(KvRange, b, start_m, S, causal, has_kpm, BLOCK_M, SPLIT_N)
     for start_n in range(lo, n_end, SPLIT_N):
         offs_n = start_n + tl.arange(0, SPLIT_N)
-        qk = tl.zeros([BLOCK_M, SPLIT_N], tl.float32)
-        for d0 in range(0, BLOCK_D, SPLIT_D):
-            offs_d = d0 + tl.arange(0, SPLIT_D)
-            q = _load_tile(q_base, offs_m, offs_d, L, HEAD_D, True)
-            k = _load_tile(k_base, offs_n, offs_d, S, HEAD_D, True)
-            qk = tl.dot(q, tl.trans(k), qk, input_precision=INPUT_PRECISION)
+        qk = _sliced_product(q_base, k_base, offs_m, offs_n, L, S, HEAD_D, BLOCK_M, SPLIT_N, BLOCK_D,
+                             INPUT_PRECISION)
         s = _scores(qk, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
                     True, HAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = _exp(s - m_sub[:, None], HAS_MASK)
         alpha = _exp(m_i - m_sub, HAS_MASK)
-        dp = tl.zeros([BLOCK_M, SPLIT_N], tl.float32)
-        for d0 in range(0, BLOCK_DV, SPLIT_D):
-            offs_dv = d0 + tl.arange(0, SPLIT_D)
-            do = _load_tile(do_base, offs_m, offs_dv, L, HEAD_DV, True)
-            v = _load_tile(v_base, offs_n, offs_dv, S, HEAD_DV, True)
-            dp = tl.dot(do, tl.trans(v), dp, input_precision=INPUT_PRECISION)
+        dp = _sliced_product(do_base, v_base, offs_m, offs_n, L, S, HEAD_DV, BLOCK_M, SPLIT_N, BLOCK_DV,
+                             INPUT_PRECISION)
         if HAS_DROPOUT:
             keep = tl.rand(philox, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
@@ -546,37 +561,18 @@ def _attn_bwd_dq_kernel(
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    pid_m = pid % num_m
-    pid_m = tl.where(causal, num_m - 1 - pid_m, pid_m)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // GROUP
-    Hkv = Hq // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, start_m, offs_m, k_base, v_base, mask_rows, kpm_base, drop_rows = _query_block(
+        K, V, Mask, Kpm, seed, stride_mb, stride_mh, stride_ml, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal,
+        BLOCK_M, HAS_MASK, HAS_DROPOUT)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < L
-
     q = _load_tile(Q + bh.to(tl.int64) * L * HEAD_D, offs_m, offs_d, L, HEAD_D, True)        # (BM, BD)
     do = _load_tile(DOut + bh.to(tl.int64) * L * HEAD_DV, offs_m, offs_dv, L, HEAD_DV, True)  # (BM, BDV)
     lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L + offs_m                        # the pre-pass's split lse
     base = tl.load(lse_ptr, mask=m_ok, other=float("inf"))
     rest = tl.load(lse_ptr + L, mask=m_ok, other=0.0)
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
-    k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
-    v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
-    mask_rows = Mask
-    if HAS_MASK:
-        mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                     + offs_m.to(tl.int64) * stride_ml)
-    kpm_base = Kpm + b.to(tl.int64) * S
-    drop_rows = (bh.to(tl.int64) * L + offs_m) * S
-    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
-        drop_rows += tl.load(seed + 1)
 
     lo, full_end, n_end = _key_range(KvRange, b, start_m, S, causal, has_kpm, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -612,8 +608,9 @@ def compile_cases(arch: int) -> list:
         if a == arch and case not in cases:
             cases.append(case)
     for name, dc, hd, var, _tile in list(cases):
-        if name == "bwd_dq":
-            cases.append(("bwd_delta", dc, hd, var, configs.ATTN_DELTA))
+        case = ("bwd_delta", dc, hd, var, configs.ATTN_DELTA)
+        if name == "bwd_dq" and case not in cases:
+            cases.append(case)
     return cases
 
 
