@@ -283,11 +283,16 @@ def _bwd_probs(s, base, rest, HAS_MASK: tl.constexpr):
 def _sliced_product(a_base, b_base, offs_a, offs_b, RA, RB, C, BA: tl.constexpr, BB: tl.constexpr,
                     BC: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """A B^T for rows offs_a of the row-major (RA, C) matrix at a_base and rows offs_b of the (RB, C)
-    one at b_base, SPLIT_D columns at a time, each slice's product accumulated onto the previous."""
+    one at b_base, SPLIT_D columns at a time, each slice's product accumulated onto the previous. A's
+    load is volatile: the same rows every key block, never hoisted out of the caller's loop into
+    registers held across it (with one slice, C <= SPLIT_D, they would be: spills)."""
     acc = tl.zeros([BA, BB], tl.float32)
     for c0 in range(0, BC, SPLIT_D):
         offs_c = c0 + tl.arange(0, SPLIT_D)
-        a = _load_tile(a_base, offs_a, offs_c, RA, C, True)
+        a = tl.load(a_base + offs_a[:, None] * C + offs_c[None, :],
+                    mask=(offs_a[:, None] < RA) & (offs_c[None, :] < C), other=0.0, volatile=True)
+        if _WIDEN_BF16 and a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
         b = _load_tile(b_base, offs_b, offs_c, RB, C, True)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
     return acc
