@@ -15,8 +15,13 @@ What the launchers receive is fixed by fastattn/backends/README.md:
   float32, +inf for a row that sees no key (its output is 0 and its gradients are 0).
 
 Design notes:
-  * Scores are computed in the log2 domain: s2 = (q.k) * scale * log2(e) + mask * log2(e), so the
-    softmax uses exp2; lse is converted back to the natural log when stored.
+  * Scores are computed in the log2 domain without a mask: s2 = (q.k) * scale * log2(e), so the
+    softmax uses exp2; lse is converted back to the natural log when stored. With a mask they stay in
+    natural-log units, s = (q.k) * scale + mask (times log2(e) a mask of -3e38 would overflow to
+    -inf: only -inf, set rather than added, excludes a key; any finite value is a score), and exp2
+    takes (s - m) * log2(e). qk_scale is the scale in those units (the launcher's _Launch).
+  * The backward reads the log-sum-exp through the delta pre-pass's split (base + rest, see
+    SPLIT_LSE), so rows with huge mask values or logits get gradients consistent with the forward.
   * attn_mask and dropout are compile-time flags (HAS_MASK, HAS_DROPOUT), so the plain call compiles
     none of their code: 4 specialisations per kernel. Causality and key padding are runtime bools
     (`causal`, `has_kpm`): causality moves loop bounds, reverses the program order and adds one
@@ -203,7 +208,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse,        # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), out (N,Hq,L,Ev), lse (N,Hq,L) f32
     Mask, Kpm, KvRange,       # mask: additive (N,Hq,L,S) strided view; kpm (N,S) u8; kv_range (N,2) i32
-    seed, dropout_p, qk_scale,  # *i64 (philox seed, counter offset), dropout prob, scale*log2(e)
+    seed, dropout_p, qk_scale,  # *i64 (philox seed, counter offset), dropout prob, scale in kernel units
     stride_mb, stride_mh, stride_ml, stride_ms,  # mask strides (elements, may be 0)
     Hq, GROUP, L, S, HEAD_D, HEAD_DV,  # GROUP = Hq // Hkv
     causal,                   # bool (a runtime flag: it only moves loop bounds and the boundary test)
