@@ -33,16 +33,18 @@ BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tenso
               "-> (Tensor, Tensor, Tensor)")
 
 
-def _triton_forward(*args):
-    from .kernels import attention as kernels  # imported at first use: `import fastattn` never imports triton
-
-    return kernels.attention_forward(*args)
-
-
 def _triton_backward(*args):
     from .kernels import attention as kernels
+    from .kernels import attention_sm90_bwd  # sm_90: serves what its table covers (FASTATTN_TRITON_ATTN)
 
-    return kernels.attention_backward(*args)
+    grads = attention_sm90_bwd.backward(*args)
+    return grads if grads is not None else kernels.attention_backward(*args)
+
+
+def _triton_kernels():
+    from .kernels import attention as kernels  # imported at first use: `import fastattn` never imports triton
+
+    return kernels.attention_forward, _triton_backward
 
 
 def _fwd_fake(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
@@ -72,7 +74,7 @@ def _autograd(bwd_op):
 
 # attention_fwd/_bwd: C++ kernels per device, their autograd in C++ (csrc/autograd.cpp: no Python on the
 # call path); triton_attention_fwd/_bwd: the launchers above, their autograd from _autograd.
-FWD_OPS, BWD_OPS = _library.define_family("attention", FWD_SCHEMA, BWD_SCHEMA, _triton_forward, _triton_backward,
+FWD_OPS, BWD_OPS = _library.define_family("attention", FWD_SCHEMA, BWD_SCHEMA, _triton_kernels,
                                           _fwd_fake, _bwd_fake, _autograd)
 
 

@@ -449,6 +449,32 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_ptr, delta_base, mask_cols, d
     return dk, dv
 
 
+@triton.jit
+def _dkdv_query_blocks(kpm_row, offs_n, start_n, L, S, causal, has_kpm,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query blocks a dK/dV program of keys [start_n, start_n + BLOCK_N) visits (also used by
+    kernels/attention_sm90_bwd.py): (key_ok, m_lo, f_lo, f_hi, n_head, n_bound)."""
+    n_ok = offs_n < S
+    # Query blocks to visit: [m_lo, m_end). Those in [f_lo, f_hi) need no boundary/causal test.
+    m_end = tl.cdiv(L, BLOCK_M) * BLOCK_M
+    m_lo = tl.where(causal, tl.minimum((start_n // BLOCK_M) * BLOCK_M, m_end), 0)
+    f_lo = tl.where(causal, tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, 0)
+    f_hi = (L // BLOCK_M) * BLOCK_M
+    # Key padding (a runtime flag): a padded key's rows of dK/dV are zeroed once at the end, and a
+    # key block that is wholly padded visits nothing.
+    pad = tl.load(kpm_row + offs_n, mask=n_ok & has_kpm, other=0)
+    key_ok = n_ok & (pad == 0)
+    m_lo = tl.where(tl.sum(key_ok.to(tl.int32), 0) > 0, m_lo, m_end)
+    # The last key block (partly beyond S): every query block needs the key boundary test.
+    f_lo = tl.where(start_n + BLOCK_N > S, m_end, f_lo)
+    f_lo = tl.minimum(tl.maximum(f_lo, m_lo), m_end)
+    f_hi = tl.maximum(f_hi, f_lo)
+    # Query blocks [m_lo, f_lo) and [f_hi, m_end) take the boundary/causal test: one loop over both.
+    n_head = (f_lo - m_lo) // BLOCK_M
+    n_bound = n_head + (m_end - f_hi) // BLOCK_M
+    return key_ok, m_lo, f_lo, f_hi, n_head, n_bound
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut,              # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev)
@@ -478,23 +504,8 @@ def _attn_bwd_dkdv_kernel(
     k = _load_tile(K + bhk.to(tl.int64) * S * HEAD_D, offs_n, offs_d, S, HEAD_D, True)       # (BN, BD)
     v = _load_tile(V + bhk.to(tl.int64) * S * HEAD_DV, offs_n, offs_dv, S, HEAD_DV, True)    # (BN, BDV)
 
-    # Query blocks to visit: [m_lo, m_end). Those in [f_lo, f_hi) need no boundary/causal test.
-    m_end = tl.cdiv(L, BLOCK_M) * BLOCK_M
-    m_lo = tl.where(causal, tl.minimum((start_n // BLOCK_M) * BLOCK_M, m_end), 0)
-    f_lo = tl.where(causal, tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, 0)
-    f_hi = (L // BLOCK_M) * BLOCK_M
-    # Key padding (a runtime flag): a padded key's rows of dK/dV are zeroed once at the end, and a
-    # key block that is wholly padded visits nothing.
-    pad = tl.load(Kpm + b.to(tl.int64) * S + offs_n, mask=n_ok & has_kpm, other=0)
-    key_ok = n_ok & (pad == 0)
-    m_lo = tl.where(tl.sum(key_ok.to(tl.int32), 0) > 0, m_lo, m_end)
-    # The last key block (partly beyond S): every query block needs the key boundary test.
-    f_lo = tl.where(start_n + BLOCK_N > S, m_end, f_lo)
-    f_lo = tl.minimum(tl.maximum(f_lo, m_lo), m_end)
-    f_hi = tl.maximum(f_hi, f_lo)
-    # Query blocks [m_lo, f_lo) and [f_hi, m_end) take the boundary/causal test: one loop over both.
-    n_head = (f_lo - m_lo) // BLOCK_M
-    n_bound = n_head + (m_end - f_hi) // BLOCK_M
+    key_ok, m_lo, f_lo, f_hi, n_head, n_bound = _dkdv_query_blocks(Kpm + b.to(tl.int64) * S, offs_n, start_n, L, S,
+                                                                    causal, has_kpm, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)

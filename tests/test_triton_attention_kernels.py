@@ -18,6 +18,8 @@ import sys
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers import attention_inputs  # noqa: E402
+
 # Without a GPU the kernels run under the interpreter on CPU tensors (set before triton kernels are
 # imported, as tests/conftest.py does); with one, the same cases run on the GPU.
 if not torch.cuda.is_available():
@@ -93,10 +95,7 @@ def reference(q, k, v, mask, kpm, causal, scale, dropout_p=0.0, keep=None, dtype
 
 
 def _inputs(n, hq, hkv, l, s, e, ev, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, hq, l, e, generator=g).to(dtype)
-    k = torch.randn(n, hkv, s, e, generator=g).to(dtype)
-    v = torch.randn(n, hkv, s, ev, generator=g).to(dtype)
+    q, k, v, g = attention_inputs(n, hq, hkv, l, s, e, ev, dtype, seed)
     do = torch.randn(n, hq, l, ev, generator=g).to(dtype)
     return q, k, v, do
 
