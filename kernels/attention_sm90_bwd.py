@@ -24,7 +24,7 @@ Design:
   * Registers (SASS of hd 128, 32 x 128 on 8 warps, read for this): the phase-1 loop holds dK + dV,
     128 fp32 per thread, the 2 x 8 shared-memory descriptors of the resident K and V (one per
     16-wide k-step of the products, hoisted out of the loop) 16, S^T and dP^T 16 each, the fp16 P^T /
-    dS^T operands 8 each, lse and delta of the block's columns 8 each, and the loop's pipeline state:
+    dS^T operands 8 each, the block's columns' row statistics 8 each, and the loop's pipeline state:
     about 245 at the peak, so the ~6 values the epilogue needs spill around the loop. The counts
     below the cap are not a need: ptxas spends registers up to the 255 cap on scheduling (hd 32 tiles
     show 160-240 with 16-32 accumulator registers). SPLIT_DKDV (a config flag) is the fix at hd 128:
@@ -38,8 +38,9 @@ Design:
     E/Ev read as zero with no mask instructions in the loop; the interior loop is a tl.range with
     LOOP_STAGES stages (the pipeliner prefetches the next tiles). Otherwise plain loads with the row
     and head-dim masks (E not a multiple of 8, e.g. the classifier's 25).
-  * The scale stays outside the products (s * qk_scale, qk_scale = scale * log2(e)), as in the classic
-    kernels, so both backwards compute P the same way from the same lse.
+  * The scale stays outside the products (s * qk_scale, qk_scale in the classic kernels' units: scale *
+    log2(e), or scale with a mask), and P comes from the classic delta pre-pass's split log-sum-exp
+    through _classic._bwd_probs, so both backwards compute P the same way.
 """
 from __future__ import annotations
 
@@ -88,12 +89,14 @@ def _rows(desc, base, hd_idx, row0, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.con
 
 
 @triton.jit
-def _row_stats(lse_base, delta_base, offs_m, m_ok):
-    """What the softmax backward needs per query row, from the forward and the classic delta
-    pre-pass: (lse in log2 units, +inf for a row that sees no key; delta = rowsum(dO * O))."""
-    lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+def _row_stats(lse_ptr, delta_base, L, offs_m, m_ok):
+    """What the softmax backward needs per query row, from the classic delta pre-pass: (base, rest,
+    delta): its split log-sum-exp (lse_ptr: the head's (2, L) rows; P = _bwd_probs(s, base, rest),
+    base +inf for a row that sees no key) and delta."""
+    base = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf"))
+    rest = tl.load(lse_ptr + L + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-    return lse2, delta
+    return base, rest, delta
 
 
 @triton.jit
@@ -108,13 +111,13 @@ def _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_bas
     m_ok = offs_m < L
     q = _rows(q_desc, q_base, bh, start_m, L, HEAD_D, BLOCK_M, BLOCK_D, BOUNDARY, USE_TMA)
     do = _rows(do_desc, do_base, bh, start_m, L, HEAD_DV, BLOCK_M, BLOCK_DV, BOUNDARY, USE_TMA)
-    lse2, delta = _row_stats(lse_base, delta_base, offs_m, m_ok)
+    base, rest, delta = _row_stats(lse_base, delta_base, L, offs_m, m_ok)
     sT = tl.dot(k, tl.trans(q)) * qk_scale                                            # (BN, BM)
-    if HAS_MASK:
+    if HAS_MASK:  # natural-log units; only -inf excludes (as in the classic kernels' _scores)
         mvals = tl.load(mask_cols[:, None] + offs_m[None, :].to(tl.int64) * stride_ml,
                         mask=(offs_n[:, None] < S) & m_ok[None, :], other=0.0)
-        sT += mvals * 1.4426950408889634
-    pT = tl.math.exp2(sT - lse2[None, :])
+        sT = tl.where(mvals == float("-inf"), float("-inf"), sT + mvals)
+    pT = _classic._bwd_probs(sT, base[None, :], rest[None, :], HAS_MASK)
     if BOUNDARY:
         n_diag = tl.where(causal, offs_n, 0)
         visible = (offs_n[:, None] < S) & m_ok[None, :] & (n_diag[:, None] <= offs_m[None, :])
@@ -138,7 +141,7 @@ def _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_bas
 
 
 @triton.jit
-def _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, Lse, Delta, Mask, seed, b, hk, offs_n, f_lo, f_hi, m_lo,
+def _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, LseSplit, Delta, Mask, seed, b, hk, offs_n, f_lo, f_hi, m_lo,
              n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml, stride_ms, Hq, GROUP, L, S,
              HEAD_D, HEAD_DV, causal, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
@@ -150,7 +153,7 @@ def _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, Lse, Delta, Mask, seed, b, 
         bh = b * Hq + h
         q_base = Q + bh.to(tl.int64) * L * HEAD_D
         do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
-        lse_base = Lse + bh.to(tl.int64) * L
+        lse_base = LseSplit + bh.to(tl.int64) * 2 * L  # the (2, L) split log-sum-exp rows of head bh
         delta_base = Delta + bh.to(tl.int64) * L
         mask_cols = Mask
         if HAS_MASK:
@@ -183,7 +186,7 @@ def _store_keys(base, acc, key_ok, offs_n, n_ok, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _q_step(dq, q, do, lse2, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows, seed,
+def _q_step(dq, q, do, base, rest, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows, seed,
             bhk, start_n, offs_m, dropout_p, qk_scale, L, S, HEAD_D, HEAD_DV, stride_ms, causal, has_kpm,
             BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
             BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
@@ -194,11 +197,11 @@ def _q_step(dq, q, do, lse2, delta, k_desc, v_desc, k_base, v_base, mask_rows, k
     k = _rows(k_desc, k_base, bhk, start_n, S, HEAD_D, BLOCK_K, BLOCK_D, BOUNDARY, USE_TMA)
     v = _rows(v_desc, v_base, bhk, start_n, S, HEAD_DV, BLOCK_K, BLOCK_DV, BOUNDARY, USE_TMA)
     s = tl.dot(q, tl.trans(k)) * qk_scale                                             # (BM, BK)
-    if HAS_MASK:
+    if HAS_MASK:  # natural-log units; only -inf excludes
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
                         mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
-        s += mvals * 1.4426950408889634
-    p = tl.math.exp2(s - lse2[:, None])
+        s = tl.where(mvals == float("-inf"), float("-inf"), s + mvals)
+    p = _classic._bwd_probs(s, base[:, None], rest[:, None], HAS_MASK)
     if has_kpm:  # a runtime flag: one uniform branch per key block
         pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)
         p = tl.where(pad[None, :] == 0, p, 0.0)
@@ -224,7 +227,8 @@ def _descriptor(base, heads, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.cons
 
 @triton.jit(do_not_specialize=_classic._NO_SPECIALIZE + ["NB"])
 def _attn_bwd_sm90_kernel(
-    Q, K, V, DOut, Lse, Delta,  # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev), lse/delta (N,Hq,L) f32
+    Q, K, V, DOut, LseSplit, Delta,  # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev); the delta
+                                     # pre-pass's split lse (N,Hq,2,L) and delta (N,Hq,L) f32
     DQ, DK, DV,                 # shaped like q, k, v
     Mask, Kpm, KvRange,         # additive (N,Hq,L,S) f32 strided view; (N,S) u8; (N,2) i32 unpadded key range
     seed, dropout_p, qk_scale, sm_scale,
@@ -267,7 +271,7 @@ def _attn_bwd_sm90_kernel(
         # PASS 0: dK and dV together; SPLIT_DKDV: PASS 1 (dV) over the query blocks, dV stored, then PASS 2
         # (dK): half the accumulators live at a time
         for i_pass in tl.static_range(2 if SPLIT_DKDV else 1):
-            dk, dv = _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, Lse, Delta, Mask, seed, b, hk, offs_n, f_lo,
+            dk, dv = _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, LseSplit, Delta, Mask, seed, b, hk, offs_n, f_lo,
                               f_hi, m_lo, n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml,
                               stride_ms, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
                               HAS_MASK, HAS_DROPOUT, USE_TMA, LOOP_STAGES, DT, (i_pass + 1) if SPLIT_DKDV else 0)
@@ -292,7 +296,8 @@ def _attn_bwd_sm90_kernel(
         q = _rows(Q, Q + bh.to(tl.int64) * L * HEAD_D, bh, start_m, L, HEAD_D, BLOCK_N, BLOCK_D, True, False)
         do = _rows(DOut, DOut + bh.to(tl.int64) * L * HEAD_DV, bh, start_m, L, HEAD_DV, BLOCK_N, BLOCK_DV,
                    True, False)
-        lse2, delta = _row_stats(Lse + bh.to(tl.int64) * L, Delta + bh.to(tl.int64) * L, offs_m, m_ok)
+        base, rest, delta = _row_stats(LseSplit + bh.to(tl.int64) * 2 * L, Delta + bh.to(tl.int64) * L, L,
+                                       offs_m, m_ok)
         k_base = K + bhk.to(tl.int64) * S * HEAD_D
         v_base = V + bhk.to(tl.int64) * S * HEAD_DV
         mask_rows = Mask
@@ -319,11 +324,11 @@ def _attn_bwd_sm90_kernel(
 
         dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start_n in tl.range(lo, full_end, BLOCK_M, num_stages=LOOP_STAGES):
-            dq = _q_step(dq, q, do, lse2, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows,
+            dq = _q_step(dq, q, do, base, rest, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows,
                          seed, bhk, start_n, offs_m, dropout_p, qk_scale, L, S, HEAD_D, HEAD_DV, stride_ms,
                          causal, has_kpm, BLOCK_M, BLOCK_D, BLOCK_DV, False, HAS_MASK, HAS_DROPOUT, USE_TMA, DT)
         for start_n in range(full_end, n_end, BLOCK_M):
-            dq = _q_step(dq, q, do, lse2, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows,
+            dq = _q_step(dq, q, do, base, rest, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows,
                          seed, bhk, start_n, offs_m, dropout_p, qk_scale, L, S, HEAD_D, HEAD_DV, stride_ms,
                          causal, has_kpm, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_MASK, HAS_DROPOUT, USE_TMA, DT)
         dq = dq * sm_scale
@@ -426,17 +431,6 @@ def serves(q, k, v, attn_mask=None, dropout_p=0.0, force: bool = False, use_tma:
     return _config(q, v, attn_mask, dropout_p, use_tma) is not None
 
 
-def _delta(c, out, grad_out):
-    """The classic delta pre-pass (kernels/attention.py's _attn_bwd_delta_kernel): the per-row values
-    _row_stats reads, one float32 (N, Hq, L) tensor."""
-    delta = torch.empty((c.n, c.hq, c.l), dtype=torch.float32, device=out.device)
-    t = c.tile("bwd_delta")
-    _classic._attn_bwd_delta_kernel[(triton.cdiv(c.l, t.block_m) * c.n * c.hq,)](
-        out, grad_out, delta, c.l, c.ev, BLOCK_DV=c.dims["BLOCK_DV"], BLOCK_M=t.block_m,
-        num_warps=t.num_warps, num_stages=t.num_stages)
-    return delta
-
-
 def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p: float, is_causal: bool,
              scale: float, seed, force: bool = False, use_tma: bool | None = None, split: bool | None = None):
     """(dq, dk, dv) from the sm_90 kernel, or None when it does not serve the call (the caller then
@@ -453,7 +447,7 @@ def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p
         c = _classic._Launch(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
         if tma and not INTERPRET:
             _fwd._ensure_allocator()
-        delta = _delta(c, out, grad_out)
+        delta, lse_split = _classic.backward_prepass(c, q, k, v, out, grad_out, lse)  # what _row_stats reads
         cfg = INTERPRET_CONFIG if INTERPRET else _config(q, v, attn_mask, dropout_p, tma)
         if cfg is None:  # forced on a GPU for a case without a spill-free tile
             return None
@@ -465,7 +459,7 @@ def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p
         flags.pop("INPUT_PRECISION")
         dims = dict(c.dims, BLOCK_D=c.hd, BLOCK_DV=c.hd)  # one bucket for both: the AOT-compiled cases
         _attn_bwd_sm90_kernel[grid](
-            q, k, v, grad_out, lse, delta, dq, dk, dv, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p,
+            q, k, v, grad_out, lse_split, delta, dq, dk, dv, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p,
             c.qk_scale, c.scale, ms[0], ms[1], ms[2], ms[3], c.n, **dims, **flags, **kw,
             USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv
