@@ -10,13 +10,13 @@ import math
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastattn
 from fastattn.backends import family_impls  # noqa: E402
 from fastattn.testing import check_bound
 
 from conftest import backend_device
+from helpers import large_logit_problem
 
 ATTN = fastattn.available_backends("attention")
 FFN = fastattn.available_backends("ffn")
@@ -248,15 +248,7 @@ def test_large_logit_gradients_within_bound(backend, case, seed, request):
         # FASTATTN_CPU_BF16DOT=0, passes). Not fixed yet: issue 15 stays open.
         request.applymarker(pytest.mark.xfail(strict=True, reason="issue 15 item 6 on the AVX512-BF16 path"))
     dev = _dev(backend)
-    g = torch.Generator().manual_seed(seed)
-    q64, k64, v64 = (torch.randn(1, 1, n, d, generator=g, dtype=torch.float64) for n, d in ((l, e), (s, e), (s, ev)))
-    go = torch.randn(1, 1, l, ev, generator=g, dtype=torch.float64).to(dt)
-    q, k, v = (t.to(dt) for t in (q64, k64, v64))
-    r = [t.double().requires_grad_(True) for t in (q, k, v)]
-    rgrads = torch.autograd.grad(torch.softmax(r[0] @ r[1].transpose(-1, -2) * scale, -1) @ r[2], r, go.double())
-    t_ = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    with sdpa_kernel([SDPBackend.MATH]):
-        tgrads = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(*t_, scale=scale), t_, go)
+    q, k, v, go, rgrads, tgrads = large_logit_problem(dt, l, s, e, ev, scale, seed)
     f_ = [t.to(dev).requires_grad_(True) for t in (q, k, v)]
     out = fastattn.scaled_dot_product_attention(*f_, scale=scale, backend=backend)
     grads = torch.autograd.grad(out, f_, go.to(dev))

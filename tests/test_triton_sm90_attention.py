@@ -295,6 +295,11 @@ def _dev(t):
     return None if t is None else t.to(DEVICE)
 
 
+def _helpers():
+    sys.path.insert(0, str(ROOT / "tests"))
+    return importlib.import_module("helpers")
+
+
 def _run_bwd(n, hq, hkv, l, s, e, ev, dtype, mask_kind=None, use_kpm=False, causal=False, p=0.0, tma=False,
              seed=0, split=None):
     T, B = _kernel_tests(), _bwd_module()
@@ -421,17 +426,7 @@ def test_backward_large_logits_within_bound(case, split):
     # test_regressions.py's large-logit case), dQ = scale * dS K multiplying any rounding by the scale
     T, B = _kernel_tests(), _bwd_module()
     dt, l, s, e, ev, scale = case
-    g = torch.Generator().manual_seed(0)
-    q64, k64, v64 = (torch.randn(1, 1, n, d, generator=g, dtype=torch.float64) for n, d in ((l, e), (s, e), (s, ev)))
-    go = torch.randn(1, 1, l, ev, generator=g, dtype=torch.float64).to(dt)
-    q, k, v = (t.to(dt) for t in (q64, k64, v64))
-    r = [t.double().requires_grad_(True) for t in (q, k, v)]
-    ref = torch.autograd.grad(torch.softmax(r[0] @ r[1].transpose(-1, -2) * scale, -1) @ r[2], r, go.double())
-    t_ = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.MATH]):  # torch's own same-dtype error, as tests/test_regressions.py
-        same = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(*t_, scale=scale), t_, go)
+    q, k, v, go, ref, same = _helpers().large_logit_problem(dt, l, s, e, ev, scale, 0)
     out, lse = T.A.attention_forward(*(_dev(t) for t in (q, k, v)), None, None, 0.0, False, scale, None)
     grads = B.backward(_dev(go), *(_dev(t) for t in (q, k, v)), out, lse, None, None, 0.0, False, scale, None,
                        force=True, use_tma=False, split=split)
