@@ -18,19 +18,29 @@ Design:
     rows resident (Q, dO, dQ), key blocks of BLOCK_M keys streaming past. No atomics, fixed loop
     orders: bitwise deterministic. (As in Triton's fused-attention tutorial: 7 GEMMs, not FA2's 5,
     but one launch, no dQ partials and no atomics.)
-  * Tiles that wgmma takes: the transposed products of phase 1 (K Q^T, V dO^T) are BLOCK_N (128) rows
-    of M across the warpgroups and BLOCK_M (32/64) wide; dV += P^T dO and dK += dS^T Q take P^T / dS^T
-    from registers. Registers: dK + dV are BLOCK_N * (BD + BDV) fp32 over num_warps * 32 threads; the
-    configs keep that at <= 128 per thread (128 keys x hd128 on 8 warps, 64 keys at hd256), with the
-    (BLOCK_N, BLOCK_M) score tiles at 16..32 more.
+  * Tiles that wgmma takes: the transposed products of phase 1 (K Q^T, V dO^T) are BLOCK_N rows of M
+    - 64 per warpgroup: BLOCK_N 128 on 8 warps or 64 on 4 - and BLOCK_M (16/32) wide; dV += P^T dO
+    and dK += dS^T Q take P^T / dS^T from registers (the AOT test reads these shapes from the TTGIR).
+  * Registers (SASS of hd 128, 32 x 128 on 8 warps, read for this): the phase-1 loop holds dK + dV,
+    128 fp32 per thread, the 2 x 8 shared-memory descriptors of the resident K and V (one per
+    16-wide k-step of the products, hoisted out of the loop) 16, S^T and dP^T 16 each, the fp16 P^T /
+    dS^T operands 8 each, the block's columns' row statistics 8 each, and the loop's pipeline state:
+    about 245 at the peak, so the ~6 values the epilogue needs spill around the loop. The counts
+    below the cap are not a need: ptxas spends registers up to the 255 cap on scheduling (hd 32 tiles
+    show 160-240 with 16-32 accumulator registers). SPLIT_DKDV (a config flag) is the fix at hd 128:
+    phase 1 runs twice over the query blocks, first accumulating dV (K Q^T, P^T dO), storing it, then
+    dK (K Q^T, V dO^T, dS^T Q) - 8 products instead of 7, half the accumulators live, which lets the
+    query block be 32 wide (wgmma N 32 instead of 16 for the two products whose A operand is read
+    from shared memory) and the loop pipelined.
   * USE_TMA (E and Ev multiples of 8, 16-byte aligned bases, not under the interpreter unless asked):
     the streamed tiles (Q and dO in phase 1, K and V in phase 2) are read through 3-D tensor
     descriptors over (heads, rows, head dim) made once per program, so rows past L/S and columns past
     E/Ev read as zero with no mask instructions in the loop; the interior loop is a tl.range with
     LOOP_STAGES stages (the pipeliner prefetches the next tiles). Otherwise plain loads with the row
     and head-dim masks (E not a multiple of 8, e.g. the classifier's 25).
-  * The scale stays outside the products (s * qk_scale, qk_scale = scale * log2(e)), as in the classic
-    kernels, so both backwards compute P the same way from the same lse.
+  * The scale stays outside the products (s * qk_scale, qk_scale in the classic kernels' units: scale *
+    log2(e), or scale with a mask), and P comes from the classic delta pre-pass's split log-sum-exp
+    through _classic._bwd_probs, so both backwards compute P the same way.
 """
 from __future__ import annotations
 
@@ -79,12 +89,14 @@ def _rows(desc, base, hd_idx, row0, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.con
 
 
 @triton.jit
-def _row_stats(lse_base, delta_base, offs_m, m_ok):
-    """What the softmax backward needs per query row, from the forward and the classic delta
-    pre-pass: (lse in log2 units, +inf for a row that sees no key; delta = rowsum(dO * O))."""
-    lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+def _row_stats(lse_ptr, delta_base, L, offs_m, m_ok):
+    """What the softmax backward needs per query row, from the classic delta pre-pass: (base, rest,
+    delta): its split log-sum-exp (lse_ptr: the head's (2, L) rows; P = _bwd_probs(s, base, rest),
+    base +inf for a row that sees no key) and delta."""
+    base = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf"))
+    rest = tl.load(lse_ptr + L + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-    return lse2, delta
+    return base, rest, delta
 
 
 @triton.jit
@@ -92,39 +104,89 @@ def _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_bas
              seed, bh, start_m, offs_n, dropout_p, qk_scale, L, S, HEAD_D, HEAD_DV, stride_ml, causal,
              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-             DT: tl.constexpr):
-    """Phase 1: one query block's contribution to the resident keys' dK, dV, as (BN, BM) tiles."""
+             DT: tl.constexpr, PASS: tl.constexpr):
+    """Phase 1: one query block's contribution to the resident keys' dK, dV, as (BN, BM) tiles
+    (PASS 0: both; 1: dV only, 2 products; 2: dK only, 3 products)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
     q = _rows(q_desc, q_base, bh, start_m, L, HEAD_D, BLOCK_M, BLOCK_D, BOUNDARY, USE_TMA)
     do = _rows(do_desc, do_base, bh, start_m, L, HEAD_DV, BLOCK_M, BLOCK_DV, BOUNDARY, USE_TMA)
-    lse2, delta = _row_stats(lse_base, delta_base, offs_m, m_ok)
+    base, rest, delta = _row_stats(lse_base, delta_base, L, offs_m, m_ok)
     sT = tl.dot(k, tl.trans(q)) * qk_scale                                            # (BN, BM)
-    if HAS_MASK:
+    if HAS_MASK:  # natural-log units; only -inf excludes (as in the classic kernels' _scores)
         mvals = tl.load(mask_cols[:, None] + offs_m[None, :].to(tl.int64) * stride_ml,
                         mask=(offs_n[:, None] < S) & m_ok[None, :], other=0.0)
-        sT += mvals * 1.4426950408889634
-    pT = tl.math.exp2(sT - lse2[None, :])
+        sT = tl.where(mvals == float("-inf"), float("-inf"), sT + mvals)
+    pT = _classic._bwd_probs(sT, base[None, :], rest[None, :], HAS_MASK)
     if BOUNDARY:
         n_diag = tl.where(causal, offs_n, 0)
         visible = (offs_n[:, None] < S) & m_ok[None, :] & (n_diag[:, None] <= offs_m[None, :])
         pT = tl.where(visible, pT, 0.0)
-    dpT = tl.dot(v, tl.trans(do))                                                     # (BN, BM)
+    if PASS != 1:
+        dpT = tl.dot(v, tl.trans(do))                                                 # (BN, BM)
     if HAS_DROPOUT:
         keep = tl.rand(tl.load(seed, volatile=True),
                        drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
         pT_kept = tl.where(keep, pT, 0.0)  # 1/(1-p) goes on dV once, at the end
-        dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+        if PASS != 1:
+            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
     else:
         pT_kept = pT
-    dv = tl.dot(_operand(pT_kept, DT), do, dv)
-    dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(_operand(dsT, DT), q, dk)
+    if PASS != 2:
+        dv = tl.dot(_operand(pT_kept, DT), do, dv)
+    if PASS != 1:
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(_operand(dsT, DT), q, dk)
     return dk, dv
 
 
 @triton.jit
-def _q_step(dq, q, do, lse2, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows, seed,
+def _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, LseSplit, Delta, Mask, seed, b, hk, offs_n, f_lo, f_hi, m_lo,
+             n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml, stride_ms, Hq, GROUP, L, S,
+             HEAD_D, HEAD_DV, causal, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+             DT: tl.constexpr, PASS: tl.constexpr):
+    """Phase 1's loops: every query block of every query head of the GQA group past the resident keys
+    (the interior blocks pipelined, then the boundary / diagonal ones)."""
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + bh.to(tl.int64) * L * HEAD_D
+        do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
+        lse_base = LseSplit + bh.to(tl.int64) * 2 * L  # the (2, L) split log-sum-exp rows of head bh
+        delta_base = Delta + bh.to(tl.int64) * L
+        mask_cols = Mask
+        if HAS_MASK:
+            mask_cols = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                         + offs_n.to(tl.int64) * stride_ms)
+        drop_base = bh.to(tl.int64) * L * S
+        if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+            drop_base += tl.load(seed + 1)
+        for start_m in tl.range(f_lo, f_hi, BLOCK_M, num_stages=LOOP_STAGES):
+            dk, dv = _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_base,
+                              mask_cols, drop_base, seed, bh, start_m, offs_n, dropout_p, qk_scale,
+                              L, S, HEAD_D, HEAD_DV, stride_ml, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
+                              False, HAS_MASK, HAS_DROPOUT, USE_TMA, DT, PASS)
+        for i in range(0, n_bound):
+            start_m = tl.where(i < n_head, m_lo + i * BLOCK_M, f_hi + (i - n_head) * BLOCK_M)
+            dk, dv = _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_base,
+                              mask_cols, drop_base, seed, bh, start_m, offs_n, dropout_p, qk_scale,
+                              L, S, HEAD_D, HEAD_DV, stride_ml, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
+                              True, HAS_MASK, HAS_DROPOUT, USE_TMA, DT, PASS)
+    return dk, dv
+
+
+@triton.jit
+def _store_keys(base, acc, key_ok, offs_n, n_ok, C, BLOCK_C: tl.constexpr):
+    """Rows offs_n of one kv head's (S, C) gradient: acc, zero for keys no query sees."""
+    offs_c = tl.arange(0, BLOCK_C)
+    acc = tl.where(key_ok[:, None], acc, 0.0)
+    tl.store(base + offs_n[:, None] * C + offs_c[None, :], acc.to(base.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_c[None, :] < C))
+
+
+@triton.jit
+def _q_step(dq, q, do, base, rest, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows, seed,
             bhk, start_n, offs_m, dropout_p, qk_scale, L, S, HEAD_D, HEAD_DV, stride_ms, causal, has_kpm,
             BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
             BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
@@ -135,11 +197,11 @@ def _q_step(dq, q, do, lse2, delta, k_desc, v_desc, k_base, v_base, mask_rows, k
     k = _rows(k_desc, k_base, bhk, start_n, S, HEAD_D, BLOCK_K, BLOCK_D, BOUNDARY, USE_TMA)
     v = _rows(v_desc, v_base, bhk, start_n, S, HEAD_DV, BLOCK_K, BLOCK_DV, BOUNDARY, USE_TMA)
     s = tl.dot(q, tl.trans(k)) * qk_scale                                             # (BM, BK)
-    if HAS_MASK:
+    if HAS_MASK:  # natural-log units; only -inf excludes
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
                         mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
-        s += mvals * 1.4426950408889634
-    p = tl.math.exp2(s - lse2[:, None])
+        s = tl.where(mvals == float("-inf"), float("-inf"), s + mvals)
+    p = _classic._bwd_probs(s, base[:, None], rest[:, None], HAS_MASK)
     if has_kpm:  # a runtime flag: one uniform branch per key block
         pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)
         p = tl.where(pad[None, :] == 0, p, 0.0)
@@ -165,7 +227,8 @@ def _descriptor(base, heads, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.cons
 
 @triton.jit(do_not_specialize=_classic._NO_SPECIALIZE + ["NB"])
 def _attn_bwd_sm90_kernel(
-    Q, K, V, DOut, Lse, Delta,  # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev), lse/delta (N,Hq,L) f32
+    Q, K, V, DOut, LseSplit, Delta,  # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev); the delta
+                                     # pre-pass's split lse (N,Hq,2,L) and delta (N,Hq,L) f32
     DQ, DK, DV,                 # shaped like q, k, v
     Mask, Kpm, KvRange,         # additive (N,Hq,L,S) f32 strided view; (N,S) u8; (N,2) i32 unpadded key range
     seed, dropout_p, qk_scale, sm_scale,
@@ -174,13 +237,13 @@ def _attn_bwd_sm90_kernel(
     causal, has_kpm,            # runtime bools
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    SPLIT_DKDV: tl.constexpr,
 ):
     DT: tl.constexpr = Q.dtype.element_ty
     pid = tl.program_id(0)
     Hkv = Hq // GROUP
     num_n = tl.cdiv(S, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
 
     # ---- phase 1: dK, dV of BLOCK_N keys of kv head bhk -------------------------------------------
     if pid < NB * Hkv * num_n:
@@ -201,41 +264,22 @@ def _attn_bwd_sm90_kernel(
         key_ok, m_lo, f_lo, f_hi, n_head, n_bound = _classic._dkdv_query_blocks(
             Kpm + b.to(tl.int64) * S, offs_n, start_n, L, S, causal, has_kpm, BLOCK_M, BLOCK_N)
 
+        dk_base = DK + bhk.to(tl.int64) * S * HEAD_D
+        dv_base = DV + bhk.to(tl.int64) * S * HEAD_DV
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            bh = b * Hq + h
-            q_base = Q + bh.to(tl.int64) * L * HEAD_D
-            do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
-            lse_base = Lse + bh.to(tl.int64) * L
-            delta_base = Delta + bh.to(tl.int64) * L
-            mask_cols = Mask
-            if HAS_MASK:
-                mask_cols = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                             + offs_n.to(tl.int64) * stride_ms)
-            drop_base = bh.to(tl.int64) * L * S
-            if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
-                drop_base += tl.load(seed + 1)
-            for start_m in tl.range(f_lo, f_hi, BLOCK_M, num_stages=LOOP_STAGES):
-                dk, dv = _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_base,
-                                  mask_cols, drop_base, seed, bh, start_m, offs_n, dropout_p, qk_scale,
-                                  L, S, HEAD_D, HEAD_DV, stride_ml, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                  False, HAS_MASK, HAS_DROPOUT, USE_TMA, DT)
-            for i in range(0, n_bound):
-                start_m = tl.where(i < n_head, m_lo + i * BLOCK_M, f_hi + (i - n_head) * BLOCK_M)
-                dk, dv = _kv_step(dk, dv, k, v, q_desc, do_desc, q_base, do_base, lse_base, delta_base,
-                                  mask_cols, drop_base, seed, bh, start_m, offs_n, dropout_p, qk_scale,
-                                  L, S, HEAD_D, HEAD_DV, stride_ml, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                  True, HAS_MASK, HAS_DROPOUT, USE_TMA, DT)
-        if HAS_DROPOUT:
-            dv = dv / (1.0 - dropout_p)
-        dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
-        dv = tl.where(key_ok[:, None], dv, 0.0)
-        tl.store(DK + bhk.to(tl.int64) * S * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D))
-        tl.store(DV + bhk.to(tl.int64) * S * HEAD_DV + offs_n[:, None] * HEAD_DV + offs_dv[None, :],
-                 dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+        # PASS 0: dK and dV together; SPLIT_DKDV: PASS 1 (dV) over the query blocks, dV stored, then PASS 2
+        # (dK): half the accumulators live at a time
+        for i_pass in tl.static_range(2 if SPLIT_DKDV else 1):
+            dk, dv = _kv_pass(dk, dv, k, v, q_desc, do_desc, Q, DOut, LseSplit, Delta, Mask, seed, b, hk, offs_n, f_lo,
+                              f_hi, m_lo, n_head, n_bound, dropout_p, qk_scale, stride_mb, stride_mh, stride_ml,
+                              stride_ms, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal, BLOCK_M, BLOCK_D, BLOCK_DV,
+                              HAS_MASK, HAS_DROPOUT, USE_TMA, LOOP_STAGES, DT, (i_pass + 1) if SPLIT_DKDV else 0)
+            if i_pass == 0:  # dV is complete
+                if HAS_DROPOUT:
+                    dv = dv / (1.0 - dropout_p)
+                _store_keys(dv_base, dv, key_ok, offs_n, n_ok, HEAD_DV, BLOCK_DV)
+        _store_keys(dk_base, dk * sm_scale, key_ok, offs_n, n_ok, HEAD_D, BLOCK_D)
 
     # ---- phase 2: dQ of BLOCK_N query rows of head bh --------------------------------------------
     num_m = tl.cdiv(L, BLOCK_N)
@@ -252,7 +296,8 @@ def _attn_bwd_sm90_kernel(
         q = _rows(Q, Q + bh.to(tl.int64) * L * HEAD_D, bh, start_m, L, HEAD_D, BLOCK_N, BLOCK_D, True, False)
         do = _rows(DOut, DOut + bh.to(tl.int64) * L * HEAD_DV, bh, start_m, L, HEAD_DV, BLOCK_N, BLOCK_DV,
                    True, False)
-        lse2, delta = _row_stats(Lse + bh.to(tl.int64) * L, Delta + bh.to(tl.int64) * L, offs_m, m_ok)
+        base, rest, delta = _row_stats(LseSplit + bh.to(tl.int64) * 2 * L, Delta + bh.to(tl.int64) * L, L,
+                                       offs_m, m_ok)
         k_base = K + bhk.to(tl.int64) * S * HEAD_D
         v_base = V + bhk.to(tl.int64) * S * HEAD_DV
         mask_rows = Mask
@@ -279,11 +324,11 @@ def _attn_bwd_sm90_kernel(
 
         dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start_n in tl.range(lo, full_end, BLOCK_M, num_stages=LOOP_STAGES):
-            dq = _q_step(dq, q, do, lse2, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows,
+            dq = _q_step(dq, q, do, base, rest, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows,
                          seed, bhk, start_n, offs_m, dropout_p, qk_scale, L, S, HEAD_D, HEAD_DV, stride_ms,
                          causal, has_kpm, BLOCK_M, BLOCK_D, BLOCK_DV, False, HAS_MASK, HAS_DROPOUT, USE_TMA, DT)
         for start_n in range(full_end, n_end, BLOCK_M):
-            dq = _q_step(dq, q, do, lse2, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows,
+            dq = _q_step(dq, q, do, base, rest, delta, k_desc, v_desc, k_base, v_base, mask_rows, kpm_base, drop_rows,
                          seed, bhk, start_n, offs_m, dropout_p, qk_scale, L, S, HEAD_D, HEAD_DV, stride_ms,
                          causal, has_kpm, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_MASK, HAS_DROPOUT, USE_TMA, DT)
         dq = dq * sm_scale
@@ -297,8 +342,8 @@ def _attn_bwd_sm90_kernel(
 # shared memory <= 227 KB. BLOCK_N: keys resident in phase 1 / query rows resident in phase 2;
 # BLOCK_M: query rows (phase 1) / keys (phase 2) per step.
 # ==================================================================================================
-def _cfg(block_m, block_n, num_warps, loop_stages):
-    cfg = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "LOOP_STAGES": loop_stages},
+def _cfg(block_m, block_n, num_warps, loop_stages, split=False):
+    cfg = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "LOOP_STAGES": loop_stages, "SPLIT_DKDV": split},
                         num_warps=num_warps, num_stages=loop_stages)
     cfg.archs = (90,)
     return cfg
@@ -308,19 +353,49 @@ HEAD_DIM_BUCKETS = (32, 64, 128, 256)
 VARIANTS = ("plain", "mask", "drop", "mask+drop")  # configs.variant(HAS_MASK, HAS_DROPOUT)
 # (head-dim bucket, variant) -> tile, or absent: no tile of this kernel compiled without spills on both
 # triton 3.6 and 3.9 for sm_90 (found by the AOT sweep), and the classic backward serves the call.
+# BLOCK_N (the resident rows: keys in phase 1, query rows in phase 2) is 128 on 8 warps (two warpgroups
+# of 64 rows each, wgmma's M) or 64 on 4 warps; BLOCK_M 16 where 32 does not fit in registers.
+# split: SPLIT_DKDV (see the docstring), where it buys the 32-wide query block or a variant at all:
+# hd 128 plain (unsplit: 32 x 128 spills 64-88 B, 16 x 128 fits with TMA loads only, 249-254
+# registers) and drop (unsplit 16 x 128 spills 24-40 B), hd 64 drop (unsplit 32 x 128 spills on 3.6).
+# Absent (the classic backward serves them): hd 128 mask / mask+drop (split 16..32 x 128: 56-192 B of
+# spills, the mask's 64-bit addresses), hd 256 (split 16 x 64 on 4 warps: 936 B).
 BWD_SM90_CONFIGS: dict[tuple, object] = {
     (32, "plain"): _cfg(32, 64, 4, 2),
     (32, "mask"): _cfg(16, 64, 4, 1),
     (32, "drop"): _cfg(32, 64, 4, 2),
+    (32, "mask+drop"): _cfg(16, 64, 4, 1),
     (64, "plain"): _cfg(32, 128, 8, 2),
-    (128, "plain"): _cfg(16, 64, 8, 2),
+    (64, "mask"): _cfg(16, 128, 8, 1),
+    (64, "drop"): _cfg(32, 128, 8, 2, split=True),
+    (64, "mask+drop"): _cfg(16, 128, 8, 1),
+    (128, "plain"): _cfg(32, 128, 8, 2, split=True),
+    (128, "drop"): _cfg(16, 128, 8, 1, split=True),
+}
+# The same key with plain loads (USE_TMA False: E or Ev not a multiple of 8, or a base not 16-byte
+# aligned) where that differs: a tile, or None (the classic backward serves those calls). The row and
+# head-dim masks and the pipelined cp.async addresses of plain loads cost registers: one stage keeps
+# hd 64 / hd 128 plain at 200-220 registers (two: 242-255, and 8 B of spills once P comes from the
+# split log-sum-exp); hd 64 mask+drop spills 24 B on triton 3.6 (split 32 x 128: 336 B).
+BWD_SM90_PLAIN_LOAD_CONFIGS: dict[tuple, object] = {
+    (64, "plain"): _cfg(32, 128, 8, 1),
+    (64, "mask+drop"): None,
+    (128, "plain"): _cfg(32, 128, 8, 1, split=True),
 }
 INTERPRET_CONFIG = _cfg(16, 32, 1, 1)
 
 
+def config_for(hd: int, var: str, use_tma: bool):
+    """The tile of one (head-dim bucket, variant, load path), or None (the classic backward serves it)."""
+    if not use_tma and (hd, var) in BWD_SM90_PLAIN_LOAD_CONFIGS:
+        return BWD_SM90_PLAIN_LOAD_CONFIGS[(hd, var)]
+    return BWD_SM90_CONFIGS.get((hd, var))
+
+
 def compile_cases():
     """Every (head-dim bucket, variant, config, USE_TMA) a launch on sm_90 can choose."""
-    return [(hd, var, cfg, tma) for (hd, var), cfg in BWD_SM90_CONFIGS.items() for tma in (True, False)]
+    return [(hd, var, config_for(hd, var, tma), tma) for (hd, var) in BWD_SM90_CONFIGS for tma in (True, False)
+            if config_for(hd, var, tma) is not None]
 
 
 def case_constexprs(hd: int, var: str, cfg, use_tma: bool) -> dict:
@@ -331,62 +406,60 @@ def case_constexprs(hd: int, var: str, cfg, use_tma: bool) -> dict:
 # ==================================================================================================
 # Launcher
 # ==================================================================================================
-def _config(q, v, attn_mask, dropout_p):
+def _tma_possible(q, k, v, grad_out) -> bool:
+    """Whether the streamed tiles can go through tensor descriptors: head dims a multiple of 8 (16-byte
+    rows) and 16-byte aligned bases (grad_out as the backward will read it: contiguous)."""
+    return (q.shape[3] % 8 == 0 and v.shape[3] % 8 == 0
+            and all(t.data_ptr() % 16 == 0 for t in (q, k, v))
+            and (not grad_out.is_contiguous() or grad_out.data_ptr() % 16 == 0))
+
+
+def _config(q, v, attn_mask, dropout_p, use_tma: bool = True):
     hd = max(_classic.configs.head_dim_bucket(q.shape[3]), _classic.configs.head_dim_bucket(v.shape[3]))
-    return BWD_SM90_CONFIGS.get((hd, _classic.configs.variant(attn_mask is not None, float(dropout_p) > 0.0)))
+    return config_for(hd, _classic.configs.variant(attn_mask is not None, float(dropout_p) > 0.0), use_tma)
 
 
-def serves(q, k, v, attn_mask=None, dropout_p=0.0, force: bool = False) -> bool:
+def serves(q, k, v, attn_mask=None, dropout_p=0.0, force: bool = False, use_tma: bool = True) -> bool:
     """Whether this backward serves the call (force: ignore device, mode and the config table, for the
-    interpreter tests, which run every variant)."""
+    interpreter tests, which run every variant; use_tma: the load path the launch takes)."""
     if q.dtype not in (torch.float16, torch.bfloat16) or q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return False
     if force:
         return True
     if _fwd.MODE != "sm90" or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    return _config(q, v, attn_mask, dropout_p) is not None
-
-
-def _delta(c, out, grad_out):
-    """The classic delta pre-pass (kernels/attention.py's _attn_bwd_delta_kernel): the per-row values
-    _row_stats reads, one float32 (N, Hq, L) tensor."""
-    delta = torch.empty((c.n, c.hq, c.l), dtype=torch.float32, device=out.device)
-    t = c.tile("bwd_delta")
-    _classic._attn_bwd_delta_kernel[(triton.cdiv(c.l, t.block_m) * c.n * c.hq,)](
-        out, grad_out, delta, c.l, c.ev, BLOCK_DV=c.dims["BLOCK_DV"], BLOCK_M=t.block_m,
-        num_warps=t.num_warps, num_stages=t.num_stages)
-    return delta
+    return _config(q, v, attn_mask, dropout_p, use_tma) is not None
 
 
 def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p: float, is_causal: bool,
-             scale: float, seed, force: bool = False, use_tma: bool | None = None):
+             scale: float, seed, force: bool = False, use_tma: bool | None = None, split: bool | None = None):
     """(dq, dk, dv) from the sm_90 kernel, or None when it does not serve the call (the caller then
     runs the classic backward). Arguments as kernels.attention.attention_backward's.
-    use_tma: None = where the layout allows (never under the interpreter); True/False to force."""
-    if not serves(q, k, v, attn_mask, dropout_p, force):
+    use_tma: None = where the layout allows (never under the interpreter); True/False to force.
+    split: None = the tile's SPLIT_DKDV; True/False to force (the interpreter tests run both)."""
+    aligned = _tma_possible(q, k, v, grad_out)
+    tma = aligned and (not INTERPRET if use_tma is None else use_tma)
+    if not serves(q, k, v, attn_mask, dropout_p, force, tma):
         return None
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     with _classic._device_of(q):
         c = _classic._Launch(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
-        e, ev = q.shape[3], v.shape[3]
-        aligned = e % 8 == 0 and ev % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in (q, k, v, grad_out))
-        tma = aligned and (not INTERPRET if use_tma is None else use_tma)
         if tma and not INTERPRET:
             _fwd._ensure_allocator()
-        delta = _delta(c, out, grad_out)
-        cfg = INTERPRET_CONFIG if INTERPRET else _config(q, v, attn_mask, dropout_p)
+        delta, lse_split = _classic.backward_prepass(c, q, k, v, out, grad_out, lse)  # what _row_stats reads
+        cfg = INTERPRET_CONFIG if INTERPRET else _config(q, v, attn_mask, dropout_p, tma)
         if cfg is None:  # forced on a GPU for a case without a spill-free tile
             return None
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        kw = dict(cfg.kwargs, **({} if split is None else {"SPLIT_DKDV": split}))
+        bn = kw["BLOCK_N"]
         grid = (max(c.n * c.hkv * triton.cdiv(c.s, bn), c.n * c.hq * triton.cdiv(c.l, bn)),)
         ms = c.mstrides
         flags = dict(c.flags)
         flags.pop("INPUT_PRECISION")
         dims = dict(c.dims, BLOCK_D=c.hd, BLOCK_DV=c.hd)  # one bucket for both: the AOT-compiled cases
         _attn_bwd_sm90_kernel[grid](
-            q, k, v, grad_out, lse, delta, dq, dk, dv, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p,
-            c.qk_scale, c.scale, ms[0], ms[1], ms[2], ms[3], c.n, **dims, **flags, **cfg.kwargs,
+            q, k, v, grad_out, lse_split, delta, dq, dk, dv, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p,
+            c.qk_scale, c.scale, ms[0], ms[1], ms[2], ms[3], c.n, **dims, **flags, **kw,
             USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv

@@ -104,3 +104,21 @@ def check_dead_rows(name, out, lse, ref_lse) -> torch.Tensor:
     assert (lse[dead] == math.inf).all(), f"{name}: rows that see no key must have lse +inf"
     assert (out[dead] == 0).all(), f"{name}: rows that see no key must give out 0"
     return ~dead
+
+
+def large_logit_problem(dt, l, s, e, ev, scale, seed):
+    """Inputs (q, k, v, grad_out in dt, (1, 1, rows, dims)) with random scores times `scale`, and the
+    gradients of softmax(q k^T scale) v in float64 (the reference) and from torch's math SDPA in dt
+    (torch's own error, for fastattn.testing's bound)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator().manual_seed(seed)
+    q64, k64, v64 = (torch.randn(1, 1, n, d, generator=g, dtype=torch.float64) for n, d in ((l, e), (s, e), (s, ev)))
+    go = torch.randn(1, 1, l, ev, generator=g, dtype=torch.float64).to(dt)
+    q, k, v = (t.to(dt) for t in (q64, k64, v64))
+    r = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref = torch.autograd.grad(torch.softmax(r[0] @ r[1].transpose(-1, -2) * scale, -1) @ r[2], r, go.double())
+    t_ = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    with sdpa_kernel([SDPBackend.MATH]):
+        same = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(*t_, scale=scale), t_, go)
+    return q, k, v, go, ref, same

@@ -212,3 +212,36 @@ def test_backward_through_decode_forward(kw):
     check_bound("decode out", out, same, ref)
     for name, g_, r_, s_ in zip(("dq", "dk", "dv"), grads, ref_grads, same_grads):
         check_bound(f"decode {name}", g_, s_, r_)
+
+
+@pytest.mark.parametrize("l,s,hq,hkv,chunk", [(1, 300, 4, 4, None), (16, 16, 4, 4, None), (5, 700, 8, 2, "64"),
+                                              (40, 90, 4, 4, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_rows_in_place(monkeypatch, l, s, hq, hkv, chunk, dtype):
+    """The CPU op reads q, k, v viewed as heads in a packed projection's rows, (N, L, 3, H, hd), and
+    views of a longer KV cache (N, S_max, H, hd)[:, :S]: the decode path (L <= 16) in place, the tiled
+    kernels (L = 40) from copies; bitwise the contiguous call's out and lse, out laid out (N, L, H, Ev)
+    for a non-contiguous q (as the fake kernel says: opcheck), and the backward's gradients alike."""
+    if chunk is not None:  # several chunks per row: the combine writes the strided out too
+        monkeypatch.setenv("FASTATTN_CPU_DECODE_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(21)
+    n, hd = 2, 24
+    packed = torch.randn(n, l, 3, hq, hd, generator=gen).to(dtype)
+    q = packed[:, :, 0].transpose(1, 2)  # (N, Hq, L, hd), rows 3*Hq*hd apart
+    cache = torch.randn(2, n, s + 7, hkv, hd, generator=gen).to(dtype)
+    k, v = (cache[i, :, :s].transpose(1, 2) for i in range(2))  # (N, Hkv, S, hd) views of a longer cache
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    pad = torch.rand(n, s, generator=gen) > 0.8
+    with _counted(1 if l <= 16 else 0, "L <= 16 goes to the decode path, longer to the tiled kernels"):
+        out, lse = fwd_op(q, k, v, None, pad, 0.0, l < s, 0.3, None)
+    want, want_lse = fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), None, pad, 0.0, l < s, 0.3, None)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert out.transpose(1, 2).is_contiguous() and lse.is_contiguous()
+    torch.library.opcheck(fwd_op.default, (q, k, v, None, pad, 0.0, l < s, 0.3, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    go = torch.randn(n, hq, l, hd, generator=gen).to(dtype)
+    grads = torch.ops.fastattn.attention_bwd(go, q, k, v, out, lse, None, pad, 0.0, l < s, 0.3, None)
+    want_grads = torch.ops.fastattn.attention_bwd(go, q.contiguous(), k.contiguous(), v.contiguous(), want, want_lse,
+                                                  None, pad, 0.0, l < s, 0.3, None)
+    for g, w in zip(grads, want_grads):
+        assert g.is_contiguous() and torch.equal(g, w)

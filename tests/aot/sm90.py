@@ -48,7 +48,8 @@ def compile_one(args) -> dict:
     kernel, constexprs, fields, cfg = _case(kind, index, warp_spec)
     types, divisible = signature(kernel, dtype, constexprs)  # NB (the backward's batch) is an i32 there
     row = dict(triton=triton.__version__, kernel=kind, dtype=dtype, **fields,
-               config=f"BM{cfg.kwargs['BLOCK_M']}/BN{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
+               config=f"BM{cfg.kwargs['BLOCK_M']}/BN{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+                      + (" split" if cfg.kwargs.get("SPLIT_DKDV") else ""),
                warp_spec=warp_spec, error=None)
     t0 = time.perf_counter()
     buf = io.StringIO()
@@ -76,23 +77,55 @@ def compile_one(args) -> dict:
     row["wait_groups"] = sorted({int(m) for m in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})
     row["mma_sync"] = ptx.count("mma.sync")
     row["cp_async"] = len(re.findall(r"cp\.async\.c[ag]\.", ptx))
+    row["wgmma_tiles"] = wgmma_tiles(k.asm["ttgir"])
     return row
 
 
+def wgmma_tiles(ttgir: str) -> list:
+    """[rows, cols, warps along the rows] of every distinct warp_group_dot result in the TTGIR: a
+    product whose rows are fewer than 16 x (warps along them) repeats rows across warps, i.e. its M is
+    below the 64 rows a warpgroup's wgmma computes."""
+    layouts = {name: int(m) for name, m in
+               re.findall(r"^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = 3,.*?warpsPerCTA = \[(\d+),", ttgir, re.M)}
+    found = re.findall(r"ttng\.warp_group_dot .*?-> tensor<(\d+)x(\d+)xf32, (#mma\d*)>", ttgir)
+    return sorted({(int(r), int(c), layouts[m]) for r, c, m in found})
+
+
+def bf16_cases(cases) -> set:
+    """Indices of the cases also compiled for bf16: the dtype changes only the wgmma / conversion
+    instructions' type, not the kernel's structure (measured: every bf16 row of the full sweep had the
+    fp16 row's registers, shared memory, spills and instruction counts), so one case per (head-dim
+    bucket, load path) of each kernel - its first - carries the bf16 check, and the test asserts that
+    its facts equal the fp16 ones."""
+    seen, keep = set(), set()
+    for i, case in enumerate(cases):
+        key = (case[0], case[-1])  # (head-dim bucket, TMA or plain loads)
+        if key not in seen:
+            seen.add(key)
+            keep.add(i)
+    return keep
+
+
 def all_jobs(warp_spec=False):
+    """fp16 for every case, bf16 for bf16_cases()."""
     from fastattn.kernels import attention_sm90 as S
     from fastattn.kernels import attention_sm90_bwd as B
 
-    return ([("fwd", i, dt, warp_spec) for i in range(len(S.compile_cases())) for dt in ("f16", "bf16")]
-            + [("bwd", i, dt, False) for i in range(len(B.compile_cases())) for dt in ("f16", "bf16")])
+    jobs = []
+    for kind, cases, spec in (("fwd", S.compile_cases(), warp_spec), ("bwd", B.compile_cases(), False)):
+        both = bf16_cases(cases)
+        jobs += [(kind, i, dt, spec) for i in range(len(cases)) for dt in ("f16", "bf16") if dt == "f16" or i in both]
+    # the slowest compiles first (large head dims, the backward) so that the pool's tail is short
+    return sorted(jobs, key=lambda j: (j[0] != "bwd", -(S.compile_cases() if j[0] == "fwd" else B.compile_cases())[j[1]][0]))
 
 
 def format_table(rows) -> str:
-    lines = ["triton kernel variant   dtype hd  loads  config            regs  smem    spills wgmma tma_ld tma_st "
+    rows = sorted(rows, key=lambda r: (r["kernel"] != "fwd", r["head_dim"], r["variant"], r["loads"], r["dtype"]))
+    lines = ["triton kernel variant   dtype hd  loads  config                  regs  smem    spills wgmma tma_ld tma_st "
              "wait  error"]
     for r in rows:
         lines.append(f"{r['triton']:6} {r['kernel']:6} {r['variant']:9} {r['dtype']:5} {r['head_dim']:<3} {r['loads']:6} "
-                     f"{r['config']:17} "
+                     f"{r['config']:23} "
                      f"{r.get('regs')!s:5} {r.get('smem')!s:7} {r.get('stack', 0) + r.get('local', 0) + r.get('spill_stores', 0):<6} "
                      f"{r.get('wgmma')!s:5} {r.get('tma_loads')!s:6} {r.get('tma_stores')!s:6} "
                      f"{r.get('wait_groups')!s:5} {r['error'] or ''}")
