@@ -5,9 +5,9 @@
 // vdpbf16ps on avx512_bf16 CPUs; there cpublas::could_pack says false (B needs no AMX packing), so
 // the AMX probe refuses the path, and bf16dot_brgemm_ok() below probes the same call without it.
 //
-// Fallback, for a torch whose CPUBlas has no bf16 brgemm: the four GEMMs as whole-matrix bf16
-// matmuls in oneDNN (at::addmm / at::mm on bfloat16 tensors, multi-threaded), this file adding
-// only the element-wise parts, tiled over tokens in parallel:
+// Fallback, for a torch whose CPUBlas has no bf16 brgemm: the GEMMs as bf16 matmuls in oneDNN
+// (at::addmm / at::mm on bfloat16 tensors, in fixed row blocks across threads: mm_rows), this file
+// adding only the element-wise parts, tiled over tokens in parallel:
 //   forward   pre = x w1^T + b1 (bf16, also what is saved)  ->  fp32 activation and dropout (the same
 //             epilogue and Philox counters as the float path)  ->  hid rounded to bf16  ->
 //             out = hid w2^T + b2
@@ -60,12 +60,30 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void bf16dot_widen
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// out = [bias +] a @ b (bf16, fp32 accumulation in oneDNN), in blocks of rows of a fixed size run by
+// parallel_each: each block is one single-threaded call, so the result cannot depend on the thread
+// count (one multi-threaded call may split the reduction across threads).
+void mm_rows(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
+             const std::optional<at::Tensor>& bias = std::nullopt) {
+  constexpr int64_t kRows = 256;
+  const int64_t M = a.size(0);
+  parallel_each((M + kRows - 1) / kRows, [&](int64_t i) {
+    const int64_t r0 = i * kRows, n = std::min(kRows, M - r0);
+    at::Tensor o = out.narrow(0, r0, n);
+    if (bias.has_value())
+      at::addmm_out(o, *bias, a.narrow(0, r0, n), b);
+    else
+      at::mm_out(o, a.narrow(0, r0, n), b);
+  });
+}
+
 void ffn_fwd_bf16dot(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                      const at::Tensor& w2, const std::optional<at::Tensor>& b2, Act act, double dropout_p,
                      uint64_t seed, const FfnShape& s, at::Tensor& out, at::Tensor* saved) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t T = s.T, F = s.F;
-  const at::Tensor pre = b1.has_value() ? at::addmm(*b1, x, w1.t()) : at::mm(x, w1.t());  // (T, F) bf16
+  at::Tensor pre = at::empty({T, F}, x.options());  // bf16
+  mm_rows(pre, x, w1.t(), b1);
   at::Tensor hid = at::empty({T, F}, x.options());
   const BoundEpilogues<c10::BFloat16, float> ep(act, dropout_p, seed, F);
   const at::BFloat16* pre_p = pre.data_ptr<at::BFloat16>();
@@ -81,10 +99,7 @@ void ffn_fwd_bf16dot(const at::Tensor& x, const at::Tensor& w1, const std::optio
       bf16dot_round_rows(rows, F, h.data(), hid_p + t0 * F);
     }
   });
-  if (b2.has_value())
-    at::addmm_out(out, *b2, hid, w2.t());
-  else
-    at::mm_out(out, hid, w2.t());
+  mm_rows(out, hid, w2.t(), b2);
   if (saved != nullptr) *saved = pre;
   bf16dot::count_ffn_fwd();
 }
@@ -94,7 +109,8 @@ void ffn_bwd_bf16dot(const at::Tensor& grad_out, const at::Tensor& x, const at::
                      at::Tensor& dx, at::Tensor& dw1, at::Tensor& db1, at::Tensor& dw2, at::Tensor& db2) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t T = s.T, F = s.F;
-  const at::Tensor dh = at::mm(grad_out, w2);  // (T, F) bf16
+  at::Tensor dh = at::empty({T, F}, x.options());  // bf16
+  mm_rows(dh, grad_out, w2);
   at::Tensor dpre = at::empty({T, F}, x.options());
   at::Tensor hid = at::empty({T, F}, x.options());
   const BoundEpilogues<c10::BFloat16, float> ep(act, dropout_p, seed, F);
@@ -118,9 +134,9 @@ void ffn_bwd_bf16dot(const at::Tensor& grad_out, const at::Tensor& x, const at::
       bf16dot_round_rows(rows, F, hbuf.data(), hid_p + t0 * F);
     }
   });
-  at::mm_out(dx, dpre, w1);
-  at::mm_out(dw1, dpre.t(), x);
-  at::mm_out(dw2, grad_out.t(), hid);
+  mm_rows(dx, dpre, w1);
+  mm_rows(dw1, dpre.t(), x);
+  mm_rows(dw2.t(), hid.t(), grad_out);  // dW2^T (F, D2): blocks of F rows
   std::vector<float> b1(static_cast<size_t>(F), 0.f), b2(static_cast<size_t>(s.D2), 0.f);
   for (int64_t tile = 0; tile < ntiles; ++tile)
     for (int64_t f = 0; f < F; ++f) b1[f] += db1_pp[tile * F + f];
