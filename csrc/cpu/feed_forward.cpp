@@ -28,7 +28,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -508,14 +507,15 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Te
 // Backward
 
 // The backward's token loop and weight-gradient reduction, shared by the float kernel and the AMX one.
-// Tokens are cut into tiles of kBwdTile rows, the tiles into chunks of chunk_tiles tiles, a number
-// that depends on the token count only. Each chunk accumulates its own (dW1^T, dW2, db1, db2) partial
-// over its tiles in order (the first tile's GEMMs overwrite, `Partial::fresh`), and the partials are
-// summed in chunk order, acc = ((p0 + p1) + p2) + ... element by element. Chunks run in waves of one
-// per thread, each wave's partials folded into acc before the next wave: the thread count changes
-// when each add happens, never which adds or their order, so every gradient is bitwise the same
-// whatever torch.get_num_threads() is. Memory: one partial per thread plus acc, as before.
-constexpr int64_t kBwdMaxChunks = 32;  // chunks of at least one tile, at most this many per call
+// Tokens are cut into tiles of kBwdTile rows, the tiles into nchunks chunks of chunk_tiles tiles, both
+// set by the shape alone (at most kBwdMaxChunks chunks, their partials within kBwdPartialBytes). Each
+// chunk accumulates its own (dW1^T, dW2, db1, db2) partial over its tiles in order (the first tile's
+// GEMMs overwrite, `Partial::fresh`); the chunks share out among the threads in one parallel region,
+// and one pass then sums the partials in chunk order, ((p0 + p1) + p2) + ..., element by element.
+// Which thread computes a chunk never changes its bits, so every gradient is bitwise the same
+// whatever torch.get_num_threads() is.
+constexpr int64_t kBwdMaxChunks = 16;
+constexpr int64_t kBwdPartialBytes = int64_t(256) << 20;
 
 template <typename acc_t>
 struct BwdTiles {
@@ -526,8 +526,8 @@ struct BwdTiles {
     acc_t* db2;   // (D2,), zeroed
     bool fresh;   // dw1t and dw2 hold no sum yet: the tile's GEMMs write instead of adding
   };
-  int64_t T, D, F, D2, ntiles, chunk_tiles, nchunks, slots, psize;
-  at::Tensor part, acc;  // (slots, psize) and (psize,): [dW1^T (D, F) | dW2 (D2, F) | db1 (F) | db2 (D2)]
+  int64_t T, D, F, D2, ntiles, psize, chunk_tiles, nchunks;
+  at::Tensor part;  // (max(nchunks, 1), psize): [dW1^T (D, F) | dW2 (D2, F) | db1 (F) | db2 (D2)], sum in row 0
 
   explicit BwdTiles(const FfnShape& s)
       : T(s.T),
@@ -535,59 +535,50 @@ struct BwdTiles {
         F(s.F),
         D2(s.D2),
         ntiles((s.T + kBwdTile - 1) / kBwdTile),
-        chunk_tiles(std::max<int64_t>(1, (ntiles + kBwdMaxChunks - 1) / kBwdMaxChunks)),
-        nchunks((ntiles + chunk_tiles - 1) / chunk_tiles),
-        slots(std::max<int64_t>(1, std::min<int64_t>(nchunks, at::get_num_threads()))),
         psize(s.D * s.F + s.D2 * s.F + s.F + s.D2) {
+    const int64_t fit = kBwdPartialBytes / std::max<int64_t>(1, psize * static_cast<int64_t>(sizeof(acc_t)));
+    const int64_t want = std::max<int64_t>(1, std::min({ntiles, kBwdMaxChunks, fit}));
+    chunk_tiles = (ntiles + want - 1) / want;
+    nchunks = chunk_tiles > 0 ? (ntiles + chunk_tiles - 1) / chunk_tiles : 0;
     const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    part = at::empty({slots, psize}, opt);
-    acc = nchunks > 1 ? at::empty({psize}, opt) : part[0];
-    if (nchunks == 0) acc.zero_();
+    part = at::empty({std::max<int64_t>(nchunks, 1), psize}, opt);
+    if (nchunks == 0) part.zero_();
   }
 
   // Runs tile(scratch, t0, rows, partial) for every tile; each thread makes its scratch once with
-  // make_scratch(). release_brgemm: release brgemm's AMX state per thread and wave.
+  // make_scratch(). release_brgemm: release brgemm's AMX state on each thread at the end.
   template <typename MakeScratch, typename Tile>
   void run(MakeScratch make_scratch, Tile tile, bool release_brgemm) {
-    using Scratch = decltype(make_scratch());
-    std::vector<std::unique_ptr<Scratch>> scratch(static_cast<size_t>(std::max(1, at::get_num_threads())));
     acc_t* part_p = part.data_ptr<acc_t>();
-    for (int64_t c0 = 0; c0 < nchunks; c0 += slots) {
-      const int64_t wave = std::min(slots, nchunks - c0);
-      parallel_each(wave, [&](int64_t i) {
-        auto& sc = scratch[static_cast<size_t>(at::get_thread_num())];
-        if (!sc) sc = std::make_unique<Scratch>(make_scratch());
-        acc_t* base = part_p + i * psize;
+    // one region, the range padded as parallel_each pads it (at::mm fallback single-threaded)
+    at::parallel_for(0, std::max<int64_t>(nchunks, 2), 1, [&](int64_t cbegin, int64_t cend) {
+      cend = std::min(cend, nchunks);
+      if (cbegin >= cend) return;
+      auto sc = make_scratch();
+      for (int64_t c = cbegin; c < cend; ++c) {
+        acc_t* base = part_p + c * psize;
         Partial pt{base, base + D * F, base + (D + D2) * F, base + (D + D2) * F + F, true};
         std::fill(pt.db1, pt.db1 + F + D2, acc_t(0));
-        const int64_t c = c0 + i;
         for (int64_t t = c * chunk_tiles; t < std::min(ntiles, (c + 1) * chunk_tiles); ++t) {
           const int64_t t0 = t * kBwdTile;
-          tile(*sc, t0, std::min(kBwdTile, T - t0), pt);
+          tile(sc, t0, std::min(kBwdTile, T - t0), pt);
           pt.fresh = false;
         }
+      }
 #if defined(FASTATTN_AMX_BUILD)
-        if (release_brgemm) at::native::cpublas::brgemm_release();
+      if (release_brgemm) at::native::cpublas::brgemm_release();
 #else
-        (void)release_brgemm;
+      (void)release_brgemm;
 #endif
-      });
-      if (nchunks > 1) fold(c0 == 0, wave);
-    }
-  }
-
-  // acc (= slot 0 on the first wave) += slot 1, += slot 2, ... in chunk order, element by element.
-  void fold(bool first, int64_t wave) {
-    const acc_t* part_p = part.data_ptr<acc_t>();
-    acc_t* acc_p = acc.data_ptr<acc_t>();
+    });
+    // row 0 += row 1, += row 2, ... in chunk order, element by element, in blocks across threads
     constexpr int64_t kBlock = 2048;
-    at::parallel_for(0, (psize + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t e0 = blk * kBlock, e1 = std::min(psize, e0 + kBlock);
-        if (first) std::copy(part_p + e0, part_p + e1, acc_p + e0);
-        for (int64_t i = first ? 1 : 0; i < wave; ++i) {
-          const acc_t* src = part_p + i * psize;
-          for (int64_t e = e0; e < e1; ++e) acc_p[e] += src[e];
+    at::parallel_for(0, nchunks > 1 ? (psize + kBlock - 1) / kBlock : 0, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t e0 = b0 * kBlock; e0 < std::min(psize, b1 * kBlock); e0 += kBlock) {
+        const int64_t e1 = std::min(psize, e0 + kBlock);
+        for (int64_t c = 1; c < nchunks; ++c) {
+          const acc_t* src = part_p + c * psize;
+          for (int64_t e = e0; e < e1; ++e) part_p[e] += src[e];
         }
       }
     });
@@ -595,6 +586,7 @@ struct BwdTiles {
 
   // The sums into the outputs (dW1 laid out as (F, D)).
   void finish(at::Tensor& dw1_out, at::Tensor& dw2_out, at::Tensor& db1_out, at::Tensor& db2_out) {
+    const at::Tensor acc = part[0];
     dw1_out.copy_(acc.narrow(0, 0, D * F).view({D, F}).t());
     dw2_out.copy_(acc.narrow(0, D * F, D2 * F).view({D2, F}));
     db1_out.copy_(acc.narrow(0, (D + D2) * F, F));
