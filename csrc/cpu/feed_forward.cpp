@@ -508,13 +508,14 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Te
 
 // The backward's token loop and weight-gradient reduction, shared by the float kernel and the AMX one.
 // Tokens are cut into tiles of kBwdTile rows, the tiles into nchunks chunks of chunk_tiles tiles, both
-// set by the shape alone (at most kBwdMaxChunks chunks, their partials within kBwdPartialBytes). Each
+// set by the shape alone (at most kBwdMaxChunks chunks; fewer, down to kBwdMinChunks, where their
+// partials would pass kBwdPartialBytes; so at most 16 threads share the backward). Each
 // chunk accumulates its own (dW1^T, dW2, db1, db2) partial over its tiles in order (the first tile's
 // GEMMs overwrite, `Partial::fresh`); the chunks share out among the threads in one parallel region,
 // and one pass then sums the partials in chunk order, ((p0 + p1) + p2) + ..., element by element.
 // Which thread computes a chunk never changes its bits, so every gradient is bitwise the same
 // whatever torch.get_num_threads() is.
-constexpr int64_t kBwdMaxChunks = 16;
+constexpr int64_t kBwdMaxChunks = 16, kBwdMinChunks = 4;
 constexpr int64_t kBwdPartialBytes = int64_t(256) << 20;
 
 template <typename acc_t>
@@ -537,7 +538,7 @@ struct BwdTiles {
         ntiles((s.T + kBwdTile - 1) / kBwdTile),
         psize(s.D * s.F + s.D2 * s.F + s.F + s.D2) {
     const int64_t fit = kBwdPartialBytes / std::max<int64_t>(1, psize * static_cast<int64_t>(sizeof(acc_t)));
-    const int64_t want = std::max<int64_t>(1, std::min({ntiles, kBwdMaxChunks, fit}));
+    const int64_t want = std::max<int64_t>(1, std::min({ntiles, kBwdMaxChunks, std::max(kBwdMinChunks, fit)}));
     chunk_tiles = (ntiles + want - 1) / want;
     nchunks = chunk_tiles > 0 ? (ntiles + chunk_tiles - 1) / chunk_tiles : 0;
     const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
