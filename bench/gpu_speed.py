@@ -1,5 +1,6 @@
-"""The device check's short speed table: fastattn's cuda and triton backends against SDPA's flash
-and cuDNN backends, forward and forward+backward, in TFLOP/s, written as markdown one row at a time
+"""The device check's short speed table: fastattn's cuda backend and both Triton kernel sets (the sm_90
+kernels and the classic ones, FASTATTN_TRITON_ATTN's two modes, switched in this one process on the
+same inputs; off sm_90 both columns run the classic kernels) against SDPA's flash and cuDNN backends, forward and forward+backward, in TFLOP/s, written as markdown one row at a time
 (so a run cut off keeps its rows). Run by bench/gpu_check.sh; standalone:
 
     python bench/gpu_speed.py --out speed.md [--seconds 55] [--full]
@@ -20,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("fastattn cuda", "fastattn triton", "sdpa flash", "sdpa cudnn")
+IMPLS = ("fastattn cuda", "triton sm90", "triton classic", "sdpa flash", "sdpa cudnn")
 
 
 def _sdpa(backend_name: str):
@@ -34,16 +35,29 @@ def _sdpa(backend_name: str):
     return run
 
 
-def _fastattn(backend: str):
+def sm90_module():
+    """kernels/attention_sm90.py as the installed package has it (fastattn.kernels), else from the checkout."""
+    try:
+        from fastattn.kernels import attention_sm90
+    except ImportError:
+        sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+        from kernels import attention_sm90
+    return attention_sm90
+
+
+def _fastattn(backend: str, triton_mode: str | None = None):
     import fastattn
 
     def run(q, k, v, causal):
+        if triton_mode is not None:  # the mode is read at launch: forward and backward both follow it
+            sm90_module().use_mode(triton_mode)
         return fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
     return run
 
 
 def runners():
-    return {"fastattn cuda": _fastattn("cuda"), "fastattn triton": _fastattn("triton"),
+    return {"fastattn cuda": _fastattn("cuda"), "triton sm90": _fastattn("triton", "sm90"),
+            "triton classic": _fastattn("triton", "classic"),
             "sdpa flash": _sdpa("FLASH_ATTENTION"), "sdpa cudnn": _sdpa("CUDNN_ATTENTION")}
 
 
@@ -109,8 +123,8 @@ def main(argv=None) -> int:
         md.write(f"### Speed, TFLOP/s ({name}, torch {torch.__version__})\n\n"
                  "N * L = 16384 tokens, H * E = 2048 (except the classifier shape, first); "
                  "ratios hold within a row only.\n\n"
-                 "| mode | dtype | E | N x H x L | causal | " + " | ".join(IMPLS) + " | cuda / flash |\n"
-                 "|---|---|---:|---|---|" + "---:|" * (len(IMPLS) + 1) + "\n")
+                 "| mode | dtype | E | N x H x L | causal | " + " | ".join(IMPLS) + " | cuda / flash | sm90 / classic |\n"
+                 "|---|---|---:|---|---|" + "---:|" * (len(IMPLS) + 2) + "\n")
         md.flush()
         rows = 0
         for mode, dt, e, n, h, length, causal in cases(args.full):
@@ -134,6 +148,8 @@ def main(argv=None) -> int:
             cells = [f"{tf[i]:.1f}" if i in tf else "n/a" for i in IMPLS]
             ratio = (f"{tf['fastattn cuda'] / tf['sdpa flash']:.2f}"
                      if "fastattn cuda" in tf and "sdpa flash" in tf else "n/a")
+            ratio += " | " + (f"{tf['triton sm90'] / tf['triton classic']:.2f}"
+                              if "triton sm90" in tf and "triton classic" in tf else "n/a")
             dts = str(dt).replace("torch.", "")
             md.write(f"| {mode} | {dts} | {e} | {n}x{h}x{length} | {'yes' if causal else 'no'} | "
                      + " | ".join(cells) + f" | {ratio} |\n")

@@ -64,6 +64,9 @@ struct Serves {
   c10::DeviceType device;                     // kCPU or kCUDA
   std::vector<at::ScalarType> dtypes;  // of q/k/v (attention) or x/w/b (feed-forward)
   int64_t max_head_dim = std::numeric_limits<int64_t>::max();  // attention only
+  // attention only: q, k, v (and the backward's grad_out, out) may be any strided views whose last
+  // dim is contiguous, not only contiguous tensors
+  bool strided_rows = false;
 };
 
 inline std::string device_text(const at::Tensor& t) {
@@ -109,7 +112,8 @@ struct AttnShape {
   int64_t N, Hq, Hkv, L, S, E, Ev;
 };
 
-// q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev): contiguous, one dtype the backend serves, on
+// q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev): contiguous (with serves.strided_rows: their last
+// dim contiguous), one dtype the backend serves, on
 // one device of its type, Hq % Hkv == 0, 1 <= E, Ev <= max_head_dim; attn_mask an additive
 // (N, Hq, L, S) view (strides may be 0) of expected_mask_dtype(q); key_padding_mask bool (N, S)
 // contiguous; dropout_p in [0, 1); seed an int64 CPU tensor of shape (1,) when dropout_p > 0.
@@ -130,7 +134,9 @@ inline AttnShape check_attention_args(const at::Tensor& q, const at::Tensor& k, 
                        dtype_list(serves.dtypes));
     FASTATTN_CHECK_ARG(t.scalar_type() == q.scalar_type(), names[i], c10::str("dtype ", dtype_name(t.scalar_type())),
                        c10::str("q's dtype ", dtype_name(q.scalar_type())));
-    FASTATTN_CHECK_ARG(t.is_contiguous(), names[i], c10::str("strides ", t.strides()), "a contiguous tensor");
+    FASTATTN_CHECK_ARG(t.is_contiguous() || (serves.strided_rows && (t.size(3) <= 1 || t.stride(3) == 1)), names[i],
+                       c10::str("strides ", t.strides()),
+                       serves.strided_rows ? "a tensor whose last dim is contiguous" : "a contiguous tensor");
   }
   const AttnShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
   FASTATTN_CHECK_ARG(k.size(0) == s.N, "k", c10::str("batch size ", k.size(0)), c10::str("q's batch size ", s.N));

@@ -60,15 +60,23 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return False
 
 
-def define_family(name: str, fwd_schema: str, bwd_schema: str, triton_forward, triton_backward, fwd_fake,
-                  bwd_fake, triton_autograd) -> tuple[dict, dict]:
+def define_family(name: str, fwd_schema: str, bwd_schema: str, triton_kernels, fwd_fake, bwd_fake,
+                  triton_autograd) -> tuple[dict, dict]:
     """Define one op family's four ops and register what Python owns of them.
 
     `{name}_fwd` / `{name}_bwd`: implemented in C++ per device (and their autograd in C++);
-    `triton_{name}_fwd` / `_bwd`: the Triton launchers `triton_forward` / `triton_backward` (which import
-    fastattn.kernels at first call, so `import fastattn` never imports triton). Fake kernels for all four; autograd for the
-    Triton forward from `triton_autograd(bwd_op) -> (setup_context, backward)`.
+    `triton_{name}_fwd` / `_bwd`: the Triton launchers `triton_kernels() -> (forward, backward)` returns;
+    it is called at each op call, not here, and imports fastattn.kernels there, so `import fastattn`
+    never imports triton. Fake kernels for all four; autograd for the Triton forward from
+    `triton_autograd(bwd_op) -> (setup_context, backward)`.
     Returns ({"cpp": fwd, "triton": fwd}, {"cpp": bwd, "triton": bwd}) as OpOverloads."""
+
+    def triton_forward(*args):
+        return triton_kernels()[0](*args)
+
+    def triton_backward(*args):
+        return triton_kernels()[1](*args)
+
     fwd_ops, bwd_ops = {}, {}
     for which, prefix in (("cpp", ""), ("triton", "triton_")):
         fwd_ops[which] = torch._library.utils.lookup_op(f"fastattn::{LIB.define(prefix + name + '_fwd' + fwd_schema)}")

@@ -22,7 +22,8 @@ from .backends import Impl
 from .reference import attention_reference
 
 # ---- op schemas (written once; the C++ extension and the Triton launchers implement them) ----------
-# q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev) contiguous, Hq % Hkv == 0; attn_mask additive,
+# q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev) contiguous (the C++ CPU op: any views whose last dim
+# is contiguous; a non-contiguous q gets out laid out (N, L, Hq, Ev)), Hq % Hkv == 0; attn_mask additive,
 # an expanded (N, Hq, L, S) view (strides may be 0); key_padding_mask bool (N, S), True = ignore;
 # seed int64 CPU (1,) when dropout_p > 0. -> out (N, Hq, L, Ev) in q's dtype, lse (N, Hq, L) float32
 # (+inf on a row that sees no key). The backward -> dq, dk, dv shaped like q, k, v.
@@ -33,25 +34,31 @@ BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tenso
               "-> (Tensor, Tensor, Tensor)")
 
 
-def _triton_forward(*args):
-    from .kernels import attention as kernels  # imported at first use: `import fastattn` never imports triton
-
-    return kernels.attention_forward(*args)
-
-
 def _triton_backward(*args):
     from .kernels import attention as kernels
+    from .kernels import attention_sm90_bwd  # sm_90: serves what its table covers (FASTATTN_TRITON_ATTN)
 
-    return kernels.attention_backward(*args)
+    grads = attention_sm90_bwd.backward(*args)
+    return grads if grads is not None else kernels.attention_backward(*args)
+
+
+def _triton_kernels():
+    from .kernels import attention as kernels  # imported at first use: `import fastattn` never imports triton
+
+    return kernels.attention_forward, _triton_backward
 
 
 def _fwd_fake(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
     n, hq, l, _ = q.shape
-    return q.new_empty(n, hq, l, v.shape[-1]), q.new_empty(n, hq, l, dtype=torch.float32)
+    ev = v.shape[-1]
+    # as the C++ CPU op: a non-contiguous q (rows viewed from a packed projection) gets its out laid
+    # out (N, L, Hq, Ev); the other backends take contiguous tensors only
+    out = q.new_empty(n, hq, l, ev) if q.is_contiguous() else q.new_empty(n, l, hq, ev).transpose(1, 2)
+    return out, q.new_empty(n, hq, l, dtype=torch.float32)
 
 
 def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, whatever q's strides
 
 
 def _autograd(bwd_op):
@@ -72,7 +79,7 @@ def _autograd(bwd_op):
 
 # attention_fwd/_bwd: C++ kernels per device, their autograd in C++ (csrc/autograd.cpp: no Python on the
 # call path); triton_attention_fwd/_bwd: the launchers above, their autograd from _autograd.
-FWD_OPS, BWD_OPS = _library.define_family("attention", FWD_SCHEMA, BWD_SCHEMA, _triton_forward, _triton_backward,
+FWD_OPS, BWD_OPS = _library.define_family("attention", FWD_SCHEMA, BWD_SCHEMA, _triton_kernels,
                                           _fwd_fake, _bwd_fake, _autograd)
 
 
@@ -305,6 +312,52 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     backend: None (automatic: cuda -> triton -> cpu -> reference) or one of those names.
     Returns (N, H, L, Ev) (or (B, L, Ev)) in query's dtype.
     """
+    T = torch.Tensor
+    # The common call -- plain 4-D tensors, no mask, no dropout, the automatic choice landing on a C++
+    # backend -- goes straight to the op, whose own checks (csrc/checks.h) refuse what it cannot
+    # take; a refusal re-runs the call through the full validation below, which raises its precise error.
+    if (attn_mask is None and key_padding_mask is None and (backend is None or backend.__class__ is str)
+            and not torch.compiler.is_compiling() and dropout_p.__class__ is float and dropout_p == 0.0
+            and (is_causal is False or is_causal is True) and (scale is None or scale.__class__ is float)
+            and type(query) is T and type(key) is T and type(value) is T
+            and not (query.is_nested or key.is_nested or value.is_nested)):
+        qs, ks, vs = query.shape, key.shape, value.shape
+        # contiguous tensors, or on the CPU any views whose last dim is contiguous (the C++ CPU op reads
+        # them in place: heads viewed in a projection's rows, a slice of a longer KV cache)
+        if (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and qs[2] and ks[2] and (qs[1] == ks[1] or enable_gqa is True)
+                and ((query.is_contiguous() and key.is_contiguous() and value.is_contiguous())
+                     or (query.is_cpu and query.stride(3) == 1 and key.stride(3) == 1 and value.stride(3) == 1))):
+            op = _direct_op(query, qs[3], vs[3], backend)
+            if op is not None and (scale is None or math.isfinite(scale)):
+                try:
+                    return op(query, key, value, None, None, 0.0, is_causal,
+                              1.0 / math.sqrt(qs[3]) if scale is None else scale, None)[0]
+                except (ValueError, RuntimeError):  # RuntimeError: no kernel for a mix of devices
+                    pass  # the op's check refused it: the full validation below names the argument
     call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask, enable_gqa)
     out = backends.choose("attention", *call.choice, backend).run(call)
     return out.squeeze(1) if call.squeeze_head else out
+
+
+_DIRECT: dict = {}  # (device type, dtype, E, Ev, backend, use_backend's, env's) -> the C++ forward op, or False
+
+
+def _direct_op(query: torch.Tensor, e: int, ev: int, backend: Optional[str]):
+    """The C++ forward op (the raw callable) when the choice for a mask-free call on query's device and
+    dtype with head dims e, ev (backend, else use_backend, else FASTATTN_BACKEND, else automatic) is a
+    C++ backend ("cpu" or "cuda"); None otherwise (the full path then serves the call or names the error)."""
+    device_type = "cpu" if query.is_cpu else "cuda" if query.is_cuda else None
+    forced = backends._FORCED_STACK[-1] if backends._FORCED_STACK else None
+    key = (device_type, query.dtype, e, ev, backend, forced, backends._ENV_BACKEND)
+    hit = _DIRECT.get(key)
+    if hit is None:
+        hit = False
+        if device_type is not None:
+            try:
+                impl = backends.choose("attention", device_type, query.dtype, e, ev, False, backend)
+            except (backends.BackendError, ValueError):
+                impl = None
+            if impl is not None and impl.kernel is not None:
+                hit = FWD_OPS["cpp"]._op  # the OpOverload's own callable: one Python frame less per call
+        _DIRECT[key] = hit
+    return hit or None

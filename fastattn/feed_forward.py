@@ -29,16 +29,10 @@ BWD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Ten
               "str activation, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-def _triton_forward(*args):
+def _triton_kernels():
     from .kernels import feed_forward as kernels  # imported at first use: `import fastattn` never imports triton
 
-    return kernels.ffn_forward(*args)
-
-
-def _triton_backward(*args):
-    from .kernels import feed_forward as kernels
-
-    return kernels.ffn_backward(*args)
+    return kernels.ffn_forward, kernels.ffn_backward
 
 
 def _fwd_fake(x, w1, b1, w2, b2, activation, dropout_p, seed, save_for_backward):
@@ -72,7 +66,7 @@ def _autograd(bwd_op):
 
 # ffn_fwd/_bwd: C++ kernels per device, their autograd in C++ (csrc/autograd.cpp: no Python on the
 # call path); triton_ffn_fwd/_bwd: the launchers above, their autograd from _autograd.
-FWD_OPS, BWD_OPS = _library.define_family("ffn", FWD_SCHEMA, BWD_SCHEMA, _triton_forward, _triton_backward,
+FWD_OPS, BWD_OPS = _library.define_family("ffn", FWD_SCHEMA, BWD_SCHEMA, _triton_kernels,
                                           _fwd_fake, _bwd_fake, _autograd)
 
 

@@ -16,8 +16,8 @@ Differences from torch, on purpose:
   faster there; its dropout is then torch's.)
 
 On the "cpu" backend the modules call the C++ ops (``torch.ops.fastattn.attention_fwd`` and
-``ffn_fwd``) themselves, on q, k, v they laid out in the kernels' (N, H, L, hd) layout (self-attention:
-one in-projection GEMM and one copy for all three), skipping the public functions' re-validation;
+``ffn_fwd``) themselves, on q, k, v viewed as (N, H, L, hd) heads in the projections' rows (self-attention:
+one in-projection GEMM, no copy: the CPU op reads strided rows), skipping the public functions' re-validation;
 every other backend goes through the public functions.
 - ``TransformerEncoderLayer`` is not a subclass of ``nn.TransformerEncoderLayer``: an
   ``nn.TransformerEncoder`` recognises its own layer class to turn padded batches into
@@ -293,7 +293,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         s = k.shape[seq_dim]
 
         if self._direct_attention(q, attn_mask, key_padding_mask):
-            # The C++ kernel on heads laid out here: one copy per tensor, none in the API.
+            # The C++ kernel on the projections' rows viewed as heads, no copy (it reads strided rows).
             q, k, v = _heads(q, seq_dim, h, hd), _heads(k, seq_dim, h, hd), _heads(v, seq_dim, h, hd)
             mask = _kernel_mask(attn_mask, key_padding_mask, n, h, l, s, q.dtype)
             kpm = None
@@ -308,8 +308,9 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def _forward_self(self, x: Tensor) -> Optional[Tensor]:
         """Self-attention without masks, bias_k/v or zero attention, on the "cpu" backend: one in-projection
-        GEMM, one copy into the kernel's (3, N, H, L, hd) layout, the kernel, the out-projection. None when
-        the call does not qualify (the general path serves it)."""
+        GEMM, the kernel on q, k, v viewed as heads in its rows (the C++ op reads strided rows and then
+        writes its output (N, L, H, hd), which the out-projection reads as is), the out-projection. None
+        when the call does not qualify (the general path serves it)."""
         if (x.dim() != 3 or not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn
                 or x.shape[-1] != self.embed_dim or not self._direct_attention(x, None, None)):
             return None
@@ -321,7 +322,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         else:
             l, n = x.shape[0], x.shape[1]
             heads = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(l, n, 3, h, hd).permute(2, 1, 3, 0, 4)
-        q, k, v = heads.contiguous().unbind(0)
+        q, k, v = heads.unbind(0)
         dropout_p = float(self.dropout) if self.training else 0.0
         seed = _philox.new_seed() if dropout_p > 0.0 else None
         out = _attention_fwd(q, k, v, None, None, dropout_p, False, 1.0 / math.sqrt(hd), seed)[0]
@@ -380,10 +381,12 @@ class MultiheadAttention(nn.MultiheadAttention):
 
 
 def _heads(x: Tensor, seq_dim: int, h: int, hd: int) -> Tensor:
-    """(seq, N, E) (seq_dim 0) or (N, seq, E) -> (N, H, seq, hd) contiguous: one copy."""
-    if seq_dim == 0:
-        return x.view(x.shape[0], x.shape[1], h, hd).permute(1, 2, 0, 3).contiguous()
-    return x.view(x.shape[0], x.shape[1], h, hd).transpose(1, 2).contiguous()
+    """(seq, N, E) (seq_dim 0) or (N, seq, E) -> an (N, H, seq, hd) view (its last dim contiguous: the C++
+    CPU op reads it in place; a projection's chunk may have rows apart, so reshape, not view)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    x = x.reshape(x.shape[0], x.shape[1], h, hd)
+    return x.permute(1, 2, 0, 3) if seq_dim == 0 else x.transpose(1, 2)
 
 
 def _kernel_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], n: int, h: int, l: int,

@@ -15,8 +15,13 @@ What the launchers receive is fixed by fastattn/backends/README.md:
   float32, +inf for a row that sees no key (its output is 0 and its gradients are 0).
 
 Design notes:
-  * Scores are computed in the log2 domain: s2 = (q.k) * scale * log2(e) + mask * log2(e), so the
-    softmax uses exp2; lse is converted back to the natural log when stored.
+  * Scores are computed in the log2 domain without a mask: s2 = (q.k) * scale * log2(e), so the
+    softmax uses exp2; lse is converted back to the natural log when stored. With a mask they stay in
+    natural-log units, s = (q.k) * scale + mask (times log2(e) a mask of -3e38 would overflow to
+    -inf: only -inf, set rather than added, excludes a key; any finite value is a score), and exp2
+    takes (s - m) * log2(e). qk_scale is the scale in those units (the launcher's _Launch).
+  * The backward reads the log-sum-exp through the delta pre-pass's split (base + rest, see
+    SPLIT_LSE), so rows with huge mask values or logits get gradients consistent with the forward.
   * attn_mask and dropout are compile-time flags (HAS_MASK, HAS_DROPOUT), so the plain call compiles
     none of their code: 4 specialisations per kernel. Causality and key padding are runtime bools
     (`causal`, `has_kpm`): causality moves loop bounds, reverses the program order and adds one
@@ -85,21 +90,18 @@ def _load_tile(base, offs_r, offs_c, R, C, BOUNDARY: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
-               start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
-               L, S, HEAD_D, HEAD_DV, stride_ms,
-               causal, has_kpm, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
-               HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr):
-    """One key block of the forward's online softmax. acc (BM, BDV) f32, l_i/m_i (BM,) f32 (log2 units)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+def _scores(qk, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
+            BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr):
+    """The (BM, BN) scores of query rows offs_m against keys offs_n from their products qk = q k^T, in
+    the kernels' units (qk_scale is in them: log2 units without a mask, natural-log units with one),
+    -inf where a key is excluded: a -inf mask value (set, not added: a NaN score stays out), key
+    padding (has_kpm), and when BOUNDARY the key boundary and causality."""
     n_ok = offs_n < S
-    k = _load_tile(k_base, offs_n, offs_d, S, HEAD_D, BOUNDARY)                  # (BN, BD)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale       # (BM, BN) log2 units
+    s = qk * qk_scale
     if HAS_MASK:
         mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
-                        mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
-        s += mvals.to(tl.float32) * 1.4426950408889634
+                        mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.where(mvals == float("-inf"), float("-inf"), s + mvals)
     if has_kpm:  # a runtime flag: one uniform branch per key block
         pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)                      # (BN,) u8, 1 = ignore
         s = tl.where(pad[None, :] == 0, s, float("-inf"))
@@ -108,11 +110,89 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
         n_diag = tl.where(causal, offs_n, 0)
         visible = n_ok[None, :] & (n_diag[None, :] <= offs_m[:, None])
         s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _exp(x, HAS_MASK: tl.constexpr):
+    """e**x for x in the kernels' units (natural log with a mask, log2 without)."""
+    if HAS_MASK:
+        return tl.math.exp2(x * 1.4426950408889634)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _log(x, HAS_MASK: tl.constexpr):
+    """log(x) in the kernels' units."""
+    if HAS_MASK:
+        return tl.math.log2(x) * 0.6931471805599453
+    else:
+        return tl.math.log2(x)
+
+
+@triton.jit
+def _key_range(KvRange, b, start_m, S, causal, has_kpm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, full_end, n_end): the key blocks a query block visits are [lo, n_end); those below
+    full_end need no boundary/causal test. Causal: none above the diagonal; key padding: only the
+    batch's range [first, last] of unpadded keys."""
+    n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
+    kv_lo = tl.load(KvRange + 2 * b, mask=has_kpm, other=0)       # no key padding: no load, [0, S)
+    kv_hi = tl.load(KvRange + 2 * b + 1, mask=has_kpm, other=S)
+    lo = (kv_lo // BLOCK_N) * BLOCK_N
+    n_end = tl.minimum(n_end, kv_hi)
+    full_end = tl.where(causal, tl.minimum(n_end, start_m + 1), n_end)
+    full_end = tl.maximum((full_end // BLOCK_N) * BLOCK_N, lo)
+    return lo, full_end, n_end
+
+
+@triton.jit
+def _query_block(K, V, Mask, Kpm, seed, stride_mb, stride_mh, stride_ml, Hq, GROUP, L, S, HEAD_D, HEAD_DV,
+                 causal, BLOCK_M: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Where the forward's and dQ's program for one query block reads: (bh, b, start_m, offs_m, k_base,
+    v_base, mask_rows (BM,) pointers, kpm_base, drop_rows (BM,) i64 Philox counters). Causal: the
+    longest rows first (tail balance)."""
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    pid_m = pid % num_m
+    pid_m = tl.where(causal, num_m - 1 - pid_m, pid_m)
+    b = bh // Hq
+    h = bh % Hq
+    hkv = b * (Hq // GROUP) + h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    k_base = K + hkv.to(tl.int64) * S * HEAD_D
+    v_base = V + hkv.to(tl.int64) * S * HEAD_DV
+    mask_rows = Mask
+    if HAS_MASK:
+        mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                     + offs_m.to(tl.int64) * stride_ml)
+    kpm_base = Kpm + b.to(tl.int64) * S
+    drop_rows = (bh.to(tl.int64) * L + offs_m) * S
+    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
+        drop_rows += tl.load(seed + 1)
+    return bh, b, start_m, offs_m, k_base, v_base, mask_rows, kpm_base, drop_rows
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
+               start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
+               L, S, HEAD_D, HEAD_DV, stride_ms,
+               causal, has_kpm, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
+               HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr):
+    """One key block of the forward's online softmax. acc (BM, BDV) f32, l_i/m_i (BM,) f32 (m_i in
+    the kernels' units)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(k_base, offs_n, offs_d, S, HEAD_D, BOUNDARY)                  # (BN, BD)
+    s = _scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), mask_rows, kpm_base, offs_m, offs_n,
+                qk_scale, L, S, stride_ms, causal, has_kpm, BOUNDARY, HAS_MASK)  # (BM, BN)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only -inf so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
+    p = _exp(s - m_sub[:, None], HAS_MASK)
+    alpha = _exp(m_i - m_sub, HAS_MASK)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
@@ -128,7 +208,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_rows, kpm_base, drop_rows,
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse,        # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), out (N,Hq,L,Ev), lse (N,Hq,L) f32
     Mask, Kpm, KvRange,       # mask: additive (N,Hq,L,S) strided view; kpm (N,S) u8; kv_range (N,2) i32
-    seed, dropout_p, qk_scale,  # *i64 (philox seed, counter offset), dropout prob, scale*log2(e)
+    seed, dropout_p, qk_scale,  # *i64 (philox seed, counter offset), dropout prob, scale in kernel units
     stride_mb, stride_mh, stride_ml, stride_ms,  # mask strides (elements, may be 0)
     Hq, GROUP, L, S, HEAD_D, HEAD_DV,  # GROUP = Hq // Hkv
     causal,                   # bool (a runtime flag: it only moves loop bounds and the boundary test)
@@ -137,45 +217,17 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    pid_m = pid % num_m
-    pid_m = tl.where(causal, num_m - 1 - pid_m, pid_m)  # causal: the longest rows first (tail balance)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // GROUP
-    Hkv = Hq // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, start_m, offs_m, k_base, v_base, mask_rows, kpm_base, drop_rows = _query_block(
+        K, V, Mask, Kpm, seed, stride_mb, stride_mh, stride_ml, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal,
+        BLOCK_M, HAS_MASK, HAS_DROPOUT)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < L
-
-    q_base = Q + bh.to(tl.int64) * L * HEAD_D
-    k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
-    v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
-    q = _load_tile(q_base, offs_m, offs_d, L, HEAD_D, True)                      # (BM, BD)
-
-    mask_rows = Mask
-    if HAS_MASK:
-        mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                     + offs_m.to(tl.int64) * stride_ml)                           # (BM,) pointers
-    kpm_base = Kpm + b.to(tl.int64) * S
-    drop_rows = (bh.to(tl.int64) * L + offs_m) * S                                 # (BM,) i64
-    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
-        drop_rows += tl.load(seed + 1)
+    q = _load_tile(Q + bh.to(tl.int64) * L * HEAD_D, offs_m, offs_d, L, HEAD_D, True)        # (BM, BD)
+    if HAS_DROPOUT:
         seed = tl.load(seed)
 
-    # Key range to visit: [lo, n_end). Blocks below full_end need no boundary/causal test.
-    n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
-    kv_lo = tl.load(KvRange + 2 * b, mask=has_kpm, other=0)       # no key padding: no load, [0, S)
-    kv_hi = tl.load(KvRange + 2 * b + 1, mask=has_kpm, other=S)
-    lo = (kv_lo // BLOCK_N) * BLOCK_N
-    n_end = tl.minimum(n_end, kv_hi)
-    full_end = tl.where(causal, tl.minimum(n_end, start_m + 1), n_end)
-    full_end = tl.maximum((full_end // BLOCK_N) * BLOCK_N, lo)
-
+    lo, full_end, n_end = _key_range(KvRange, b, start_m, S, causal, has_kpm, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -192,7 +244,7 @@ def _attn_fwd_kernel(
                                    causal, has_kpm, BLOCK_N, True, HAS_MASK, HAS_DROPOUT,
                                    INPUT_PRECISION)
 
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # a row that saw no key (a NaN sum counts as seen: the NaN propagates)
     inv_l = 1.0 / tl.where(seen, l_i, 1.0)
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
@@ -200,33 +252,164 @@ def _attn_fwd_kernel(
     o_base = Out + bh.to(tl.int64) * L * HEAD_DV
     tl.store(o_base + offs_m[:, None] * HEAD_DV + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                   float("inf"))
+    if HAS_MASK:  # m_i in natural-log units
+        lse = m_i + tl.math.log2(tl.where(seen, l_i, 1.0)) * 0.6931471805599453
+    else:
+        lse = (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453
+    lse = tl.where(seen, lse, float("inf"))
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
 
 
+# ---- the backward's log-sum-exp: one interface for every backward kernel ---------------------------
+# The forward saves lse = m + log(l) (row max, row sum) as one float32, rounded to the ulp of m. Where
+# |lse| is large (huge mask values, large logits) that rounding is what P = exp(s - lse) is made of:
+# P is off by up to ulp(lse)/2 relative, and where log(l) vanishes against m (m = -1e30) a row's P
+# sums to S instead of 1. The delta pre-pass therefore hands the backward the log-sum-exp as two
+# float32 numbers per row (LseSplit (N, Hq, 2, L): [.., 0, i] base, [.., 1, i] rest; one pointer, the
+# rest a row of L after the base), in the kernels' units (log2 without a mask,
+# natural log with one), and every backward kernel takes P from them through _bwd_probs alone:
+#   P = exp(s - base - rest), (s - base) first.
+# A row with |lse| < SPLIT_LSE gets base = lse, rest = 0 and delta = rowsum(dO O), as before; a row
+# with |lse| >= SPLIT_LSE gets base = its row max m, rest = log(l) and delta = rowsum(P dP),
+# recomputed over its keys by the pre-pass (_split_rows). Only blocks holding such a row do that work.
+SPLIT_LSE = tl.constexpr(32.0)  # |lse| from which a row's log-sum-exp is split
+SPLIT_N = 16                    # keys per step of that recompute
+SPLIT_D = tl.constexpr(32)      # head-dim slice per product (every head-dim bucket is a multiple of it)
+
+
 @triton.jit
+def _bwd_probs(s, base, rest, HAS_MASK: tl.constexpr):
+    """P from scores s (in the kernels' units) and the pre-pass's (base, rest), broadcast to s's shape
+    by the caller."""
+    return _exp((s - base) - rest, HAS_MASK)
+
+
+@triton.jit
+def _sliced_product(a_base, b_base, offs_a, offs_b, RA, RB, C, BA: tl.constexpr, BB: tl.constexpr,
+                    BC: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """A B^T for rows offs_a of the row-major (RA, C) matrix at a_base and rows offs_b of the (RB, C)
+    one at b_base, SPLIT_D columns at a time, each slice's product accumulated onto the previous. A's
+    load is volatile: the same rows every key block, never hoisted out of the caller's loop into
+    registers held across it (with one slice, C <= SPLIT_D, they would be: spills)."""
+    acc = tl.zeros([BA, BB], tl.float32)
+    for c0 in range(0, BC, SPLIT_D):
+        offs_c = c0 + tl.arange(0, SPLIT_D)
+        a = tl.load(a_base + offs_a[:, None] * C + offs_c[None, :],
+                    mask=(offs_a[:, None] < RA) & (offs_c[None, :] < C), other=0.0, volatile=True)
+        if _WIDEN_BF16 and a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        b = _load_tile(b_base, offs_b, offs_c, RB, C, True)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _split_rows(DOut, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
+                stride_ml, stride_ms, bh, b, hk, Hkv, start_m, offs_m, big, L, S, HEAD_D, HEAD_DV, causal, has_kpm,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_N: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The query rows offs_m (from start_m), of which those that are `big` get: the row max m and sum
+    l recomputed as the forward does, base = m, rest = log(l), and delta = rowsum(P dP) with
+    P = exp(s - m) / l unrounded and dP = dO V^T as the dQ kernel computes it (times the kept mask
+    / (1 - p) under dropout), as torch's math does. rowsum(dO O) from an output rounded to 16 bits is
+    off by about 2^-9 |dO| |O|, and any rounding of delta apart from dP's is carried by
+    dS = P (dP - delta) into dQ and dK times the logit scale (a one-hot row's exact dS is 0).
+    The products run over the head dim in SPLIT_D slices (whole-width fp32 operands would stay in
+    registers and spill); a slice's product accumulates onto the previous one's."""
+    row = bh.to(tl.int64) * L + offs_m
+    q_base = Q + bh.to(tl.int64) * L * HEAD_D
+    do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
+    k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
+    v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
+    mask_rows = mask_bh + offs_m.to(tl.int64) * stride_ml
+    kpm_base = Kpm + b.to(tl.int64) * S
+    drop_rows = row * S
+    philox = 0
+    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset)
+        drop_rows += tl.load(seed + 1)
+        philox = tl.load(seed)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    dd = tl.zeros([BLOCK_M], tl.float32)  # rowsum(exp(s - m) dP), rescaled like l_i
+    lo, _full, n_end = _key_range(KvRange, b, start_m, S, causal, has_kpm, BLOCK_M, SPLIT_N)
+    for start_n in range(lo, n_end, SPLIT_N):
+        offs_n = start_n + tl.arange(0, SPLIT_N)
+        qk = _sliced_product(q_base, k_base, offs_m, offs_n, L, S, HEAD_D, BLOCK_M, SPLIT_N, BLOCK_D,
+                             INPUT_PRECISION)
+        s = _scores(qk, mask_rows, kpm_base, offs_m, offs_n, qk_scale, L, S, stride_ms, causal, has_kpm,
+                    True, HAS_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = _exp(s - m_sub[:, None], HAS_MASK)
+        alpha = _exp(m_i - m_sub, HAS_MASK)
+        dp = _sliced_product(do_base, v_base, offs_m, offs_n, L, S, HEAD_DV, BLOCK_M, SPLIT_N, BLOCK_DV,
+                             INPUT_PRECISION)
+        if HAS_DROPOUT:
+            keep = tl.rand(philox, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        dd = dd * alpha + tl.sum(p * dp, 1)
+        m_i = m_new
+    # l_i is 0 only if the recompute saw none of the keys the forward saw: keep the plain values
+    split = big & (l_i != 0.0)
+    l_safe = tl.where(split, l_i, 1.0)
+    tl.store(Delta + row, dd / l_safe, mask=split)
+    lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L + offs_m
+    tl.store(lse_ptr, m_i, mask=split)
+    tl.store(lse_ptr + L, _log(l_safe, HAS_MASK), mask=split)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_delta_kernel(
-    Out, DOut, Delta,         # out (N,Hq,L,Ev), grad_out (N,Hq,L,Ev), delta (N,Hq,L) f32
-    L, HEAD_DV,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Out, DOut, Lse,             # out, grad_out (N,Hq,L,Ev); lse (N,Hq,L) f32 from the forward
+    Delta, LseSplit,            # written: delta (N,Hq,L) f32, the split log-sum-exp (N,Hq,2,L) f32
+    Q, K, V, Mask, Kpm, KvRange,  # as in the dQ kernel; read only for rows with |lse| >= SPLIT_LSE
+    seed, dropout_p, qk_scale,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    Hq, GROUP, L, S, HEAD_D, HEAD_DV,
+    causal, has_kpm,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """delta[b,h,i] = sum_e dO[b,h,i,e] * O[b,h,i,e] in float32."""
+    """delta = rowsum(dO O) in float32 and the log-sum-exp as (base, rest) = (lse, 0) for every row;
+    then, in a block holding rows with |lse| >= SPLIT_LSE, _split_rows overwrites theirs."""
     num_m = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = (pid % num_m) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    ok = (offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DV)
+    m_ok = offs_m < L
+    ok = m_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
     base = bh.to(tl.int64) * L * HEAD_DV
     ptrs = offs_m[:, None] * HEAD_DV + offs_dv[None, :]
     o = tl.load(Out + base + ptrs, mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DOut + base + ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+    row = bh.to(tl.int64) * L + offs_m
+    lse = tl.load(Lse + row, mask=m_ok, other=0.0)
+    tl.store(Delta + row, tl.sum(o * do, 1), mask=m_ok)
+    lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L + offs_m
+    if HAS_MASK:
+        tl.store(lse_ptr, lse, mask=m_ok)
+    else:
+        tl.store(lse_ptr, lse * 1.4426950408889634, mask=m_ok)
+    tl.store(lse_ptr + L, tl.zeros([BLOCK_M], tl.float32), mask=m_ok)
+    big = m_ok & (tl.abs(lse) >= SPLIT_LSE) & (lse != float("inf"))
+    if tl.max(big.to(tl.int32), 0) > 0:  # rare: huge mask values or logits
+        tl.debug_barrier()  # the stores above land before _split_rows overwrites some of them
+        b = bh // Hq
+        h = bh % Hq
+        mask_bh = Mask
+        if HAS_MASK:
+            mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        _split_rows(DOut, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
+                    stride_ml, stride_ms, bh, b, h // GROUP, Hq // GROUP, start_m, offs_m, big, L, S, HEAD_D,
+                    HEAD_DV, causal, has_kpm, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT_N, HAS_MASK, HAS_DROPOUT,
+                    INPUT_PRECISION)
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, drop_base,
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_ptr, delta_base, mask_cols, drop_base,
                 start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                 L, S, HEAD_D, HEAD_DV, stride_ml,
                 causal, BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr,
@@ -239,13 +422,14 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, 
     m_ok = offs_m < L
     q = _load_tile(q_base, offs_m, offs_d, L, HEAD_D, BOUNDARY)                  # (BM, BD)
     do = _load_tile(do_base, offs_m, offs_dv, L, HEAD_DV, BOUNDARY)              # (BM, BDV)
-    lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # (BN, BM)
-    if HAS_MASK:
+    base = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf"))              # the pre-pass's split
+    rest = tl.load(lse_ptr + L + offs_m, mask=m_ok, other=0.0)
+    sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # (BN, BM), kernel units
+    if HAS_MASK:  # as in _scores
         mvals = tl.load(mask_cols[:, None] + offs_m[None, :].to(tl.int64) * stride_ml,
-                        mask=(offs_n[:, None] < S) & m_ok[None, :], other=0.0)
-        sT += mvals.to(tl.float32) * 1.4426950408889634
-    pT = tl.math.exp2(sT - lse2[None, :])
+                        mask=(offs_n[:, None] < S) & m_ok[None, :], other=0.0).to(tl.float32)
+        sT = tl.where(mvals == float("-inf"), float("-inf"), sT + mvals)
+    pT = _bwd_probs(sT, base[None, :], rest[None, :], HAS_MASK)
     if BOUNDARY:
         n_diag = tl.where(causal, offs_n, 0)  # as in _fwd_block
         visible = (offs_n[:, None] < S) & m_ok[None, :] & (n_diag[:, None] <= offs_m[None, :])
@@ -265,9 +449,36 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, 
     return dk, dv
 
 
+@triton.jit
+def _dkdv_query_blocks(kpm_row, offs_n, start_n, L, S, causal, has_kpm,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query blocks a dK/dV program of keys [start_n, start_n + BLOCK_N) visits (also used by
+    kernels/attention_sm90_bwd.py): (key_ok, m_lo, f_lo, f_hi, n_head, n_bound)."""
+    n_ok = offs_n < S
+    # Query blocks to visit: [m_lo, m_end). Those in [f_lo, f_hi) need no boundary/causal test.
+    m_end = tl.cdiv(L, BLOCK_M) * BLOCK_M
+    m_lo = tl.where(causal, tl.minimum((start_n // BLOCK_M) * BLOCK_M, m_end), 0)
+    f_lo = tl.where(causal, tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, 0)
+    f_hi = (L // BLOCK_M) * BLOCK_M
+    # Key padding (a runtime flag): a padded key's rows of dK/dV are zeroed once at the end, and a
+    # key block that is wholly padded visits nothing.
+    pad = tl.load(kpm_row + offs_n, mask=n_ok & has_kpm, other=0)
+    key_ok = n_ok & (pad == 0)
+    m_lo = tl.where(tl.sum(key_ok.to(tl.int32), 0) > 0, m_lo, m_end)
+    # The last key block (partly beyond S): every query block needs the key boundary test.
+    f_lo = tl.where(start_n + BLOCK_N > S, m_end, f_lo)
+    f_lo = tl.minimum(tl.maximum(f_lo, m_lo), m_end)
+    f_hi = tl.maximum(f_hi, f_lo)
+    # Query blocks [m_lo, f_lo) and [f_hi, m_end) take the boundary/causal test: one loop over both.
+    n_head = (f_lo - m_lo) // BLOCK_M
+    n_bound = n_head + (m_end - f_hi) // BLOCK_M
+    return key_ok, m_lo, f_lo, f_hi, n_head, n_bound
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta,  # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev), lse/delta (N,Hq,L)
+    Q, K, V, DOut,              # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), dO (N,Hq,L,Ev)
+    LseSplit, Delta,            # (N,Hq,2,L) and (N,Hq,L) f32 from the delta pre-pass (see SPLIT_LSE)
     DK, DV,                     # dk (N,Hkv,S,E), dv (N,Hkv,S,Ev)
     Mask, Kpm,                  # additive (N,Hq,L,S) strided view; (N,S) u8
     seed, dropout_p, qk_scale, sm_scale,
@@ -293,23 +504,8 @@ def _attn_bwd_dkdv_kernel(
     k = _load_tile(K + bhk.to(tl.int64) * S * HEAD_D, offs_n, offs_d, S, HEAD_D, True)       # (BN, BD)
     v = _load_tile(V + bhk.to(tl.int64) * S * HEAD_DV, offs_n, offs_dv, S, HEAD_DV, True)    # (BN, BDV)
 
-    # Query blocks to visit: [m_lo, m_end). Those in [f_lo, f_hi) need no boundary/causal test.
-    m_end = tl.cdiv(L, BLOCK_M) * BLOCK_M
-    m_lo = tl.where(causal, tl.minimum((start_n // BLOCK_M) * BLOCK_M, m_end), 0)
-    f_lo = tl.where(causal, tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, 0)
-    f_hi = (L // BLOCK_M) * BLOCK_M
-    # Key padding (a runtime flag): a padded key's rows of dK/dV are zeroed once at the end, and a
-    # key block that is wholly padded visits nothing.
-    pad = tl.load(Kpm + b.to(tl.int64) * S + offs_n, mask=n_ok & has_kpm, other=0)
-    key_ok = n_ok & (pad == 0)
-    m_lo = tl.where(tl.sum(key_ok.to(tl.int32), 0) > 0, m_lo, m_end)
-    # The last key block (partly beyond S): every query block needs the key boundary test.
-    f_lo = tl.where(start_n + BLOCK_N > S, m_end, f_lo)
-    f_lo = tl.minimum(tl.maximum(f_lo, m_lo), m_end)
-    f_hi = tl.maximum(f_hi, f_lo)
-    # Query blocks [m_lo, f_lo) and [f_hi, m_end) take the boundary/causal test: one loop over both.
-    n_head = (f_lo - m_lo) // BLOCK_M
-    n_bound = n_head + (m_end - f_hi) // BLOCK_M
+    key_ok, m_lo, f_lo, f_hi, n_head, n_bound = _dkdv_query_blocks(Kpm + b.to(tl.int64) * S, offs_n, start_n, L, S,
+                                                                    causal, has_kpm, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -318,7 +514,7 @@ def _attn_bwd_dkdv_kernel(
         bh = b * Hq + h
         q_base = Q + bh.to(tl.int64) * L * HEAD_D
         do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
-        lse_base = Lse + bh.to(tl.int64) * L
+        lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L
         delta_base = Delta + bh.to(tl.int64) * L
         mask_cols = Mask
         if HAS_MASK:
@@ -328,13 +524,13 @@ def _attn_bwd_dkdv_kernel(
         if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
             drop_base += tl.load(seed + 1)
         for start_m in range(f_lo, f_hi, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, drop_base,
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_ptr, delta_base, mask_cols, drop_base,
                                  start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                  L, S, HEAD_D, HEAD_DV, stride_ml,
                                  causal, BLOCK_M, False, HAS_MASK, HAS_DROPOUT, INPUT_PRECISION)
         for i in range(0, n_bound):
             start_m = tl.where(i < n_head, m_lo + i * BLOCK_M, f_hi + (i - n_head) * BLOCK_M)
-            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, drop_base,
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_ptr, delta_base, mask_cols, drop_base,
                                  start_m, offs_n, offs_d, offs_dv, seed, dropout_p, qk_scale,
                                  L, S, HEAD_D, HEAD_DV, stride_ml,
                                  causal, BLOCK_M, True, HAS_MASK, HAS_DROPOUT, INPUT_PRECISION)
@@ -350,7 +546,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
+def _dq_block(dq, q, do, base, rest, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
               start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
               L, S, HEAD_D, HEAD_DV, stride_ms,
               causal, has_kpm, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
@@ -358,22 +554,11 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
               INPUT_PRECISION: tl.constexpr):
     """One key block's contribution to a resident dQ block (BM, BD)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < S
     k = _load_tile(k_base, offs_n, offs_d, S, HEAD_D, BOUNDARY)                  # (BN, BD)
     v = _load_tile(v_base, offs_n, offs_dv, S, HEAD_DV, BOUNDARY)                # (BN, BDV)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale       # (BM, BN)
-    if HAS_MASK:
-        mvals = tl.load(mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_ms,
-                        mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
-        s += mvals.to(tl.float32) * 1.4426950408889634
-    p = tl.math.exp2(s - lse2[:, None])
-    if has_kpm:  # runtime, as in _fwd_block
-        pad = tl.load(kpm_base + offs_n, mask=n_ok, other=1)
-        p = tl.where(pad[None, :] == 0, p, 0.0)
-    if BOUNDARY:
-        n_diag = tl.where(causal, offs_n, 0)  # as in _fwd_block
-        visible = n_ok[None, :] & (n_diag[None, :] <= offs_m[:, None])
-        p = tl.where(visible, p, 0.0)
+    s = _scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), mask_rows, kpm_base, offs_m, offs_n,
+                qk_scale, L, S, stride_ms, causal, has_kpm, BOUNDARY, HAS_MASK)  # (BM, BN)
+    p = _bwd_probs(s, base[:, None], rest[:, None], HAS_MASK)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)                # (BM, BN)
     if HAS_DROPOUT:
         # volatile: a load per block, never hoisted into a register held across the loop (spills)
@@ -386,7 +571,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta,  # as in _attn_bwd_dkdv_kernel
+    Q, K, V, DOut, LseSplit, Delta,  # as in _attn_bwd_dkdv_kernel
     DQ,                         # dq (N,Hq,L,E)
     Mask, Kpm, KvRange,
     seed, dropout_p, qk_scale, sm_scale,
@@ -397,52 +582,28 @@ def _attn_bwd_dq_kernel(
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    pid_m = pid % num_m
-    pid_m = tl.where(causal, num_m - 1 - pid_m, pid_m)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // GROUP
-    Hkv = Hq // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, start_m, offs_m, k_base, v_base, mask_rows, kpm_base, drop_rows = _query_block(
+        K, V, Mask, Kpm, seed, stride_mb, stride_mh, stride_ml, Hq, GROUP, L, S, HEAD_D, HEAD_DV, causal,
+        BLOCK_M, HAS_MASK, HAS_DROPOUT)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < L
-
     q = _load_tile(Q + bh.to(tl.int64) * L * HEAD_D, offs_m, offs_d, L, HEAD_D, True)        # (BM, BD)
     do = _load_tile(DOut + bh.to(tl.int64) * L * HEAD_DV, offs_m, offs_dv, L, HEAD_DV, True)  # (BM, BDV)
-    lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L + offs_m                        # the pre-pass's split lse
+    base = tl.load(lse_ptr, mask=m_ok, other=float("inf"))
+    rest = tl.load(lse_ptr + L, mask=m_ok, other=0.0)
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
-    k_base = K + (b * Hkv + hk).to(tl.int64) * S * HEAD_D
-    v_base = V + (b * Hkv + hk).to(tl.int64) * S * HEAD_DV
-    mask_rows = Mask
-    if HAS_MASK:
-        mask_rows = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                     + offs_m.to(tl.int64) * stride_ml)
-    kpm_base = Kpm + b.to(tl.int64) * S
-    drop_rows = (bh.to(tl.int64) * L + offs_m) * S
-    if HAS_DROPOUT:  # seed points at (Philox seed, counter offset), read on the device (graph-safe)
-        drop_rows += tl.load(seed + 1)
 
-    n_end = tl.where(causal, tl.minimum(S, start_m + BLOCK_M), S)
-    kv_lo = tl.load(KvRange + 2 * b, mask=has_kpm, other=0)       # no key padding: no load, [0, S)
-    kv_hi = tl.load(KvRange + 2 * b + 1, mask=has_kpm, other=S)
-    lo = (kv_lo // BLOCK_N) * BLOCK_N
-    n_end = tl.minimum(n_end, kv_hi)
-    full_end = tl.where(causal, tl.minimum(n_end, start_m + 1), n_end)
-    full_end = tl.maximum((full_end // BLOCK_N) * BLOCK_N, lo)
-
+    lo, full_end, n_end = _key_range(KvRange, b, start_m, S, causal, has_kpm, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, full_end, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
+        dq = _dq_block(dq, q, do, base, rest, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
                        start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
                        L, S, HEAD_D, HEAD_DV, stride_ms,
                        causal, has_kpm, BLOCK_N, False, HAS_MASK, HAS_DROPOUT, INPUT_PRECISION)
     for start_n in range(full_end, n_end, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
+        dq = _dq_block(dq, q, do, base, rest, delta, k_base, v_base, mask_rows, kpm_base, drop_rows,
                        start_n, offs_m, offs_d, offs_dv, seed, dropout_p, qk_scale,
                        L, S, HEAD_D, HEAD_DV, stride_ms,
                        causal, has_kpm, BLOCK_N, True, HAS_MASK, HAS_DROPOUT, INPUT_PRECISION)
@@ -460,16 +621,17 @@ KERNELS = {"fwd": _attn_fwd_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq":
 
 def compile_cases(arch: int) -> list:
     """Every distinct (kernel name, dtype class, head-dim bucket, variant, Tile) a launch on arch family
-    `arch` can choose (the union over sequence buckets of configs.ATTENTION); the delta pre-pass is
-    listed with the variant None, once per head-dim bucket and dtype class."""
+    `arch` can choose (the union over sequence buckets of configs.ATTENTION), and the delta pre-pass
+    (configs.ATTN_DELTA) once per dtype class, head-dim bucket and variant of the dQ kernel."""
     cases = []
     for (name, dc, hd, _sq, var, a), tile in configs.ATTENTION.items():
         case = (name, dc, hd, var, tile)
         if a == arch and case not in cases:
             cases.append(case)
-    for hd in configs.HEAD_DIM_BUCKETS:
-        for dc in ("f16", "f32"):
-            cases.append(("bwd_delta", dc, hd, None, configs.ATTN_DELTA))
+    for name, dc, hd, var, _tile in list(cases):
+        case = ("bwd_delta", dc, hd, var, configs.ATTN_DELTA)
+        if name == "bwd_dq" and case not in cases:
+            cases.append(case)
     return cases
 
 
@@ -536,7 +698,9 @@ class _Launch:
         self.kpm, self.kv_range = _kpm_args(key_padding_mask, q, s)
         self.seed = _seed_arg(float(dropout_p), seed, q.device)
         self.dropout_p = float(dropout_p)
-        self.qk_scale = float(scale) * LOG2E
+        # the score scale in the kernels' units: log2 without a mask, natural log with one (a mask
+        # value of -3e38 is a score, and times log2(e) it would overflow to -inf)
+        self.qk_scale = float(scale) if attn_mask is not None else float(scale) * LOG2E
         self.scale = float(scale)
         self.flags = dict(HAS_MASK=attn_mask is not None, HAS_DROPOUT=self.dropout_p > 0.0,
                           INPUT_PRECISION=configs.input_precision(self.dc))
@@ -589,6 +753,21 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is
     return out, lse
 
 
+def backward_prepass(c: _Launch, q, k, v, out, grad_out, lse):
+    """The backward's pre-pass: (delta (N, Hq, L), lse_split (N, Hq, 2, L)) float32, what every backward
+    kernel reads in place of the forward's lse: P = exp(s - base - rest) with base = lse_split[..., 0, :],
+    rest = lse_split[..., 1, :] in the kernels' units (_bwd_probs; see SPLIT_LSE), dS = P (dP - delta)."""
+    n, hq, l = lse.shape
+    delta = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)
+    lse_split = torch.empty((n, hq, 2, l), dtype=torch.float32, device=q.device)
+    t = c.tile("bwd_delta")
+    ms = c.mstrides
+    _attn_bwd_delta_kernel[(triton.cdiv(l, t.block_m) * n * hq,)](
+        out, grad_out, lse, delta, lse_split, q, k, v, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p,
+        c.qk_scale, ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, BLOCK_M=t.block_m, SPLIT_N=SPLIT_N, num_warps=t.num_warps, num_stages=t.num_stages)
+    return delta, lse_split
+
+
 def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p: float,
                        is_causal: bool, scale: float, seed):
     """Fused attention backward: returns dq, dk, dv shaped like q, k, v (dk/dv summed over each GQA
@@ -608,19 +787,15 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
     with _device_of(q):
         c = _Launch(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
         ms = c.mstrides
-        delta = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)
-        t = c.tile("bwd_delta")
-        _attn_bwd_delta_kernel[(triton.cdiv(l, t.block_m) * n * hq,)](
-            out, grad_out, delta, l, ev, BLOCK_DV=c.dims["BLOCK_DV"], BLOCK_M=t.block_m,
-            num_warps=t.num_warps, num_stages=t.num_stages)
+        delta, lse_split = backward_prepass(c, q, k, v, out, grad_out, lse)
         t = c.tile("bwd_dkdv")
         _attn_bwd_dkdv_kernel[(triton.cdiv(c.s, t.block_n) * n * c.hkv,)](
-            q, k, v, grad_out, lse, delta, dk, dv, c.mask, c.kpm, c.seed, c.dropout_p, c.qk_scale, c.scale,
+            q, k, v, grad_out, lse_split, delta, dk, dv, c.mask, c.kpm, c.seed, c.dropout_p, c.qk_scale, c.scale,
             ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, **t.kwargs,
             num_warps=t.num_warps, num_stages=t.num_stages)
         t = c.tile("bwd_dq")
         _attn_bwd_dq_kernel[(triton.cdiv(l, t.block_m) * n * hq,)](
-            q, k, v, grad_out, lse, delta, dq, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p, c.qk_scale,
+            q, k, v, grad_out, lse_split, delta, dq, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p, c.qk_scale,
             c.scale, ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, **t.kwargs,
             num_warps=t.num_warps, num_stages=t.num_stages)
     return dq, dk, dv

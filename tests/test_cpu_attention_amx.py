@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import fastattn  # noqa: F401  (loads fastattn._C, which registers the ops)
+from fastattn.attention import mask_dtype
 from fastattn.reference import attention_reference
 from fastattn.testing import check_bound
+from helpers import attention_inputs, check_dead_rows, counted, expanded_mask, key_padding, kw_id
 
 fwd_op = torch.ops.fastattn.attention_fwd
 BF = torch.bfloat16
@@ -27,52 +29,21 @@ pytestmark = pytest.mark.skipif(
     reason="this CPU or torch build has no AMX bf16 brgemm (needs amx_bf16 + avx512_bf16)")
 
 
-def _calls() -> int:
-    return int(torch.ops.fastattn_amx.fwd_calls())
-
-
-def make_mask(kind, n, h, l, s, gen):
-    """Additive bf16 mask as the dispatcher hands it: an expanded (n, h, l, s) view."""
-    if kind is None:
-        return None
-    if kind == "float2d":  # strides (0, 0, S, 1)
-        return torch.randn(l, s, generator=gen).to(BF).expand(n, h, l, s)
-    if kind == "bool2d":  # converted bool: keep -> 0, drop -> -inf; row 0 sees nothing
-        keep = torch.rand(l, s, generator=gen) > 0.4
-        keep[0] = False
-        return torch.zeros(l, s).masked_fill(~keep, -math.inf).to(BF).expand(n, h, l, s)
-    if kind == "per_batch":  # (N, 1, L, S)
-        return torch.randn(n, 1, l, s, generator=gen).to(BF).expand(n, h, l, s)
-    if kind == "full":
-        return torch.randn(n, h, l, s, generator=gen).to(BF)
-    if kind == "col":  # (1, 1, 1, S): strides (0, 0, 0, 1)
-        return torch.randn(1, 1, 1, s, generator=gen).to(BF).expand(n, h, l, s)
-    if kind == "row":  # (L, 1): key stride 0
-        return torch.randn(l, 1, generator=gen).to(BF).expand(n, h, l, s)
-    if kind == "transposed":  # an (S, L) tensor seen as (L, S): key stride L
-        return torch.randn(s, l, generator=gen).to(BF).t().expand(n, h, l, s)
-    raise ValueError(kind)
+def _counted(expected=1):
+    return counted(torch.ops.fastattn_amx.fwd_calls, expected, "the AMX path was not taken" if expected else
+                   "the AMX path served a call it should have left to the FMA kernels")
 
 
 def run_case(n=2, hq=2, hkv=2, l=17, s=17, e=64, ev=None, mask=None, kpm=False, causal=False, p=0.0,
              seed=0, expect_amx=True):
     ev = e if ev is None else ev
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, hq, l, e, generator=gen).to(BF)
-    k = torch.randn(n, hkv, s, e, generator=gen).to(BF)
-    v = torch.randn(n, hkv, s, ev, generator=gen).to(BF)
-    m = make_mask(mask, n, hq, l, s, gen)
-    pad = None
-    if kpm:
-        pad = torch.rand(n, s, generator=gen) > 0.7
-        pad[:, 0] = False
-        pad[-1] = True  # the last batch row sees no key at all
+    q, k, v, gen = attention_inputs(n, hq, hkv, l, s, e, ev, BF, seed)
+    m = expanded_mask(mask, n, hq, l, s, mask_dtype(BF), gen)  # float32: the mask dtype of bf16 q
+    pad = key_padding(n, s, gen) if kpm else None
     sd = torch.tensor([4321 + seed], dtype=torch.int64) if p > 0 else None
     scale = 1 / math.sqrt(e)
-    before = _calls()
-    out, lse = fwd_op(q, k, v, m, pad, p, causal, scale, sd)
-    assert _calls() == before + (1 if expect_amx else 0), "the AMX path was not taken" if expect_amx else \
-        "the AMX path served a call it should have left to the FMA kernels"
+    with _counted(1 if expect_amx else 0):
+        out, lse = fwd_op(q, k, v, m, pad, p, causal, scale, sd)
     assert out.shape == (n, hq, l, ev) and out.dtype == BF and lse.shape == (n, hq, l) and lse.dtype == torch.float32
     q64, k64, v64 = q.double(), k.double(), v.double()
     ref, ref_lse = attention_reference(q64, k64, v64, None if m is None else m.double(), pad, p, causal, scale, sd,
@@ -80,10 +51,7 @@ def run_case(n=2, hq=2, hkv=2, l=17, s=17, e=64, ev=None, mask=None, kpm=False, 
     same, same_lse = attention_reference(q, k, v, m, pad, p, causal, scale, sd, return_lse=True, upcast=False)
     name = f"amx n{n} hq{hq} hkv{hkv} l{l} s{s} e{e} ev{ev} mask={mask} kpm={kpm} causal={causal} p={p}"
     check_bound(name + " out", out, same, ref)
-    dead = torch.isinf(ref_lse)
-    assert (lse[dead] == math.inf).all(), f"{name}: rows that see no key must have lse +inf"
-    assert (out[dead] == 0).all(), f"{name}: rows that see no key must give out 0"
-    live = ~dead
+    live = check_dead_rows(name, out, lse, ref_lse)
     if live.any():
         # lse is float32 from float32 sums: within 2x the bf16 reference's error + 1e-3
         check_bound(name + " lse", lse[live], same_lse[live].float(), ref_lse[live], floor=1e-3)
@@ -108,7 +76,7 @@ def test_head_dims_and_lengths(e, ls):
     dict(l=70, s=90, mask="transposed"),
     dict(l=70, s=90, mask="per_batch", kpm=True),
     dict(l=65, s=300, kpm=True, e=128),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_masks_and_causal(kw):
     run_case(**kw)
 
@@ -117,7 +85,7 @@ def test_masks_and_causal(kw):
     dict(hq=4, hkv=2, l=64, s=80, e=16),
     dict(hq=6, hkv=1, l=33, s=70, e=25, ev=7),
     dict(hq=4, hkv=1, l=257, s=257, e=64, causal=True, kpm=True),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_gqa(kw):
     run_case(**kw)
 
@@ -126,7 +94,7 @@ def test_gqa(kw):
     dict(l=100, s=100, p=0.3),
     dict(l=257, s=300, e=25, p=0.2, causal=True, kpm=True),
     dict(l=40, s=1300, p=0.1, mask="float2d"),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_dropout(kw):
     run_case(**kw)
 
@@ -137,7 +105,7 @@ def test_dropout(kw):
     dict(l=33, s=1500, e=80, mask="float2d", kpm=True),
     dict(l=65, s=70, e=256, ev=256),
     dict(l=65, s=70, e=256, ev=3),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_long_keys_and_wide_heads(kw):
     run_case(**kw)
 
@@ -153,13 +121,12 @@ def test_small_key_chunks_rescale(tuning_knob):
     dict(l=257, s=600, e=64),
     dict(l=100, s=130, e=25, mask="bool2d", kpm=True, causal=True),
     dict(hq=4, hkv=2, l=70, s=90, e=80, p=0.2),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_amx_on_off_agree(tuning_knob, kw):
     q, k, v, m, pad, sd, scale, out, lse = run_case(**kw)
     tuning_knob("FASTATTN_CPU_AMX", 0)
-    before = _calls()
-    out_off, lse_off = fwd_op(q, k, v, m, pad, kw.get("p", 0.0), kw.get("causal", False), scale, sd)
-    assert _calls() == before, "FASTATTN_CPU_AMX=0 must keep the call off the AMX path"
+    with counted(torch.ops.fastattn_amx.fwd_calls, 0, "FASTATTN_CPU_AMX=0 must keep the call off the AMX path"):
+        out_off, lse_off = fwd_op(q, k, v, m, pad, kw.get("p", 0.0), kw.get("causal", False), scale, sd)
     # both round a float32 result to bf16: at most a few bf16 ulps apart
     diff = (out.float() - out_off.float()).abs()
     tol = 2 ** -7 * out_off.float().abs() + 2e-2
@@ -172,7 +139,6 @@ def test_amx_on_off_agree(tuning_knob, kw):
 def test_other_dtypes_do_not_take_amx():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 33, 16, generator=gen) for _ in range(3))
-    before = _calls()
-    fwd_op(q, k, v, None, None, 0.0, False, 0.25, None)
-    fwd_op(q.half(), k.half(), v.half(), None, None, 0.0, False, 0.25, None)
-    assert _calls() == before
+    with _counted(0):
+        fwd_op(q, k, v, None, None, 0.0, False, 0.25, None)
+        fwd_op(q.half(), k.half(), v.half(), None, None, 0.0, False, 0.25, None)

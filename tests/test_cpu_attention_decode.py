@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -21,6 +20,7 @@ from fastattn.attention import mask_dtype
 from fastattn import _philox
 from fastattn.reference import attention_reference
 from fastattn.testing import check_bound
+from helpers import attention_inputs, check_dead_rows, counted, expanded_mask, kw_id, run_python
 
 fwd_op = torch.ops.fastattn.attention_fwd
 
@@ -28,33 +28,8 @@ pytestmark = pytest.mark.skipif(not torch.ops.fastattn_decode.enabled(),
                                 reason="the decode path is switched off (FASTATTN_CPU_DECODE=0)")
 
 
-def _calls() -> int:
-    return int(torch.ops.fastattn_decode.fwd_calls())
-
-
-def make_mask(kind, n, h, l, s, dtype, gen):
-    """Additive mask as the dispatcher hands it: float32 (float64 for float64 q, fastattn.attention.mask_dtype),
-    an expanded (n, h, l, s) view."""
-    dtype = mask_dtype(dtype)
-    if kind is None:
-        return None
-    if kind == "float2d":  # strides (0, 0, S, 1)
-        return torch.randn(l, s, generator=gen).to(dtype).expand(n, h, l, s)
-    if kind == "bool2d":  # a converted bool mask: keep -> 0, drop -> -inf; query 0 sees nothing
-        keep = torch.rand(l, s, generator=gen) > 0.4
-        keep[0] = False
-        return torch.zeros(l, s).masked_fill(~keep, -math.inf).to(dtype).expand(n, h, l, s)
-    if kind == "bool_nhls":  # a converted per-(batch, head) bool mask, (N, H, L, S) contiguous
-        keep = torch.rand(n, h, l, s, generator=gen) > 0.5
-        return torch.zeros(n, h, l, s).masked_fill(~keep, -math.inf).to(dtype)
-    if kind == "float_n1ls":  # (N, 1, L, S): head stride 0, some -inf
-        m = torch.randn(n, 1, l, s, generator=gen).masked_fill(torch.rand(n, 1, l, s, generator=gen) < 0.2, -math.inf)
-        return m.to(dtype).expand(n, h, l, s)
-    if kind == "col":  # (1, 1, 1, S): strides (0, 0, 0, 1)
-        return torch.randn(1, 1, 1, s, generator=gen).to(dtype).expand(n, h, l, s)
-    if kind == "transposed":  # an (S, L) tensor seen as (L, S): key stride L
-        return torch.randn(s, l, generator=gen).to(dtype).t().expand(n, h, l, s)
-    raise ValueError(kind)
+def _counted(expected=1, what="the decode path was not taken"):
+    return counted(torch.ops.fastattn_decode.fwd_calls, expected, what)
 
 
 def make_kpm(kind, n, s, gen):
@@ -80,17 +55,13 @@ def make_kpm(kind, n, s, gen):
 def run_case(n=2, hq=4, hkv=1, l=1, s=300, e=64, ev=None, mask=None, kpm=None, causal=False, p=0.0,
              dtype=torch.float32, seed=0):
     ev = e if ev is None else ev
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, hq, l, e, generator=gen).to(dtype)
-    k = torch.randn(n, hkv, s, e, generator=gen).to(dtype)
-    v = torch.randn(n, hkv, s, ev, generator=gen).to(dtype)
-    m = make_mask(mask, n, hq, l, s, dtype, gen)
+    q, k, v, gen = attention_inputs(n, hq, hkv, l, s, e, ev, dtype, seed)
+    m = expanded_mask(mask, n, hq, l, s, mask_dtype(dtype), gen)
     pad = make_kpm(kpm, n, s, gen)
     sd = torch.tensor([1234 + seed], dtype=torch.int64) if p > 0 else None
     scale = 1 / math.sqrt(e)
-    before = _calls()
-    out, lse = fwd_op(q, k, v, m, pad, p, causal, scale, sd)
-    assert _calls() == before + 1, "the decode path was not taken"
+    with _counted():
+        out, lse = fwd_op(q, k, v, m, pad, p, causal, scale, sd)
     assert out.shape == (n, hq, l, ev) and out.dtype == dtype and lse.shape == (n, hq, l)
     assert lse.dtype == torch.float32
     ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), None if m is None else m.double(), pad,
@@ -99,10 +70,7 @@ def run_case(n=2, hq=4, hkv=1, l=1, s=300, e=64, ev=None, mask=None, kpm=None, c
     name = (f"decode n{n} hq{hq} hkv{hkv} l{l} s{s} e{e} ev{ev} mask={mask} kpm={kpm} causal={causal} p={p} "
             f"{dtype}")
     check_bound(name + " out", out, same, ref)
-    dead = torch.isinf(ref_lse)
-    assert (lse[dead] == math.inf).all(), f"{name}: rows that see no key must have lse +inf"
-    assert (out[dead] == 0).all(), f"{name}: rows that see no key must give out 0"
-    live = ~dead
+    live = check_dead_rows(name, out, lse, ref_lse)
     if live.any():
         floor = 1e-9 if dtype == torch.float64 else 1e-4
         check_bound(name + " lse", lse[live].double(), same_lse[live].float(), ref_lse[live].double(),
@@ -149,7 +117,7 @@ def test_causal_top_left(l, s):
     dict(l=1, s=1000, p=0.3),
     dict(l=4, s=300, p=0.1, hq=8, hkv=1, kpm="left", mask="bool2d"),
     dict(l=16, s=40, p=0.5, causal=True),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_dropout_same_mask_as_reference(kw):
     run_case(**kw)
 
@@ -159,7 +127,7 @@ def test_dropout_same_mask_as_reference(kw):
     dict(n=1, hq=8, hkv=2, l=1, s=4096, e=128),
     dict(n=2, hq=4, hkv=4, l=9, s=333, e=25, ev=40, mask="float_n1ls", kpm="right"),
     dict(n=2, hq=8, hkv=1, l=3, s=500, e=64, p=0.2, mask="bool_nhls"),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_dtypes(dtype, kw):
     run_case(dtype=dtype, **kw)
 
@@ -193,9 +161,8 @@ def test_threads_bitwise(dtype):
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            before = _calls()
-            results.append(fwd_op(q, k, v, None, pad, 0.0, False, 0.1, None))
-            assert _calls() == before + 1
+            with _counted():
+                results.append(fwd_op(q, k, v, None, pad, 0.0, False, 0.1, None))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
@@ -204,17 +171,15 @@ def test_threads_bitwise(dtype):
 def test_longer_queries_not_served():
     q = torch.randn(1, 2, 17, 32)
     k = torch.randn(1, 2, 100, 32)
-    before = _calls()
-    fwd_op(q, k, k, None, None, 0.0, False, 0.2, None)
-    assert _calls() == before, "L = 17 must go to the tiled kernels"
+    with _counted(0, "L = 17 must go to the tiled kernels"):
+        fwd_op(q, k, k, None, None, 0.0, False, 0.2, None)
 
 
 def test_off_switch():
     code = ("import torch, fastattn; q = torch.randn(1, 2, 1, 32); k = torch.randn(1, 2, 100, 32); "
             "torch.ops.fastattn.attention_fwd(q, k, k, None, None, 0.0, False, 0.2, None); "
             "print(torch.ops.fastattn_decode.enabled(), torch.ops.fastattn_decode.fwd_calls())")
-    env = dict(os.environ, FASTATTN_CPU_DECODE="0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    res = run_python(code, FASTATTN_CPU_DECODE="0")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["False", "0"], res.stdout
 
@@ -222,7 +187,7 @@ def test_off_switch():
 @pytest.mark.parametrize("kw", [
     dict(hq=8, hkv=2, l=1, s=600, causal=False, kpm=True),
     dict(hq=4, hkv=4, l=5, s=300, causal=True, kpm=False, p=0.2),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_backward_through_decode_forward(kw):
     """The backward reads the lse the decode forward wrote: gradients within the bound too."""
     hq, hkv, l, s, causal, p = kw["hq"], kw["hkv"], kw["l"], kw["s"], kw["causal"], kw.get("p", 0.0)
@@ -231,11 +196,10 @@ def test_backward_through_decode_forward(kw):
     pad = (torch.rand(2, s, generator=gen) > 0.7) if kw["kpm"] else None
     dout = torch.randn(2, hq, l, 64, generator=gen)
     qb, kb, vb = (t.clone().requires_grad_() for t in (q, k, v))
-    before = _calls()
     torch.manual_seed(3)
-    out = fastattn.scaled_dot_product_attention(qb, kb, vb, dropout_p=p, is_causal=causal, key_padding_mask=pad,
-                                                enable_gqa=hq != hkv, backend="cpu")
-    assert _calls() == before + 1, "the decode path was not taken"
+    with _counted():
+        out = fastattn.scaled_dot_product_attention(qb, kb, vb, dropout_p=p, is_causal=causal, key_padding_mask=pad,
+                                                    enable_gqa=hq != hkv, backend="cpu")
     grads = torch.autograd.grad(out, (qb, kb, vb), dout)
     torch.manual_seed(3)
     sd = _philox.new_seed() if p > 0 else None
@@ -248,3 +212,36 @@ def test_backward_through_decode_forward(kw):
     check_bound("decode out", out, same, ref)
     for name, g_, r_, s_ in zip(("dq", "dk", "dv"), grads, ref_grads, same_grads):
         check_bound(f"decode {name}", g_, s_, r_)
+
+
+@pytest.mark.parametrize("l,s,hq,hkv,chunk", [(1, 300, 4, 4, None), (16, 16, 4, 4, None), (5, 700, 8, 2, "64"),
+                                              (40, 90, 4, 4, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_rows_in_place(monkeypatch, l, s, hq, hkv, chunk, dtype):
+    """The CPU op reads q, k, v viewed as heads in a packed projection's rows, (N, L, 3, H, hd), and
+    views of a longer KV cache (N, S_max, H, hd)[:, :S]: the decode path (L <= 16) in place, the tiled
+    kernels (L = 40) from copies; bitwise the contiguous call's out and lse, out laid out (N, L, H, Ev)
+    for a non-contiguous q (as the fake kernel says: opcheck), and the backward's gradients alike."""
+    if chunk is not None:  # several chunks per row: the combine writes the strided out too
+        monkeypatch.setenv("FASTATTN_CPU_DECODE_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(21)
+    n, hd = 2, 24
+    packed = torch.randn(n, l, 3, hq, hd, generator=gen).to(dtype)
+    q = packed[:, :, 0].transpose(1, 2)  # (N, Hq, L, hd), rows 3*Hq*hd apart
+    cache = torch.randn(2, n, s + 7, hkv, hd, generator=gen).to(dtype)
+    k, v = (cache[i, :, :s].transpose(1, 2) for i in range(2))  # (N, Hkv, S, hd) views of a longer cache
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    pad = torch.rand(n, s, generator=gen) > 0.8
+    with _counted(1 if l <= 16 else 0, "L <= 16 goes to the decode path, longer to the tiled kernels"):
+        out, lse = fwd_op(q, k, v, None, pad, 0.0, l < s, 0.3, None)
+    want, want_lse = fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), None, pad, 0.0, l < s, 0.3, None)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert out.transpose(1, 2).is_contiguous() and lse.is_contiguous()
+    torch.library.opcheck(fwd_op.default, (q, k, v, None, pad, 0.0, l < s, 0.3, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    go = torch.randn(n, hq, l, hd, generator=gen).to(dtype)
+    grads = torch.ops.fastattn.attention_bwd(go, q, k, v, out, lse, None, pad, 0.0, l < s, 0.3, None)
+    want_grads = torch.ops.fastattn.attention_bwd(go, q.contiguous(), k.contiguous(), v.contiguous(), want, want_lse,
+                                                  None, pad, 0.0, l < s, 0.3, None)
+    for g, w in zip(grads, want_grads):
+        assert g.is_contiguous() and torch.equal(g, w)

@@ -22,6 +22,7 @@ import fastattn  # noqa: E402,F401  (defines the ops and loads fastattn._C's ker
 from fastattn import _philox as philox  # noqa: E402
 from fastattn.testing import check_bound, error_floor  # noqa: E402
 from fastattn.attention import mask_dtype  # noqa: E402
+import helpers  # noqa: E402
 fwd_op = torch.ops.fastattn.attention_fwd
 bwd_op = torch.ops.fastattn.attention_bwd
 
@@ -60,31 +61,13 @@ def reference(q, k, v, mask=None, kpm=None, p=0.0, causal=False, scale=None, see
 
 
 def expanded_mask(kind, n, h, l, s, dtype, gen):
-    """An additive mask as the dispatcher hands it: float32 (float64 for float64 q), an (n, h, l, s) view,
-    strides 0 where broadcast."""
-    dtype = mask_dtype(dtype)
-    if kind == "none":
-        return None
-    if kind == "float2d":  # (L, S) -> strides (0, 0, S, 1)
-        return torch.randn(l, s, generator=gen).to(dtype).expand(n, h, l, s)
-    if kind == "bool2d":  # user bool mask converted: keep -> 0, drop -> -inf; keep the diagonal
-        keep = torch.rand(l, s, generator=gen) > 0.4
-        keep[torch.arange(min(l, s)), torch.arange(min(l, s))] = True
-        return torch.zeros(l, s).masked_fill(~keep, -math.inf).to(dtype).expand(n, h, l, s)
-    if kind == "per_batch":  # (N, 1, L, S)
-        return torch.randn(n, 1, l, s, generator=gen).to(dtype).expand(n, h, l, s)
-    if kind == "full":
-        return torch.randn(n, h, l, s, generator=gen).to(dtype)
-    if kind == "col":  # (1, 1, 1, S): strides (0, 0, 0, 1)
-        return torch.randn(1, 1, 1, s, generator=gen).to(dtype).expand(n, h, l, s)
-    raise ValueError(kind)
+    """helpers.expanded_mask for q of `dtype` (float32, float64 for float64 q), every query keeping its
+    diagonal."""
+    return helpers.expanded_mask(kind, n, h, l, s, mask_dtype(dtype), gen, dead_row=False)
 
 
 def make(n, hq, hkv, l, s, e, ev, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, hq, l, e, generator=gen).to(dtype)
-    k = torch.randn(n, hkv, s, e, generator=gen).to(dtype)
-    v = torch.randn(n, hkv, s, ev, generator=gen).to(dtype)
+    q, k, v, gen = helpers.attention_inputs(n, hq, hkv, l, s, e, ev, dtype, seed)
     go = torch.randn(n, hq, l, ev, generator=gen).to(dtype)
     return q, k, v, go, gen
 

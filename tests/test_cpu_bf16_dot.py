@@ -21,6 +21,8 @@ import torch
 import fastattn  # noqa: F401  (loads fastattn._C, which registers the ops)
 from fastattn.reference import attention_reference
 from fastattn.testing import check_bound
+from helpers import (assert_python_ok, attention_inputs, check_dead_rows, counted, expanded_mask,
+                     key_padding, kw_id)
 
 fwd_op = torch.ops.fastattn.attention_fwd
 bwd_op = torch.ops.fastattn.attention_bwd
@@ -55,23 +57,6 @@ def _decode_calls() -> int:
         return 0
 
 
-def make_mask(kind, n, h, l, s, gen):
-    """Additive mask as the dispatcher hands it for bf16 q: float32, an expanded (n, h, l, s) view."""
-    if kind is None:
-        return None
-    if kind == "float2d":
-        return torch.randn(l, s, generator=gen).to(torch.float32).expand(n, h, l, s)
-    if kind == "bool2d":  # keep -> 0, drop -> -inf; row 0 sees nothing
-        keep = torch.rand(l, s, generator=gen) > 0.4
-        keep[0] = False
-        return torch.zeros(l, s).masked_fill(~keep, -math.inf).to(torch.float32).expand(n, h, l, s)
-    if kind == "full":
-        return torch.randn(n, h, l, s, generator=gen).to(torch.float32)
-    if kind == "transposed":
-        return torch.randn(s, l, generator=gen).to(torch.float32).t().expand(n, h, l, s)
-    raise ValueError(kind)
-
-
 def _ref_grads(q, k, v, m, pad, p, causal, scale, sd, go, upcast):
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     out = attention_reference(*leaves, m, pad, p, causal, scale, sd, upcast=upcast)
@@ -82,16 +67,9 @@ def _ref_grads(q, k, v, m, pad, p, causal, scale, sd, go, upcast):
 def run_case(n=2, hq=2, hkv=2, l=17, s=17, e=64, ev=None, mask=None, kpm=False, causal=False, p=0.0, seed=0,
              backward=True):
     ev = e if ev is None else ev
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, hq, l, e, generator=gen).to(BF)
-    k = torch.randn(n, hkv, s, e, generator=gen).to(BF)
-    v = torch.randn(n, hkv, s, ev, generator=gen).to(BF)
-    m = make_mask(mask, n, hq, l, s, gen)
-    pad = None
-    if kpm:
-        pad = torch.rand(n, s, generator=gen) > 0.7
-        pad[:, 0] = False
-        pad[-1] = True  # the last batch row sees no key at all
+    q, k, v, gen = attention_inputs(n, hq, hkv, l, s, e, ev, BF, seed)
+    m = expanded_mask(mask, n, hq, l, s, torch.float32, gen)  # the mask dtype of bf16 q
+    pad = key_padding(n, s, gen) if kpm else None
     sd = torch.tensor([4321 + seed], dtype=torch.int64) if p > 0 else None
     scale = 1 / math.sqrt(e)
     name = f"bf16dot n{n} hq{hq} hkv{hkv} l{l} s{s} e{e} ev{ev} mask={mask} kpm={kpm} causal={causal} p={p}"
@@ -108,15 +86,12 @@ def run_case(n=2, hq=2, hkv=2, l=17, s=17, e=64, ev=None, mask=None, kpm=False, 
                                        return_lse=True)
     same = attention_reference(q, k, v, m, pad, p, causal, scale, sd, upcast=False)
     check_bound(name + " out", out, same, ref)
-    dead = torch.isinf(ref_lse)
-    assert (out[dead] == 0).all(), f"{name}: rows that see no key must give out 0"
-    assert (lse[dead] == math.inf).all(), f"{name}: rows that see no key must have lse +inf"
+    check_dead_rows(name, out, lse, ref_lse)
     if not backward:
         return
     go = torch.randn(n, hq, l, ev, generator=gen).to(BF)
-    before = int(_dot.attn_bwd_calls())
-    dq, dk, dv = bwd_op(go, q, k, v, out, lse, m, pad, p, causal, scale, sd)
-    assert int(_dot.attn_bwd_calls()) == before + 1, "the bf16 dot-product backward did not serve the call"
+    with counted(_dot.attn_bwd_calls, 1, "the bf16 dot-product backward did not serve the call"):
+        dq, dk, dv = bwd_op(go, q, k, v, out, lse, m, pad, p, causal, scale, sd)
     for a, b in zip(inputs, (q, k, v)):
         assert torch.equal(a, b), "the kernels modified an input"
     ref_g = _ref_grads(q.double(), k.double(), v.double(), m64, pad, p, causal, scale, sd, go.double(), True)
@@ -142,7 +117,7 @@ def test_head_dims_and_lengths(e, ls):
     dict(l=70, s=70, e=33, mask="full", causal=True),
     dict(l=70, s=90, mask="transposed", e=80),
     dict(l=65, s=150, kpm=True, e=128),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_masks_and_causal(kw):
     run_case(**kw)
 
@@ -152,7 +127,7 @@ def test_masks_and_causal(kw):
     dict(hq=4, hkv=2, l=64, s=80, e=16),
     dict(hq=6, hkv=1, l=33, s=70, e=25, ev=7),
     dict(hq=4, hkv=1, l=130, s=130, e=64, causal=True, kpm=True),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_gqa(kw):
     run_case(**kw)
 
@@ -161,7 +136,7 @@ def test_gqa(kw):
 @pytest.mark.parametrize("kw", [
     dict(l=100, s=100, p=0.3),
     dict(l=130, s=150, e=25, p=0.2, causal=True, kpm=True),
-], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+], ids=kw_id)
 def test_dropout(kw):
     run_case(**kw)
 
@@ -195,19 +170,15 @@ def test_odd_key_block_falls_back():
         "same = attention_reference(q, k, v, None, None, 0.0, False, 0.2, None, upcast=False)\n"
         "check_bound('odd BN out', out, same, ref)\n"
         "print('ok')\n")
-    env = dict(os.environ, FASTATTN_CPU_BN="33")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=root)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    assert_python_ok(code, FASTATTN_CPU_BN="33")
 
 
 def test_other_dtypes_do_not_take_the_dot_path():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 33, 16, generator=gen) for _ in range(3))
-    before = int(_dot.attn_fwd_calls())
-    fwd_op(q, k, v, None, None, 0.0, False, 0.25, None)
-    fwd_op(q.half(), k.half(), v.half(), None, None, 0.0, False, 0.25, None)
-    assert int(_dot.attn_fwd_calls()) == before
+    with counted(_dot.attn_fwd_calls, 0, "float32 / float16 took the bf16 dot-product path"):
+        fwd_op(q, k, v, None, None, 0.0, False, 0.25, None)
+        fwd_op(q.half(), k.half(), v.half(), None, None, 0.0, False, 0.25, None)
 
 
 def test_float16_within_bound():
@@ -231,9 +202,7 @@ def test_off_switch():
         "d=torch.ops.fastattn_bf16dot\n"
         "assert not d.available() and d.attn_fwd_calls()==0 and d.ffn_fwd_calls()==0, 'dot path ran'\n"
         "print('ok')\n")
-    env = dict(os.environ, FASTATTN_CPU_BF16DOT="0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    assert_python_ok(code, FASTATTN_CPU_BF16DOT="0")
 
 
 # ---- feed-forward -----------------------------------------------------------------------------------
@@ -258,10 +227,9 @@ def test_ffn_forward_backward(shape, act, p):
     T, D, Fh, D2 = shape
     args = t._make(T, D, Fh, D2, BF, True)
     seed = t._seed_for(p)
-    before = int(_dot.ffn_fwd_calls())
-    out, saved = ffn_fwd(*args, act, p, seed, True)
-    out2, _ = ffn_fwd(*args, act, p, seed, False)
-    assert int(_dot.ffn_fwd_calls()) == before + 2, "the bf16 dot-product feed-forward did not serve the call"
+    with counted(_dot.ffn_fwd_calls, 2, "the bf16 dot-product feed-forward did not serve the call"):
+        out, saved = ffn_fwd(*args, act, p, seed, True)
+        out2, _ = ffn_fwd(*args, act, p, seed, False)
     ref, pre_ref = t._math(*t._up(args), act, p, seed)
     same, pre_same = t._math(*args, act, p, seed)
     assert out.dtype == BF and saved.dtype == BF
@@ -269,9 +237,8 @@ def test_ffn_forward_backward(shape, act, p):
     check_bound("saved", saved, pre_same, pre_ref)
     assert torch.equal(out, out2), "save_for_backward changed the output"
     go = torch.randn(T, D2, dtype=torch.float64).bfloat16().double()
-    before = int(_dot.ffn_bwd_calls())
-    got = ffn_bwd(go.bfloat16(), *args, saved, act, p, seed)
-    assert int(_dot.ffn_bwd_calls()) == before + 1, "the bf16 dot-product feed-forward backward did not run"
+    with counted(_dot.ffn_bwd_calls, 1, "the bf16 dot-product feed-forward backward did not run"):
+        got = ffn_bwd(go.bfloat16(), *args, saved, act, p, seed)
     ref_g = t._grads(t._up(args), act, p, seed, go)
     same_g = t._grads(args, act, p, seed, go.bfloat16())
     for name, g, r, sm in zip(["dx", "dw1", "db1", "dw2", "db2"], got, ref_g, same_g):
@@ -314,7 +281,4 @@ def test_ffn_matmul_fallback():
         "        check_bound(n, g, s, r)\n"
         "assert d.ffn_fwd_calls() == 2 and d.ffn_bwd_calls() == 2, 'fallback did not run'\n"
         "print('ok')\n")
-    env = dict(os.environ, FASTATTN_CPU_BF16DOT_FFN="mm")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=root)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    assert_python_ok(code, timeout=600, FASTATTN_CPU_BF16DOT_FFN="mm")

@@ -16,20 +16,14 @@ import torch.nn.functional as F
 
 import fastattn  # noqa: F401  (loads fastattn._C: registers torch.ops.fastattn.*)
 from fastattn import _philox
+from fastattn.reference import activation_fn
 from fastattn.testing import check_bound, error_floor
+from helpers import assert_python_ok, counted
 
 ffn_fwd = torch.ops.fastattn.ffn_fwd
 ffn_bwd = torch.ops.fastattn.ffn_bwd
 
 ACTIVATIONS = ["relu", "gelu", "gelu_tanh"]
-
-
-def _act(name: str, h: torch.Tensor) -> torch.Tensor:
-    if name == "relu":
-        return torch.relu(h)
-    if name == "gelu":
-        return F.gelu(h)
-    return F.gelu(h, approximate="tanh")
 
 
 @functools.lru_cache(maxsize=16)
@@ -41,7 +35,7 @@ def _keep_mask(seed: int, p: float, t: int, f: int) -> torch.Tensor:
 def _math(x, w1, b1, w2, b2, act, p, seed):
     """Linear -> act -> dropout -> Linear in the inputs' dtype (autograd-able); returns (out, pre)."""
     pre = F.linear(x, w1, b1)
-    h = _act(act, pre)
+    h = activation_fn(act, pre)
     if p > 0:
         keep = _keep_mask(int(seed[0]), p, x.shape[0], w1.shape[0])
         h = h * keep.to(h.dtype) * (1.0 / (1.0 - p))
@@ -130,7 +124,7 @@ def test_dropout_mask_bits_exact(act, p):
     out, saved = ffn_fwd(x, w1, b1, w2, None, act, p, seed, True)
     keep = _keep_mask(987654321, p, T, Fh)
     assert torch.equal(out != 0, keep), f"{(( out != 0) != keep).sum().item()} dropout decisions differ"
-    expect = _act(act, saved.double()) / (1 - p)
+    expect = activation_fn(act, saved.double()) / (1 - p)
     torch.testing.assert_close(out.double()[keep], expect[keep], rtol=2e-6, atol=1e-6)
 
 
@@ -328,9 +322,7 @@ def test_gemm_fallback_path_matches():
         "assert (g[0].double()-xx.grad).abs().max()<1e-4, 'dx'\n"
         "assert (g[1].double()-ww.grad).abs().max()<1e-3, 'dw1'\n"
         "print('ok')\n")
-    env = dict(os.environ, FASTATTN_FFN_NO_BRGEMM="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    assert_python_ok(code, FASTATTN_FFN_NO_BRGEMM="1")
 
 
 # ---- bfloat16 forward on AMX (bf16 brgemm, VNNI-packed weights) ------------------------------------
@@ -358,10 +350,9 @@ def test_forward_bf16_amx(shape, act, p, bias):
     T, D, Fh, D2 = shape
     args = _make(T, D, Fh, D2, torch.bfloat16, bias)
     seed = _seed_for(p)
-    before = _amx.amx_fwd_calls()
-    out, saved = ffn_fwd(*args, act, p, seed, True)
-    out2, _ = ffn_fwd(*args, act, p, seed, False)
-    assert _amx.amx_fwd_calls() == before + 2, "the bf16 AMX forward did not run"
+    with counted(_amx.amx_fwd_calls, 2, "the bf16 AMX forward did not run"):
+        out, saved = ffn_fwd(*args, act, p, seed, True)
+        out2, _ = ffn_fwd(*args, act, p, seed, False)
     ref, pre_ref = _math(*_up(args), act, p, seed)
     same, pre_same = _math(*args, act, p, seed)
     assert out.dtype == torch.bfloat16 and saved.dtype == torch.bfloat16
@@ -385,9 +376,8 @@ def test_backward_bf16_amx(shape, act, p):
     seed = _seed_for(p)
     go = torch.randn(T, D2, dtype=torch.float64).bfloat16().double()
     _, saved = ffn_fwd(*args, act, p, seed, True)
-    before = _amx.amx_bwd_calls()
-    got = ffn_bwd(go.bfloat16(), *args[:1], args[1], args[2], args[3], args[4], saved, act, p, seed)
-    assert _amx.amx_bwd_calls() == before + 1, "the bf16 AMX backward did not run"
+    with counted(_amx.amx_bwd_calls, 1, "the bf16 AMX backward did not run"):
+        got = ffn_bwd(go.bfloat16(), *args[:1], args[1], args[2], args[3], args[4], saved, act, p, seed)
     ref = _grads(_up(args), act, p, seed, go)
     same = _grads(args, act, p, seed, go.bfloat16())
     for name, g, r, sm in zip(["dx", "dw1", "db1", "dw2", "db2"], got, ref, same):
@@ -408,9 +398,7 @@ def test_forward_bf16_amx_off_switch():
         "assert not torch.ops.fastattn_ffn.amx_available(), 'available'\n"
         "assert (out.double()-r).abs().max()<0.05, 'fwd'\n"
         "print('ok')\n")
-    env = dict(os.environ, FASTATTN_FFN_AMX="0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    assert_python_ok(code, FASTATTN_FFN_AMX="0")
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -1,19 +1,25 @@
 """Bad input gets a clear error naming the argument, what it got and what was expected; inputs are never
 modified; forced backends that cannot serve explain why."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from fastattn.testing import check_peer
 import fastattn
 from fastattn import BackendError
+from helpers import run_python
 
 q = torch.randn(2, 3, 5, 8)
 k = torch.randn(2, 3, 7, 8)
 v = torch.randn(2, 3, 7, 6)
+
+
+def _assert_names_argument(fn, good: dict, bad: dict, arg: str, expected: str):
+    """fn(**good updated with bad) raises a ValueError that names `arg` and says `expected`."""
+    with pytest.raises(ValueError) as err:
+        fn(**{**good, **bad}, backend="reference")
+    msg = str(err.value)
+    assert f"'{arg}'" in msg and expected in msg, msg
+
 
 SDPA_BAD = [
     (dict(query=torch.randn(5, 8)), "query", "4-D"),
@@ -39,12 +45,7 @@ SDPA_BAD = [
 
 @pytest.mark.parametrize("bad,arg,expected", SDPA_BAD, ids=[f"{a}-{e}" for _, a, e in SDPA_BAD])
 def test_attention_bad_input_names_argument(bad, arg, expected):
-    kwargs = dict(query=q, key=k, value=v)
-    kwargs.update(bad)
-    with pytest.raises(ValueError) as err:
-        fastattn.scaled_dot_product_attention(**kwargs, backend="reference")
-    msg = str(err.value)
-    assert f"'{arg}'" in msg and expected in msg, msg
+    _assert_names_argument(fastattn.scaled_dot_product_attention, dict(query=q, key=k, value=v), bad, arg, expected)
 
 
 def test_gqa_heads_must_divide():
@@ -68,13 +69,9 @@ FFN_BAD = [
 
 @pytest.mark.parametrize("bad,arg,expected", FFN_BAD, ids=[f"{a}-{e}" for _, a, e in FFN_BAD])
 def test_ffn_bad_input_names_argument(bad, arg, expected):
-    kwargs = dict(x=torch.randn(4, 10), weight1=torch.randn(20, 10), bias1=torch.randn(20),
-                  weight2=torch.randn(10, 20), bias2=torch.randn(10), activation="relu")
-    kwargs.update(bad)
-    with pytest.raises(ValueError) as err:
-        fastattn.feed_forward(**kwargs, backend="reference")
-    msg = str(err.value)
-    assert f"'{arg}'" in msg and expected in msg, msg
+    good = dict(x=torch.randn(4, 10), weight1=torch.randn(20, 10), bias1=torch.randn(20),
+                weight2=torch.randn(10, 20), bias2=torch.randn(10), activation="relu")
+    _assert_names_argument(fastattn.feed_forward, good, bad, arg, expected)
 
 
 def test_unknown_backend():
@@ -101,8 +98,7 @@ def test_use_backend_context_and_env():
             "    fastattn.scaled_dot_product_attention(torch.randn(1,1,2,4), torch.randn(1,1,2,4), torch.randn(1,1,2,4))\n"
             "except ValueError as e:\n"
             "    print('ERR', e)\n")
-    env = dict(os.environ, FASTATTN_BACKEND="bogus")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = run_python(code, timeout=120, FASTATTN_BACKEND="bogus")
     assert "FASTATTN_BACKEND" in res.stdout and "bogus" in res.stdout, res.stdout + res.stderr
 
 

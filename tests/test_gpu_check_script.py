@@ -98,3 +98,30 @@ def test_steps_record_as_they_go(tmp_path):
     assert "skipped" in r.stdout
     assert "| tc-crosscheck | ok |" in (out / "report.md").read_text()
     assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def test_speed_table_runs_both_triton_kernel_sets_in_one_process():
+    """bench/gpu_speed.py times the sm_90 and the classic Triton kernels on the same inputs: one column
+    each, the runner switching FASTATTN_TRITON_ATTN's mode in-process before each call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_speed", ROOT / "bench" / "gpu_speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    assert {"triton sm90", "triton classic"} <= set(speed.IMPLS)
+    run = speed.runners()
+    attention_sm90 = speed.sm90_module()
+    old = attention_sm90.MODE
+    calls = []
+    try:
+        import fastattn
+
+        real = fastattn.scaled_dot_product_attention
+        fastattn.scaled_dot_product_attention = lambda *a, **kw: calls.append((attention_sm90.MODE, kw["backend"]))
+        q = torch.zeros(1, 1, 4, 8)
+        run["triton classic"](q, q, q, False)
+        run["triton sm90"](q, q, q, True)
+    finally:
+        fastattn.scaled_dot_product_attention = real
+        attention_sm90.use_mode(old)
+    assert calls == [("classic", "triton"), ("sm90", "triton")]

@@ -79,6 +79,21 @@ def test_classifier_bad_config_names_the_argument():
         TextClassifier(VOCAB, embedding_dim=10, nhead=4)
 
 
+def _check_train_step(stock, fast, tokens, mask, labels, tol, grad_atol, grad_rtol, prefix=""):
+    """One forward + cross-entropy backward of each model: the converted model's logits within tol of the
+    stock model's, every parameter's gradient within (grad_atol, grad_rtol)."""
+    outs = []
+    for model in (stock, fast):
+        logits = model(tokens, mask)
+        F.cross_entropy(logits, labels).backward()
+        outs.append(logits)
+    check_peer("output", outs[1], outs[0], atol=tol, rtol=tol)
+    grads_stock = dict(stock.named_parameters())
+    for name, p in fast.named_parameters():
+        assert p.grad is not None, name
+        check_peer(f"{prefix}grad of {name}", p.grad, grads_stock[name].grad, atol=grad_atol, rtol=grad_rtol)
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 def test_convert_classifier_same_logits_and_grads(mode, dtype, tol):
@@ -91,18 +106,7 @@ def test_convert_classifier_same_logits_and_grads(mode, dtype, tol):
     assert all(p.dtype == dtype and p.device.type == "cpu" for p in fast.parameters())
     assert fast.state_dict().keys() == stock.state_dict().keys()
     tokens, mask = _batch()
-    labels = torch.tensor([0, 2, 1, 2])
-    outs = []
-    for model in (stock, fast):
-        logits = model(tokens, mask)
-        F.cross_entropy(logits, labels).backward()
-        outs.append(logits)
-    check_peer("output", outs[1], outs[0], atol=tol, rtol=tol)
-    grads_stock = dict(stock.named_parameters())
-    for name, p in fast.named_parameters():
-        g = grads_stock[name].grad
-        assert p.grad is not None, name
-        check_peer(f"grad of {name}", p.grad, g, atol=tol, rtol=tol)
+    _check_train_step(stock, fast, tokens, mask, torch.tensor([0, 2, 1, 2]), tol, tol, tol)
 
 
 @pytest.mark.parametrize("backend", fastattn.available_backends())
@@ -115,16 +119,8 @@ def test_convert_classifier_every_backend(backend):
     stock = _model(torch.float32).to(device).train()
     fast = convert(copy.deepcopy(stock), backend=backend)
     tokens, mask = (t.to(device) for t in _batch())
-    labels = torch.tensor([0, 2, 1, 2], device=device)
-    outs = []
-    for model in (stock, fast):
-        logits = model(tokens, mask)
-        F.cross_entropy(logits, labels).backward()
-        outs.append(logits)
-    check_peer("output", outs[1], outs[0], atol=tol, rtol=tol)
-    grads_stock = dict(stock.named_parameters())
-    for name, p in fast.named_parameters():
-        check_peer(f"{backend}: grad of {name}", p.grad, grads_stock[name].grad, atol=2.5 * tol, rtol=5 * tol)
+    _check_train_step(stock, fast, tokens, mask, torch.tensor([0, 2, 1, 2], device=device), tol, 2.5 * tol, 5 * tol,
+                      f"{backend}: ")
 
 
 def test_convert_classifier_in_place_keeps_mode_and_parameters():

@@ -494,7 +494,8 @@ def _spy_direct(monkeypatch, name):
 @pytest.mark.parametrize("masks", ["none", "kpm_bool"])
 def test_cpu_backend_modules_call_the_kernels_directly(monkeypatch, mode, batch_first, masks):
     """On the "cpu" backend the layer's attention and feed-forward reach the C++ ops straight from the
-    module, with q, k, v already in the kernels' contiguous (N, H, L, hd) layout, and match torch."""
+    module, with q, k, v (N, H, L, hd) views of the one in-projection's output (no copies: the CPU op
+    reads strided rows), and match torch."""
     attn_calls = _spy_direct(monkeypatch, "_attention_fwd")
     ffn_calls = _spy_direct(monkeypatch, "_ffn_fwd")
     api_calls = _spy(monkeypatch, "scaled_dot_product_attention")
@@ -512,7 +513,9 @@ def test_cpu_backend_modules_call_the_kernels_directly(monkeypatch, mode, batch_
     _close(got, want, f"direct path {mode} batch_first={batch_first} {masks}")
     assert len(attn_calls) == 1 and len(ffn_calls) == 1 and not api_calls
     q, k, v, mask, key_padding_mask = attn_calls[0][:5]
-    assert all(t.is_contiguous() and t.shape == (N, NHEAD, S, D_MODEL // NHEAD) for t in (q, k, v))
+    assert all(t.stride(-1) == 1 and t.shape == (N, NHEAD, S, D_MODEL // NHEAD) for t in (q, k, v))
+    assert not q.is_contiguous() and q.data_ptr() + D_MODEL * q.element_size() == k.data_ptr()
+    assert k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
     assert mask is None and (key_padding_mask is None) == (kpm is None)
     assert ffn_calls[0][-1] is True, "a gradient is needed: the pre-activation must be saved"
     with torch.no_grad():

@@ -48,30 +48,33 @@ def _ffn_args(device, dtype, variant):
     return (x, w1, b1, w2, b2, "gelu", p, seed, True)
 
 
+def _opcheck(family, backend, args, bwd_args):
+    """opcheck of the backend's forward op on args, then of its backward op on bwd_args(args, *outputs)."""
+    fwd, bwd = _ops(family, backend)
+    torch.library.opcheck(fwd, args)
+    with torch.no_grad():
+        outputs = fwd(*args)
+    torch.library.opcheck(bwd, bwd_args(args, *outputs))
+
+
 @pytest.mark.parametrize("variant", ["plain", "masks", "dropout"])
 @pytest.mark.parametrize("backend", [b for b in OP_BACKENDS if b in fastattn.available_backends("attention")])
 def test_opcheck_attention(backend, variant):
-    device = backend_device(backend)
-    args = _attention_args(device, torch.float32, variant)
-    fwd, bwd = _ops(attention_family, backend)
-    torch.library.opcheck(fwd, args)
-    with torch.no_grad():
-        out, lse = fwd(*args)
-    q, k, v = (t.detach() for t in args[:3])
-    torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, out, lse) + args[3:])
+    def bwd_args(args, out, lse):
+        q, k, v = (t.detach() for t in args[:3])
+        return (torch.randn_like(out), q, k, v, out, lse) + args[3:]
+
+    _opcheck(attention_family, backend, _attention_args(backend_device(backend), torch.float32, variant), bwd_args)
 
 
 @pytest.mark.parametrize("variant", ["plain", "nobias", "dropout"])
 @pytest.mark.parametrize("backend", [b for b in OP_BACKENDS if b in fastattn.available_backends("ffn")])
 def test_opcheck_ffn(backend, variant):
-    device = backend_device(backend)
-    args = _ffn_args(device, torch.float32, variant)
-    fwd, bwd = _ops(ffn_family, backend)
-    torch.library.opcheck(fwd, args)
-    with torch.no_grad():
-        out, saved = fwd(*args)
-    det = [None if t is None else t.detach() for t in args[:5]]
-    torch.library.opcheck(bwd, (torch.randn_like(out), *det, saved, *args[5:8]))
+    def bwd_args(args, out, saved):
+        det = [None if t is None else t.detach() for t in args[:5]]
+        return (torch.randn_like(out), *det, saved, *args[5:8])
+
+    _opcheck(ffn_family, backend, _ffn_args(backend_device(backend), torch.float32, variant), bwd_args)
 
 
 COMPILE_BACKENDS = [b for b in fastattn.available_backends() if backend_device(b) == "cpu" and b != "triton"]

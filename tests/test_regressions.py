@@ -22,14 +22,6 @@ ATTN = fastattn.available_backends("attention")
 FFN = fastattn.available_backends("ffn")
 KERNEL_ATTN = [b for b in ATTN if b != "reference"]
 
-# Issue 15 items 1 (excluded keys), 4, 5 and 6 are fixed on cpu, cuda and the reference; the Triton
-# attention fix (natural-log masked path, split log-sum-exp in the delta pre-pass) is on the branch
-# merged in commit "Merge correct" but not in these kernels yet (it needs a new AOT proof).
-_TRITON_GAP = "issue 15: the Triton attention fix for this case is not merged yet (see README, 'Known gap')"
-ATTN_GAP = [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=_TRITON_GAP)) if b == "triton" else b
-            for b in ATTN]
-ATTN_GAP_LOOSE = [pytest.param(b, marks=pytest.mark.xfail(strict=False, reason=_TRITON_GAP)) if b == "triton" else b
-                  for b in ATTN]
 
 
 def _dev(backend):
@@ -119,9 +111,7 @@ def test_nan_query_gives_nan_gradients(backend):
 
 @pytest.mark.parametrize("backend", ATTN)
 @pytest.mark.parametrize("how", ["kpm", "bool_mask", "neg_inf_mask", "causal"])
-def test_nan_in_excluded_key_takes_no_part(backend, how, request):
-    if backend == "triton" and how in ("bool_mask", "neg_inf_mask"):  # the mask is added, not set
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_TRITON_GAP))
+def test_nan_in_excluded_key_takes_no_part(backend, how):
     dev = _dev(backend)
     q, k, v = _qkv(device=dev, l=3, s=3)
     k[0, 0, 2, 1] = float("nan")  # key 2 is excluded below (for causal: from rows 0 and 1)
@@ -188,7 +178,7 @@ def test_float_mask_not_rounded_to_input_dtype(backend, dtype):
 
 
 # ---- 4. only -inf excludes: finfo(float32).min is a score ---------------------------------------------
-@pytest.mark.parametrize("backend", ATTN_GAP)
+@pytest.mark.parametrize("backend", ATTN)
 @pytest.mark.parametrize("value", [torch.finfo(torch.float32).min, -2.4e38, -1e30])
 def test_huge_negative_mask_is_a_score(backend, value):
     dev = _dev(backend)
@@ -207,7 +197,7 @@ def test_huge_negative_mask_is_a_score(backend, value):
 
 
 # ---- 5. the backward's P agrees with the forward's when the scores are far from 0 --------------------
-@pytest.mark.parametrize("backend", ATTN_GAP)
+@pytest.mark.parametrize("backend", ATTN)
 @pytest.mark.parametrize("offset", [-2.0 ** 20, -2.0 ** 40])
 def test_backward_consistent_with_forward_large_offset(backend, offset):
     """Scores = mask exactly (q = 0): -2^20 + multiples of 1/8 (exact in fp32). The softmax is exact in
@@ -242,7 +232,7 @@ LARGE_LOGITS = [  # (dtype, L, S, E, Ev, scale) from issue 15
 ]
 
 
-@pytest.mark.parametrize("backend", ATTN_GAP_LOOSE)  # triton: fails on 8 of 9 cases here
+@pytest.mark.parametrize("backend", ATTN)
 @pytest.mark.parametrize("case", LARGE_LOGITS, ids=lambda c: f"{str(c[0])[6:]}-e{c[3]}ev{c[4]}-scale{c[5]:g}")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_large_logit_gradients_within_bound(backend, case, seed):

@@ -18,6 +18,8 @@ import sys
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers import attention_inputs  # noqa: E402
+
 # Without a GPU the kernels run under the interpreter on CPU tensors (set before triton kernels are
 # imported, as tests/conftest.py does); with one, the same cases run on the GPU.
 if not torch.cuda.is_available():
@@ -93,10 +95,7 @@ def reference(q, k, v, mask, kpm, causal, scale, dropout_p=0.0, keep=None, dtype
 
 
 def _inputs(n, hq, hkv, l, s, e, ev, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, hq, l, e, generator=g).to(dtype)
-    k = torch.randn(n, hkv, s, e, generator=g).to(dtype)
-    v = torch.randn(n, hkv, s, ev, generator=g).to(dtype)
+    q, k, v, g = attention_inputs(n, hq, hkv, l, s, e, ev, dtype, seed)
     do = torch.randn(n, hq, l, ev, generator=g).to(dtype)
     return q, k, v, do
 
@@ -112,6 +111,9 @@ def _mask(kind, n, hq, l, s, dtype, seed=1):
         return torch.zeros(n, hq, l, s, dtype=dtype).masked_fill(~keep, -math.inf)
     if kind == "float_n1":  # (N, 1, L, S) float -> head stride 0
         return torch.randn(n, 1, l, s, generator=g).to(dtype).expand(n, hq, l, s)
+    if kind == "huge_rows":  # (L, S) float, every third row offset by -2^40 (its |lse| >= 32), float32
+        offset = torch.where(torch.arange(l)[:, None] % 3 == 1, -2.0 ** 40, 0.0)
+        return (torch.randn(l, s, generator=g) + offset).float().expand(n, hq, l, s)
     assert kind is None
     return None
 
@@ -149,11 +151,11 @@ def _check(name, got, ref64, same, dtype):
 
 
 def run_and_check(n, hq, hkv, l, s, e, ev, dtype=torch.float32, mask_kind=None, use_kpm=False, causal=False,
-                  dropout_p=0.0, seed=0):
+                  dropout_p=0.0, seed=0, scale=None):
     q, k, v, do = _inputs(n, hq, hkv, l, s, e, ev, dtype, seed)
     mask = _mask(mask_kind, n, hq, l, s, dtype)
     kpm = _kpm(n, s) if use_kpm else None
-    scale = 1.0 / math.sqrt(e)
+    scale = 1.0 / math.sqrt(e) if scale is None else scale
     seed_t = torch.tensor([123456789012 + seed], dtype=torch.int64) if dropout_p > 0 else None
     keep = (philox.attention_keep_mask(int(seed_t), dropout_p, n, hq, l, s) if dropout_p > 0 else None)
 
@@ -223,6 +225,19 @@ def test_gqa_four_heads_two_groups():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_dropout_matches_philox_reference(masks, dtype):
     run_and_check(2, 2, 1, 33, 17, 25, 25, dtype, dropout_p=0.3, **masks)
+
+
+@pytest.mark.parametrize("masks", MASKS + [dict(mask_kind="huge_rows", use_kpm=True, causal=True)],
+                         ids=MASK_IDS + ["huge_rows+kpm+causal"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["nodrop", "drop"])
+def test_large_logits_split_log_sum_exp(masks, dropout_p):
+    """Scale 6: |lse| >= 32 on (nearly) every row, so the delta pre-pass recomputes each row's max and
+    sum (base + rest) and delta = rowsum(P dP) (huge_rows: only every third row, the others in the
+    same blocks keep lse): GQA, Ev != E, every mask kind, dropout, within the conformance bound."""
+    i = MASKS.index(masks) if masks in MASKS else 3
+    l, s = SHAPES[i % len(SHAPES)]
+    run_and_check(2, 2, 1, max(l, 5), max(s, 5), 24, 16, torch.float32, **masks, dropout_p=dropout_p, seed=i,
+                  scale=6.0)
 
 
 @pytest.mark.parametrize("l,s", [(33, 17), (17, 16)])

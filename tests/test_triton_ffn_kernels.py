@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn import _philox
+from fastattn.reference import activation_fn
 from fastattn.testing import check_bound, error_floor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -28,17 +29,9 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 SEED = 0x5EED_1234_5678  # > 2**32: exercises both 32-bit halves of the Philox key
 
 
-def _act(name: str, z: torch.Tensor) -> torch.Tensor:
-    if name == "relu":
-        return torch.relu(z)
-    if name == "gelu":
-        return F.gelu(z)
-    return F.gelu(z, approximate="tanh")
-
-
 def torch_ffn(x, w1, b1, w2, b2, activation, p, seed):
     """Linear -> act -> dropout -> Linear in the dtype of the inputs, the shared Philox mask."""
-    h = _act(activation, F.linear(x, w1, b1))
+    h = activation_fn(activation, F.linear(x, w1, b1))
     if p > 0:
         keep = _philox.ffn_keep_mask(seed, p, h.shape[0], h.shape[1], device=h.device)
         h = h * keep.to(h.dtype) / (1.0 - p)

@@ -1,4 +1,5 @@
-"""kernels/attention_sm90.py: the sm_90 forward, its selection, and what it compiles to.
+"""kernels/attention_sm90.py and attention_sm90_bwd.py: the sm_90 forward and backward, their
+selection, and what they compile to.
 
 * Correctness under the Triton interpreter (CPU tensors) against a float64 computation with
   fastattn.testing's bound, for both load paths of the one kernel: TMA tensor descriptors
@@ -7,8 +8,13 @@
 * Selection: FASTATTN_TRITON_ATTN=sm90|classic read once, bad values named; the calls the kernel
   does not serve (masks, padding, dropout, fp32, Ev != E, E not a bucket, S == 0) return None (the
   classic kernels run).
-* Compile facts for sm_90 (no GPU needed): every config the selection can choose x fp16/bf16 x
-  head-dim bucket x load path (TMA / plain), compiled with triton.compile(ASTSource, GPUTarget("cuda", 90, 32))
+* Backward under the interpreter against the float64 gradients with the same bound (the helpers of
+  tests/test_triton_attention_kernels.py): causal, key padding, float/bool masks, dropout (the shared
+  Philox stream), GQA, Ev != E, odd L and S, both load paths; bitwise determinism; and the bf16
+  rounding of P and dS, which the interpreter's widened bf16 would hide: the kernel's dV and dK
+  match a float64 run that rounds P and dS to bf16 explicitly far better than one that does not.
+* Compile facts for sm_90 (no GPU needed): every config the selection can choose (forward and
+  backward) x fp16/bf16 x head-dim bucket (x variant) x load path (TMA / plain), compiled with triton.compile(ASTSource, GPUTarget("cuda", 90, 32))
   by tests/aot/sm90.py under this triton (3.9) and under triton 3.6 from a --target folder
   (FASTATTN_TRITON36, default .triton36, which make test installs; skipped with the reason when absent): no spills,
   shared memory <= 227 KB, wgmma.mma_async in the PTX and no mma.sync, and TMA loads
@@ -161,7 +167,7 @@ def _check_rows(rows, version_prefix):
     assert len(rows) == len(_sm90_aot.all_jobs())
     bad = []
     for r in rows:
-        what = f"triton {r['triton']} {r['dtype']} hd{r['head_dim']} {r['loads']} {r['config']}"
+        what = f"triton {r['triton']} {r['kernel']} {r['variant']} {r['dtype']} hd{r['head_dim']} {r['loads']} {r['config']}"
         if r["error"]:
             bad.append(f"{what}: does not compile: {r['error']}")
             continue
@@ -177,17 +183,143 @@ def _check_rows(rows, version_prefix):
         if (r["loads"] == "tma") != (r["tma_loads"] > 0):
             bad.append(f"{what}: {r['tma_loads']} cp.async.bulk.tensor loads with loads={r['loads']}")
     assert not bad, f"{len(bad)} of {len(rows)} compiles fail:\n" + "\n".join(bad)
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd"}  # the forward and the backward both issue wgmma
 
 
-def test_sm90_forward_compile_facts_triton_here(tmp_path):
+def test_sm90_compile_facts_triton_here(tmp_path):
     import triton
 
     _check_rows(_sweep(tmp_path), triton.__version__)
 
 
-def test_sm90_forward_compile_facts_triton36(tmp_path):
+def test_sm90_compile_facts_triton36(tmp_path):
     folder = os.environ.get("FASTATTN_TRITON36", str(ROOT / ".triton36"))  # make test installs it there
     if not (pathlib.Path(folder) / "triton" / "__init__.py").exists():
         pytest.skip(f"triton 3.6 is not installed in {folder} (pip install --target {folder} --no-deps "
                     "triton==3.6.0, or set FASTATTN_TRITON36)")
     _check_rows(_sweep(tmp_path, folder), "3.6")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (kernels/attention_sm90_bwd.py) under the interpreter
+# ---------------------------------------------------------------------------------------------
+def _bwd_module():
+    try:
+        return importlib.import_module("fastattn.kernels.attention_sm90_bwd")
+    except ImportError:
+        sys.path.insert(0, str(ROOT))
+        return importlib.import_module("kernels.attention_sm90_bwd")
+
+
+def _kernel_tests():
+    """tests/test_triton_attention_kernels.py: its float64 reference, inputs, masks and the classic
+    kernels (which give the forward's out and lse)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    return importlib.import_module("test_triton_attention_kernels")
+
+
+def _dev(t):
+    return None if t is None else t.to(DEVICE)
+
+
+def _run_bwd(n, hq, hkv, l, s, e, ev, dtype, mask_kind=None, use_kpm=False, causal=False, p=0.0, tma=False,
+             seed=0):
+    T, B = _kernel_tests(), _bwd_module()
+    q, k, v, do = T._inputs(n, hq, hkv, l, s, e, ev, dtype, seed)
+    mask = T._mask(mask_kind, n, hq, l, s, dtype)
+    mask = None if mask is None else mask.float()  # the contract: float32 additive view
+    kpm = T._kpm(n, s) if use_kpm else None
+    scale = 1.0 / math.sqrt(e)
+    seed_t = torch.tensor([987654321 + seed], dtype=torch.int64) if p > 0 else None
+    keep = T.philox.attention_keep_mask(int(seed_t), p, n, hq, l, s) if p > 0 else None
+    args = [_dev(t) for t in (q, k, v, mask, kpm)]
+    out, lse = T.A.attention_forward(*args, p, causal, scale, seed_t)
+    grads = B.backward(_dev(do), args[0], args[1], args[2], out, lse, args[3], args[4], p, causal, scale, seed_t,
+                       force=True, use_tma=tma)
+    assert grads is not None, "the sm_90 backward declined a case it serves"
+    return [g.cpu() for g in grads], (q, k, v, do, mask, kpm, causal, scale, p, keep)
+
+
+BWD_CASES = [  # (N, Hq, Hkv, L, S, E, Ev, dtype, mask_kind, kpm, causal, dropout_p)
+    (1, 2, 1, 37, 29, 64, 64, torch.float16, None, False, False, 0.0),
+    (1, 2, 1, 37, 29, 64, 64, torch.bfloat16, None, False, True, 0.0),
+    (2, 2, 1, 33, 45, 25, 17, torch.float16, None, True, True, 0.0),       # the classifier's E, Ev != E
+    (2, 2, 1, 33, 17, 32, 32, torch.bfloat16, "bool4d", False, False, 0.3),
+    (1, 4, 2, 40, 70, 64, 64, torch.bfloat16, "float_n1", True, True, 0.2),  # GQA 4/2, everything on
+    (2, 2, 2, 17, 33, 80, 80, torch.float16, "float2d", False, True, 0.0),
+    (1, 1, 1, 19, 23, 128, 128, torch.float16, None, True, False, 0.25),
+]
+
+
+def _case_id(c):
+    flags = "".join(f"_{f}" for f, on in (("kpm", c[9]), ("causal", c[10]), ("drop", c[11])) if on)
+    return "n%d_hq%d_hkv%d_l%d_s%d_e%d_ev%d" % c[:7] + f"_{str(c[7])[6:]}_{c[8] or 'nomask'}{flags}"
+
+
+@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "plain"])
+@pytest.mark.parametrize("case", BWD_CASES, ids=_case_id)
+def test_backward_matches_float64_reference(case, use_tma):
+    n, hq, hkv, l, s, e, ev, dtype, mask_kind, kpm, causal, p = case
+    T = _kernel_tests()
+    grads, ctx = _run_bwd(n, hq, hkv, l, s, e, ev, dtype, mask_kind, kpm, causal, p, use_tma)
+    _, _, dq64, dk64, dv64 = T._grads64(*ctx)
+    _, dqs, dks, dvs = T._grads_same_dtype(*ctx)
+    for name, got, ref, same in zip(("dq", "dk", "dv"), grads, (dq64, dk64, dv64), (dqs, dks, dvs)):
+        assert got.dtype == dtype and got.shape == ref.shape
+        check_bound(name, got, same, ref)
+
+
+def test_backward_is_bitwise_deterministic():
+    a, _ = _run_bwd(2, 4, 2, 33, 65, 32, 32, torch.float16, "float2d", True, True, 0.2, tma=True)
+    b, _ = _run_bwd(2, 4, 2, 33, 65, 32, 32, torch.float16, "float2d", True, True, 0.2, tma=True)
+    for name, x, y in zip(("dq", "dk", "dv"), a, b):
+        assert torch.equal(x, y), f"{name}: two runs differ"
+
+
+def test_bf16_rounding_of_p_and_ds_is_what_the_gpu_does():
+    # On the GPU, P and dS are rounded to bf16 before the dV / dK products; the interpreter widens bf16
+    # operands to fp32 (kernels/attention.py), so the kernel rounds them itself (_operand). One query
+    # row and q = dO = c (c = 1 + 2^-7, exact in bf16) make each dV / dK element one product,
+    # bf16(bf16(P) * c) when P is rounded first and bf16(P * c) when not: the kernel must give the first.
+    T, B = _kernel_tests(), _bwd_module()
+    e, s, c = 64, 96, 1.0078125
+    g = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(1, 1, s, e, generator=g).to(torch.bfloat16) for _ in range(2))
+    q = torch.full((1, 1, 1, e), c, dtype=torch.bfloat16)
+    do = torch.full((1, 1, 1, e), c, dtype=torch.bfloat16)
+    scale = 0.125
+    out, lse = T.A.attention_forward(*(_dev(t) for t in (q, k, v)), None, None, 0.0, False, scale, None)
+    dq, dk, dv = (t.cpu() for t in B.backward(_dev(do), *(_dev(t) for t in (q, k, v)), out, lse, None, None, 0.0,
+                                              False, scale, None, force=True, use_tma=False))
+    sc = (q.double() @ k.double().transpose(-1, -2)) * scale
+    p = torch.exp(sc - lse.cpu().double()[..., None])                              # (1, 1, 1, S)
+    dp = do.double() @ v.double().transpose(-1, -2)
+    ds = p * (dp - (do.double() * out.cpu().double()).sum(-1, keepdim=True))
+
+    def bf(t):
+        # bf16 as the kernel's float -> bf16 conversion makes it: round to nearest even on the GPU; the
+        # triton 3.9 interpreter truncates (measured: it matches x's top 16 bits, not torch's rounding)
+        if DEVICE == "cpu":
+            t = (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
+        return t.to(torch.bfloat16).double()
+
+    for name, got, val, mult in (("dv", dv, p, c), ("dk", dk, ds, c * scale)):
+        got = got.double()[0, 0]                                                   # (S, E), equal columns
+        val = val[0, 0, 0][:, None].expand_as(got)
+        rounded_first = (got == bf(bf(val) * mult)).double().mean().item()
+        not_rounded = (got == bf(val * mult)).double().mean().item()
+        assert rounded_first >= 0.95 and not_rounded <= rounded_first - 0.1, \
+            f"{name}: {rounded_first:.2f} of the elements match P/dS rounded to bf16 first, {not_rounded:.2f} unrounded"
+
+
+def test_backward_declines_what_it_does_not_serve():
+    B = _bwd_module()
+    q16 = torch.randn(1, 1, 8, 64, dtype=torch.float16)
+    assert B.serves(q16, q16, q16, force=True)
+    assert not B.serves(q16.float(), q16.float(), q16.float(), force=True)  # fp32: the classic backward
+    assert not B.serves(q16, q16[:, :, :0], q16[:, :, :0], force=True)
+    lse = torch.zeros(1, 1, 8)
+    assert B.backward(q16, q16, q16, q16, q16, lse, None, None, 0.0, False, 0.1, None) is None  # not sm_90
+    # every table entry is a known (bucket, variant), and a launch's key finds its tile
+    assert set(B.BWD_SM90_CONFIGS) <= {(hd, var) for hd in B.HEAD_DIM_BUCKETS for var in B.VARIANTS}
+    assert B._config(q16, q16, None, 0.0) is B.BWD_SM90_CONFIGS[(64, "plain")]

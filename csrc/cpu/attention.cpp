@@ -42,27 +42,16 @@
 #include "cpu/attention_amx.h"
 #include "cpu/bf16dot.h"
 #include "cpu/vec_exp.h"
+#include "cpu/attention_common.h"
 #include "cpu/attention_decode.h"
 
 namespace fastattn {
 namespace cpu_attn {
 
-// Everything a kernel task needs, as raw pointers to contiguous buffers: q, k, v, the mask, out,
-// dout, o, dq, dk, dv in the input dtype (read and written in place), dq_part in the compute type T
-// (float, or double for float64), lse always float, kpm bool.
-struct AttnParams {
-  int64_t N = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
-  const void* q = nullptr;  // (N, Hq, L, E)
-  const void* k = nullptr;  // (N, Hkv, S, E)
-  const void* v = nullptr;  // (N, Hkv, S, Ev)
-  // additive, of dtype expected_mask_dtype(q) (checks.h); element (b,h,i,j) at b*msb + h*msh + i*msl + j*mss
-  const void* mask = nullptr;
-  int64_t msb = 0, msh = 0, msl = 0, mss = 0;
-  const bool* kpm = nullptr;  // (N, S), true = key ignored
-  double dropout_p = 0;
-  uint64_t seed = 0;
-  bool causal = false;
-  double scale = 1;
+// Everything a kernel task needs: the inputs (attention_common.h) and, as raw pointers to contiguous
+// buffers, out, dout, o, dq, dk, dv in the input dtype (read and written in place), dq_part in the
+// compute type T (float, or double for float64), lse always float.
+struct AttnParams : AttnInputs {
   int64_t bm = 64, bn = 64;  // query / key block sizes
   // forward outputs
   void* out = nullptr;  // (N, Hq, L, Ev)
@@ -146,23 +135,10 @@ TaskFn pick_bwd(const KernelSet& ks, at::ScalarType dt) {
   }
 }
 
-// The widest kernel set this CPU runs and the user allows.
-KernelSet pick_kernels() {
-  std::string want;
-  switch (tuning::get(tuning::Knob::kCpuIsa)) {
-    case tuning::kIsaAvx512: want = "avx512"; break;
-    case tuning::kIsaAvx2: want = "avx2"; break;
-    case tuning::kIsaDefault: want = "default"; break;
-    default: want = at::get_cpu_capability(); break;  // "AVX512", "AVX2" or "DEFAULT"; honours ATEN_CPU_CAPABILITY
-  }
-  for (auto& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+// The kernel set of one instruction set (base where this build has no wider ones).
+KernelSet kernels_for(Isa isa) {
 #if defined(FASTATTN_HAVE_WIDE)
-  __builtin_cpu_init();
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vl");
-  if (want == "avx512" && has_avx512) {
+  if (isa == Isa::kAvx512) {
     KernelSet ks = FA_SET(avx512);
     if (bf16dot::enabled()) {
       ks.fwd_bf16 = &avx512bf16::fwd_bf16_dot;
@@ -171,9 +147,16 @@ KernelSet pick_kernels() {
     }
     return ks;
   }
-  if ((want == "avx512" || want == "avx2") && has_avx2) return FA_SET(avx2);
+  if (isa == Isa::kAvx2) return FA_SET(avx2);
 #endif
+  (void)isa;
   return FA_SET(base);
+}
+
+// The widest kernel set this CPU runs and the user allows (attention_common.h's chosen_isa).
+const KernelSet& pick_kernels() {
+  static const KernelSet sets[3] = {kernels_for(Isa::kDefault), kernels_for(Isa::kAvx2), kernels_for(Isa::kAvx512)};
+  return sets[static_cast<int>(chosen_isa())];
 }
 
 // Whether fn is a bf16 dot-product kernel (counted for the tests), and the bf16 kernel to use
@@ -195,31 +178,6 @@ TaskFn bf16_fallback(bool backward) {
 #endif
 }
 
-// Runs tasks [0, ntasks) of fn on torch's intra-op threads (at::parallel_for, so
-// torch.set_num_threads holds), handing out small chunks from a shared counter instead of one fixed
-// slice per thread: a thread the OS descheduled (a busy machine) no longer holds up the call. Tasks
-// write disjoint outputs and each runs whole on one thread, so results do not depend on who ran it.
-void run_tasks(TaskFn fn, const AttnParams& p, int64_t ntasks) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), ntasks);
-  if (threads <= 1) {
-    fn(p, 0, ntasks);
-    return;
-  }
-  // Guided chunks: a quarter of a thread's share of what is left, down to single tasks at the
-  // end, so that the threads finish together (a backward task can be a whole (batch, head)).
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    int64_t b = next.load(std::memory_order_relaxed);
-    for (;;) {
-      if (b >= ntasks) break;
-      const int64_t chunk = std::max<int64_t>(1, (ntasks - b) / (threads * 4));
-      if (!next.compare_exchange_weak(b, b + chunk, std::memory_order_relaxed)) continue;
-      fn(p, b, std::min(ntasks, b + chunk));
-      b = next.load(std::memory_order_relaxed);
-    }
-  });
-}
-
 // Block sizes: BM queries (a multiple of 16, every lane count) by BN keys; the tuning knobs
 // FASTATTN_CPU_BM / _BN (csrc/tuning.h, range-checked there).
 void choose_blocks(AttnParams& p) {
@@ -229,7 +187,8 @@ void choose_blocks(AttnParams& p) {
 
 // What these kernels serve; the checks themselves are csrc/checks.h's.
 const Serves& cpu_serves() {
-  static const Serves s{c10::DeviceType::CPU, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}};
+  static const Serves s{c10::DeviceType::CPU, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf},
+                        std::numeric_limits<int64_t>::max(), /*strided_rows=*/true};
   return s;
 }
 
@@ -237,28 +196,7 @@ const Serves& cpu_serves() {
 void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& mask, const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
                  bool is_causal, double scale, const std::optional<at::Tensor>& seed) {
-  p.N = q.size(0);
-  p.Hq = q.size(1);
-  p.L = q.size(2);
-  p.E = q.size(3);
-  p.Hkv = k.size(1);
-  p.S = k.size(2);
-  p.Ev = v.size(3);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  if (mask.defined()) {
-    p.mask = mask.data_ptr();
-    p.msb = mask.stride(0);
-    p.msh = mask.stride(1);
-    p.msl = mask.stride(2);
-    p.mss = mask.stride(3);
-  }
-  if (key_padding_mask.has_value()) p.kpm = key_padding_mask->data_ptr<bool>();
-  p.dropout_p = dropout_p;
-  p.seed = dropout_p > 0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
-  p.causal = is_causal;
-  p.scale = scale;
+  fill_inputs(p, q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed);
   choose_blocks(p);
 }
 
@@ -270,31 +208,42 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
                                                      const std::optional<at::Tensor>& seed) {
   check_attention_args(q_in, k_in, v_in, attn_mask, key_padding_mask, dropout_p, seed, cpu_serves());
   const auto dt = q_in.scalar_type();
-  const at::Tensor &q = q_in, &k = k_in, &v = v_in;
   // read in place in the compute type (float32 for 16-bit q); a mask in q's own dtype is widened
   const at::Tensor mask = !attn_mask.has_value() ? at::Tensor()
                           : attn_mask->scalar_type() == expected_mask_dtype(dt) ? *attn_mask
                                                                           : attn_mask->to(expected_mask_dtype(dt));
-  const int64_t N = q.size(0), Hq = q.size(1), L = q.size(2), Ev = v.size(3);
-  at::Tensor out = at::empty({N, Hq, L, Ev}, q.options());
-  at::Tensor lse = at::empty({N, Hq, L}, q.options().dtype(at::kFloat));
+  const int64_t N = q_in.size(0), Hq = q_in.size(1), L = q_in.size(2), Ev = v_in.size(3);
+  // out (N, Hq, L, Ev): contiguous for a contiguous q; else laid out (N, L, Hq, Ev), as torch's own CPU
+  // flash attention does, so that a q viewed from a packed projection's rows gives an output the
+  // out-projection reads without a copy (the fake kernel, fastattn/attention.py, says the same)
+  at::Tensor out = q_in.is_contiguous() ? at::empty({N, Hq, L, Ev}, q_in.options())
+                                        : at::empty({N, L, Hq, Ev}, q_in.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({N, Hq, L}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  // few query rows against many keys (attention_decode.cpp); false means "not served here"
-  if (decode::fwd(q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed, out, lse)) return {out, lse};
+  // few query rows against many keys (attention_decode.cpp, reads and writes the views in place);
+  // false means "not served here"
+  if (decode::fwd(q_in, k_in, v_in, mask, key_padding_mask, dropout_p, is_causal, scale, seed, out, lse))
+    return {out, lse};
+  // the other kernels take contiguous tensors
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor out_c = out.is_contiguous() ? out : at::empty({N, Hq, L, Ev}, q.options());
   // bfloat16 on AMX (attention_amx.cpp) when the CPU has it; false means "not served here"
   if (dt == at::kBFloat16 &&
-      amx::fwd_bf16(q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed, out, lse))
+      amx::fwd_bf16(q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed, out_c, lse)) {
+    if (!out_c.is_same(out)) out.copy_(out_c);
     return {out, lse};
+  }
   AttnParams p;
   fill_common(p, q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed);
-  p.out = out.data_ptr();
+  p.out = out_c.data_ptr();
   p.lse = lse.data_ptr<float>();
-  const KernelSet ks = pick_kernels();
+  const KernelSet& ks = pick_kernels();
   TaskFn fn = pick_fwd(ks, dt);
   if (is_bf16dot(fn) && p.bn % 2 != 0) fn = bf16_fallback(false);  // key pairs need an even BN
   const int64_t ntasks = N * Hq * ((L + p.bm - 1) / p.bm);
   run_tasks(fn, p, ntasks);
   if (is_bf16dot(fn)) bf16dot::count_attn_fwd();
+  if (!out_c.is_same(out)) out.copy_(out_c);
   return {out, lse};
 }
 
@@ -308,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   check_attention_bwd_args(grad_out, out_in, lse_in, q_in, shape);
   const int64_t N = shape.N, Hq = shape.Hq, L = shape.L;
   const auto dt = q_in.scalar_type(), ct = expected_mask_dtype(dt);
-  const at::Tensor &q = q_in, &k = k_in, &v = v_in;
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor go = grad_out.contiguous(), o = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor mask = !attn_mask.has_value() ? at::Tensor()
@@ -340,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     dq_part = at::zeros({p.key_parts, N, Hq, L, p.E}, q.options().dtype(ct));
     p.dq_part = dq_part.data_ptr();
   }
-  const KernelSet ks = pick_kernels();
+  const KernelSet& ks = pick_kernels();
   TaskFn fn = pick_bwd(ks, dt);
   if (is_bf16dot(fn) && p.bn % 2 != 0) fn = bf16_fallback(true);  // key pairs need an even BN
   run_tasks(fn, p, heads * p.key_parts);

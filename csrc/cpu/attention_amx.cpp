@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "cpu/amx_probe.h"
+#include "cpu/attention_common.h"
 #include "cpu/vec_exp.h"
 #include "philox.h"
 #include "tuning.h"
@@ -619,8 +620,5 @@ bool available() {
 }  // namespace cpu_attn
 }  // namespace fastattn
 
-// Introspection for the tests: whether the path can run here, and how many forward calls it served.
-TORCH_LIBRARY(fastattn_amx, m) {
-  m.def("available() -> bool", &fastattn::cpu_attn::amx::available);
-  m.def("fwd_calls() -> int", &fastattn::cpu_attn::amx::fwd_calls);
-}
+FASTATTN_CPU_PATH_OPS(fastattn_amx, available, &fastattn::cpu_attn::amx::available,
+                      &fastattn::cpu_attn::amx::fwd_calls)

@@ -8,7 +8,8 @@
 // are processed together as one block of group * L rows, so each K/V row is read once per group;
 // the micro-kernels are shaped for that handful of rows (csrc/cpu/attention_decode_kernel.h).
 // float32, bfloat16 and float16 K/V are read in place and computed in float32; float64 runs in
-// float64 (portable code). Semantics are the kernel contract's (fastattn/backends/README.md):
+// float64 (portable code). q, k, v and out are read and written through their strides (any views
+// whose last dim is contiguous: heads viewed in a projection's rows, a slice of a longer KV cache). Semantics are the kernel contract's (fastattn/backends/README.md):
 // attn_mask read through its strides, top-left causality, key_padding_mask (wholly padded key
 // blocks skipped), dropout by the shared Philox counter, rows that see no key give out 0, lse +inf.
 //
@@ -17,9 +18,12 @@
 // capability, FASTATTN_CPU_ISA overrides; AVX2 machines run the portable code compiled for AVX2).
 // FASTATTN_CPU_DECODE=0 (read once) turns the path off; FASTATTN_CPU_DECODE_CHUNK (read per call,
 // for tuning) sets the chunk length, FASTATTN_CPU_DECODE_PREFETCH (per call) the software prefetch
-// distance in key blocks (default 1 for float32/64; 0 = off, the default for 16-bit K/V).
+// distance in key blocks (default 1 for float32/64; 0 = off, the default for 16-bit K/V),
+// FASTATTN_CPU_DECODE_QK_ROWS (per call) the order of the Q K^T loads of a block's first row: 1 (the
+// default) key by key, 0 the 16 keys' columns in step.
 // torch.ops.fastattn_decode.fwd_calls() counts the calls served.
 #include "tuning.h"
+#include "cpu/attention_common.h"
 #include "cpu/attention_decode.h"
 
 #include <ATen/Parallel.h>
@@ -48,25 +52,17 @@ namespace fastattn {
 namespace cpu_attn {
 namespace decode {
 
-struct DecodeParams {
-  int64_t N = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
-  const void* q = nullptr;  // (N, Hq, L, E)
-  const void* k = nullptr;  // (N, Hkv, S, E)
-  const void* v = nullptr;  // (N, Hkv, S, Ev)
-  const void* mask = nullptr;  // additive, q's dtype, element (b,h,i,j) at b*msb + h*msh + i*msl + j*mss
-  int64_t msb = 0, msh = 0, msl = 0, mss = 0;
-  const bool* kpm = nullptr;  // (N, S), true = key ignored
-  double dropout_p = 0;
-  uint64_t seed = 0;
-  bool causal = false;
-  double scale = 1;
+// The inputs (attention_common.h) and the decoding path's own plan and buffers.
+struct DecodeParams : AttnInputs {
   int64_t kend = 0;     // keys any query can see: S, or min(S, L) when causal
   int64_t chunk = 0;    // keys per task
   int64_t nchunks = 1;  // chunks per (batch, kv head)
   int64_t rows = 0;     // N * Hq * L
   int64_t prefetch_blocks = 1;  // software prefetch of K/V this many key blocks ahead (0: none)
-  void* out = nullptr;  // (N, Hq, L, Ev), q's dtype
-  float* lse = nullptr; // (N, Hq, L)
+  bool qk_row_order = true;  // Q K^T loads key by key (attention_decode_kernel.h qk_row16)
+  void* out = nullptr;  // (N, Hq, L, Ev), q's dtype; element (b,h,i,e) at b*osb + h*osh + i*osl + e
+  int64_t osb = 0, osh = 0, osl = 0;
+  float* lse = nullptr; // (N, Hq, L) contiguous
   void* o_part = nullptr;   // (nchunks, N, Hq, L, Ev) compute type, when nchunks > 1
   void* ml_part = nullptr;  // (nchunks, N, Hq, L, 2) compute type: the chunk's max and sum
 };
@@ -103,25 +99,21 @@ struct DecodeKernels {
 #define FA_DEC_SET(ns) \
   DecodeKernels{&ns::dec_f32, &ns::dec_bf16, &ns::dec_f16, &ns::dec_f64, &ns::comb_f32, &ns::comb_bf16, &ns::comb_f16, &ns::comb_f64}
 
-// The widest set this CPU runs and the user allows (the same choice as attention.cpp's).
-DecodeKernels pick_kernels() {
-  std::string want;
-  switch (tuning::get(tuning::Knob::kCpuIsa)) {  // FASTATTN_CPU_ISA, read once (csrc/tuning.h)
-    case tuning::kIsaAvx512: want = "avx512"; break;
-    case tuning::kIsaAvx2: want = "avx2"; break;
-    case tuning::kIsaDefault: want = "default"; break;
-    default: want = at::get_cpu_capability(); break;  // "AVX512", "AVX2" or "DEFAULT"; honours ATEN_CPU_CAPABILITY
-  }
-  for (auto& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+// The kernels of one instruction set (base where this build has no wider ones).
+DecodeKernels kernels_for(Isa isa) {
 #if defined(FASTATTN_DEC_HAVE_WIDE)
-  __builtin_cpu_init();
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  if (want == "avx512" && has_avx512) return FA_DEC_SET(avx512);
-  if ((want == "avx512" || want == "avx2") && has_avx2) return FA_DEC_SET(avx2);
+  if (isa == Isa::kAvx512) return FA_DEC_SET(avx512);
+  if (isa == Isa::kAvx2) return FA_DEC_SET(avx2);
 #endif
+  (void)isa;
   return FA_DEC_SET(base);
+}
+
+// The widest set this CPU runs and the user allows (the same choice as attention.cpp's).
+const DecodeKernels& pick_kernels() {
+  static const DecodeKernels sets[3] = {kernels_for(Isa::kDefault), kernels_for(Isa::kAvx2),
+                                        kernels_for(Isa::kAvx512)};
+  return sets[static_cast<int>(chosen_isa())];
 }
 
 std::atomic<int64_t> g_fwd_calls{0};
@@ -152,27 +144,6 @@ int64_t choose_chunk(int64_t heads, int64_t kend) {
   return std::min(chunk, std::max<int64_t>(64, (kend + 63) / 64 * 64));
 }
 
-// Runs tasks [0, ntasks) on torch's intra-op threads, chunks handed out from a shared counter
-// (a descheduled thread does not hold up the call); each task runs whole on one thread.
-void run_tasks(TaskFn fn, const DecodeParams& p, int64_t ntasks) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), ntasks);
-  if (threads <= 1) {
-    fn(p, 0, ntasks);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    int64_t b = next.load(std::memory_order_relaxed);
-    for (;;) {
-      if (b >= ntasks) break;
-      const int64_t step = std::max<int64_t>(1, (ntasks - b) / (threads * 4));
-      if (!next.compare_exchange_weak(b, b + step, std::memory_order_relaxed)) continue;
-      fn(p, b, std::min(ntasks, b + step));
-      b = next.load(std::memory_order_relaxed);
-    }
-  });
-}
-
 bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
          const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
          const std::optional<at::Tensor>& seed, at::Tensor& out, at::Tensor& lse) {
@@ -181,29 +152,11 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   const auto dt = q.scalar_type();
   if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf && dt != at::kDouble) return false;
   DecodeParams p;
-  p.N = q.size(0);
-  p.Hq = q.size(1);
-  p.L = L;
-  p.E = q.size(3);
-  p.Hkv = k.size(1);
-  p.S = k.size(2);
-  p.Ev = v.size(3);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  if (mask.defined()) {
-    p.mask = mask.data_ptr();
-    p.msb = mask.stride(0);
-    p.msh = mask.stride(1);
-    p.msl = mask.stride(2);
-    p.mss = mask.stride(3);
-  }
-  if (key_padding_mask.has_value()) p.kpm = key_padding_mask->data_ptr<bool>();
-  p.dropout_p = dropout_p;
-  p.seed = dropout_p > 0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
-  p.causal = is_causal;
-  p.scale = scale;
+  fill_inputs(p, q, k, v, mask, key_padding_mask, dropout_p, is_causal, scale, seed);
   p.out = out.data_ptr();
+  p.osb = out.stride(0);
+  p.osh = out.stride(1);
+  p.osl = out.stride(2);
   p.lse = lse.data_ptr<float>();
   p.rows = p.N * p.Hq * p.L;
   p.kend = is_causal ? std::min(p.S, p.L) : p.S;
@@ -212,6 +165,7 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   // measured (1 thread, this file's bench shapes): one block ahead pays ~15% on float32, costs ~5%
   // on 16-bit K/V (whose converted blocks already keep the loads ahead)
   p.prefetch_blocks = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 1 : 0));
+  p.qk_row_order = env_int("FASTATTN_CPU_DECODE_QK_ROWS", 1) != 0;
   p.nchunks = std::max<int64_t>(1, (p.kend + p.chunk - 1) / p.chunk);
   const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor o_part, ml_part;
@@ -221,7 +175,7 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     p.o_part = o_part.data_ptr();
     p.ml_part = ml_part.data_ptr();
   }
-  const DecodeKernels ks = pick_kernels();
+  const DecodeKernels& ks = pick_kernels();
   TaskFn task = ks.f32, comb = ks.c_f32;
   if (dt == at::kBFloat16) {
     task = ks.bf16;
@@ -247,14 +201,10 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 }
 
 int64_t fwd_calls() { return g_fwd_calls.load(); }
-bool available() { return enabled(); }
 
 }  // namespace decode
 }  // namespace cpu_attn
 }  // namespace fastattn
 
-// Introspection for the tests: whether the path is on, and how many forward calls it served.
-TORCH_LIBRARY(fastattn_decode, m) {
-  m.def("enabled() -> bool", &fastattn::cpu_attn::decode::available);
-  m.def("fwd_calls() -> int", &fastattn::cpu_attn::decode::fwd_calls);
-}
+FASTATTN_CPU_PATH_OPS(fastattn_decode, enabled, &fastattn::cpu_attn::decode::enabled,
+                      &fastattn::cpu_attn::decode::fwd_calls)

@@ -114,21 +114,34 @@ inline __m512 hsum16x16(const __m512 a[16]) {
 }
 
 // Scores of one query row (qs, E floats) against 16 keys (rows of K, stride ldk): lane j = q . k_j.
+// kRowOrder: the loads walk key by key (each row's lines in turn, one sequential stream); else
+// column by column (the 16 rows' first 64 bytes, then their next 64 bytes, ...).
+template <bool kRowOrder>
 inline __m512 qk_row16(const float* qs, const float* K, int64_t ldk, int64_t E) {
   __m512 acc[16];
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-  int64_t e = 0;
-  for (; e + 16 <= E; e += 16) {
-    const __m512 qv = _mm512_loadu_ps(qs + e);
+  const int64_t Ef = E / 16 * 16;
+  const __mmask16 m = dec_tail_mask(E - Ef);
+  if constexpr (kRowOrder) {
 #pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + j * ldk + e), acc[j]);
-  }
-  if (e < E) {
-    const __mmask16 m = dec_tail_mask(E - e);
-    const __m512 qv = _mm512_maskz_loadu_ps(m, qs + e);
+    for (int j = 0; j < 16; ++j) {
+      for (int64_t e = 0; e < Ef; e += 16)
+        acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qs + e), _mm512_loadu_ps(K + j * ldk + e), acc[j]);
+      if (Ef < E)
+        acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qs + Ef), _mm512_maskz_loadu_ps(m, K + j * ldk + Ef), acc[j]);
+    }
+  } else {
+    for (int64_t e = 0; e < Ef; e += 16) {
+      const __m512 qv = _mm512_loadu_ps(qs + e);
 #pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, K + j * ldk + e), acc[j]);
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + j * ldk + e), acc[j]);
+    }
+    if (Ef < E) {
+      const __m512 qv = _mm512_maskz_loadu_ps(m, qs + Ef);
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, K + j * ldk + Ef), acc[j]);
+    }
   }
   return hsum16x16(acc);
 }
@@ -148,10 +161,15 @@ inline float qk_row1(const float* qs, const float* k, int64_t E) {
 // s[r * lds + j] = qs[r] . K[j] for r < R, j < nk. Groups of 16 keys outer, rows inner: a group
 // of K (16 x E floats) stays in L1 while every row of the GQA group reads it.
 inline void qk_avx512(const float* qs, int64_t R, int64_t ldq, const float* K, int64_t ldk, int64_t E, int64_t nk,
-                      float* s, int64_t lds) {
+                      float* s, int64_t lds, bool row_order) {
   int64_t j0 = 0;
-  for (; j0 + 16 <= nk; j0 += 16)
-    for (int64_t r = 0; r < R; ++r) _mm512_storeu_ps(s + r * lds + j0, qk_row16(qs + r * ldq, K + j0 * ldk, ldk, E));
+  for (; j0 + 16 <= nk; j0 += 16) {
+    // the first row fetches the 16 keys (in the chosen order); the group's other rows find them in L1
+    _mm512_storeu_ps(s + j0, row_order ? qk_row16<true>(qs, K + j0 * ldk, ldk, E)
+                                       : qk_row16<false>(qs, K + j0 * ldk, ldk, E));
+    for (int64_t r = 1; r < R; ++r)
+      _mm512_storeu_ps(s + r * lds + j0, qk_row16<false>(qs + r * ldq, K + j0 * ldk, ldk, E));
+  }
   for (; j0 < nk; ++j0)
     for (int64_t r = 0; r < R; ++r) s[r * lds + j0] = qk_row1(qs + r * ldq, K + j0 * ldk, E);
 }
@@ -275,6 +293,39 @@ inline void dec_convert_row(const In* src, int64_t n, float* dst) {
 }
 #endif  // FA_DEC_AVX512
 
+// Rows [j0, j0 + nk) of X (rows of n values, ldx apart) as T, with their stride in ld: read in place
+// when In is T, else converted into buf (rows of np >= n values).
+template <typename T, typename In, bool kWide>
+inline const T* rows_as(const In* X, int64_t ldx, int64_t j0, int64_t nk, int64_t n, int64_t np, T* buf,
+                        int64_t& ld) {
+  if constexpr (std::is_same<T, In>::value) {
+    ld = ldx;
+    return X + j0 * ldx;
+  } else {
+    ld = np;
+#if defined(FA_DEC_AVX512)
+    if constexpr (kWide) {
+      for (int64_t j = 0; j < nk; ++j) dec_convert_row<In>(X + (j0 + j) * ldx, n, buf + j * np);
+      return buf;
+    }
+#endif
+    for (int64_t j = 0; j < nk; ++j)
+      for (int64_t e = 0; e < n; ++e) buf[j * np + e] = static_cast<T>(X[(j0 + j) * ldx + e]);
+    return buf;
+  }
+}
+
+// Software prefetch of rows [j, j + nr) of X (rows of n values, ldx apart), one touch per cache line.
+template <typename In>
+inline void prefetch_rows(const In* X, int64_t ldx, int64_t j, int64_t nr, int64_t n) {
+  const bool packed = ldx == n;  // one span
+  const int64_t rows = packed ? 1 : nr, bytes = (packed ? nr * n : n) * static_cast<int64_t>(sizeof(In));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* x0 = reinterpret_cast<const char*>(X + (j + r) * ldx);
+    for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 3);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // The task loop, written once: T the compute type, In the storage type; kWide selects the AVX-512
 // primitives (T = float only).
@@ -299,11 +350,11 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t c = task % p.nchunks, bhk = task / p.nchunks, b = bhk / p.Hkv, hk = bhk % p.Hkv;
     const int64_t j_lo = c * p.chunk, j_hi = std::min(p.kend, j_lo + p.chunk);
-    const In* K = static_cast<const In*>(p.k) + bhk * S * E;
-    const In* Vm = static_cast<const In*>(p.v) + bhk * S * Ev;
-    const In* Q = static_cast<const In*>(p.q) + (b * p.Hq + hk * group) * L * E;  // R consecutive rows
+    const In* K = static_cast<const In*>(p.k) + b * p.ksb + hk * p.ksh;  // key j's row at K + j * p.kss
+    const In* Vm = static_cast<const In*>(p.v) + b * p.vsb + hk * p.vsh;
     for (int64_t r = 0; r < R; ++r) {
-      for (int64_t e = 0; e < E; ++e) qs[r * Ep + e] = static_cast<T>(Q[r * E + e]) * scale;
+      const In* Q = static_cast<const In*>(p.q) + b * p.qsb + (hk * group + r / L) * p.qsh + (r % L) * p.qsl;
+      for (int64_t e = 0; e < E; ++e) qs[r * Ep + e] = static_cast<T>(Q[e]) * scale;
       for (int64_t e = E; e < Ep; ++e) qs[r * Ep + e] = T(0);
     }
     std::fill(ob, ob + R * Evp, T(0));
@@ -317,37 +368,17 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
         for (int64_t j = 0; j < nk && all; ++j) all = kpm[j0 + j];
         if (all) continue;
       }
-      const int64_t jp = j0 + p.prefetch_blocks * kBK;  // a later block's K and V rows, one touch per line
+      const int64_t jp = j0 + p.prefetch_blocks * kBK;  // a later block's K and V rows
       if (p.prefetch_blocks > 0 && jp < j_hi) {
         const int64_t nn = std::min(kBK, j_hi - jp);
-        const char* kn = reinterpret_cast<const char*>(K + jp * E);
-        const char* vn = reinterpret_cast<const char*>(Vm + jp * Ev);
-        const int64_t kbytes = nn * E * static_cast<int64_t>(sizeof(In));
-        const int64_t vbytes = nn * Ev * static_cast<int64_t>(sizeof(In));
-        for (int64_t x = 0; x < kbytes; x += 64) __builtin_prefetch(kn + x, 0, 3);
-        for (int64_t x = 0; x < vbytes; x += 64) __builtin_prefetch(vn + x, 0, 3);
+        prefetch_rows<In>(K, p.kss, jp, nn, E);
+        prefetch_rows<In>(Vm, p.vss, jp, nn, Ev);
       }
-      const T* Kb;
       int64_t ldk;
-      if constexpr (kConvert) {
-#if defined(FA_DEC_AVX512)
-        if constexpr (kWide) {
-          for (int64_t j = 0; j < nk; ++j) dec_convert_row<In>(K + (j0 + j) * E, E, kbuf + j * Ep);
-        } else
-#endif
-        {
-          for (int64_t j = 0; j < nk; ++j)
-            for (int64_t e = 0; e < E; ++e) kbuf[j * Ep + e] = static_cast<T>(K[(j0 + j) * E + e]);
-        }
-        Kb = kbuf;
-        ldk = Ep;
-      } else {
-        Kb = K + j0 * E;
-        ldk = E;
-      }
+      const T* Kb = rows_as<T, In, kWide>(K, p.kss, j0, nk, E, Ep, kbuf, ldk);
 #if defined(FA_DEC_AVX512)
       if constexpr (kWide)
-        qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc, kBK);
+        qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc, kBK, p.qk_row_order);
       else
 #endif
         qk_generic<T>(qs, R, Ep, Kb, ldk, E, nk, sc, kBK);
@@ -383,24 +414,8 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
           }
         }
       }
-      const T* Vb;
       int64_t ldv;
-      if constexpr (kConvert) {
-#if defined(FA_DEC_AVX512)
-        if constexpr (kWide) {
-          for (int64_t j = 0; j < nk; ++j) dec_convert_row<In>(Vm + (j0 + j) * Ev, Ev, vbuf + j * Evp);
-        } else
-#endif
-        {
-          for (int64_t j = 0; j < nk; ++j)
-            for (int64_t e = 0; e < Ev; ++e) vbuf[j * Evp + e] = static_cast<T>(Vm[(j0 + j) * Ev + e]);
-        }
-        Vb = vbuf;
-        ldv = Evp;
-      } else {
-        Vb = Vm + j0 * Ev;
-        ldv = Ev;
-      }
+      const T* Vb = rows_as<T, In, kWide>(Vm, p.vss, j0, nk, Ev, Evp, vbuf, ldv);
 #if defined(FA_DEC_AVX512)
       if constexpr (kWide)
         pv_avx512(sc, R, kBK, Vb, ldv, Ev, nk, ob, Evp, arow);
@@ -415,7 +430,7 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
       if (p.nchunks == 1) {
         const T l = lrow[r];
         const T inv = l != T(0) ? T(1) / l : T(0);  // a row that saw no key: out 0, lse +inf
-        In* O = static_cast<In*>(p.out) + row * Ev;
+        In* O = static_cast<In*>(p.out) + b * p.osb + (hk * group + g) * p.osh + i * p.osl;
         for (int64_t e = 0; e < Ev; ++e) O[e] = static_cast<In>(orow[e] * inv);
         p.lse[row] = l != T(0) ? static_cast<float>(mrow[r] + std::log(l)) : std::numeric_limits<float>::infinity();
       } else {
@@ -453,7 +468,8 @@ void decode_combine(const DecodeParams& p, int64_t row_begin, int64_t row_end) {
       for (int64_t e = 0; e < Ev; ++e) acc[e] += part[e] * w;
     }
     const T inv = l != T(0) ? T(1) / l : T(0);
-    In* O = static_cast<In*>(p.out) + row * Ev;
+    const int64_t i = row % p.L, h = (row / p.L) % p.Hq, b = row / (p.L * p.Hq);
+    In* O = static_cast<In*>(p.out) + b * p.osb + h * p.osh + i * p.osl;
     for (int64_t e = 0; e < Ev; ++e) O[e] = static_cast<In>(acc[e] * inv);
     p.lse[row] = l != T(0) ? static_cast<float>(mx + std::log(l)) : std::numeric_limits<float>::infinity();
   }

@@ -74,21 +74,24 @@ struct VecArr {  // portable: a fixed array the compiler vectorises for the encl
   friend inline VecArr vexp_sub(const VecArr& s, const VecArr& m) { return vexp(s - m); }
 };
 
+// VecF on one SIMD register type REG of WIDTH floats (REGS of them), PS the intrinsics' prefix.
+#define FA_VECF(REG, PS, WIDTH, REGS)                                                 \
+  struct VecF {                                                                       \
+    using value_type = float;                                                         \
+    static constexpr int W = WIDTH;                                                   \
+    static constexpr int kRegs = REGS;                                                \
+    REG v;                                                                            \
+    static inline VecF load(const float* p) { return {PS##_loadu_ps(p)}; }            \
+    static inline VecF set1(float x) { return {PS##_set1_ps(x)}; }                    \
+    inline void store(float* p) const { PS##_storeu_ps(p, v); }                       \
+  };                                                                                  \
+  inline VecF fmadd(VecF a, VecF b, VecF c) { return {PS##_fmadd_ps(a.v, b.v, c.v)}; } \
+  inline VecF operator+(VecF a, VecF b) { return {PS##_add_ps(a.v, b.v)}; }           \
+  inline VecF operator-(VecF a, VecF b) { return {PS##_sub_ps(a.v, b.v)}; }           \
+  inline VecF operator*(VecF a, VecF b) { return {PS##_mul_ps(a.v, b.v)}; }           \
+  inline VecF vmax(VecF a, VecF b) { return {PS##_max_ps(a.v, b.v)}; }
 #if defined(FA_VEC_AVX512)
-struct VecF {  // 16 floats in a zmm register
-  using value_type = float;
-  static constexpr int W = 16;
-  static constexpr int kRegs = 32;
-  __m512 v;
-  static inline VecF load(const float* p) { return {_mm512_loadu_ps(p)}; }
-  static inline VecF set1(float x) { return {_mm512_set1_ps(x)}; }
-  inline void store(float* p) const { _mm512_storeu_ps(p, v); }
-};
-inline VecF fmadd(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
-inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
-inline VecF operator*(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
-inline VecF vmax(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
+FA_VECF(__m512, _mm512, 16, 32)  // 16 floats in a zmm register
 // e^x = 2^(x log2 e), exact to float32 (cpu/vec_exp.h, degree 7); +inf stays +inf, -inf gives 0.
 inline VecF vexp(VecF a) {
   const __m512 x = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_mul_ps(a.v, _mm512_set1_ps(1.4426950408889634f)));
@@ -100,20 +103,7 @@ inline VecF vexp_sub(VecF s, VecF m) {
   return {fastattn::cpu::exp2_avx512<5>(_mm512_mul_ps(_mm512_sub_ps(s.v, m.v), _mm512_set1_ps(1.4426950408889634f)))};
 }
 #elif defined(FA_VEC_AVX2)
-struct VecF {  // 8 floats in a ymm register
-  using value_type = float;
-  static constexpr int W = 8;
-  static constexpr int kRegs = 16;
-  __m256 v;
-  static inline VecF load(const float* p) { return {_mm256_loadu_ps(p)}; }
-  static inline VecF set1(float x) { return {_mm256_set1_ps(x)}; }
-  inline void store(float* p) const { _mm256_storeu_ps(p, v); }
-};
-inline VecF fmadd(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
-inline VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
-inline VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
-inline VecF operator*(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
-inline VecF vmax(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
+FA_VECF(__m256, _mm256, 8, 16)  // 8 floats in a ymm register
 // As the AVX-512 one (cpu/vec_exp.h, degree 7); inputs below 2^-126 give 0.
 inline VecF vexp(VecF a) {
   return {fastattn::cpu::exp2_avx2<7>(_mm256_mul_ps(a.v, _mm256_set1_ps(1.4426950408889634f)))};
@@ -122,6 +112,7 @@ inline VecF vexp_sub(VecF s, VecF m) { return vexp(s - m); }
 #else
 using VecF = VecArr<float, 8>;
 #endif
+#undef FA_VECF
 using VecD = VecArr<double, 8>;
 
 // ------------------------------------------------------------------------------------------------

@@ -1,19 +1,8 @@
-// Tensor-core attention backward, bf16: the head-dim buckets of attn_tc_bwd.cuh for one dtype.
-// Template arguments: <dtype, head-dim bucket, keys per dQ tile, queries per dK/dV tile, split dK/dV>.
+// Tensor-core attention backward, bf16: attention_backward_tc (attn_tc_bwd.cuh) for this dtype (see attn_params.h).
 #include "attn_tc_bwd.cuh"
 
 namespace fastattn {
 namespace cuda {
-
-cudaError_t attention_backward_bf16(const AttnParams& p, cudaStream_t stream) {
-  switch (attention_head_bucket(p.E, p.Ev)) {
-    case 32: return launch_attn_bwd_tc<__nv_bfloat16, 32, 64, 64, false>(p, stream);
-    case 64: return launch_attn_bwd_tc<__nv_bfloat16, 64, 64, 64, false>(p, stream);
-    case 96: return launch_attn_bwd_tc<__nv_bfloat16, 96, 64, 32, false>(p, stream);
-    case 128: return launch_attn_bwd_tc<__nv_bfloat16, 128, 64, 32, false>(p, stream);
-    default: return launch_attn_bwd_tc<__nv_bfloat16, 256, 32, 32, true>(p, stream);
-  }
-}
-
+template cudaError_t attention_backward_tc<__nv_bfloat16>(const AttnParams& p, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace fastattn

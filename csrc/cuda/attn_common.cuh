@@ -4,6 +4,7 @@
 #include <cfloat>
 #include <cstdint>
 #include <cmath>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,54 +33,45 @@ struct TypeOps<float> {
   static __device__ __forceinline__ float from_float(float x) { return x; }
 };
 
-template <>
-struct TypeOps<__half> {
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+// The 16-bit types: T, its pair type T2 and CUDA's round-to-nearest conversions of them.
+template <typename T, typename T2, float (*ToFloat)(T), T (*FromFloat)(float), T2 (*Pack)(float, float)>
+struct TypeOps16 {
+  static __device__ __forceinline__ float to_float(T x) { return ToFloat(x); }
+  static __device__ __forceinline__ T from_float(float x) { return FromFloat(x); }
   // two floats -> one 32-bit register, `lo` in the low half (the lower column of a fragment)
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
+    T2 h = Pack(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
 };
 
 template <>
-struct TypeOps<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-};
+struct TypeOps<__half> : TypeOps16<__half, __half2, __half2float, __float2half_rn, __floats2half2_rn> {};
+template <>
+struct TypeOps<__nv_bfloat16>
+    : TypeOps16<__nv_bfloat16, __nv_bfloat162, __bfloat162float, __float2bfloat16_rn, __floats2bfloat162_rn> {};
 
 // ---- tensor cores ---------------------------------------------------------------------------------
 // D (16x8 f32) += A (16x16, row) * B (16x8, col). Fragment layout (lane = 4*g + t):
 //   a[0]: A[g][2t..2t+1]  a[1]: A[g+8][2t..]  a[2]: A[g][2t+8..]  a[3]: A[g+8][2t+8..]
 //   b[0]: B[2t..2t+1][g]  b[1]: B[2t+8..][g]
 //   c[0..1]: C[g][2t..2t+1]  c[2..3]: C[g+8][2t..2t+1]
+// One instruction per element type; PTX_T is its PTX name (the asm text must be a literal).
+#define FASTATTN_MMA_16816(PTX_T)                                                                          \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_T "." PTX_T ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+               "{%8,%9}, {%0,%1,%2,%3};\n"                                                                 \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                           \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 template <typename T>
-__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b0, const uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float c[4], const uint32_t a[4], const uint32_t b0,
-                                                  const uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b0, const uint32_t b1) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "mma_16816: fp16 or bf16");
+  if constexpr (std::is_same_v<T, __half>) {
+    FASTATTN_MMA_16816("f16");
+  } else {
+    FASTATTN_MMA_16816("bf16");
+  }
 }
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float c[4], const uint32_t a[4], const uint32_t b0,
-                                                         const uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+#undef FASTATTN_MMA_16816
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -97,12 +89,19 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) 
                : "r"(addr));
 }
 
+// This lane's row address for ldmatrix x4 of the 16x16 block at (row0, col0) of a smem tile with row
+// stride lds: matrices 0..3 = rows 0-7 / 8-15 of columns 0-7, then of columns 8-15.
+template <typename T>
+__device__ __forceinline__ uint32_t block16_addr(const T* tile, int lds, int row0, int col0, int lane) {
+  const int r = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int c = col0 + (lane >> 4) * 8;
+  return smem_addr(tile + r * lds + c);
+}
+
 // A fragment of the 16x16 block at (row0, col0) of a row-major smem tile with row stride lds.
 template <typename T>
 __device__ __forceinline__ void load_a_frag(uint32_t a[4], const T* tile, int lds, int row0, int col0, int lane) {
-  const int r = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-  const int c = col0 + (lane >> 4) * 8;
-  ldmatrix_x4(a, smem_addr(tile + r * lds + c));
+  ldmatrix_x4(a, block16_addr(tile, lds, row0, col0, lane));
 }
 
 // B fragments of two n8 tiles (n0, n0+8) x k16 (k0) where the smem tile is stored [n][k] (row = n):
@@ -117,9 +116,26 @@ __device__ __forceinline__ void load_b_frag_nk(uint32_t b[4], const T* tile, int
 // Same fragments when the smem tile is stored [k][n] (row = k): ldmatrix with transpose.
 template <typename T>
 __device__ __forceinline__ void load_b_frag_kn(uint32_t b[4], const T* tile, int lds, int k0, int n0, int lane) {
-  const int r = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-  const int c = n0 + (lane >> 4) * 8;
-  ldmatrix_x4_trans(b, smem_addr(tile + r * lds + c));
+  ldmatrix_x4_trans(b, block16_addr(tile, lds, k0, n0, lane));
+}
+
+// Zeroes an accumulator of n8 tiles.
+template <int NC>
+__device__ __forceinline__ void zero_acc(float (&c)[NC][4]) {
+#pragma unroll
+  for (int nn = 0; nn < NC; ++nn) c[nn][0] = c[nn][1] = c[nn][2] = c[nn][3] = 0.f;
+}
+
+// Row r (0: the thread's row g, 1: row g + 8) of a 16 x 8*NC accumulator, times scale, rounded to T,
+// into columns [0, n) of `row` (global memory).
+template <typename T, int NC>
+__device__ __forceinline__ void store_acc_row(T* row, const float (&c)[NC][4], int r, float scale, int n, int tq) {
+#pragma unroll
+  for (int nn = 0; nn < NC; ++nn) {
+    const int col = nn * 8 + 2 * tq;
+    if (col < n) row[col] = TypeOps<T>::from_float(c[nn][2 * r] * scale);
+    if (col + 1 < n) row[col + 1] = TypeOps<T>::from_float(c[nn][2 * r + 1] * scale);
+  }
 }
 
 // C (16 x 8*NC: NC n8 tiles, NC even) = A B^T on tensor cores, both from shared memory: A the 16 rows
@@ -129,8 +145,7 @@ template <typename T, int KS, int NC>
 __device__ __forceinline__ void mma_smem_abt(float (&c)[NC][4], const T* a_tile, int row0, const T* b_tile, int lds,
                                              int k_valid, int lane) {
   static_assert(NC % 2 == 0, "B fragments come in pairs of n8 tiles");
-#pragma unroll
-  for (int nn = 0; nn < NC; ++nn) c[nn][0] = c[nn][1] = c[nn][2] = c[nn][3] = 0.f;
+  zero_acc(c);
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
     if (kk * 16 < k_valid) {
@@ -211,6 +226,16 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int row0, int nro
   }
 }
 
+// The K and V rows [row0, row0 + R) of one kv head into their smem tiles (see load_tile).
+template <typename T, int R, int D, int LDS, int NT>
+__device__ __forceinline__ void load_kv_tile(T* sk, T* sv, const T* k, const T* v, int row0, int S, int E, int Ev,
+                                             bool vec_k, bool vec_v, int tid) {
+  load_tile<T, R, D, LDS, NT>(sk, k, row0, S, E, vec_k, tid);
+  load_tile<T, R, D, LDS, NT>(sv, v, row0, S, Ev, vec_v, tid);
+}
+
+__device__ __forceinline__ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 // ---- scores -----------------------------------------------------------------------------------------
 // Everything that decides one score of (batch b, query head h): causal, key padding, additive mask.
 template <typename T>
@@ -243,6 +268,32 @@ struct ScoreMask {
   }
 };
 
+// One (batch, query head) bh of the problem, and the K and V rows of its kv head (GQA).
+template <typename T>
+struct QueryHead {
+  int b, h, hkv;
+  const T* k;  // (S, E)
+  const T* v;  // (S, Ev)
+  __device__ __forceinline__ QueryHead(const AttnParams& p, int bh)
+      : b(bh / p.Hq), h(bh % p.Hq), hkv(h / (p.Hq / p.Hkv)),
+        k(static_cast<const T*>(p.k) + static_cast<int64_t>(b * p.Hkv + hkv) * p.S * p.E),
+        v(static_cast<const T*>(p.v) + static_cast<int64_t>(b * p.Hkv + hkv) * p.S * p.Ev) {}
+};
+
+// The query tile a block of the forward or dQ kernel owns: BM rows from the returned i0 of one
+// (batch, head) bh; the last tiles of a head, whose causal rows are longest, are launched first.
+template <int BM>
+__device__ __forceinline__ int query_tile_of_block(const AttnParams& p, int& bh) {
+  const int n_mblocks = (p.L + BM - 1) / BM;
+  bh = blockIdx.x / n_mblocks;
+  return (n_mblocks - 1 - blockIdx.x % n_mblocks) * BM;
+}
+
+// 1 / (1 - p), the scale of a kept element; 1 without dropout.
+__device__ __forceinline__ float keep_scale_of(const AttnParams& p) {
+  return p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+}
+
 // A masked natural-log score in log2 units. A finite score stays finite (a mask of finfo.min times
 // log2(e) would overflow to -inf and count as excluded): only -inf excludes a key. Scores beyond
 // +-FLT_MAX / log2(e) saturate at +-FLT_MAX (their order among themselves is lost; the rest of the
@@ -267,21 +318,63 @@ __device__ __forceinline__ int next_live_tile(const uint8_t* kpm_b, int t, int n
   return t;
 }
 
+// The K/V tiles one query tile visits (forward, dQ): BN keys at a time through two shared-memory
+// buffers each (sK, sV: [2][BN][LDS], cp.async double buffering), in key order, tiles wholly covered
+// by key_padding_mask skipped. Block-uniform; every thread of the block calls it.
+template <typename T, int BN, int D, int LDS, int NT>
+struct KvTiles {
+  T* sK;
+  T* sV;
+  const T* k;  // (S, E) of the kv head
+  const T* v;  // (S, Ev)
+  const uint8_t* kpm;  // of the batch row, or null
+  int n_tiles, S, E, Ev;
+  bool vec_k, vec_v;
+
+  __device__ __forceinline__ const T* k_buf(int buf) const { return sK + buf * BN * LDS; }
+  __device__ __forceinline__ const T* v_buf(int buf) const { return sV + buf * BN * LDS; }
+  __device__ __forceinline__ void load(int t, int buf, int tid) const {
+    load_kv_tile<T, BN, D, LDS, NT>(sK + buf * BN * LDS, sV + buf * BN * LDS, k, v, t * BN, S, E, Ev, vec_k, vec_v,
+                                    tid);
+  }
+  // The first live tile (n_tiles when none), its loads into buffer 0 committed with those issued before.
+  __device__ __forceinline__ int first(int tid) const {
+    const int t = next_live_tile(kpm, 0, n_tiles, BN, S);
+    if (t < n_tiles) load(t, 0, tid);
+    cp_async_commit();
+    return t;
+  }
+  // Issues the loads of the next live tile after t into the other buffer, waits until tile t is in
+  // buffer buf, and returns the next tile.
+  __device__ __forceinline__ int prefetch_next(int t, int buf, int tid) const {
+    const int t_next = next_live_tile(kpm, t + 1, n_tiles, BN, S);
+    if (t_next < n_tiles) load(t_next, buf ^ 1, tid);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    return t_next;
+  }
+};
+
 __device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t counter, float p) {
   return philox_uniform(seed, counter) >= p;
 }
 
 // Keep bits of the n <= 32 accumulator elements of one mma fragment row-block (bit idx = 4*nn + e,
-// element (row0 + 8*(e>>1), col0 + 8*nn + (e&1)) of an (.., ld) problem, counter base + row*ld + col).
+// element (row0 + 8*(e>>1), col0 + 8*nn + (e&1)), counter base + row*row_stride + col*col_stride:
+// (ld, 1) for a row-major (.., ld) problem, (1, ld) for the transposed one of the dK/dV kernel).
 // A rolled loop: Philox runs once per element without unrolling 10 rounds x 32 elements in registers.
-__device__ __forceinline__ uint32_t dropout_keep_bits(uint64_t seed, float p, int64_t base, int64_t ld, int row0,
-                                                     int col0, int n) {
+__device__ __forceinline__ uint32_t dropout_keep_bits(uint64_t seed, uint64_t offset, float p, int64_t base,
+                                                     int64_t row_stride, int64_t col_stride, int row0, int col0,
+                                                     int n) {
   uint32_t bits = 0;
 #pragma unroll 1
   for (int idx = 0; idx < n; ++idx) {
     const int64_t row = row0 + 8 * ((idx & 3) >> 1);
     const int64_t col = col0 + 8 * (idx >> 2) + (idx & 1);
-    bits |= static_cast<uint32_t>(dropout_keep(seed, static_cast<uint64_t>(base + row * ld + col), p)) << idx;
+    bits |= static_cast<uint32_t>(
+                dropout_keep(seed, offset + static_cast<uint64_t>(base + row * row_stride + col * col_stride), p))
+            << idx;
   }
   return bits;
 }

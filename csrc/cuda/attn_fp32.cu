@@ -31,31 +31,53 @@ __device__ __forceinline__ float dot_row(const float* __restrict__ srow, const f
   return acc;
 }
 
+// This lane's elements of a row of n floats: element c * 32 + lane in slot c.
+// row_to_smem: the row into shared memory, zero past n.
+template <int NC>
+__device__ __forceinline__ void row_to_smem(float* __restrict__ srow, const float* __restrict__ grow, int n, int lane) {
+#pragma unroll
+  for (int c = 0; c < NC; ++c) srow[c * 32 + lane] = c * 32 + lane < n ? grow[c * 32 + lane] : 0.f;
+}
+// acc += a * row
+template <int NC>
+__device__ __forceinline__ void axpy_row(float (&acc)[NC], float a, const float* __restrict__ row, int n, int lane) {
+#pragma unroll
+  for (int c = 0; c < NC; ++c)
+    if (c * 32 + lane < n) acc[c] = fmaf(a, row[c * 32 + lane], acc[c]);
+}
+// row = acc * scale
+template <int NC>
+__device__ __forceinline__ void store_row(float* __restrict__ row, const float (&acc)[NC], float scale, int n,
+                                          int lane) {
+#pragma unroll
+  for (int c = 0; c < NC; ++c)
+    if (c * 32 + lane < n) row[c * 32 + lane] = acc[c] * scale;
+}
+
+// The dropout decision of score element ((b * Hq + h) * L + i) * S + j: kept?
+__device__ __forceinline__ bool kept(const AttnParams& p, int64_t ctr) {
+  return dropout_keep(dropout_seed(p.seed), dropout_offset(p.seed) + static_cast<uint64_t>(ctr), p.dropout_p);
+}
+
 template <int NC>
 __global__ void __launch_bounds__(128, 1) attn_fwd_fp32_kernel(const AttnParams p) {
   __shared__ float sq[kWarpsPerBlock][NC * 32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;  // the query row
   if (gw >= static_cast<int64_t>(p.N) * p.Hq * p.L) return;
   const int i = static_cast<int>(gw % p.L);
-  const int bh = static_cast<int>(gw / p.L);
-  const int b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
+  const QueryHead<float> qh(p, static_cast<int>(gw / p.L));
   const int E = p.E, Ev = p.Ev, S = p.S;
-  const float* q = static_cast<const float*>(p.q) + gw * E;
-  const float* k = static_cast<const float*>(p.k) + static_cast<int64_t>(b * p.Hkv + hkv) * S * E;
-  const float* v = static_cast<const float*>(p.v) + static_cast<int64_t>(b * p.Hkv + hkv) * S * Ev;
-  const ScoreMask<float> sm(p, b, h);
+  const float *k = qh.k, *v = qh.v;
+  const ScoreMask<float> sm(p, qh.b, qh.h);
   float* sqw = sq[warp];
-#pragma unroll
-  for (int c = 0; c < NC; ++c) sqw[c * 32 + lane] = c * 32 + lane < E ? q[c * 32 + lane] : 0.f;
+  row_to_smem<NC>(sqw, static_cast<const float*>(p.q) + gw * E, E, lane);
   __syncwarp();
 
-  float o[NC];
-#pragma unroll
-  for (int c = 0; c < NC; ++c) o[c] = 0.f;
+  float o[NC] = {};
   float m = -INFINITY, l = 0.f;  // log2 units; warp-uniform
   const bool dropout = p.dropout_p > 0.f;
-  const float keep_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const float keep_scale = keep_scale_of(p);
   const int j_end = p.causal ? min(S, i + 1) : S;
   for (int j0 = 0; j0 < j_end; j0 += 32) {
     const int j = j0 + lane;
@@ -69,26 +91,15 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_fp32_kernel(const AttnParams 
     m = m_new;
 #pragma unroll
     for (int c = 0; c < NC; ++c) o[c] *= alpha;
-    if (dropout && pj != 0.f) {
-      const uint64_t ctr = static_cast<uint64_t>((static_cast<int64_t>(bh) * p.L + i) * S + j);
-      pj = dropout_keep(dropout_seed(p.seed), dropout_offset(p.seed) + ctr, p.dropout_p) ? pj * keep_scale : 0.f;
-    }
+    if (dropout && pj != 0.f) pj = kept(p, gw * S + j) ? pj * keep_scale : 0.f;
     const int n = min(32, j_end - j0);
     for (int jj = 0; jj < n; ++jj) {
       const float pjj = __shfl_sync(0xffffffffu, pj, jj);
-      if (pjj != 0.f) {
-        const float* vr = v + static_cast<int64_t>(j0 + jj) * Ev;
-#pragma unroll
-        for (int c = 0; c < NC; ++c)
-          if (c * 32 + lane < Ev) o[c] = fmaf(pjj, vr[c * 32 + lane], o[c]);
-      }
+      if (pjj != 0.f) axpy_row<NC>(o, pjj, v + static_cast<int64_t>(j0 + jj) * Ev, Ev, lane);
     }
   }
   const float inv = l != 0.f ? 1.f / l : 0.f;  // a NaN sum stays NaN
-  float* out = static_cast<float*>(p.out) + gw * Ev;
-#pragma unroll
-  for (int c = 0; c < NC; ++c)
-    if (c * 32 + lane < Ev) out[c * 32 + lane] = o[c] * inv;
+  store_row<NC>(static_cast<float*>(p.out) + gw * Ev, o, inv, Ev, lane);
   if (lane == 0) p.lse[gw] = l != 0.f ? m * kLn2 + logf(l) : INFINITY;
 }
 
@@ -97,32 +108,23 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_fp32_kernel(const AttnPara
   __shared__ float sq[kWarpsPerBlock][NC * 32];
   __shared__ float sdo[kWarpsPerBlock][NC * 32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;  // the query row
   if (gw >= static_cast<int64_t>(p.N) * p.Hq * p.L) return;
   const int i = static_cast<int>(gw % p.L);
-  const int bh = static_cast<int>(gw / p.L);
-  const int b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
+  const QueryHead<float> qh(p, static_cast<int>(gw / p.L));
   const int E = p.E, Ev = p.Ev, S = p.S;
-  const float* q = static_cast<const float*>(p.q) + gw * E;
-  const float* dout = static_cast<const float*>(p.dout) + gw * Ev;
-  const float* k = static_cast<const float*>(p.k) + static_cast<int64_t>(b * p.Hkv + hkv) * S * E;
-  const float* v = static_cast<const float*>(p.v) + static_cast<int64_t>(b * p.Hkv + hkv) * S * Ev;
-  const ScoreMask<float> sm(p, b, h);
+  const float *k = qh.k, *v = qh.v;
+  const ScoreMask<float> sm(p, qh.b, qh.h);
   float* sqw = sq[warp];
   float* sdow = sdo[warp];
-#pragma unroll
-  for (int c = 0; c < NC; ++c) {
-    sqw[c * 32 + lane] = c * 32 + lane < E ? q[c * 32 + lane] : 0.f;
-    sdow[c * 32 + lane] = c * 32 + lane < Ev ? dout[c * 32 + lane] : 0.f;
-  }
+  row_to_smem<NC>(sqw, static_cast<const float*>(p.q) + gw * E, E, lane);
+  row_to_smem<NC>(sdow, static_cast<const float*>(p.dout) + gw * Ev, Ev, lane);
   __syncwarp();
   const float lse2 = p.lse_base[gw], rest = p.lse_rest[gw];  // see attn_params.h
   const float delta = p.delta[gw];
-  float dq[NC];
-#pragma unroll
-  for (int c = 0; c < NC; ++c) dq[c] = 0.f;
+  float dq[NC] = {};
   const bool dropout = p.dropout_p > 0.f;
-  const float keep_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const float keep_scale = keep_scale_of(p);
   const int j_end = p.causal ? min(S, i + 1) : S;
   for (int j0 = 0; j0 < j_end; j0 += 32) {
     const int j = j0 + lane;
@@ -132,28 +134,17 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_fp32_kernel(const AttnPara
       const float pe = exp2f((s - lse2) - rest);  // 0 where masked or where the row saw no key (lse = +inf)
       if (pe != 0.f) {
         float dp = dot_row(sdow, v + static_cast<int64_t>(j) * Ev, Ev);
-        if (dropout) {
-          const uint64_t ctr = static_cast<uint64_t>((static_cast<int64_t>(bh) * p.L + i) * S + j);
-          dp = dropout_keep(dropout_seed(p.seed), dropout_offset(p.seed) + ctr, p.dropout_p) ? dp * keep_scale : 0.f;
-        }
+        if (dropout) dp = kept(p, gw * S + j) ? dp * keep_scale : 0.f;
         ds = pe * (dp - delta);
       }
     }
     const int n = min(32, j_end - j0);
     for (int jj = 0; jj < n; ++jj) {
       const float dsj = __shfl_sync(0xffffffffu, ds, jj);
-      if (dsj != 0.f) {
-        const float* kr = k + static_cast<int64_t>(j0 + jj) * E;
-#pragma unroll
-        for (int c = 0; c < NC; ++c)
-          if (c * 32 + lane < E) dq[c] = fmaf(dsj, kr[c * 32 + lane], dq[c]);
-      }
+      if (dsj != 0.f) axpy_row<NC>(dq, dsj, k + static_cast<int64_t>(j0 + jj) * E, E, lane);
     }
   }
-  float* dqo = static_cast<float*>(p.dq) + gw * E;
-#pragma unroll
-  for (int c = 0; c < NC; ++c)
-    if (c * 32 + lane < E) dqo[c * 32 + lane] = dq[c] * p.scale;
+  store_row<NC>(static_cast<float*>(p.dq) + gw * E, dq, p.scale, E, lane);
 }
 
 // One warp per key row j of one (batch, kv head); walks every query of the GQA group's heads.
@@ -168,21 +159,14 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_fp32_kernel(const AttnPa
   const int bhkv = static_cast<int>(gw / p.S);
   const int b = bhkv / p.Hkv, hkv = bhkv % p.Hkv, group = p.Hq / p.Hkv;
   const int E = p.E, Ev = p.Ev, S = p.S, L = p.L;
-  const float* k = static_cast<const float*>(p.k) + gw * E;
-  const float* v = static_cast<const float*>(p.v) + gw * Ev;
   float* sk_w = sk[warp];
   float* sv_w = sv[warp];
-#pragma unroll
-  for (int c = 0; c < NC; ++c) {
-    sk_w[c * 32 + lane] = c * 32 + lane < E ? k[c * 32 + lane] : 0.f;
-    sv_w[c * 32 + lane] = c * 32 + lane < Ev ? v[c * 32 + lane] : 0.f;
-  }
+  row_to_smem<NC>(sk_w, static_cast<const float*>(p.k) + gw * E, E, lane);
+  row_to_smem<NC>(sv_w, static_cast<const float*>(p.v) + gw * Ev, Ev, lane);
   __syncwarp();
-  float dk[NC], dv[NC];
-#pragma unroll
-  for (int c = 0; c < NC; ++c) dk[c] = dv[c] = 0.f;
+  float dk[NC] = {}, dv[NC] = {};
   const bool dropout = p.dropout_p > 0.f;
-  const float keep_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const float keep_scale = keep_scale_of(p);
   const bool padded = p.kpm != nullptr && p.kpm[static_cast<int64_t>(b) * S + j] != 0;
   const int i_begin = p.causal ? j : 0;  // causal: only queries i >= j see key j
   for (int hh = 0; hh < (padded ? 0 : group); ++hh) {
@@ -198,11 +182,7 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_fp32_kernel(const AttnPa
         const float s = to_log2(sm.apply(dot_row(sk_w, q + static_cast<int64_t>(i) * E, E) * p.scale, i, j));
         const float pe = exp2f((s - p.lse_base[bh * L + i]) - p.lse_rest[bh * L + i]);
         if (pe != 0.f) {
-          float z = 1.f;
-          if (dropout) {
-            const uint64_t ctr = static_cast<uint64_t>((bh * L + i) * S + j);
-            z = dropout_keep(dropout_seed(p.seed), dropout_offset(p.seed) + ctr, p.dropout_p) ? keep_scale : 0.f;
-          }
+          const float z = !dropout ? 1.f : kept(p, (bh * L + i) * S + j) ? keep_scale : 0.f;
           const float dp = dot_row(sv_w, dout + static_cast<int64_t>(i) * Ev, Ev);
           pd = pe * z;
           ds = pe * (dp * z - p.delta[bh * L + i]);
@@ -212,28 +192,13 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_fp32_kernel(const AttnPa
       for (int ii = 0; ii < n; ++ii) {
         const float pdi = __shfl_sync(0xffffffffu, pd, ii);
         const float dsi = __shfl_sync(0xffffffffu, ds, ii);
-        if (pdi != 0.f) {
-          const float* dor = dout + static_cast<int64_t>(i0 + ii) * Ev;
-#pragma unroll
-          for (int c = 0; c < NC; ++c)
-            if (c * 32 + lane < Ev) dv[c] = fmaf(pdi, dor[c * 32 + lane], dv[c]);
-        }
-        if (dsi != 0.f) {
-          const float* qr = q + static_cast<int64_t>(i0 + ii) * E;
-#pragma unroll
-          for (int c = 0; c < NC; ++c)
-            if (c * 32 + lane < E) dk[c] = fmaf(dsi, qr[c * 32 + lane], dk[c]);
-        }
+        if (pdi != 0.f) axpy_row<NC>(dv, pdi, dout + static_cast<int64_t>(i0 + ii) * Ev, Ev, lane);
+        if (dsi != 0.f) axpy_row<NC>(dk, dsi, q + static_cast<int64_t>(i0 + ii) * E, E, lane);
       }
     }
   }
-  float* dko = static_cast<float*>(p.dk) + gw * E;
-  float* dvo = static_cast<float*>(p.dv) + gw * Ev;
-#pragma unroll
-  for (int c = 0; c < NC; ++c) {
-    if (c * 32 + lane < E) dko[c * 32 + lane] = dk[c] * p.scale;
-    if (c * 32 + lane < Ev) dvo[c * 32 + lane] = dv[c];
-  }
+  store_row<NC>(static_cast<float*>(p.dk) + gw * E, dk, p.scale, E, lane);
+  store_row<NC>(static_cast<float*>(p.dv) + gw * Ev, dv, 1.f, Ev, lane);
 }
 
 int64_t warp_blocks(int64_t rows) { return (rows + kWarpsPerBlock - 1) / kWarpsPerBlock; }

@@ -1,19 +1,8 @@
-// Tensor-core attention forward, bf16: the head-dim buckets of attn_tc_fwd.cuh for one dtype
-// (one file per dtype so ninja compiles them in parallel).
+// Tensor-core attention forward, bf16: attention_forward_tc (attn_tc_fwd.cuh) for this dtype (see attn_params.h).
 #include "attn_tc_fwd.cuh"
 
 namespace fastattn {
 namespace cuda {
-
-cudaError_t attention_forward_bf16(const AttnParams& p, cudaStream_t stream) {
-  switch (attention_head_bucket(p.E, p.Ev)) {
-    case 32: return launch_attn_fwd_tc<__nv_bfloat16, 32, 64>(p, stream);
-    case 64: return launch_attn_fwd_tc<__nv_bfloat16, 64, 64>(p, stream);
-    case 96: return launch_attn_fwd_tc<__nv_bfloat16, 96, 64>(p, stream);
-    case 128: return launch_attn_fwd_tc<__nv_bfloat16, 128, 64>(p, stream);
-    default: return launch_attn_fwd_tc<__nv_bfloat16, 256, 32>(p, stream);
-  }
-}
-
+template cudaError_t attention_forward_tc<__nv_bfloat16>(const AttnParams& p, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace fastattn

@@ -9,6 +9,8 @@
 #pragma once
 #include <cstdint>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include "../activation.h"
@@ -77,11 +79,17 @@ inline int attention_head_bucket(int e, int ev) {
 }
 
 // Each returns cudaSuccess or the launch error; they launch on `stream` only and never synchronise.
-// fp16 / bf16: tensor cores (mma.sync m16n8k16), flash-attention-2 tiling.
-cudaError_t attention_forward_fp16(const AttnParams& p, cudaStream_t stream);
-cudaError_t attention_forward_bf16(const AttnParams& p, cudaStream_t stream);
-cudaError_t attention_backward_fp16(const AttnParams& p, cudaStream_t stream);
-cudaError_t attention_backward_bf16(const AttnParams& p, cudaStream_t stream);
+// T = __half or __nv_bfloat16: tensor cores (mma.sync m16n8k16), flash-attention-2 tiling. Defined in
+// attn_tc_fwd.cuh / attn_tc_bwd.cuh; attn_{fwd,bwd}_{fp16,bf16}.cu instantiate one each (one file per
+// pass and dtype, so that ninja compiles them in parallel).
+template <typename T>
+cudaError_t attention_forward_tc(const AttnParams& p, cudaStream_t stream);
+template <typename T>
+cudaError_t attention_backward_tc(const AttnParams& p, cudaStream_t stream);
+extern template cudaError_t attention_forward_tc<__half>(const AttnParams&, cudaStream_t);
+extern template cudaError_t attention_forward_tc<__nv_bfloat16>(const AttnParams&, cudaStream_t);
+extern template cudaError_t attention_backward_tc<__half>(const AttnParams&, cudaStream_t);
+extern template cudaError_t attention_backward_tc<__nv_bfloat16>(const AttnParams&, cudaStream_t);
 // fp32: plain FMA, one warp per query row (forward, dq) or key row (dk, dv).
 cudaError_t attention_forward_fp32(const AttnParams& p, cudaStream_t stream);
 cudaError_t attention_backward_fp32(const AttnParams& p, cudaStream_t stream);

@@ -117,34 +117,24 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3;
-  const int n_mblocks = (p.L + BM - 1) / BM;
-  const int bh = blockIdx.x / n_mblocks;
-  const int mb = n_mblocks - 1 - blockIdx.x % n_mblocks;
-  const int b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
-  const int i0 = mb * BM;
+  int bh;
+  const int i0 = query_tile_of_block<BM>(p, bh);
+  const QueryHead<T> qh(p, bh);
   const int E = p.E, Ev = p.Ev, S = p.S;
 
   const T* q = static_cast<const T*>(p.q) + static_cast<int64_t>(bh) * p.L * E;
   const T* dout = static_cast<const T*>(p.dout) + static_cast<int64_t>(bh) * p.L * Ev;
-  const T* k = static_cast<const T*>(p.k) + static_cast<int64_t>(b * p.Hkv + hkv) * S * E;
-  const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(b * p.Hkv + hkv) * S * Ev;
-  const bool vec_qk = E % 8 == 0 && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(p.k) % 16 == 0;
-  const bool vec_v = Ev % 8 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(p.dout) % 16 == 0;
-  const ScoreMask<T> sm(p, b, h);
+  const bool vec_qk = E % 8 == 0 && aligned16(p.q) && aligned16(p.k);
+  const bool vec_v = Ev % 8 == 0 && aligned16(p.v) && aligned16(p.dout);
+  const ScoreMask<T> sm(p, qh.b, qh.h);
 
   const int kv_end = p.causal ? min(S, i0 + BM) : S;
   const int n_tiles = (kv_end + BN - 1) / BN;
 
+  const KvTiles<T, BN, D, LDS, NT> kv{sK, sV, qh.k, qh.v, sm.kpm, n_tiles, S, E, Ev, vec_qk, vec_v};
   load_tile<T, BM, D, LDS, NT>(sQ, q, i0, p.L, E, vec_qk, tid);
   load_tile<T, BM, D, LDS, NT>(sdO, dout, i0, p.L, Ev, vec_v, tid);
-  int t = next_live_tile(sm.kpm, 0, n_tiles, BN, S);
-  if (t < n_tiles) {
-    load_tile<T, BN, D, LDS, NT>(sK, k, t * BN, S, E, vec_qk, tid);
-    load_tile<T, BN, D, LDS, NT>(sV, v, t * BN, S, Ev, vec_v, tid);
-  }
-  cp_async_commit();
+  int t = kv.first(tid);
 
   const int row_base = i0 + warp * 16 + g;
   float lse2[2], rest[2], dl[2];
@@ -156,24 +146,16 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
     dl[r] = row < p.L ? p.delta[static_cast<int64_t>(bh) * p.L + row] : 0.f;
   }
   float dq[DN][4];
-#pragma unroll
-  for (int dn = 0; dn < DN; ++dn) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
+  zero_acc(dq);
   const float scale = p.scale, scale_log2 = p.scale * kLog2e;
   const bool dropout = p.dropout_p > 0.f;
-  const float keep_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const float keep_scale = keep_scale_of(p);
 
   int buf = 0;
   while (t < n_tiles) {
-    const int t_next = next_live_tile(sm.kpm, t + 1, n_tiles, BN, S);
-    if (t_next < n_tiles) {
-      load_tile<T, BN, D, LDS, NT>(sK + (buf ^ 1) * BN * LDS, k, t_next * BN, S, E, vec_qk, tid);
-      load_tile<T, BN, D, LDS, NT>(sV + (buf ^ 1) * BN * LDS, v, t_next * BN, S, Ev, vec_v, tid);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* kt = sK + buf * BN * LDS;
-    const T* vt = sV + buf * BN * LDS;
+    const int t_next = kv.prefetch_next(t, buf, tid);
+    const T* kt = kv.k_buf(buf);
+    const T* vt = kv.v_buf(buf);
 
     float s[SN][4], dp[SN][4];
     mma_smem_abt<T, D / 16, SN>(s, sQ, warp * 16, kt, LDS, E, lane);    // S = Q K^T
@@ -181,10 +163,9 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
     // dS = P * (dP_kept - delta), P = exp(S - lse)  (into s)
     const int j0 = t * BN;
     const bool need_mask = sm.tile_needs_mask(i0, BM, j0, BN);
-    const uint32_t keep = dropout ? dropout_keep_bits(dropout_seed(p.seed), p.dropout_p,
-                                                      static_cast<int64_t>(dropout_offset(p.seed)) +
-                                                          static_cast<int64_t>(bh) * p.L * S,
-                                                      S, row_base, j0 + 2 * tq, SN * 4)
+    const uint32_t keep = dropout ? dropout_keep_bits(dropout_seed(p.seed), dropout_offset(p.seed), p.dropout_p,
+                                                      static_cast<int64_t>(bh) * p.L * S, S, 1, row_base, j0 + 2 * tq,
+                                                      SN * 4)
                                   : 0xffffffffu;
 #pragma unroll
     for (int nn = 0; nn < SN; ++nn) {
@@ -210,15 +191,7 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dq_tc_kernel(const AttnParams
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row_base + r * 8;
-    if (row < p.L) {
-#pragma unroll
-      for (int dn = 0; dn < DN; ++dn) {
-        const int col = dn * 8 + 2 * tq;
-        if (col < E) dqo[static_cast<int64_t>(row) * E + col] = TypeOps<T>::from_float(dq[dn][2 * r] * scale);
-        if (col + 1 < E)
-          dqo[static_cast<int64_t>(row) * E + col + 1] = TypeOps<T>::from_float(dq[dn][2 * r + 1] * scale);
-      }
-    }
+    if (row < p.L) store_acc_row(dqo + static_cast<int64_t>(row) * E, dq, r, scale, E, tq);
   }
 }
 
@@ -263,10 +236,8 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
 
   const T* k = static_cast<const T*>(p.k) + static_cast<int64_t>(bhkv) * S * E;
   const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(bhkv) * S * Ev;
-  const bool vec_qk = E % 8 == 0 && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(p.k) % 16 == 0;
-  const bool vec_v = Ev % 8 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(p.dout) % 16 == 0;
+  const bool vec_qk = E % 8 == 0 && aligned16(p.q) && aligned16(p.k);
+  const bool vec_v = Ev % 8 == 0 && aligned16(p.v) && aligned16(p.dout);
   const uint8_t* kpm_b = p.kpm ? p.kpm + static_cast<int64_t>(b) * S : nullptr;
 
   // Query tiles that can see these keys: causal -> from the tile holding query j0 on.
@@ -292,19 +263,16 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
     }
   };
 
-  load_tile<T, BN, D, LDS, NT>(sK, k, j0, S, E, vec_qk, tid);
-  load_tile<T, BN, D, LDS, NT>(sV, v, j0, S, Ev, vec_v, tid);
+  load_kv_tile<T, BN, D, LDS, NT>(sK, sV, k, v, j0, S, E, Ev, vec_qk, vec_v, tid);
   if (n_iters > 0) load_q_tile(0, 0);
   cp_async_commit();
 
   float dk[DO_DK ? DN : 1][4], dv[DO_DV ? DN : 1][4];
-#pragma unroll
-  for (int dn = 0; dn < (DO_DK ? DN : 1); ++dn) dk[dn][0] = dk[dn][1] = dk[dn][2] = dk[dn][3] = 0.f;
-#pragma unroll
-  for (int dn = 0; dn < (DO_DV ? DN : 1); ++dn) dv[dn][0] = dv[dn][1] = dv[dn][2] = dv[dn][3] = 0.f;
+  zero_acc(dk);
+  zero_acc(dv);
   const float scale = p.scale, scale_log2 = p.scale * kLog2e;
   const bool dropout = p.dropout_p > 0.f;
-  const float keep_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const float keep_scale = keep_scale_of(p);
   const int key_base = j0 + warp * 16 + g;  // this thread's keys: key_base, key_base + 8
 
   for (int it = 0; it < n_iters; ++it) {
@@ -329,19 +297,9 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
     if constexpr (DO_DK) mma_smem_abt<T, D / 16, QN>(dp, sV, warp * 16, dot, LDS, Ev, lane);  // dP^T = V dO^T
     // s <- P_kept^T (for dV), dp <- dS^T (for dK). Counter of (query, key): (bh*L + query)*S + key,
     // i.e. base + key*1 + query*S: the fragment's rows (keys) have stride 1, its columns stride S.
-    uint32_t keep = 0xffffffffu;
-    if (dropout) {
-      keep = 0;
-      const uint64_t seed = dropout_seed(p.seed), offset = dropout_offset(p.seed);
-#pragma unroll 1
-      for (int idx = 0; idx < QN * 4; ++idx) {
-        const int64_t key = key_base + 8 * ((idx & 3) >> 1);
-        const int64_t query = qi0 + 8 * (idx >> 2) + 2 * tq + (idx & 1);
-        keep |= static_cast<uint32_t>(
-                    dropout_keep(seed, offset + static_cast<uint64_t>((bh * L + query) * S + key), p.dropout_p))
-                << idx;
-      }
-    }
+    const uint32_t keep = dropout ? dropout_keep_bits(dropout_seed(p.seed), dropout_offset(p.seed), p.dropout_p,
+                                                      bh * L * S, 1, S, key_base, qi0 + 2 * tq, QN * 4)
+                                  : 0xffffffffu;
 #pragma unroll
     for (int nn = 0; nn < QN; ++nn) {
 #pragma unroll
@@ -366,23 +324,11 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_dkdv_tc_kernel(const AttnPara
   for (int r = 0; r < 2; ++r) {
     const int key = key_base + r * 8;
     if (key >= S) continue;
-    if (DO_DK) {
-      T* dko = static_cast<T*>(p.dk) + (static_cast<int64_t>(bhkv) * S + key) * E;
-#pragma unroll
-      for (int dn = 0; dn < DN; ++dn) {
-        const int col = dn * 8 + 2 * tq;
-        if (col < E) dko[col] = TypeOps<T>::from_float(dk[dn][2 * r] * scale);
-        if (col + 1 < E) dko[col + 1] = TypeOps<T>::from_float(dk[dn][2 * r + 1] * scale);
-      }
+    if constexpr (DO_DK) {
+      store_acc_row(static_cast<T*>(p.dk) + (static_cast<int64_t>(bhkv) * S + key) * E, dk, r, scale, E, tq);
     }
-    if (DO_DV) {
-      T* dvo = static_cast<T*>(p.dv) + (static_cast<int64_t>(bhkv) * S + key) * Ev;
-#pragma unroll
-      for (int dn = 0; dn < DN; ++dn) {
-        const int col = dn * 8 + 2 * tq;
-        if (col < Ev) dvo[col] = TypeOps<T>::from_float(dv[dn][2 * r]);
-        if (col + 1 < Ev) dvo[col + 1] = TypeOps<T>::from_float(dv[dn][2 * r + 1]);
-      }
+    if constexpr (DO_DV) {
+      store_acc_row(static_cast<T*>(p.dv) + (static_cast<int64_t>(bhkv) * S + key) * Ev, dv, r, 1.f, Ev, tq);
     }
   }
 }
@@ -421,6 +367,20 @@ cudaError_t launch_attn_bwd_tc(const AttnParams& p, cudaStream_t stream) {
   using Q = DqTC<T, D, BN_Q>;
   const int64_t q_blocks = static_cast<int64_t>(p.N) * p.Hq * ((p.L + Q::kBM - 1) / Q::kBM);
   return launch_with_smem(attn_bwd_dq_tc_kernel<T, D, BN_Q>, q_blocks, Q::kThreads, Q::kSmem, p, stream);
+}
+
+
+// The head-dim buckets of one dtype (attention_head_bucket picks one): <dtype, bucket, keys per dQ
+// tile, queries per dK/dV tile, split dK/dV>. Instantiated by attn_bwd_{fp16,bf16}.cu.
+template <typename T>
+cudaError_t attention_backward_tc(const AttnParams& p, cudaStream_t stream) {
+  switch (attention_head_bucket(p.E, p.Ev)) {
+    case 32: return launch_attn_bwd_tc<T, 32, 64, 64, false>(p, stream);
+    case 64: return launch_attn_bwd_tc<T, 64, 64, 64, false>(p, stream);
+    case 96: return launch_attn_bwd_tc<T, 96, 64, 32, false>(p, stream);
+    case 128: return launch_attn_bwd_tc<T, 128, 64, 32, false>(p, stream);
+    default: return launch_attn_bwd_tc<T, 256, 32, 32, true>(p, stream);
+  }
 }
 
 }  // namespace cuda

@@ -36,54 +36,37 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3;
-  const int n_mblocks = (p.L + BM - 1) / BM;
-  const int bh = blockIdx.x / n_mblocks;
-  const int mb = n_mblocks - 1 - blockIdx.x % n_mblocks;  // longest causal rows first
-  const int b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
-  const int i0 = mb * BM;
+  int bh;
+  const int i0 = query_tile_of_block<BM>(p, bh);
+  const QueryHead<T> qh(p, bh);
   const int E = p.E, Ev = p.Ev, S = p.S;
 
   const T* q = static_cast<const T*>(p.q) + static_cast<int64_t>(bh) * p.L * E;
-  const T* k = static_cast<const T*>(p.k) + static_cast<int64_t>(b * p.Hkv + hkv) * S * E;
-  const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(b * p.Hkv + hkv) * S * Ev;
-  const bool vec_qk = E % 8 == 0 && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(p.k) % 16 == 0;
-  const bool vec_v = Ev % 8 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0;
-  const ScoreMask<T> sm(p, b, h);
+  const bool vec_qk = E % 8 == 0 && aligned16(p.q) && aligned16(p.k);
+  const bool vec_v = Ev % 8 == 0 && aligned16(p.v);
+  const ScoreMask<T> sm(p, qh.b, qh.h);
 
   const int kv_end = p.causal ? min(S, i0 + BM) : S;  // keys past the last row's diagonal: skipped
   const int n_tiles = (kv_end + BN - 1) / BN;
 
+  const KvTiles<T, BN, D, LDS, NT> kv{sK, sV, qh.k, qh.v, sm.kpm, n_tiles, S, E, Ev, vec_qk, vec_v};
   load_tile<T, BM, D, LDS, NT>(sQ, q, i0, p.L, E, vec_qk, tid);
-  int t = next_live_tile(sm.kpm, 0, n_tiles, BN, S);
-  if (t < n_tiles) {
-    load_tile<T, BN, D, LDS, NT>(sK, k, t * BN, S, E, vec_qk, tid);
-    load_tile<T, BN, D, LDS, NT>(sV, v, t * BN, S, Ev, vec_v, tid);
-  }
-  cp_async_commit();
+  int t = kv.first(tid);
 
   float o[DN][4];
-#pragma unroll
-  for (int dn = 0; dn < DN; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
+  zero_acc(o);
   float m[2] = {-INFINITY, -INFINITY};  // running row max, log2 units
   float l[2] = {0.f, 0.f};              // running row sum (this thread's columns only)
   const float scale = p.scale, scale_log2 = p.scale * kLog2e;
   const bool dropout = p.dropout_p > 0.f;
-  const float keep_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const float keep_scale = keep_scale_of(p);
   const int row_base = i0 + warp * 16 + g;  // this thread's rows: row_base, row_base + 8
 
   int buf = 0;
   while (t < n_tiles) {
-    const int t_next = next_live_tile(sm.kpm, t + 1, n_tiles, BN, S);
-    if (t_next < n_tiles) {
-      load_tile<T, BN, D, LDS, NT>(sK + (buf ^ 1) * BN * LDS, k, t_next * BN, S, E, vec_qk, tid);
-      load_tile<T, BN, D, LDS, NT>(sV + (buf ^ 1) * BN * LDS, v, t_next * BN, S, Ev, vec_v, tid);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* kt = sK + buf * BN * LDS;
-    const T* vt = sV + buf * BN * LDS;
+    const int t_next = kv.prefetch_next(t, buf, tid);
+    const T* kt = kv.k_buf(buf);
+    const T* vt = kv.v_buf(buf);
 
     // S = Q K^T for this warp's 16 rows x BN keys
     float s[SN][4];
@@ -133,9 +116,8 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
     }
     if (dropout) {
       // element (row_base + 8*(e>>1), j0 + 8*nn + 2*tq + (e&1)); counter ((b*Hq+h)*L + row)*S + col
-      const uint32_t keep = dropout_keep_bits(dropout_seed(p.seed), p.dropout_p,
-                                              static_cast<int64_t>(dropout_offset(p.seed)) + static_cast<int64_t>(bh) * p.L * S,
-                                              S, row_base, j0 + 2 * tq, SN * 4);
+      const uint32_t keep = dropout_keep_bits(dropout_seed(p.seed), dropout_offset(p.seed), p.dropout_p,
+                                              static_cast<int64_t>(bh) * p.L * S, S, 1, row_base, j0 + 2 * tq, SN * 4);
 #pragma unroll
       for (int nn = 0; nn < SN; ++nn)
 #pragma unroll
@@ -160,13 +142,7 @@ __global__ void __launch_bounds__(128, 1) attn_fwd_tc_kernel(const AttnParams p)
     const int row = row_base + r * 8;
     if (row < p.L) {
       const float inv = lr != 0.f ? 1.f / lr : 0.f;  // a NaN sum stays NaN
-#pragma unroll
-      for (int dn = 0; dn < DN; ++dn) {
-        const int col = dn * 8 + 2 * tq;
-        if (col < Ev) out[static_cast<int64_t>(row) * Ev + col] = TypeOps<T>::from_float(o[dn][2 * r] * inv);
-        if (col + 1 < Ev)
-          out[static_cast<int64_t>(row) * Ev + col + 1] = TypeOps<T>::from_float(o[dn][2 * r + 1] * inv);
-      }
+      store_acc_row(out + static_cast<int64_t>(row) * Ev, o, r, inv, Ev, tq);
       if (tq == 0) p.lse[static_cast<int64_t>(bh) * p.L + row] = lr != 0.f ? m[r] * kLn2 + logf(lr) : INFINITY;
     }
   }
@@ -185,6 +161,20 @@ cudaError_t launch_attn_fwd_tc(const AttnParams& p, cudaStream_t stream) {
   if (blocks == 0) return cudaSuccess;
   kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+
+// The head-dim buckets of one dtype (attention_head_bucket picks one): <dtype, bucket, keys per tile>.
+// Instantiated by attn_fwd_{fp16,bf16}.cu.
+template <typename T>
+cudaError_t attention_forward_tc(const AttnParams& p, cudaStream_t stream) {
+  switch (attention_head_bucket(p.E, p.Ev)) {
+    case 32: return launch_attn_fwd_tc<T, 32, 64>(p, stream);
+    case 64: return launch_attn_fwd_tc<T, 64, 64>(p, stream);
+    case 96: return launch_attn_fwd_tc<T, 96, 64>(p, stream);
+    case 128: return launch_attn_fwd_tc<T, 128, 64>(p, stream);
+    default: return launch_attn_fwd_tc<T, 256, 32>(p, stream);
+  }
 }
 
 }  // namespace cuda

@@ -146,8 +146,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, 
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  launch(dtype_of(q), {&attention_forward_fp32, &attention_forward_fp16, &attention_forward_bf16}, p,
-         "attention_fwd kernel launch");
+  launch(dtype_of(q), {&attention_forward_fp32, &attention_forward_tc<__half>, &attention_forward_tc<__nv_bfloat16>},
+         p, "attention_fwd kernel launch");
   return {out, lse};
 }
 
@@ -183,7 +183,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
   Tensor lse_split = at::empty({2, p.N, p.Hq, p.L}, q.options().dtype(at::kFloat));  // see attn_params.h
   p.lse_base = lse_split.data_ptr<float>();
   p.lse_rest = p.lse_base + static_cast<int64_t>(p.N) * p.Hq * p.L;
-  launch(dtype_of(q), {&attention_backward_fp32, &attention_backward_fp16, &attention_backward_bf16}, p,
+  launch(dtype_of(q),
+         {&attention_backward_fp32, &attention_backward_tc<__half>, &attention_backward_tc<__nv_bfloat16>}, p,
          "attention_bwd kernel launch");
   return {dq, dk, dv};
 }
@@ -230,6 +231,13 @@ struct LtGemm {
   void* aux = nullptr;         // GELU input: written by GELU_AUX*, read by DGELU*
   int64_t ld_aux = 0;
 };
+
+// The column-major product D (m x n, ld ldd) = op(A) (ld lda) op(B) (ld ldb) over the inner dimension k,
+// no epilogue yet.
+LtGemm lt_gemm(int64_t m, int64_t n, int64_t k, const void* A, int64_t lda, const void* B, int64_t ldb, void* D,
+               int64_t ldd, cublasOperation_t transa = CUBLAS_OP_N, cublasOperation_t transb = CUBLAS_OP_N) {
+  return LtGemm{transa, transb, m, n, k, A, lda, B, ldb, D, ldd};
+}
 
 // Runs the GEMM; false (nothing launched) when cuBLASLt has no algorithm for it, so the caller can
 // take a plainer path.
@@ -282,18 +290,8 @@ bool lt_matmul(const LtResources& r, DType dtype, const LtGemm& g) {
 // cuBLASLt first (epilogue BIAS or DEFAULT), torch's matmul when cuBLASLt declines.
 void linear_into(const LtResources& r, DType dtype, const Tensor& a, const Tensor& b, const std::optional<Tensor>& bias,
                  Tensor& out) {
-  LtGemm g;
-  g.transa = CUBLAS_OP_T;
-  g.transb = CUBLAS_OP_N;
-  g.m = b.size(0);
-  g.n = a.size(0);
-  g.k = a.size(1);
-  g.A = b.data_ptr();
-  g.lda = b.size(1);
-  g.B = a.data_ptr();
-  g.ldb = a.size(1);
-  g.D = out.data_ptr();
-  g.ldd = out.size(1);
+  LtGemm g = lt_gemm(b.size(0), a.size(0), a.size(1), b.data_ptr(), b.size(1), a.data_ptr(), a.size(1), out.data_ptr(),
+                     out.size(1), CUBLAS_OP_T);
   const bool has_bias = bias.has_value() && bias->defined();
   g.epilogue = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
   g.bias = has_bias ? bias->data_ptr() : nullptr;
@@ -342,17 +340,7 @@ std::tuple<Tensor, Tensor> ffn_fwd_cuda(const Tensor& x_in, const Tensor& w1_in,
   // GEMM 1 with the activation in the epilogue where cuBLASLt offers it (see the comment above).
   bool fused = false;
   if (p == 0.f && act != Activation::kGelu && s.D > 0) {
-    LtGemm g;
-    g.transa = CUBLAS_OP_T;
-    g.m = s.F;
-    g.n = s.T;
-    g.k = s.D;
-    g.A = w1.data_ptr();
-    g.lda = s.D;
-    g.B = x.data_ptr();
-    g.ldb = s.D;
-    g.D = hidden.data_ptr();
-    g.ldd = s.F;
+    LtGemm g = lt_gemm(s.F, s.T, s.D, w1.data_ptr(), s.D, x.data_ptr(), s.D, hidden.data_ptr(), s.F, CUBLAS_OP_T);
     g.bias = has_b1 ? b1->data_ptr() : nullptr;
     if (act == Activation::kRelu && !save_for_backward) {
       g.epilogue = has_b1 ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
@@ -422,20 +410,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_cuda(
   Tensor hidden = at::empty({s.T, s.F}, x.options());  // dropout(act(pre)): what GEMM 2 saw
   Tensor dpre = at::empty({s.T, s.F}, x.options());
 
-  // dH = grad_out @ w2 (T, F); then dPre = dH * keep/(1-p) * act'(pre)
+  // dH = grad_out @ w2 (T, F); then dPre = dH * keep/(1-p) * act'(pre).
+  // col-major dPre^T (F x T) = w2^T (F x D2) * grad_out^T (D2 x T)
+  const LtGemm dh = lt_gemm(s.F, s.T, s.D2, w2.data_ptr(), s.F, dout.data_ptr(), s.D2, dpre.data_ptr(), s.F);
   bool db1_done = false;
   bool fused = false;
   if (p == 0.f && act == Activation::kGeluTanh && s.F % 8 == 0 && s.D2 > 0) {
-    LtGemm g;  // col-major dPre^T (F x T) = w2^T (F x D2) * grad_out^T (D2 x T), DGELU + bias grad
-    g.m = s.F;
-    g.n = s.T;
-    g.k = s.D2;
-    g.A = w2.data_ptr();
-    g.lda = s.F;
-    g.B = dout.data_ptr();
-    g.ldb = s.D2;
-    g.D = dpre.data_ptr();
-    g.ldd = s.F;
+    LtGemm g = dh;  // DGELU + bias grad in the epilogue
     g.epilogue = CUBLASLT_EPILOGUE_DGELU_BGRAD;
     g.bias = db1.data_ptr();
     g.aux = const_cast<void*>(pre.data_ptr());
@@ -449,19 +430,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_cuda(
     }
   }
   if (!fused) {
-    LtGemm g;
-    g.m = s.F;
-    g.n = s.T;
-    g.k = s.D2;
-    g.A = w2.data_ptr();
-    g.lda = s.F;
-    g.B = dout.data_ptr();
-    g.ldb = s.D2;
-    g.D = dpre.data_ptr();
-    g.ldd = s.F;
     if (s.D2 == 0) {
       dpre.zero_();
-    } else if (!lt_matmul(r, dtype, g)) {
+    } else if (!lt_matmul(r, dtype, dh)) {
       at::mm_out(dpre, dout, w2);
     }
     FA_CHECK_CUDA(ffn_activation_backward(dtype, act, pre.data_ptr(), dpre.data_ptr(), hidden.data_ptr(),
@@ -471,18 +442,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_cuda(
 
   // weight gradients: dW (rows x cols) = g^T (rows x T) @ a (T x cols), bias grad = column sums of g
   auto weight_grad = [&](const Tensor& gmat, const Tensor& amat, Tensor& dw, Tensor* db) {
-    LtGemm g;  // col-major dW^T (cols x rows) = a^T (cols x T) * g (T x rows); BGRADB sums g over T
-    g.transa = CUBLAS_OP_N;
-    g.transb = CUBLAS_OP_T;
-    g.m = amat.size(1);
-    g.n = gmat.size(1);
-    g.k = s.T;
-    g.A = amat.data_ptr();
-    g.lda = amat.size(1);
-    g.B = gmat.data_ptr();
-    g.ldb = gmat.size(1);
-    g.D = dw.data_ptr();
-    g.ldd = amat.size(1);
+    // col-major dW^T (cols x rows) = a^T (cols x T) * g (T x rows); BGRADB sums g over T
+    LtGemm g = lt_gemm(amat.size(1), gmat.size(1), s.T, amat.data_ptr(), amat.size(1), gmat.data_ptr(), gmat.size(1),
+                       dw.data_ptr(), amat.size(1), CUBLAS_OP_N, CUBLAS_OP_T);
     if (g.m == 0 || g.n == 0) {
       if (db) at::sum_out(*db, gmat, {0});
       return;
@@ -501,23 +463,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_cuda(
   weight_grad(dpre, x, dw1, db1_done ? nullptr : &db1);
 
   // dx (T, D) = dPre (T, F) @ w1 (F, D): col-major dx^T (D x T) = w1^T (D x F) * dPre^T (F x T)
-  {
-    LtGemm g;
-    g.m = s.D;
-    g.n = s.T;
-    g.k = s.F;
-    g.A = w1.data_ptr();
-    g.lda = s.D;
-    g.B = dpre.data_ptr();
-    g.ldb = s.F;
-    g.D = dx.data_ptr();
-    g.ldd = s.D;
-    if (s.D > 0 && (s.F == 0 || !lt_matmul(r, dtype, g))) {
-      if (s.F == 0) {
-        dx.zero_();
-      } else {
-        at::mm_out(dx, dpre, w1);
-      }
+  const LtGemm gx = lt_gemm(s.D, s.T, s.F, w1.data_ptr(), s.D, dpre.data_ptr(), s.F, dx.data_ptr(), s.D);
+  if (s.D > 0 && (s.F == 0 || !lt_matmul(r, dtype, gx))) {
+    if (s.F == 0) {
+      dx.zero_();
+    } else {
+      at::mm_out(dx, dpre, w1);
     }
   }
   return {dx, dw1, db1, dw2, db2};

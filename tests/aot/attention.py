@@ -27,7 +27,7 @@ def signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, list]:
     for name in kernel.arg_names:
         if name in constexprs:
             continue
-        if name in ("Lse", "Delta", "Mask"):  # the additive mask arrives as float32 (the contract)
+        if name in ("Lse", "LseSplit", "Delta", "Mask"):  # the additive mask arrives as float32
             types[name] = "*fp32"
         elif name == "Kpm":
             types[name] = "*u8"
@@ -68,13 +68,13 @@ def compile_job(job: dict) -> dict:
 
     name, tile, hd = job["kernel"], C.parse(job["tile"]), job["hd"]
     kernel = A.KERNELS[name]
-    if name == "bwd_delta":
-        consts = dict(BLOCK_M=tile.block_m, BLOCK_DV=hd)
-    else:
-        dc = "f16" if job["dtype"] == "bf16" else job["dtype"]
-        var = job["variant"].split("+")
-        consts = dict(tile.kwargs, BLOCK_D=hd, BLOCK_DV=hd, HAS_MASK="mask" in var, HAS_DROPOUT="drop" in var,
-                      INPUT_PRECISION=C.input_precision(dc))
+    dc = "f16" if job["dtype"] == "bf16" else job["dtype"]
+    var = job["variant"].split("+")
+    consts = dict(tile.kwargs, BLOCK_D=hd, BLOCK_DV=hd, HAS_MASK="mask" in var, HAS_DROPOUT="drop" in var,
+                  INPUT_PRECISION=C.input_precision(dc))
+    if name == "bwd_delta":  # BLOCK_M only; the rows it splits take SPLIT_N keys a step
+        del consts["BLOCK_N"]
+        consts["SPLIT_N"] = A.SPLIT_N
     dtype = "f32" if job["dtype"] == "tf32" else job["dtype"]
     types, divisible = signature(kernel, dtype, consts)
     row = common.compile_source(make_ast_source(kernel, types, consts, divisible), job["arch"], tile.num_warps,

@@ -1,7 +1,8 @@
-"""Ahead-of-time compilation of kernels/attention_sm90.py's forward for sm_90, without a GPU.
+"""Ahead-of-time compilation of the sm_90 attention kernels for sm_90, without a GPU.
 
-Every case of attention_sm90.compile_cases() (head-dim bucket x config x TMA/plain loads) is
-compiled for fp16 and bf16 with triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)),
+Every case of attention_sm90.compile_cases() (the forward: head-dim bucket x config x TMA/plain loads)
+and of attention_sm90_bwd.compile_cases() (the backward: (head-dim bucket, variant) x its config x
+TMA/plain loads) is compiled for fp16 and bf16 with triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)),
 using whatever triton the interpreter imports (PYTHONPATH picks another version), and reported with
 its registers, shared memory, spills and what the PTX issues (wgmma.mma_async, cp.async.bulk.tensor,
 the wgmma.wait_group depths). Used by tests/test_triton_sm90_attention.py; by hand:
@@ -20,29 +21,40 @@ import sys
 import time
 
 
+def _case(kind: str, index: int, warp_spec: bool):
+    """(kernel, constexprs, row fields, config) of one compile case."""
+    if kind == "fwd":
+        from fastattn.kernels import attention_sm90 as S
+
+        hd, cfg, use_tma = S.compile_cases()[index]
+        return (S._attn_fwd_sm90_kernel, S.case_constexprs(hd, cfg, use_tma, warp_spec),
+                dict(head_dim=hd, variant="plain", loads="tma" if use_tma else "plain"), cfg)
+    from fastattn.kernels import attention_sm90_bwd as B
+
+    hd, var, cfg, use_tma = B.compile_cases()[index]
+    return (B._attn_bwd_sm90_kernel, B.case_constexprs(hd, var, cfg, use_tma),
+            dict(head_dim=hd, variant=var, loads="tma" if use_tma else "plain"), cfg)
+
+
 def compile_one(args) -> dict:
-    index, dtype, warp_spec = args
+    kind, index, dtype, warp_spec = args
     import triton
     from triton.backends.compiler import GPUTarget
-
-    from fastattn.kernels import attention_sm90 as S
 
     from .attention import signature
     from .common import resource_usage
     from .compat import make_ast_source
 
-    hd, cfg, use_tma = S.compile_cases()[index]
-    constexprs = S.case_constexprs(hd, cfg, use_tma, warp_spec)
-    types, divisible = signature(S._attn_fwd_sm90_kernel, dtype, constexprs)
-    row = dict(triton=triton.__version__, dtype=dtype, head_dim=hd,
-               loads="tma" if use_tma else "plain",
+    kernel, constexprs, fields, cfg = _case(kind, index, warp_spec)
+    types, divisible = signature(kernel, dtype, constexprs)  # NB (the backward's batch) is an i32 there
+    row = dict(triton=triton.__version__, kernel=kind, dtype=dtype, **fields,
                config=f"BM{cfg.kwargs['BLOCK_M']}/BN{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
                warp_spec=warp_spec, error=None)
     t0 = time.perf_counter()
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
-            k = triton.compile(make_ast_source(S._attn_fwd_sm90_kernel, types, constexprs, divisible),
+            k = triton.compile(make_ast_source(kernel, types, constexprs, divisible),
                                target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     except Exception as exc:  # reported as a failed row; the test asserts on it
@@ -63,19 +75,24 @@ def compile_one(args) -> dict:
     row["tma_stores"] = len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::\w+", ptx))
     row["wait_groups"] = sorted({int(m) for m in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})
     row["mma_sync"] = ptx.count("mma.sync")
+    row["cp_async"] = len(re.findall(r"cp\.async\.c[ag]\.", ptx))
     return row
 
 
 def all_jobs(warp_spec=False):
     from fastattn.kernels import attention_sm90 as S
+    from fastattn.kernels import attention_sm90_bwd as B
 
-    return [(i, dt, warp_spec) for i in range(len(S.compile_cases())) for dt in ("f16", "bf16")]
+    return ([("fwd", i, dt, warp_spec) for i in range(len(S.compile_cases())) for dt in ("f16", "bf16")]
+            + [("bwd", i, dt, False) for i in range(len(B.compile_cases())) for dt in ("f16", "bf16")])
 
 
 def format_table(rows) -> str:
-    lines = ["triton dtype hd  loads  config            regs  smem    spills wgmma tma_ld tma_st wait  error"]
+    lines = ["triton kernel variant   dtype hd  loads  config            regs  smem    spills wgmma tma_ld tma_st "
+             "wait  error"]
     for r in rows:
-        lines.append(f"{r['triton']:6} {r['dtype']:5} {r['head_dim']:<3} {r['loads']:6} {r['config']:17} "
+        lines.append(f"{r['triton']:6} {r['kernel']:6} {r['variant']:9} {r['dtype']:5} {r['head_dim']:<3} {r['loads']:6} "
+                     f"{r['config']:17} "
                      f"{r.get('regs')!s:5} {r.get('smem')!s:7} {r.get('stack', 0) + r.get('local', 0) + r.get('spill_stores', 0):<6} "
                      f"{r.get('wgmma')!s:5} {r.get('tma_loads')!s:6} {r.get('tma_stores')!s:6} "
                      f"{r.get('wait_groups')!s:5} {r['error'] or ''}")
