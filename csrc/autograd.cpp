@@ -19,6 +19,17 @@ using OptTensor = std::optional<at::Tensor>;
 
 OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// The end of a forward: keeps the tensors and scalars its backward needs on ctx and returns
+// {out, aux}, aux (the log-sum-exp / the saved pre-activation) marked non-differentiable.
+variable_list saved_forward(AutogradContext* ctx, const at::Tensor& out, const at::Tensor& aux,
+                            const variable_list& tensors,
+                            std::initializer_list<std::pair<const char*, c10::IValue>> scalars) {
+  ctx->save_for_backward(tensors);
+  for (const auto& [name, value] : scalars) ctx->saved_data[name] = value;
+  ctx->mark_non_differentiable({aux});
+  return {out, aux};
+}
+
 // The ops are looked up at first use: their schemas are defined from Python after this library loads.
 const auto& attention_fwd_op() {
   static auto op = c10::Dispatcher::singleton()
@@ -66,13 +77,10 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                double dropout_p, bool is_causal, double scale, const OptTensor& seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = attention_fwd_op().call(q, k, v, attn_mask, kpm, dropout_p, is_causal, scale, seed);
-    ctx->save_for_backward({q, k, v, out, lse, attn_mask.value_or(at::Tensor()), kpm.value_or(at::Tensor()),
-                            seed.value_or(at::Tensor())});
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["is_causal"] = is_causal;
-    ctx->saved_data["scale"] = scale;
-    ctx->mark_non_differentiable({lse});
-    return {out, lse};
+    return saved_forward(ctx, out, lse,
+                         {q, k, v, out, lse, attn_mask.value_or(at::Tensor()), kpm.value_or(at::Tensor()),
+                          seed.value_or(at::Tensor())},
+                         {{"dropout_p", dropout_p}, {"is_causal", is_causal}, {"scale", scale}});
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -92,13 +100,10 @@ struct FFNFunction : public torch::autograd::Function<FFNFunction> {
                                bool save_for_backward) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, saved] = ffn_fwd_op().call(x, w1, b1, w2, b2, activation, dropout_p, seed, save_for_backward);
-    ctx->save_for_backward({x, w1, b1.value_or(at::Tensor()), w2, b2.value_or(at::Tensor()), saved,
-                            seed.value_or(at::Tensor())});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["saved"] = save_for_backward;
-    ctx->mark_non_differentiable({saved});
-    return {out, saved};
+    return saved_forward(
+        ctx, out, saved,
+        {x, w1, b1.value_or(at::Tensor()), w2, b2.value_or(at::Tensor()), saved, seed.value_or(at::Tensor())},
+        {{"activation", std::string(activation)}, {"dropout_p", dropout_p}, {"saved", save_for_backward}});
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

@@ -270,23 +270,30 @@ def test_gradcheck_float64(causal, mask_kind, use_kpm, p, hkv):
 # determinism, purity
 
 
-def test_deterministic_across_runs_and_thread_counts():
-    q, k, v, go, gen = make(1, 2, 1, 150, 400, 25, 25, torch.float32)  # few heads: key ranges split
-    mask = expanded_mask("float2d", 1, 2, 150, 400, torch.float32, gen)
-    seed = torch.tensor([5], dtype=torch.int64)
-    old = torch.get_num_threads()
+THREAD_CASES = {  # (n, hq, hkv, l, s, e, mask kind, dropout, causal, scale)
+    "few-heads-split-keys": (1, 2, 1, 150, 400, 25, "float2d", 0.2, True, 0.2),  # key ranges: dq partials
+    "many-heads": (2, 16, 8, 70, 90, 32, "none", 0.0, False, None),  # one key range per (b, kv head)
+    "large-logits": (1, 1, 1, 16, 32, 16, "none", 0.0, False, 20.0),  # split lse (bf16: the fp32 kernel)
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(THREAD_CASES))
+def test_deterministic_across_runs_and_thread_counts(dtype, case, thread_counts):
+    """Output, lse and every gradient bitwise the same with 1 and 2 threads, and on a repeat."""
+    n, hq, hkv, l, s, e, mask_kind, p, causal, scale = THREAD_CASES[case]
+    q, k, v, go, gen = make(n, hq, hkv, l, s, e, e, dtype)
+    mask = expanded_mask(mask_kind, n, hq, l, s, dtype, gen)
+    seed = torch.tensor([5], dtype=torch.int64) if p > 0 else None
+    scale = 1 / math.sqrt(e) if scale is None else scale
     results = []
-    try:
-        for threads in (old, 1, old):
-            torch.set_num_threads(threads)
-            out, lse = fwd_op(q, k, v, mask, None, 0.2, True, 0.2, seed)
-            grads = bwd_op(go, q, k, v, out, lse, mask, None, 0.2, True, 0.2, seed)
-            results.append((out, lse) + tuple(grads))
-    finally:
-        torch.set_num_threads(old)
+    for _ in thread_counts((1, 2, 1)):
+        out, lse = fwd_op(q, k, v, mask, None, p, causal, scale, seed)
+        grads = bwd_op(go, q, k, v, out, lse, mask, None, p, causal, scale, seed)
+        results.append((out, lse) + tuple(grads))
     for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results[0], other):
+            assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
 
 
 def test_inputs_untouched_outputs_fresh():

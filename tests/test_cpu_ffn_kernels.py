@@ -235,21 +235,67 @@ def test_deterministic_and_inputs_untouched(dtype):
     assert torch.equal(s1, s1_copy), "ffn_bwd modified saved"
 
 
-def test_thread_counts_agree():
-    args = _make(300, 64, 200, 64, torch.float32)
-    go = torch.randn(300, 64)
-    old = torch.get_num_threads()
+def _thread_results(thread_counts, args, act, p, T, D2, seed):
+    """(out, saved, dx, dw1, db1, dw2, db2) under 1 and then 2 intra-op threads."""
+    go = torch.randn(T, D2, generator=torch.Generator().manual_seed(seed)).to(args[0].dtype)
+    sd = _seed_for(p)
     results = []
-    try:
+    for _ in thread_counts((1, 2)):
+        out, saved = ffn_fwd(*args, act, p, sd, True)
+        results.append((out, saved, *ffn_bwd(go, *args, saved, act, p, sd)))
+    return results
+
+
+FFN_OUTPUTS = ("y", "saved", "dx", "dw1", "db1", "dw2", "db2")
+
+# tokens: one tile; a ragged last tile over 2 chunks; 41 tiles -> chunks of 2 tiles, waves of 2 threads
+THREAD_TOKENS = [5, 100, 64 * 40 + 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_thread_counts_bitwise(dtype, act, p, thread_counts):
+    """Every output and gradient bitwise the same with 1 and 2 threads (issue 15 item 7): the weight and
+    bias gradients are summed over fixed token chunks in chunk order, whatever the thread count."""
+    for T in THREAD_TOKENS:
+        args = _make(T, 24, 72, 20, dtype)
+        a, b = _thread_results(thread_counts, args, act, p, T, 20, T)
+        for name, x, y in zip(FFN_OUTPUTS, a, b):
+            assert torch.equal(x, y), f"T={T}: {name} differs between 1 and 2 threads"
+
+
+_THREADS_SCRIPT = """
+import torch, fastattn
+from fastattn import _philox
+ffn_fwd, ffn_bwd = torch.ops.fastattn.ffn_fwd, torch.ops.fastattn.ffn_bwd
+for dtype in (torch.float32, torch.bfloat16):
+    for T in (5, 100, 64 * 40 + 7):
+        g = torch.Generator().manual_seed(T)
+        x = torch.randn(T, 24, generator=g).to(dtype)
+        w1 = (torch.randn(72, 24, generator=g) * .2).to(dtype); b1 = torch.randn(72, generator=g).to(dtype)
+        w2 = (torch.randn(20, 72, generator=g) * .2).to(dtype); b2 = torch.randn(20, generator=g).to(dtype)
+        go = torch.randn(T, 20, generator=g).to(dtype)
+        sd = torch.tensor([7], dtype=torch.int64)
+        res = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            out, saved = ffn_fwd(*args, "relu", 0.1, _seed_for(0.1), True)
-            results.append((out, *ffn_bwd(go, *args, saved, "relu", 0.1, _seed_for(0.1))))
-    finally:
-        torch.set_num_threads(old)
-    assert torch.equal(results[0][0], results[1][0]), "forward depends on the thread count"
-    for a, b in zip(results[0][1:], results[1][1:]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            out, saved = ffn_fwd(x, w1, b1, w2, b2, "gelu", 0.1, sd, True)
+            res.append((out, saved) + tuple(ffn_bwd(go, x, w1, b1, w2, b2, saved, "gelu", 0.1, sd)))
+        for name, a, b in zip(("y", "saved", "dx", "dw1", "db1", "dw2", "db2"), *res):
+            assert torch.equal(a, b), f"{dtype} T={T}: {name} differs between 1 and 2 threads"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("env", ["FASTATTN_FFN_NO_BRGEMM=1", "FASTATTN_CPU_BF16DOT=0", "FASTATTN_CPU_BF16DOT_FFN=mm"])
+def test_thread_counts_bitwise_other_paths(env):
+    """The paths chosen by environment (read once per process): the at::mm GEMM fallback, bf16 in the
+    float32 kernel, and the bf16 whole-matrix matmul fallback are deterministic across thread counts too."""
+    name, value = env.split("=")
+    res = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=dict(os.environ, **{name: value}),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
 def test_empty_tokens():

@@ -235,18 +235,13 @@ LARGE_LOGITS = [  # (dtype, L, S, E, Ev, scale) from issue 15
 @pytest.mark.parametrize("backend", ATTN)
 @pytest.mark.parametrize("case", LARGE_LOGITS, ids=lambda c: f"{str(c[0])[6:]}-e{c[3]}ev{c[4]}-scale{c[5]:g}")
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_large_logit_gradients_within_bound(backend, case, seed, request):
+def test_large_logit_gradients_within_bound(backend, case, seed):
     """dQ = scale * dS K with dS = P (dP - delta): at scale 3000 any rounding of delta apart from dP's
     (or of the output delta is taken from) is multiplied by 3000; the log-sum-exp's ulp grows with
     the scores. Every backend within 2 x torch's same-dtype error + floor of float64 math."""
     dt, l, s, e, ev, scale = case
     if not _served(backend, dt):
         pytest.skip(f"{backend} does not serve {dt}")
-    if backend == "cpu" and dt == torch.bfloat16 and torch.ops.fastattn_bf16dot.available():
-        # the AVX512-BF16 backward (CPUs without AMX) rounds P and dS to bf16 for vdpbf16ps and keeps a
-        # plain rowsum(dO O) delta: at scale 20 its dq error is 2-4x the bound (the fp32-converted path,
-        # FASTATTN_CPU_BF16DOT=0, passes). Not fixed yet: issue 15 stays open.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 15 item 6 on the AVX512-BF16 path"))
     dev = _dev(backend)
     q, k, v, go, rgrads, tgrads = large_logit_problem(dt, l, s, e, ev, scale, seed)
     f_ = [t.to(dev).requires_grad_(True) for t in (q, k, v)]

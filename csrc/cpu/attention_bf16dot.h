@@ -114,28 +114,17 @@ template <bool ACC, int EP = kStore>
 inline void dp_gemm(int64_t Y, int64_t X, int64_t Z2, const uint32_t* A, int64_t ay, int64_t az, const uint32_t* B,
                     int64_t ldb, float* C, int64_t ldc, float alpha = 1.f, float* aux = nullptr,
                     const float* aux2 = nullptr) {
-  int64_t xv_left = X / 16, x0 = 0;
-  while (xv_left > 0) {
-    const int xv = static_cast<int>(xv_left >= 4 ? 4 : xv_left >= 2 ? 2 : 1);  // 3 = 2 + 1
-    const int rmax = dp_max_rows(xv);
-    const int64_t tiles = (Y + rmax - 1) / rmax;
-    const int64_t yr_even = tiles > 0 ? (Y + tiles - 1) / tiles : 0;
-    for (int64_t y0 = 0; y0 < Y; y0 += yr_even) {
-      const int yr = static_cast<int>(Y - y0 < yr_even ? Y - y0 : yr_even);
-      const uint32_t* a = A + y0 * ay;
-      const uint32_t* b = B + x0;
-      float* c = C + y0 * ldc + x0;
-      float* xa = aux == nullptr ? nullptr : aux + x0;
-      const float* xa2 = aux2 == nullptr ? nullptr : aux2 + y0 * ldc + x0;
-      switch (xv) {
-        case 4: dp_rows<4, ACC, EP>(yr, Z2, a, ay, az, b, ldb, c, ldc, alpha, xa, xa2); break;
-        case 2: dp_rows<2, ACC, EP>(yr, Z2, a, ay, az, b, ldb, c, ldc, alpha, xa, xa2); break;
-        default: dp_rows<1, ACC, EP>(yr, Z2, a, ay, az, b, ldb, c, ldc, alpha, xa, xa2); break;
-      }
-    }
-    x0 += xv * 16;
-    xv_left -= xv;
-  }
+  walk_tiles(
+      Y, X, 16, A, ay, B, C, ldc, aux, aux2,
+      [](int64_t left) { return static_cast<int>(left >= 4 ? 4 : left >= 2 ? 2 : 1); },  // 3 = 2 + 1
+      [](int xv) { return dp_max_rows(xv); },
+      [&](int xv, int yr, const uint32_t* a, const uint32_t* b, float* c, float* xa, const float* xa2) {
+        switch (xv) {
+          case 4: dp_rows<4, ACC, EP>(yr, Z2, a, ay, az, b, ldb, c, ldc, alpha, xa, xa2); break;
+          case 2: dp_rows<2, ACC, EP>(yr, Z2, a, ay, az, b, ldb, c, ldc, alpha, xa, xa2); break;
+          default: dp_rows<1, ACC, EP>(yr, Z2, a, ay, az, b, ldb, c, ldc, alpha, xa, xa2); break;
+        }
+      });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -377,7 +366,8 @@ inline void fwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
 
 // delta = rowsum(dO O) in T, eight independent partial sums (no serial chain of n additions). The
 // fp32 kernels compute delta by the dP GEMM's own fmadd chain (attention_kernel.h) so that one-hot rows
-// get dS = 0 exactly; this path keeps the plain sum (bf16 inputs: the rounding of O dominates).
+// get dS = 0 exactly; this path keeps the plain sum (bf16 inputs: the rounding of O dominates) and hands
+// heads with large logits to the float32 kernel (bwd_bf16_dot).
 template <typename T, typename In>
 inline T bf16_row_dot(const In* a, const In* b, int64_t n) {
   T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
@@ -427,9 +417,16 @@ inline void bwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
   const T scale = static_cast<T>(p.scale);
   const int64_t nqb = Lp / BM;
   for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t part = task % nparts, bhk = task / nparts, b = bhk / p.Hkv, hk = bhk % p.Hkv;
-    const int64_t key_lo = std::min(S, part * part_len), key_hi = std::min(S, key_lo + part_len);
-    const int64_t nk = key_hi - key_lo;
+    const auto [part, bhk, b, hk, key_lo, nk] = bwd_task(p, task, part_len);
+    // Large logits (some |lse| >= kSplitLse in the group): P from the rounded lse, delta from the bf16
+    // output and P, dS rounded to bf16 for the products put dQ, dK off by several times torch's error
+    // (issue 15 item 6); such a task runs the float32 kernel, split lse and delta = rowsum(P dP).
+    bool split = false;
+    for (int64_t g = 0; g < group; ++g) split |= lse_needs_split(bwd_head<In>(p, b, hk, g).LSE, L);
+    if (split) {
+      bwd_tasks<V, In>(p, task, task + 1);
+      continue;
+    }
     const In* Kin = static_cast<const In*>(p.k) + (bhk * S + key_lo) * E;
     const In* Vin = static_cast<const In*>(p.v) + (bhk * S + key_lo) * Ev;
     const uint32_t* ka = pair_cols(Kin, nk, E, kpb);
@@ -442,11 +439,7 @@ inline void bwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
     std::fill(dk, dk + part_len * Ep, T(0));
     std::fill(dv, dv + part_len * Evp, T(0));
     for (int64_t g = 0; g < group && nk > 0; ++g) {
-      const int64_t h = hk * group + g, bh = b * p.Hq + h;
-      const In* Q = static_cast<const In*>(p.q) + bh * L * E;
-      const In* dO = static_cast<const In*>(p.dout) + bh * L * Ev;
-      const In* O = static_cast<const In*>(p.o) + bh * L * Ev;
-      const float* LSE = p.lse + bh * L;
+      const auto [h, bh, Q, dO, O, LSE] = bwd_head<In>(p, b, hk, g);
       pair_cols_transposed(Q, L, Lp, E, qv, Lp);
       pair_cols_transposed(dO, L, Lp, Ev, dov, Lp);
       std::fill(qi, qi + (Lp / 2) * Ep, 0u);
@@ -488,27 +481,7 @@ inline void bwd_bf16_dot(const AttnParams& p, int64_t task_begin, int64_t task_e
           } else {
             dp_gemm<false>(nb, BM, Ev2, va + jj * Ev2, Ev2, 1, dov + i0, Lp, dst, BM, 1.f);
           }
-          if (p.dropout_p > 0) {
-            for (int64_t i = 0; i < mrows; ++i) {
-              const uint64_t off = dropout_offset(p, b, h, i0 + i, j0);
-              const T di = delta[i0 + i];
-              for (int64_t j = 0; j < nb; ++j) {
-                const bool keep = fastattn::philox_uniform(p.seed, off + j) >= p.dropout_p;
-                const T pij = st[j * BM + i];
-                const T dpij = keep ? dst[j * BM + i] * keep_scale : T(0);
-                dst[j * BM + i] = pij * (dpij - di);
-                st[j * BM + i] = keep ? pij * keep_scale : T(0);
-              }
-            }
-            for (int64_t i = mrows; i < BM; ++i)
-              for (int64_t j = 0; j < nb; ++j) dst[j * BM + i] = T(0);
-          } else if (!plain) {
-            for (int64_t j = 0; j < nb; ++j)
-              for (int64_t x = 0; x < BM; x += W) {
-                const V pj = V::load(st + j * BM + x);
-                (pj * (V::load(dst + j * BM + x) - V::load(delta + i0 + x))).store(dst + j * BM + x);
-              }
-          }
+          if (p.dropout_p > 0 || !plain) ds_tile<V>(p, b, h, i0, mrows, j0, nb, st, dst, delta, keep_scale);
           for (int64_t j = 0; j < nb; ++j) {
             round_row_f32(st + j * BM, pa + j * BMh, BM);
             round_row_f32(dst + j * BM, dsa + j * BMh, BM);

@@ -209,6 +209,30 @@ inline void micro_rows(int yr, int64_t Z, const typename V::value_type* A, int64
 #undef FA_CASE
 }
 
+// The tile walk of block_gemm (and attention_bf16dot.h's dp_gemm) over C (Y x X): the columns, in
+// vectors of W, cut into strips of xv = pick(vectors left) vectors, each strip into balanced row
+// tiles of at most rows(xv) rows; tile(xv, yr, a, b, c, xa, xa2) runs one, given the pointers at its
+// corner (A rows y0.. with row stride ay, B columns x0.., C and aux2 at (y0, x0), aux at x0).
+template <typename TA, typename TC, typename Pick, typename Rows, typename Tile>
+inline void walk_tiles(int64_t Y, int64_t X, int W, const TA* A, int64_t ay, const TA* B, TC* C, int64_t ldc,
+                       TC* aux, const TC* aux2, Pick pick, Rows rows, Tile tile) {
+  int64_t xv_left = X / W;
+  int64_t x0 = 0;
+  while (xv_left > 0) {
+    const int xv = pick(xv_left);
+    const int rmax = rows(xv);
+    const int64_t tiles = (Y + rmax - 1) / rmax;
+    const int64_t yr_even = tiles > 0 ? (Y + tiles - 1) / tiles : 0;  // balanced row tiles
+    for (int64_t y0 = 0; y0 < Y; y0 += yr_even) {
+      const int yr = static_cast<int>(Y - y0 < yr_even ? Y - y0 : yr_even);
+      tile(xv, yr, A + y0 * ay, B + x0, C + y0 * ldc + x0, aux == nullptr ? nullptr : aux + x0,
+           aux2 == nullptr ? nullptr : aux2 + y0 * ldc + x0);
+    }
+    x0 += xv * W;
+    xv_left -= xv;
+  }
+}
+
 // C (Y x X) (+)= A (Y x Z, strides ay, az) * B (Z x X, row stride ldb); X a multiple of W.
 // EP, aux, aux2: the epilogue (see micro_tile); aux is indexed by column, aux2 like C.
 template <typename V, bool ACC, int EP = kStore>
@@ -216,32 +240,20 @@ inline void block_gemm(int64_t Y, int64_t X, int64_t Z, const typename V::value_
                        int64_t az, const typename V::value_type* B, int64_t ldb,
                        typename V::value_type* C, int64_t ldc, typename V::value_type* aux = nullptr,
                        const typename V::value_type* aux2 = nullptr) {
-  constexpr int W = V::W;
+  using T = typename V::value_type;
   constexpr int kMaxXV = V::kRegs >= 32 ? 4 : 2;
-  int64_t xv_left = X / W;
-  int64_t x0 = 0;
-  while (xv_left > 0) {
-    const int xv = static_cast<int>(xv_left < kMaxXV ? xv_left : kMaxXV);
-    const int rmax = max_rows<V>(xv);
-    const int64_t tiles = (Y + rmax - 1) / rmax;
-    const int64_t yr_even = tiles > 0 ? (Y + tiles - 1) / tiles : 0;  // balanced row tiles
-    for (int64_t y0 = 0; y0 < Y; y0 += yr_even) {
-      const int yr = static_cast<int>(Y - y0 < yr_even ? Y - y0 : yr_even);
-      const auto* a = A + y0 * ay;
-      const auto* b = B + x0;
-      auto* c = C + y0 * ldc + x0;
-      auto* xa = aux == nullptr ? nullptr : aux + x0;
-      const auto* xa2 = aux2 == nullptr ? nullptr : aux2 + y0 * ldc + x0;
-      switch (xv) {
-        case 4: micro_rows<V, kMaxXV >= 4 ? 4 : 1, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
-        case 3: micro_rows<V, kMaxXV >= 3 ? 3 : 1, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
-        case 2: micro_rows<V, 2, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
-        default: micro_rows<V, 1, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
-      }
-    }
-    x0 += xv * W;
-    xv_left -= xv;
-  }
+  walk_tiles(
+      Y, X, V::W, A, ay, B, C, ldc, aux, aux2,
+      [](int64_t left) { return static_cast<int>(left < kMaxXV ? left : kMaxXV); },
+      [](int xv) { return max_rows<V>(xv); },
+      [&](int xv, int yr, const T* a, const T* b, T* c, T* xa, const T* xa2) {
+        switch (xv) {
+          case 4: micro_rows<V, kMaxXV >= 4 ? 4 : 1, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
+          case 3: micro_rows<V, kMaxXV >= 3 ? 3 : 1, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
+          case 2: micro_rows<V, 2, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
+          default: micro_rows<V, 1, ACC, EP>(yr, Z, a, ay, az, b, ldb, c, ldc, xa, xa2); break;
+        }
+      });
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -605,6 +617,70 @@ void exact_lse(const AttnParams& p, int64_t b, int64_t h, const typename V::valu
 // partial per key range, summed in a fixed order by the caller (or written straight to p.dq when
 // there is a single key range).
 
+// One backward task: key range `part` (keys [key_lo, key_lo + nk)) of batch b, kv head hk (bhk = b Hkv + hk).
+struct BwdTask {
+  int64_t part, bhk, b, hk, key_lo, nk;
+};
+inline BwdTask bwd_task(const AttnParams& p, int64_t task, int64_t part_len) {
+  const int64_t bhk = task / p.key_parts, part = task % p.key_parts;
+  const int64_t key_lo = std::min(p.S, part * part_len);
+  return {part, bhk, bhk / p.Hkv, bhk % p.Hkv, key_lo, std::min(p.S, key_lo + part_len) - key_lo};
+}
+
+// Query head g of kv head hk's GQA group in batch b: h, bh = b Hq + h, and its Q, dO, O rows and lse.
+template <typename In>
+struct BwdHead {
+  int64_t h, bh;
+  const In *Q, *dO, *O;
+  const float* LSE;
+};
+template <typename In>
+inline BwdHead<In> bwd_head(const AttnParams& p, int64_t b, int64_t hk, int64_t g) {
+  const int64_t h = hk * (p.Hq / p.Hkv) + g, bh = b * p.Hq + h;
+  return {h, bh, static_cast<const In*>(p.q) + bh * p.L * p.E, static_cast<const In*>(p.dout) + bh * p.L * p.Ev,
+          static_cast<const In*>(p.o) + bh * p.L * p.Ev, p.lse + bh * p.L};
+}
+
+// Whether a head's rows need the split log-sum-exp (see exact_lse): some finite |lse| >= kSplitLse.
+inline bool lse_needs_split(const float* LSE, int64_t L) {
+  bool split = false;
+  for (int64_t i = 0; i < L; ++i)
+    split |= std::abs(LSE[i]) >= kSplitLse && LSE[i] != std::numeric_limits<float>::infinity();
+  return split;
+}
+
+// dS^T = P^T (dP^T - delta) of a (BN, BM) tile whose GEMM did not fuse it (masked tile or dropout).
+// With dropout also P^T as the dV GEMM takes it, Z P / (1 - p), and dS = 0 on rows past mrows.
+template <typename V>
+inline void ds_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t mrows, int64_t j0, int64_t nb,
+                    typename V::value_type* st, typename V::value_type* dst, const typename V::value_type* delta,
+                    typename V::value_type keep_scale) {
+  using T = typename V::value_type;
+  constexpr int W = V::W;
+  const int64_t BM = p.bm;
+  if (p.dropout_p > 0) {
+    for (int64_t i = 0; i < mrows; ++i) {
+      const uint64_t off = dropout_offset(p, b, h, i0 + i, j0);
+      const T di = delta[i0 + i];
+      for (int64_t j = 0; j < nb; ++j) {
+        const bool keep = fastattn::philox_uniform(p.seed, off + j) >= p.dropout_p;
+        const T pij = st[j * BM + i];
+        const T dpij = keep ? dst[j * BM + i] * keep_scale : T(0);
+        dst[j * BM + i] = pij * (dpij - di);
+        st[j * BM + i] = keep ? pij * keep_scale : T(0);
+      }
+    }
+    for (int64_t i = mrows; i < BM; ++i)
+      for (int64_t j = 0; j < nb; ++j) dst[j * BM + i] = T(0);
+  } else {
+    for (int64_t j = 0; j < nb; ++j)
+      for (int64_t x = 0; x < BM; x += W) {
+        const V pj = V::load(st + j * BM + x);
+        (pj * (V::load(dst + j * BM + x) - V::load(delta + i0 + x))).store(dst + j * BM + x);
+      }
+  }
+}
+
 template <typename V, typename In>
 void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   using T = typename V::value_type;
@@ -643,19 +719,13 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
   const T scale = static_cast<T>(p.scale);
   const int64_t nqb = Lp / BM;
   for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t part = task % nparts, bhk = task / nparts, b = bhk / p.Hkv, hk = bhk % p.Hkv;
-    const int64_t key_lo = std::min(S, part * part_len), key_hi = std::min(S, key_lo + part_len);
-    const int64_t nk = key_hi - key_lo;
+    const auto [part, bhk, b, hk, key_lo, nk] = bwd_task(p, task, part_len);
     const T* K = as_compute<T, In>(static_cast<const In*>(p.k) + (bhk * S + key_lo) * E, nk * E, kbuf);
     const T* Vm = as_compute<T, In>(static_cast<const In*>(p.v) + (bhk * S + key_lo) * Ev, nk * Ev, vbuf);
     std::fill(dk, dk + part_len * Ep, T(0));
     std::fill(dv, dv + part_len * Evp, T(0));
     for (int64_t g = 0; g < group && nk > 0; ++g) {
-      const int64_t h = hk * group + g, bh = b * p.Hq + h;
-      const In* Q = static_cast<const In*>(p.q) + bh * L * E;
-      const In* dO = static_cast<const In*>(p.dout) + bh * L * Ev;
-      const In* O = static_cast<const In*>(p.o) + bh * L * Ev;
-      const float* LSE = p.lse + bh * L;
+      const auto [h, bh, Q, dO, O, LSE] = bwd_head<In>(p, b, hk, g);
       load_transposed<T, In>(Q, E, L, E, scale, qt, Lp);
       load_transposed<T, In>(dO, Ev, L, Ev, T(1), dot, Lp);
       load_transposed<T, In>(O, Ev, L, Ev, T(1), otr, Lp);
@@ -670,9 +740,7 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
         lse[i] = static_cast<T>(LSE[i]);
       }
       for (int64_t i = L; i < Lp; ++i) lse[i] = std::numeric_limits<T>::infinity();
-      bool split = false;  // P = exp((s - lm) - lse) with lse = log l (see exact_lse)
-      for (int64_t i = 0; i < L; ++i)
-        split |= std::abs(LSE[i]) >= kSplitLse && LSE[i] != std::numeric_limits<float>::infinity();
+      const bool split = lse_needs_split(LSE, L);  // P = exp((s - lm) - lse) with lse = log l (see exact_lse)
       if (split || std::is_same<T, double>::value) {
         std::fill(lm, lm + Lp, T(0));
         // with dropout delta is rowsum(P Z dP) / (1 - p): keep rowsum(dO O) there
@@ -714,27 +782,7 @@ void bwd_tasks(const AttnParams& p, int64_t task_begin, int64_t task_end) {
           } else {
             block_gemm<V, false>(nb, BM, Ev, Vm + jj * Ev, Ev, 1, dot + i0, Lp, dst, BM);
           }
-          if (p.dropout_p > 0) {
-            for (int64_t i = 0; i < mrows; ++i) {
-              const uint64_t off = dropout_offset(p, b, h, i0 + i, j0);
-              const T di = delta[i0 + i];
-              for (int64_t j = 0; j < nb; ++j) {
-                const bool keep = fastattn::philox_uniform(p.seed, off + j) >= p.dropout_p;
-                const T pij = st[j * BM + i];
-                const T dpij = keep ? dst[j * BM + i] * keep_scale : T(0);
-                dst[j * BM + i] = pij * (dpij - di);
-                st[j * BM + i] = keep ? pij * keep_scale : T(0);
-              }
-            }
-            for (int64_t i = mrows; i < BM; ++i)
-              for (int64_t j = 0; j < nb; ++j) dst[j * BM + i] = T(0);
-          } else if (!plain) {
-            for (int64_t j = 0; j < nb; ++j)
-              for (int64_t x = 0; x < BM; x += W) {
-                const V pj = V::load(st + j * BM + x);
-                (pj * (V::load(dst + j * BM + x) - V::load(delta + i0 + x))).store(dst + j * BM + x);
-              }
-          }
+          if (p.dropout_p > 0 || !plain) ds_tile<V>(p, b, h, i0, mrows, j0, nb, st, dst, delta, keep_scale);
           block_gemm<V, true>(nb, Evp, BM, st, BM, 1, don + i0 * Evp, Evp, dv + jj * Evp, Evp);
           block_gemm<V, true>(nb, Ep, BM, dst, BM, 1, qn + i0 * Ep, Ep, dk + jj * Ep, Ep);
           block_gemm<V, true>(E, BM, nb, K + jj * E, 1, E, dst, BM, dqt + i0, Lp);

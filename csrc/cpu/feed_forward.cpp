@@ -8,9 +8,9 @@
 //   backward  dh = grad_out_tile @ w2  ->  recompute act / act' / dropout from the saved
 //             pre-activation  ->  dpre = dh * keep * act'(pre), hid = act(pre) * keep
 //             ->  dx_tile = dpre @ w1,  dW1^T += x_tile^T @ dpre,  dW2 += grad_out_tile^T @ hid.
-//             Weight gradients accumulate in one partial per thread group (groups are fixed
-//             contiguous token ranges, tiles in order) and are summed in group order: the result
-//             is the same on every call with the same thread count.
+//             Weight and bias gradients accumulate in one partial per token chunk (chunk size set by
+//             the token count alone, tiles in order) and are summed in chunk order (BwdTiles): the
+//             result is bitwise the same whatever the thread count.
 // GEMMs: oneDNN's brgemm micro-kernel through at::native::cpublas::brgemm (float; as fast as MKL
 // sgemm on these tile shapes here, without at::mm's per-call overhead), else at::mm on tile views
 // (double, a torch without float brgemm, or the tuning knob FASTATTN_FFN_NO_BRGEMM=1). at::native::cpublas::gemm
@@ -101,6 +101,17 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
   gemm_fallback<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
+// Runs body(i) for i in [0, n) on torch's intra-op threads, each index once. With two or more
+// threads the body always runs inside an active parallel region (the range is padded to at least
+// two), so a BLAS call in it (the at::mm fallback GEMMs) runs single-threaded whatever the thread
+// count: its result cannot depend on how many threads torch has.
+template <typename Body>
+void parallel_each(int64_t n, const Body& body) {
+  at::parallel_for(0, std::max<int64_t>(n, 2), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < std::min(e, n); ++i) body(i);
+  });
+}
+
 // ------------------------------------------------------------------------------------------------
 // Element-wise epilogues, compiled per instruction set and picked at run time.
 
@@ -163,57 +174,80 @@ Isa detect_isa() {
   return isa;
 }
 
-template <typename scalar_t, typename acc_t, Act A, bool DROP>
-FwdEpilogueFn<scalar_t, acc_t> pick_fwd_isa() {
-#if defined(FFN_HAVE_X86_DISPATCH)
-  switch (detect_isa()) {
-    case Isa::Avx512: return &fwd_epilogue_avx512<scalar_t, acc_t, A, DROP>;
-    case Isa::Avx2: return &fwd_epilogue_avx2<scalar_t, acc_t, A, DROP>;
-    default: break;
-  }
-#endif
-  return &fwd_epilogue_base<scalar_t, acc_t, A, DROP>;
-}
+// The forward and backward epilogues of one activation, dropout flag and instruction set.
+template <typename scalar_t, typename acc_t>
+struct Epilogues {
+  FwdEpilogueFn<scalar_t, acc_t> fwd;
+  BwdEpilogueFn<scalar_t, acc_t> bwd;
+};
 
 template <typename scalar_t, typename acc_t, Act A, bool DROP>
-BwdEpilogueFn<scalar_t, acc_t> pick_bwd_isa() {
+Epilogues<scalar_t, acc_t> pick_isa() {
 #if defined(FFN_HAVE_X86_DISPATCH)
   switch (detect_isa()) {
-    case Isa::Avx512: return &bwd_epilogue_avx512<scalar_t, acc_t, A, DROP>;
-    case Isa::Avx2: return &bwd_epilogue_avx2<scalar_t, acc_t, A, DROP>;
+    case Isa::Avx512:
+      return {&fwd_epilogue_avx512<scalar_t, acc_t, A, DROP>, &bwd_epilogue_avx512<scalar_t, acc_t, A, DROP>};
+    case Isa::Avx2: return {&fwd_epilogue_avx2<scalar_t, acc_t, A, DROP>, &bwd_epilogue_avx2<scalar_t, acc_t, A, DROP>};
     default: break;
   }
 #endif
-  return &bwd_epilogue_base<scalar_t, acc_t, A, DROP>;
+  return {&fwd_epilogue_base<scalar_t, acc_t, A, DROP>, &bwd_epilogue_base<scalar_t, acc_t, A, DROP>};
 }
 
 template <typename scalar_t, typename acc_t, bool DROP>
-FwdEpilogueFn<scalar_t, acc_t> pick_fwd_act(Act a) {
+Epilogues<scalar_t, acc_t> pick_act(Act a) {
   switch (a) {
-    case Act::Relu: return pick_fwd_isa<scalar_t, acc_t, Act::Relu, DROP>();
-    case Act::Gelu: return pick_fwd_isa<scalar_t, acc_t, Act::Gelu, DROP>();
-    default: return pick_fwd_isa<scalar_t, acc_t, Act::GeluTanh, DROP>();
+    case Act::Relu: return pick_isa<scalar_t, acc_t, Act::Relu, DROP>();
+    case Act::Gelu: return pick_isa<scalar_t, acc_t, Act::Gelu, DROP>();
+    default: return pick_isa<scalar_t, acc_t, Act::GeluTanh, DROP>();
   }
 }
 
 template <typename scalar_t, typename acc_t>
-FwdEpilogueFn<scalar_t, acc_t> pick_fwd(Act a, bool drop) {
-  return drop ? pick_fwd_act<scalar_t, acc_t, true>(a) : pick_fwd_act<scalar_t, acc_t, false>(a);
+Epilogues<scalar_t, acc_t> pick_epilogues(Act a, bool drop) {
+  return drop ? pick_act<scalar_t, acc_t, true>(a) : pick_act<scalar_t, acc_t, false>(a);
 }
 
-template <typename scalar_t, typename acc_t, bool DROP>
-BwdEpilogueFn<scalar_t, acc_t> pick_bwd_act(Act a) {
-  switch (a) {
-    case Act::Relu: return pick_bwd_isa<scalar_t, acc_t, Act::Relu, DROP>();
-    case Act::Gelu: return pick_bwd_isa<scalar_t, acc_t, Act::Gelu, DROP>();
-    default: return pick_bwd_isa<scalar_t, acc_t, Act::GeluTanh, DROP>();
-  }
-}
-
+// The epilogues with a call's activation and dropout bound: e(rows, t0, ...) runs a tile of rows
+// tokens from token t0 (its Philox counters start at t0 * F). keep: F scratch values when drop.
 template <typename scalar_t, typename acc_t>
-BwdEpilogueFn<scalar_t, acc_t> pick_bwd(Act a, bool drop) {
-  return drop ? pick_bwd_act<scalar_t, acc_t, true>(a) : pick_bwd_act<scalar_t, acc_t, false>(a);
-}
+struct BoundEpilogues {
+  Epilogues<scalar_t, acc_t> fns;
+  int64_t F;
+  uint64_t seed;
+  bool drop;
+  float p;
+  acc_t scale;  // 1 / (1 - p), 1 without dropout
+  BoundEpilogues(Act act, double dropout_p, uint64_t seed_, int64_t F_)
+      : fns(pick_epilogues<scalar_t, acc_t>(act, dropout_p > 0.0)),
+        F(F_),
+        seed(seed_),
+        drop(dropout_p > 0.0),
+        p(static_cast<float>(dropout_p)),
+        scale(drop ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1)) {}
+  // h = act(h + b1) (dropped), the pre-activation to saved when not null
+  void fwd(int64_t rows, int64_t t0, acc_t* h, const acc_t* b1, scalar_t* saved, acc_t* keep) const {
+    fns.fwd(rows, F, h, b1, saved, seed, static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, keep);
+  }
+  // dh -> d pre, hid = act(pre) (dropped), db1 += d pre
+  void bwd(int64_t rows, int64_t t0, acc_t* dh, const scalar_t* pre, acc_t* hid, acc_t* db1, acc_t* keep) const {
+    fns.bwd(rows, F, dh, pre, hid, db1, seed, static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, keep);
+  }
+  size_t keep_size() const { return drop ? static_cast<size_t>(F) : 0; }
+};
+
+// The biases in acc_t, contiguous; null pointers where absent.
+template <typename acc_t>
+struct AccBiases {
+  at::Tensor b1, b2;
+  const acc_t* b1_p = nullptr;
+  const acc_t* b2_p = nullptr;
+  AccBiases(const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2) {
+    const auto t = c10::CppTypeToScalarType<acc_t>::value;
+    if (bias1.has_value()) b1 = bias1->to(t).contiguous(), b1_p = b1.data_ptr<acc_t>();
+    if (bias2.has_value()) b2 = bias2->to(t).contiguous(), b2_p = b2.data_ptr<acc_t>();
+  }
+};
 
 // ------------------------------------------------------------------------------------------------
 // Arguments: checked by csrc/checks.h against what these kernels serve.
@@ -251,25 +285,23 @@ void ffn_fwd_kernel(const at::Tensor& x, const at::Tensor& w1, const std::option
   const int64_t T = s.T, D = s.D, F = s.F, D2 = s.D2;
   const at::Tensor w1t = as_acc<acc_t>(w1, true);  // (D, F)
   const at::Tensor w2t = as_acc<acc_t>(w2, true);  // (F, D2)
-  const at::Tensor b1a = b1.has_value() ? b1->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
-  const at::Tensor b2a = b2.has_value() ? b2->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
   const acc_t* w1t_p = w1t.data_ptr<acc_t>();
   const acc_t* w2t_p = w2t.data_ptr<acc_t>();
-  const acc_t* b1_p = b1a.defined() ? b1a.data_ptr<acc_t>() : nullptr;
-  const acc_t* b2_p = b2a.defined() ? b2a.data_ptr<acc_t>() : nullptr;
+  const AccBiases<acc_t> bias(b1, b2);
+  const acc_t *b1_p = bias.b1_p, *b2_p = bias.b2_p;
   const scalar_t* x_p = x.data_ptr<scalar_t>();
   scalar_t* out_p = out.data_ptr<scalar_t>();
   scalar_t* saved_p = saved != nullptr ? saved->data_ptr<scalar_t>() : nullptr;
-  const bool drop = dropout_p > 0.0;
-  const float p = static_cast<float>(dropout_p);
-  const acc_t scale = drop ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
-  const auto epilogue = pick_fwd<scalar_t, acc_t>(act, drop);
+  const BoundEpilogues<scalar_t, acc_t> ep(act, dropout_p, seed, F);
   const bool use_brgemm = brgemm_usable();
   const int64_t ntiles = (T + kFwdTile - 1) / kFwdTile;
 
-  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+  // padded to two tiles at least: see parallel_each (the at::mm fallback runs single-threaded)
+  at::parallel_for(0, std::max<int64_t>(ntiles, 2), 1, [&](int64_t begin, int64_t end) {
+    end = std::min(end, ntiles);
+    if (begin >= end) return;
     std::vector<acc_t> hbuf(static_cast<size_t>(kFwdTile * F));
-    std::vector<acc_t> keep(drop ? static_cast<size_t>(F) : 0);
+    std::vector<acc_t> keep(ep.keep_size());
     std::vector<acc_t> xbuf(kSame ? 0 : static_cast<size_t>(kFwdTile * D));
     std::vector<acc_t> obuf(kSame ? 0 : static_cast<size_t>(kFwdTile * D2));
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -283,8 +315,7 @@ void ffn_fwd_kernel(const at::Tensor& x, const at::Tensor& w1, const std::option
         xa = xbuf.data();
       }
       gemm<acc_t>(rows, F, D, xa, D, w1t_p, F, hbuf.data(), F, false, use_brgemm);
-      epilogue(rows, F, hbuf.data(), b1_p, saved_p != nullptr ? saved_p + t0 * F : nullptr, seed,
-               static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, keep.data());
+      ep.fwd(rows, t0, hbuf.data(), b1_p, saved_p != nullptr ? saved_p + t0 * F : nullptr, keep.data());
       acc_t* o;
       if constexpr (kSame) {
         o = out_p + t0 * D2;
@@ -379,25 +410,20 @@ void ffn_fwd_amx(const at::Tensor& x, const at::Tensor& w1, const std::optional<
   const int64_t Dp = (D + 1) / 2 * 2, Fp = (F + 1) / 2 * 2;
   const at::Tensor w1v = pack_vnni_transposed(w1, F, D);   // (Dp/2, F, 2): B of x @ w1^T
   const at::Tensor w2v = pack_vnni_transposed(w2, D2, F);  // (Fp/2, D2, 2): B of h @ w2^T
-  const at::Tensor b1a = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor b2a = b2.has_value() ? b2->to(at::kFloat).contiguous() : at::Tensor();
   const at::BFloat16* w1v_p = w1v.data_ptr<at::BFloat16>();
   const at::BFloat16* w2v_p = w2v.data_ptr<at::BFloat16>();
-  const float* b1_p = b1a.defined() ? b1a.data_ptr<float>() : nullptr;
-  const float* b2_p = b2a.defined() ? b2a.data_ptr<float>() : nullptr;
+  const AccBiases<float> bias(b1, b2);
+  const float *b1_p = bias.b1_p, *b2_p = bias.b2_p;
   const scalar_t* x_p = x.data_ptr<scalar_t>();
   scalar_t* out_p = out.data_ptr<scalar_t>();
   scalar_t* saved_p = saved != nullptr ? saved->data_ptr<scalar_t>() : nullptr;
-  const bool drop = dropout_p > 0.0;
-  const float p = static_cast<float>(dropout_p);
-  const float scale = drop ? float(1.0 / (1.0 - dropout_p)) : 1.f;
-  const auto epilogue = pick_fwd<scalar_t, float>(act, drop);
+  const BoundEpilogues<scalar_t, float> ep(act, dropout_p, seed, F);
   const int64_t ntiles = (T + kFwdTile - 1) / kFwdTile;
 
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> hbuf(static_cast<size_t>(kFwdTile * F));
     std::vector<at::BFloat16> hb(static_cast<size_t>(kFwdTile * Fp));
-    std::vector<float> keep(drop ? static_cast<size_t>(F) : 0);
+    std::vector<float> keep(ep.keep_size());
     std::vector<at::BFloat16> xpad(Dp != D ? static_cast<size_t>(kFwdTile * Dp) : 0);
     std::vector<float> obuf(static_cast<size_t>(kFwdTile * D2));
     std::vector<scalar_t> prebuf(saved_p == nullptr ? static_cast<size_t>(kFwdTile * F) : 0);
@@ -415,8 +441,7 @@ void ffn_fwd_amx(const at::Tensor& x, const at::Tensor& w1, const std::optional<
       at::native::cpublas::brgemm(rows, F, Dp, Dp, F, F, false, xa, w1v_p, hbuf.data(), true);
       // the pre-activation is rounded to bf16 whether saved or not (as eager bf16 does), so the
       // output does not depend on save_for_backward
-      epilogue(rows, F, hbuf.data(), b1_p, saved_p != nullptr ? saved_p + t0 * F : prebuf.data(), seed,
-               static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, keep.data());
+      ep.fwd(rows, t0, hbuf.data(), b1_p, saved_p != nullptr ? saved_p + t0 * F : prebuf.data(), keep.data());
       round_rows_bf16(rows, F, Fp, hbuf.data(), hb.data());
       float* o = obuf.data();
       if (b2_p != nullptr) {
@@ -481,49 +506,64 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Te
 // ------------------------------------------------------------------------------------------------
 // Backward
 
-// The backward's token loop and weight-gradient partials, shared by the float kernel and the AMX one.
-// Tokens are cut into tiles of kBwdTile rows; the tiles into `groups` contiguous ranges (groups =
-// threads, at most the tiles); each group accumulates its own (dW1^T, dW2, db1, db2) partial, in acc_t,
-// over its tiles in order, and the partials are summed in group order at the end: the result is
-// the same on every call with the same thread count.
+// The backward's token loop and weight-gradient reduction, shared by the float kernel and the AMX one.
+// Tokens are cut into tiles of kBwdTile rows, the tiles into nchunks chunks of chunk_tiles tiles, both
+// set by the shape alone (at most kBwdMaxChunks chunks; fewer, down to kBwdMinChunks, where their
+// partials would pass kBwdPartialBytes; so at most 16 threads share the backward). Each
+// chunk accumulates its own (dW1^T, dW2, db1, db2) partial over its tiles in order (the first tile's
+// GEMMs overwrite, `Partial::fresh`); the chunks share out among the threads in one parallel region,
+// and one pass then sums the partials in chunk order, ((p0 + p1) + p2) + ..., element by element.
+// Which thread computes a chunk never changes its bits, so every gradient is bitwise the same
+// whatever torch.get_num_threads() is.
+constexpr int64_t kBwdMaxChunks = 16, kBwdMinChunks = 4;
+constexpr int64_t kBwdPartialBytes = int64_t(256) << 20;
+
 template <typename acc_t>
 struct BwdTiles {
   struct Partial {
     acc_t* dw1t;  // (D, F)
     acc_t* dw2;   // (D2, F)
-    acc_t* db1;   // (F,)
-    acc_t* db2;   // (D2,)
+    acc_t* db1;   // (F,), zeroed
+    acc_t* db2;   // (D2,), zeroed
+    bool fresh;   // dw1t and dw2 hold no sum yet: the tile's GEMMs write instead of adding
   };
-  int64_t T, ntiles, groups;
-  at::Tensor dw1t, dw2, db1, db2;  // (groups, D, F), (groups, D2, F), (groups, F), (groups, D2)
+  int64_t T, D, F, D2, ntiles, psize, chunk_tiles, nchunks;
+  at::Tensor part;  // (max(nchunks, 1), psize): [dW1^T (D, F) | dW2 (D2, F) | db1 (F) | db2 (D2)], sum in row 0
 
   explicit BwdTiles(const FfnShape& s)
       : T(s.T),
+        D(s.D),
+        F(s.F),
+        D2(s.D2),
         ntiles((s.T + kBwdTile - 1) / kBwdTile),
-        groups(std::max<int64_t>(1, std::min<int64_t>(ntiles, at::get_num_threads()))) {
+        psize(s.D * s.F + s.D2 * s.F + s.F + s.D2) {
+    const int64_t fit = kBwdPartialBytes / std::max<int64_t>(1, psize * static_cast<int64_t>(sizeof(acc_t)));
+    const int64_t want = std::max<int64_t>(1, std::min({ntiles, kBwdMaxChunks, std::max(kBwdMinChunks, fit)}));
+    chunk_tiles = (ntiles + want - 1) / want;
+    nchunks = chunk_tiles > 0 ? (ntiles + chunk_tiles - 1) / chunk_tiles : 0;
     const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    dw1t = at::zeros({groups, s.D, s.F}, opt);
-    dw2 = at::zeros({groups, s.D2, s.F}, opt);
-    db1 = at::zeros({groups, s.F}, opt);
-    db2 = at::zeros({groups, s.D2}, opt);
+    part = at::empty({std::max<int64_t>(nchunks, 1), psize}, opt);
+    if (nchunks == 0) part.zero_();
   }
 
-  // Runs tile(scratch, t0, rows, partial) for every tile, the groups in parallel; each thread makes
-  // its scratch once with make_scratch(). release_brgemm: release brgemm's AMX state per thread.
+  // Runs tile(scratch, t0, rows, partial) for every tile; each thread makes its scratch once with
+  // make_scratch(). release_brgemm: release brgemm's AMX state on each thread at the end.
   template <typename MakeScratch, typename Tile>
   void run(MakeScratch make_scratch, Tile tile, bool release_brgemm) {
-    acc_t* dw1t_p = dw1t.data_ptr<acc_t>();
-    acc_t* dw2_p = dw2.data_ptr<acc_t>();
-    acc_t* db1_p = db1.data_ptr<acc_t>();
-    acc_t* db2_p = db2.data_ptr<acc_t>();
-    const int64_t D = dw1t.size(1), F = dw1t.size(2), D2 = dw2.size(1);
-    at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
-      auto scratch = make_scratch();
-      for (int64_t g = gbegin; g < gend; ++g) {
-        const Partial part{dw1t_p + g * D * F, dw2_p + g * D2 * F, db1_p + g * F, db2_p + g * D2};
-        for (int64_t t = g * ntiles / groups; t < (g + 1) * ntiles / groups; ++t) {
+    acc_t* part_p = part.data_ptr<acc_t>();
+    // one region, the range padded as parallel_each pads it (at::mm fallback single-threaded)
+    at::parallel_for(0, std::max<int64_t>(nchunks, 2), 1, [&](int64_t cbegin, int64_t cend) {
+      cend = std::min(cend, nchunks);
+      if (cbegin >= cend) return;
+      auto sc = make_scratch();
+      for (int64_t c = cbegin; c < cend; ++c) {
+        acc_t* base = part_p + c * psize;
+        Partial pt{base, base + D * F, base + (D + D2) * F, base + (D + D2) * F + F, true};
+        std::fill(pt.db1, pt.db1 + F + D2, acc_t(0));
+        for (int64_t t = c * chunk_tiles; t < std::min(ntiles, (c + 1) * chunk_tiles); ++t) {
           const int64_t t0 = t * kBwdTile;
-          tile(scratch, t0, std::min(kBwdTile, T - t0), part);
+          tile(sc, t0, std::min(kBwdTile, T - t0), pt);
+          pt.fresh = false;
         }
       }
 #if defined(FASTATTN_AMX_BUILD)
@@ -532,21 +572,26 @@ struct BwdTiles {
       (void)release_brgemm;
 #endif
     });
+    // row 0 += row 1, += row 2, ... in chunk order, element by element, in blocks across threads
+    constexpr int64_t kBlock = 2048;
+    at::parallel_for(0, nchunks > 1 ? (psize + kBlock - 1) / kBlock : 0, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t e0 = b0 * kBlock; e0 < std::min(psize, b1 * kBlock); e0 += kBlock) {
+        const int64_t e1 = std::min(psize, e0 + kBlock);
+        for (int64_t c = 1; c < nchunks; ++c) {
+          const acc_t* src = part_p + c * psize;
+          for (int64_t e = e0; e < e1; ++e) part_p[e] += src[e];
+        }
+      }
+    });
   }
 
-  // Sums the partials in group order into the outputs (dW1 laid out as (F, D)).
+  // The sums into the outputs (dW1 laid out as (F, D)).
   void finish(at::Tensor& dw1_out, at::Tensor& dw2_out, at::Tensor& db1_out, at::Tensor& db2_out) {
-    at::Tensor a = dw1t[0], b = dw2[0], c = db1[0], d = db2[0];
-    for (int64_t g = 1; g < groups; ++g) {
-      a.add_(dw1t[g]);
-      b.add_(dw2[g]);
-      c.add_(db1[g]);
-      d.add_(db2[g]);
-    }
-    dw1_out.copy_(a.t());
-    dw2_out.copy_(b);
-    db1_out.copy_(c);
-    db2_out.copy_(d);
+    const at::Tensor acc = part[0];
+    dw1_out.copy_(acc.narrow(0, 0, D * F).view({D, F}).t());
+    dw2_out.copy_(acc.narrow(0, D * F, D2 * F).view({D2, F}));
+    db1_out.copy_(acc.narrow(0, (D + D2) * F, F));
+    db2_out.copy_(acc.narrow(0, (D + D2) * F + F, D2));
   }
 };
 
@@ -564,10 +609,7 @@ void ffn_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
   const scalar_t* pre_p = saved.data_ptr<scalar_t>();
   scalar_t* dx_p = dx.data_ptr<scalar_t>();
-  const bool drop = dropout_p > 0.0;
-  const float p = static_cast<float>(dropout_p);
-  const acc_t scale = drop ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
-  const auto epilogue = pick_bwd<scalar_t, acc_t>(act, drop);
+  const BoundEpilogues<scalar_t, acc_t> ep(act, dropout_p, seed, F);
   const bool use_brgemm = brgemm_usable();
   struct Scratch {
     std::vector<acc_t> dh, hid, keep, go_t, x_t, go_buf, dx_buf;
@@ -578,7 +620,7 @@ void ffn_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::T
         Scratch sc;
         sc.dh.resize(kBwdTile * F);   // dh, then d pre
         sc.hid.resize(kBwdTile * F);  // act(pre) * keep
-        sc.keep.resize(drop ? F : 0);
+        sc.keep.resize(ep.keep_size());
         sc.go_t.resize(D2 * kBwdTile);  // grad_out tile transposed (D2, rows)
         sc.x_t.resize(D * kBwdTile);    // x tile transposed (D, rows)
         sc.go_buf.resize(kSame ? 0 : kBwdTile * D2);
@@ -603,12 +645,11 @@ void ffn_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::T
         }
         // dh (rows, F) = grad_out_tile (rows, D2) @ w2 (D2, F)
         gemm<acc_t>(rows, F, D2, go, D2, w2_p, F, sc.dh.data(), F, false, use_brgemm);
-        epilogue(rows, F, sc.dh.data(), pre_p + t0 * F, sc.hid.data(), part.db1, seed,
-                 static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, sc.keep.data());
+        ep.bwd(rows, t0, sc.dh.data(), pre_p + t0 * F, sc.hid.data(), part.db1, sc.keep.data());
         // dW2 (D2, F) += grad_out_tile^T (D2, rows) @ hid (rows, F)
-        gemm<acc_t>(D2, F, rows, sc.go_t.data(), rows, sc.hid.data(), F, part.dw2, F, true, use_brgemm);
+        gemm<acc_t>(D2, F, rows, sc.go_t.data(), rows, sc.hid.data(), F, part.dw2, F, !part.fresh, use_brgemm);
         // dW1^T (D, F) += x_tile^T (D, rows) @ dpre (rows, F)
-        gemm<acc_t>(D, F, rows, sc.x_t.data(), rows, sc.dh.data(), F, part.dw1t, F, true, use_brgemm);
+        gemm<acc_t>(D, F, rows, sc.x_t.data(), rows, sc.dh.data(), F, part.dw1t, F, !part.fresh, use_brgemm);
         // dx_tile (rows, D) = dpre (rows, F) @ w1 (F, D)
         if constexpr (kSame) {
           gemm<acc_t>(rows, D, F, sc.dh.data(), F, w1_p, D, dx_p + t0 * D, D, false, use_brgemm);
@@ -688,10 +729,7 @@ void ffn_bwd_amx(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
   const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
   const scalar_t* pre_p = saved.data_ptr<scalar_t>();
   scalar_t* dx_p = dx.data_ptr<scalar_t>();
-  const bool drop = dropout_p > 0.0;
-  const float p = static_cast<float>(dropout_p);
-  const float scale = drop ? float(1.0 / (1.0 - dropout_p)) : 1.f;
-  const auto epilogue = pick_bwd<scalar_t, float>(act, drop);
+  const BoundEpilogues<scalar_t, float> ep(act, dropout_p, seed, F);
   constexpr int64_t kRp = kBwdTile;  // kBwdTile is even
   struct Scratch {
     std::vector<float> dh, hid, keep, dx_buf;
@@ -703,7 +741,7 @@ void ffn_bwd_amx(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
         Scratch sc;
         sc.dh.resize(kBwdTile * F);
         sc.hid.resize(kBwdTile * F);
-        sc.keep.resize(drop ? F : 0);
+        sc.keep.resize(ep.keep_size());
         sc.go_pad.resize(kBwdTile * D2p);
         sc.go_t.resize(D2 * kRp);  // (D2, rows_p)
         sc.x_t.resize(D * kRp);    // (D, rows_p)
@@ -731,15 +769,16 @@ void ffn_bwd_amx(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
         }
         // dh (rows, F) = grad_out_tile (rows, D2) @ w2 (D2, F)
         at::native::cpublas::brgemm(rows, F, D2p, D2p, F, F, false, sc.go_pad.data(), w2v_p, sc.dh.data(), true);
-        epilogue(rows, F, sc.dh.data(), pre_p + t0 * F, sc.hid.data(), part.db1, seed,
-                 static_cast<uint64_t>(t0) * static_cast<uint64_t>(F), p, scale, sc.keep.data());
+        ep.bwd(rows, t0, sc.dh.data(), pre_p + t0 * F, sc.hid.data(), part.db1, sc.keep.data());
         pack_vnni_rows_f32(sc.hid.data(), rows, F, F, sc.hid_v.data());
         pack_vnni_rows_f32(sc.dh.data(), rows, F, F, sc.dpre_v.data());
         round_rows_bf16(rows, F, Fp, sc.dh.data(), sc.dpre_b.data());
         // dW2 (D2, F) += grad_out_tile^T (D2, rows) @ hid (rows, F)
-        at::native::cpublas::brgemm(D2, F, rp, rp, F, F, true, sc.go_t.data(), sc.hid_v.data(), part.dw2, true);
+        at::native::cpublas::brgemm(D2, F, rp, rp, F, F, !part.fresh, sc.go_t.data(), sc.hid_v.data(), part.dw2,
+                                    true);
         // dW1^T (D, F) += x_tile^T (D, rows) @ dpre (rows, F)
-        at::native::cpublas::brgemm(D, F, rp, rp, F, F, true, sc.x_t.data(), sc.dpre_v.data(), part.dw1t, true);
+        at::native::cpublas::brgemm(D, F, rp, rp, F, F, !part.fresh, sc.x_t.data(), sc.dpre_v.data(), part.dw1t,
+                                    true);
         // dx_tile (rows, D) = dpre (rows, F) @ w1 (F, D)
         at::native::cpublas::brgemm(rows, D, Fp, Fp, D, D, false, sc.dpre_b.data(), w1v_p, sc.dx_buf.data(), true);
         for (int64_t i = 0; i < rows * D; ++i) dx_p[t0 * D + i] = static_cast<scalar_t>(sc.dx_buf[i]);
