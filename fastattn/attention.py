@@ -324,7 +324,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         qs, ks, vs = query.shape, key.shape, value.shape
         # contiguous tensors, or on the CPU any views whose last dim is contiguous (the C++ CPU op reads
         # them in place: heads viewed in a projection's rows, a slice of a longer KV cache)
-        if (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and qs[2] and ks[2] and (qs[1] == ks[1] or enable_gqa is True)
+        if (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and qs[2] and ks[2] and qs[3] and (qs[1] == ks[1] or enable_gqa is True)
                 and ((query.is_contiguous() and key.is_contiguous() and value.is_contiguous())
                      or (query.is_cpu and query.stride(3) == 1 and key.stride(3) == 1 and value.stride(3) == 1))):
             op = _direct_op(query, qs[3], vs[3], backend)
