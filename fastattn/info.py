@@ -15,13 +15,25 @@ def _names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-# The environment variables fastattn reads outside csrc/tuning.h (the C++ table is listed from
-# fastattn._C.tuning_knobs() below).
+# Every environment variable fastattn reads outside csrc/tuning.h (the C++ table is listed from
+# fastattn._C.tuning_knobs() below), so `python -m fastattn.info` lists them all in one place.
 PYTHON_KNOBS = {
     "FASTATTN_BACKEND": "force one backend for every call (cuda, triton, cpu, reference)",
     "TRITON_INTERPRET": "1: run Triton kernels on CPU tensors under the interpreter (tests only)",
     "FASTATTN_TRITON_CONFIGS": "a JSON tile table written by `python -m fastattn.kernels.tune`, overriding the "
                                "built-in entries it names (kernels/configs.py)",
+    "FASTATTN_TRITON_ATTN": "sm90 (default on sm_90) or classic: which Triton attention kernels serve a call "
+                            "(kernels/attention_sm90*.py or kernels/attention.py); read once",
+    # C++ switches read once, outside the tuning.h table (they pick a code path, not a tile size)
+    "FASTATTN_CPU_DECODE": "0: the CPU decoding path (L <= 16) off",
+    "FASTATTN_CPU_BF16DOT": "0: the AVX512-BF16 (vdpbf16ps) attention and feed-forward paths off",
+    "FASTATTN_CPU_BF16DOT_FFN": "mm: the bf16 feed-forward through the whole-matrix oneDNN fallback (tests)",
+    # C++ decode tuning, read on every call (for tuning runs; the defaults are measured)
+    "FASTATTN_CPU_DECODE_CHUNK": "keys per decode task (default: from the shape, >= 256); read per call",
+    "FASTATTN_CPU_DECODE_PREFETCH": "software prefetch distance in key blocks (default 1 for fp32/fp64, 0 for "
+                                    "16-bit K/V); read per call",
+    "FASTATTN_CPU_DECODE_QK_ROWS": "1 (default): a decode block's first-row Q K^T loads key by key; 0: the "
+                                   "16 keys' columns in step; read per call",
 }
 
 
@@ -53,7 +65,7 @@ def main() -> None:
             if why is None and impl.kernel is not None and not _library.has_kernel(*impl.kernel):
                 gap = f" (this build has no {impl.kernel[1]} kernel)"
             print(f"            {family}: devices {', '.join(impl.devices)}; dtypes {_names(impl.dtypes)}{gap}")
-    print("tuning knobs (environment variables, read once):")
+    print("tuning knobs (environment variables; read once unless said):")
     knobs = dict((k, (os.environ.get(k, ""), v)) for k, v in PYTHON_KNOBS.items())
     ext = getattr(_library._C, "tuning_knobs", None)
     if ext is not None:
