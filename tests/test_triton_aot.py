@@ -100,6 +100,10 @@ KNOWN_GAP = {
     "bwd_dq f32 hd64 mask 16x32 w4 s2 sm_80",  # 3.6: 16 B
     "bwd_dq f32 hd64 plain 32x32 w8 s2 sm_80",  # 3.6: 16 B
     "bwd_dq tf32 hd128 drop 16x32 w8 s2 sm_90",  # 3.6: 16 B
+    "fwd f32 hd128 mask+drop 16x32 w8 s2 sm_80",  # 3.6: 8 B
+    "fwd tf32 hd128 mask 32x32 w8 s2 sm_90",  # 3.6: 16 B
+    "fwd tf32 hd256 mask 16x32 w8 s2 sm_80",  # 3.6: 16 B
+    "fwd tf32 hd64 mask 32x32 w8 s2 sm_80",  # 3.6: 8 B
 }
 
 _RUNNING: dict = {}  # (family, version) -> (Popen, stdout file, stderr file, start time)
