@@ -203,27 +203,19 @@ inline void pv_tile(const float* pr, int64_t ldp, const float* V, int64_t ldv, i
     for (int x = 0; x < XV; ++x) _mm512_storeu_ps(o + r * ldo + 16 * x, acc[r][x]);
 }
 
-template <int RT>
+// The widest V tile (in 16-float vectors) for RT rows: RT x XV accumulators, a row of V and a
+// broadcast fit the 32 zmm registers.
+constexpr int pv_max_xv(int rt) { return rt <= 2 ? 8 : 4; }
+
+// pv_tile<RT, xv> for a run-time xv in 1..pv_max_xv(RT).
+template <int RT, int X = 1>
 inline void pv_rows(int xv, const float* pr, int64_t ldp, const float* V, int64_t ldv, int64_t nk, float* o,
                     int64_t ldo, const float* alpha, __mmask16 vmask) {
-  switch (xv) {
-#define FA_DEC_XV(X) \
-  case X: pv_tile<RT, X>(pr, ldp, V, ldv, nk, o, ldo, alpha, vmask); break;
-    FA_DEC_XV(1) FA_DEC_XV(2) FA_DEC_XV(3) FA_DEC_XV(4)
-#undef FA_DEC_XV
-    default: break;
-  }
-}
-
-template <int RT>
-inline void pv_rows_wide(int xv, const float* pr, int64_t ldp, const float* V, int64_t ldv, int64_t nk, float* o,
-                         int64_t ldo, const float* alpha, __mmask16 vmask) {
-  switch (xv) {
-#define FA_DEC_XV(X) \
-  case X: pv_tile<RT, X>(pr, ldp, V, ldv, nk, o, ldo, alpha, vmask); break;
-    FA_DEC_XV(1) FA_DEC_XV(2) FA_DEC_XV(3) FA_DEC_XV(4) FA_DEC_XV(5) FA_DEC_XV(6) FA_DEC_XV(7) FA_DEC_XV(8)
-#undef FA_DEC_XV
-    default: break;
+  if constexpr (X <= pv_max_xv(RT)) {
+    if (xv == X)
+      pv_tile<RT, X>(pr, ldp, V, ldv, nk, o, ldo, alpha, vmask);
+    else
+      pv_rows<RT, X + 1>(xv, pr, ldp, V, ldv, nk, o, ldo, alpha, vmask);
   }
 }
 
@@ -237,7 +229,7 @@ inline void pv_avx512(const float* pr, int64_t R, int64_t ldp, const float* V, i
   const int64_t rt_even = (R + rtiles - 1) / rtiles;
   for (int64_t r0 = 0; r0 < R; r0 += rt_even) {
     const int rt = static_cast<int>(std::min(rt_even, R - r0));
-    const int maxv = rt <= 2 ? 8 : 4;
+    const int maxv = pv_max_xv(rt);
     const int64_t vtiles = (nvec + maxv - 1) / maxv;
     const int64_t v_even = (nvec + vtiles - 1) / vtiles;
     for (int64_t x0 = 0; x0 < nvec; x0 += v_even) {
@@ -249,8 +241,8 @@ inline void pv_avx512(const float* pr, int64_t R, int64_t ldp, const float* V, i
       float* op = o + r0 * ldo + x0 * 16;
       const float* ap = alpha + r0;
       switch (rt) {
-        case 1: pv_rows_wide<1>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
-        case 2: pv_rows_wide<2>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
+        case 1: pv_rows<1>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
+        case 2: pv_rows<2>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
         case 3: pv_rows<3>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
         default: pv_rows<4>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
       }
