@@ -50,12 +50,17 @@ from fastattn.testing import check_bound  # noqa: E402
 SMEM_LIMIT_SM90 = 227 * 1024
 
 
-def _sm90():
+def _kernel_module(name: str):
+    """fastattn.kernels.<name> (kernels/ from the checkout when fastattn is not installed)."""
     try:
-        return importlib.import_module("fastattn.kernels.attention_sm90")
+        return importlib.import_module(f"fastattn.kernels.{name}")
     except ImportError:
         sys.path.insert(0, str(ROOT))
-        return importlib.import_module("kernels.attention_sm90")
+        return importlib.import_module(f"kernels.{name}")
+
+
+def _sm90():
+    return _kernel_module("attention_sm90")
 
 
 def _reference(q, k, v, causal, scale, dtype):
@@ -277,11 +282,7 @@ def test_sm90_compile_facts_triton36(sweeps):
 # Backward (kernels/attention_sm90_bwd.py) under the interpreter
 # ---------------------------------------------------------------------------------------------
 def _bwd_module():
-    try:
-        return importlib.import_module("fastattn.kernels.attention_sm90_bwd")
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        return importlib.import_module("kernels.attention_sm90_bwd")
+    return _kernel_module("attention_sm90_bwd")
 
 
 def _kernel_tests():
