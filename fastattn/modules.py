@@ -488,6 +488,11 @@ class TransformerEncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
+        if (src_mask is None and src_key_padding_mask is None and not is_causal and type(src) is Tensor
+                and not torch.is_grad_enabled()):
+            out = self._forward_no_grad(src)  # the common inference call, fewest ops and no extra buffers
+            if out is not None:
+                return out
         if not isinstance(src, Tensor):
             raise TypeError(f"fastattn.TransformerEncoderLayer: argument 'src' got {type(src).__name__}; "
                             "expected a tensor")
@@ -515,6 +520,53 @@ class TransformerEncoderLayer(nn.Module):
             x = _norm(self.norm1, x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
             x = _norm(self.norm2, x + self._ff_block(x))
         return x
+
+    def _forward_no_grad(self, src: Tensor) -> Optional[Tensor]:
+        """forward(src) without masks while autograd records nothing: self-attention through
+        MultiheadAttention._forward_self, the feed-forward through _ff_no_grad, and each residual
+        added in place into the sublayer's own fresh output (x + y and y + x are the same floats), so
+        no (tokens, d_model) buffer is allocated for the sums. None when the call does not qualify
+        (masks, hooks, another attention class, 2-D or NestedTensor input, autocast): forward's
+        general path serves it."""
+        attn = self.self_attn
+        if (src.dim() != 3 or src.is_nested or type(attn) is not MultiheadAttention or not _unhooked(attn)
+                or _autocast_dtype(src) is not None):
+            return None
+        norm_first = self.norm_first
+        if norm_first and not _plain_norm(self.norm1):  # norm1 runs first: it must not run twice
+            return None
+        sa = attn._forward_self(_norm(self.norm1, src) if norm_first else src)
+        if sa is None:
+            return None
+        x = _residual(self.dropout1, sa, src)
+        if not norm_first:
+            x = _norm(self.norm1, x)
+        ff = self._ff_no_grad(_norm(self.norm2, x) if norm_first else x)
+        if ff is None:  # an activation fastattn does not name, or the public function's path
+            ff = self._ff_block(_norm(self.norm2, x) if norm_first else x)
+            return x + ff if norm_first else _norm(self.norm2, x + ff)
+        x = _residual(self.dropout2, ff, x)
+        return x if norm_first else _norm(self.norm2, x)
+
+    def _ff_no_grad(self, x: Tensor) -> Optional[Tensor]:
+        """The feed-forward (before dropout2) as a tensor of its own, without autograd: the fused C++
+        op where it serves and pays, else torch's Linear -> activation (in place) -> Dropout -> Linear;
+        None when neither applies (_ff_block serves it)."""
+        name = _activation_name(self.activation)
+        if name is None:
+            return None
+        l1, l2 = self.linear1, self.linear2
+        w1, b1, w2, b2 = l1.weight, l1.bias, l2.weight, l2.bias
+        p = self.dropout.p if self.training else 0.0
+        out = _ffn_direct(x, w1, b1, w2, b2, name, p, self._backend)
+        if out is not _SMALL:
+            return out
+        h = F.linear(x, w1, b1)
+        if name == "relu":
+            h.relu_()
+        else:
+            torch._C._nn.gelu_(h, approximate="tanh" if name == "gelu_tanh" else "none")
+        return F.linear(_dropout(self.dropout, h), w2, b2)
 
     def _sa_block(self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                   is_causal: bool) -> Tensor:
@@ -555,9 +607,21 @@ def _dropout(module: nn.Module, x: Tensor) -> Tensor:
     return module(x)
 
 
+def _residual(dropout: nn.Module, y: Tensor, x: Tensor) -> Tensor:
+    """x + dropout(y) for a y the caller made and owns (no autograd): added into y in place where the
+    dropout is the identity, else a new tensor."""
+    if type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0.0) and _unhooked(dropout):
+        return y.add_(x)
+    return x + dropout(y)
+
+
+def _plain_norm(module: nn.Module) -> bool:
+    return type(module) is nn.LayerNorm and _unhooked(module)
+
+
 def _norm(module: nn.Module, x: Tensor) -> Tensor:
     """module(x); torch's nn.LayerNorm as F.layer_norm on its parameters (no module call overhead)."""
-    if type(module) is nn.LayerNorm and _unhooked(module):
+    if _plain_norm(module):
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     return module(x)
 

@@ -475,6 +475,33 @@ def test_encoder_layer_eval_no_grad_matches_torch_fast_path(backend, kpm):
     _close(got, want, "eval no_grad", atol=1e-9)
 
 
+@pytest.mark.parametrize("config", sorted(LAYER_CONFIGS))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encoder_layer_no_grad_path_matches_grad_path(config, mode, backend):
+    """Without autograd (no_grad, inference_mode) and masks the layer takes its no-grad path (residuals
+    added in place into the sublayers' outputs, activation in place): same result as the recording path
+    (train mode: same dropout draws from the same seed), as torch in eval, and the input is untouched."""
+    cfg = LAYER_CONFIGS[config]
+    ours, theirs = _layer_pair(cfg, dropout=0.2, backend=backend)
+    ours.train(mode == "train")
+    theirs.train(mode == "train")
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn((N, S, D_MODEL) if cfg.get("batch_first") else (S, N, D_MODEL), generator=gen, dtype=DT)
+    x_before = x.clone()
+    torch.manual_seed(5)
+    want = ours(x)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        torch.manual_seed(5)
+        with ctx():
+            got = ours(x)
+        _close(got, want.detach(), f"layer {config} {mode} under {ctx.__name__}", atol=1e-12, rtol=0)
+        assert torch.equal(x, x_before), "the layer must not modify its input"
+    if mode == "eval":
+        with torch.no_grad():
+            _close(ours(x), theirs(x), f"layer {config} eval no_grad vs torch")
+
+
 def _spy_direct(monkeypatch, name):
     """Count the modules' direct calls of a C++ op (fastattn.modules._attention_fwd / _ffn_fwd)."""
     import fastattn.modules as modules
