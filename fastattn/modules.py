@@ -28,6 +28,7 @@ every other backend goes through the public functions.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Callable, Optional, Union
 
@@ -47,6 +48,57 @@ _ffn = importlib.import_module("fastattn.feed_forward")  # the module (fastattn.
 # fastattn.scaled_dot_product_attention / fastattn.feed_forward. Module attributes, so tests can spy.
 _attention_fwd = torch.ops.fastattn.attention_fwd
 _ffn_fwd = torch.ops.fastattn.ffn_fwd
+
+
+# Float32 linear layers without autograd through oneDNN's matmul (torch.ops.mkldnn._linear_pointwise,
+# the op torch's inductor emits for CPU linears) where it pays: on a Zen 5 with torch's MKL it runs a
+# (tokens, K) @ (K, N) GEMM with K >= 512 in about half at::addmm's time (AVX-512 kernels where MKL,
+# on a non-Intel CPU, does not take them); below that, or under ~2^26 multiply-adds, its per-call
+# setup costs more than it saves. It also fuses the activation (relu/gelu) and a residual add into
+# the GEMM. FASTATTN_CPU_ONEDNN_LINEAR=0 (read once) turns it off.
+_ONEDNN_LINEAR = (os.environ.get("FASTATTN_CPU_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+_ONEDNN_MIN_K, _ONEDNN_MIN_MACS = 512, 1 << 26
+if _ONEDNN_LINEAR:  # module attributes, so tests can spy
+    _onednn_linear = torch.ops.mkldnn._linear_pointwise.default
+    _onednn_linear_add = torch.ops.mkldnn._linear_pointwise.binary
+
+
+def _onednn_pays(x: Tensor, w: Tensor) -> bool:
+    """Whether x @ w.T (+ bias, activation, residual) goes through oneDNN: see _ONEDNN_LINEAR. Only
+    without autograd, float32 CPU tensors, w contiguous (x is made so: the GEMM repays the copy)."""
+    if not _ONEDNN_LINEAR or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    k = x.shape[-1]
+    return (k >= _ONEDNN_MIN_K and x.numel() * w.shape[0] >= _ONEDNN_MIN_MACS and w.dtype == torch.float32
+            and w.is_contiguous() and not torch.compiler.is_compiling())
+
+
+def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], act: str = "none", residual: Optional[Tensor] = None
+            ) -> Tensor:
+    """act(F.linear(x, w, b)) (+ residual), act "none", "relu", "gelu" or "gelu_tanh"; through oneDNN where
+    _onednn_pays (activation and residual fused there), else torch's ops (the activation in place, so
+    only without autograd unless act is "none")."""
+    if _onednn_pays(x, w) and (b is None or (b.dtype == torch.float32 and b.is_contiguous())) and (
+            residual is None or (residual.dtype == torch.float32 and residual.is_contiguous()
+                                 and residual.shape == x.shape[:-1] + w.shape[:1])):
+        x2 = x.reshape(-1, x.shape[-1])
+        if residual is not None:
+            out = _onednn_linear_add(x2, residual.view(x2.shape[0], -1), w, b, "add")
+            if act != "none":
+                raise AssertionError("fastattn: _linear fuses an activation or a residual, not both")
+        elif act == "none":
+            out = _onednn_linear(x2, w, b, "none", [], "")
+        else:
+            out = _onednn_linear(x2, w, b, "relu" if act == "relu" else "gelu", [],
+                                 "" if act == "relu" else ("tanh" if act == "gelu_tanh" else "none"))
+        return out.view(*x.shape[:-1], w.shape[0])
+    out = F.linear(x, w, b)
+    if act == "relu":
+        out.relu_()
+    elif act != "none":
+        torch._C._nn.gelu_(out, approximate="tanh" if act == "gelu_tanh" else "none")
+    return out if residual is None else out.add_(residual)
 
 
 @torch.compiler.assume_constant_result
@@ -306,11 +358,12 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = self._attention_api(q, k, v, attn_mask, key_padding_mask, is_causal, seq_dim, n, h, l, s, hd)
         return self._out_projection(out, seq_dim, batched, n, l, e)
 
-    def _forward_self(self, x: Tensor) -> Optional[Tensor]:
+    def _forward_self(self, x: Tensor, residual: Optional[Tensor] = None) -> Optional[Tensor]:
         """Self-attention without masks, bias_k/v or zero attention, on the "cpu" backend: one in-projection
         GEMM, the kernel on q, k, v viewed as heads in its rows (the C++ op reads strided rows and then
         writes its output (N, L, H, hd), which the out-projection reads as is), the out-projection. None
-        when the call does not qualify (the general path serves it)."""
+        when the call does not qualify (the general path serves it). residual (only without autograd):
+        a tensor shaped like the output, added to it (fused into the out-projection where oneDNN runs it)."""
         if (x.dim() != 3 or not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn
                 or x.shape[-1] != self.embed_dim or not self._direct_attention(x, None, None)):
             return None
@@ -318,15 +371,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         hd = e // h
         if self.batch_first:
             n, l = x.shape[0], x.shape[1]
-            heads = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(n, l, 3, h, hd).permute(2, 0, 3, 1, 4)
+            heads = _linear(x, self.in_proj_weight, self.in_proj_bias).view(n, l, 3, h, hd).permute(2, 0, 3, 1, 4)
         else:
             l, n = x.shape[0], x.shape[1]
-            heads = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(l, n, 3, h, hd).permute(2, 1, 3, 0, 4)
+            heads = _linear(x, self.in_proj_weight, self.in_proj_bias).view(l, n, 3, h, hd).permute(2, 1, 3, 0, 4)
         q, k, v = heads.unbind(0)
         dropout_p = float(self.dropout) if self.training else 0.0
         seed = _philox.new_seed() if dropout_p > 0.0 else None
         out = _attention_fwd(q, k, v, None, None, dropout_p, False, 1.0 / math.sqrt(hd), seed)[0]
-        return self._out_projection(out, 1 if self.batch_first else 0, True, n, l, e)
+        return self._out_projection(out, 1 if self.batch_first else 0, True, n, l, e, residual)
 
     def _direct_attention(self, q: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor]) -> bool:
         """Whether this call goes straight to the C++ kernel: the chosen backend is "cpu" and the masks
@@ -369,14 +422,17 @@ class MultiheadAttention(nn.MultiheadAttention):
         return _attention.scaled_dot_product_attention(q, k, v, sdpa_mask, dropout_p, is_causal,
                                                 key_padding_mask=kpm, backend=self.backend)
 
-    def _out_projection(self, out: Tensor, seq_dim: int, batched: bool, n: int, l: int, e: int) -> Tensor:
+    def _out_projection(self, out: Tensor, seq_dim: int, batched: bool, n: int, l: int, e: int,
+                        residual: Optional[Tensor] = None) -> Tensor:
         # (N, H, L, hd) -> the caller's layout (one copy), then the output projection as torch's
         # functional does it (F.linear on out_proj's parameters)
         if seq_dim == 0:
             out = out.permute(2, 0, 1, 3).reshape(l, n, e)
         else:
             out = out.transpose(1, 2).reshape(n, l, e)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if residual is not None:
+            return _linear(out, self.out_proj.weight, self.out_proj.bias, residual=residual)
+        out = _linear(out, self.out_proj.weight, self.out_proj.bias)
         return out if batched else out.squeeze(0)
 
 
@@ -523,11 +579,11 @@ class TransformerEncoderLayer(nn.Module):
 
     def _forward_no_grad(self, src: Tensor) -> Optional[Tensor]:
         """forward(src) without masks while autograd records nothing: self-attention through
-        MultiheadAttention._forward_self, the feed-forward through _ff_no_grad, and each residual
-        added in place into the sublayer's own fresh output (x + y and y + x are the same floats), so
-        no (tokens, d_model) buffer is allocated for the sums. None when the call does not qualify
-        (masks, hooks, another attention class, 2-D or NestedTensor input, autocast): forward's
-        general path serves it."""
+        MultiheadAttention._forward_self, the feed-forward through _ff_no_grad, each residual added
+        into the sublayer's own fresh output (fused into its last GEMM where oneDNN runs it, else in
+        place: x + y and y + x are the same floats), the activation in place, so no extra (tokens,
+        d_model) or hidden buffer is made. None when the call does not qualify (masks, hooks, another
+        attention class, 2-D or NestedTensor input, autocast): forward's general path serves it."""
         attn = self.self_attn
         if (src.dim() != 3 or src.is_nested or type(attn) is not MultiheadAttention or not _unhooked(attn)
                 or _autocast_dtype(src) is not None):
@@ -535,23 +591,26 @@ class TransformerEncoderLayer(nn.Module):
         norm_first = self.norm_first
         if norm_first and not _plain_norm(self.norm1):  # norm1 runs first: it must not run twice
             return None
-        sa = attn._forward_self(_norm(self.norm1, src) if norm_first else src)
+        fuse = _identity_dropout(self.dropout1)
+        sa = attn._forward_self(_norm(self.norm1, src) if norm_first else src, src if fuse else None)
         if sa is None:
             return None
-        x = _residual(self.dropout1, sa, src)
+        x = sa if fuse else src + self.dropout1(sa)
         if not norm_first:
             x = _norm(self.norm1, x)
-        ff = self._ff_no_grad(_norm(self.norm2, x) if norm_first else x)
+        y = _norm(self.norm2, x) if norm_first else x
+        fuse = _identity_dropout(self.dropout2)
+        ff = self._ff_no_grad(y, x if fuse else None)
         if ff is None:  # an activation fastattn does not name, or the public function's path
-            ff = self._ff_block(_norm(self.norm2, x) if norm_first else x)
-            return x + ff if norm_first else _norm(self.norm2, x + ff)
-        x = _residual(self.dropout2, ff, x)
+            x = x + self._ff_block(y)
+        else:
+            x = ff if fuse else x + self.dropout2(ff)
         return x if norm_first else _norm(self.norm2, x)
 
-    def _ff_no_grad(self, x: Tensor) -> Optional[Tensor]:
-        """The feed-forward (before dropout2) as a tensor of its own, without autograd: the fused C++
-        op where it serves and pays, else torch's Linear -> activation (in place) -> Dropout -> Linear;
-        None when neither applies (_ff_block serves it)."""
+    def _ff_no_grad(self, x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
+        """The feed-forward (before dropout2) plus residual (when given) as a new tensor, without
+        autograd: the fused C++ op where it serves and pays, else Linear -> activation -> Dropout ->
+        Linear through _linear; None when neither applies (_ff_block serves it)."""
         name = _activation_name(self.activation)
         if name is None:
             return None
@@ -559,14 +618,13 @@ class TransformerEncoderLayer(nn.Module):
         w1, b1, w2, b2 = l1.weight, l1.bias, l2.weight, l2.bias
         p = self.dropout.p if self.training else 0.0
         out = _ffn_direct(x, w1, b1, w2, b2, name, p, self._backend)
-        if out is not _SMALL:
-            return out
-        h = F.linear(x, w1, b1)
-        if name == "relu":
-            h.relu_()
-        else:
-            torch._C._nn.gelu_(h, approximate="tanh" if name == "gelu_tanh" else "none")
-        return F.linear(_dropout(self.dropout, h), w2, b2)
+        if out is None:
+            return None
+        if out is _SMALL:
+            out = _linear(_dropout(self.dropout, _linear(x, w1, b1, name)), w2, b2, residual=residual)
+        elif residual is not None:
+            out.add_(residual)
+        return out
 
     def _sa_block(self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                   is_causal: bool) -> Tensor:
@@ -602,17 +660,12 @@ def _unhooked(module: nn.Module) -> bool:
 
 def _dropout(module: nn.Module, x: Tensor) -> Tensor:
     """module(x), skipped where it is torch's nn.Dropout acting as the identity (eval, or p == 0)."""
-    if type(module) is nn.Dropout and (not module.training or module.p == 0.0) and _unhooked(module):
-        return x
-    return module(x)
+    return x if _identity_dropout(module) else module(x)
 
 
-def _residual(dropout: nn.Module, y: Tensor, x: Tensor) -> Tensor:
-    """x + dropout(y) for a y the caller made and owns (no autograd): added into y in place where the
-    dropout is the identity, else a new tensor."""
-    if type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0.0) and _unhooked(dropout):
-        return y.add_(x)
-    return x + dropout(y)
+def _identity_dropout(module: nn.Module) -> bool:
+    """Whether module is torch's nn.Dropout acting as the identity (eval, or p == 0) with no hooks."""
+    return type(module) is nn.Dropout and (not module.training or module.p == 0.0) and _unhooked(module)
 
 
 def _plain_norm(module: nn.Module) -> bool:

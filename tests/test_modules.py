@@ -502,6 +502,50 @@ def test_encoder_layer_no_grad_path_matches_grad_path(config, mode, backend):
             _close(ours(x), theirs(x), f"layer {config} eval no_grad vs torch")
 
 
+@pytest.mark.parametrize("config", ["relu", "nn.GELU", "nn.GELU_tanh", "norm_first", "no_bias",
+                                    "batch_first_norm_first_gelu", "callable_silu"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_encoder_layer_no_grad_onednn_linears(monkeypatch, config, mode):
+    """float32 without autograd: the layers' GEMMs through oneDNN (thresholds lowered so small shapes take
+    it), activation and residual fused there; same result as the recording path and as torch in eval."""
+    import fastattn.modules as modules
+    if not modules._ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(modules, "_ONEDNN_MIN_K", 1)
+    monkeypatch.setattr(modules, "_ONEDNN_MIN_MACS", 1)
+    calls = []
+    for name in ("_onednn_linear", "_onednn_linear_add"):
+        real = getattr(modules, name)
+        monkeypatch.setattr(modules, name, lambda *a, _real=real, _name=name: calls.append((_name, a[-3:])) or _real(*a))
+    cfg = LAYER_CONFIGS[config]
+    theirs = nn.TransformerEncoderLayer(32, 4, 48, 0.2, **copy.deepcopy(cfg))
+    _randomize(theirs)
+    ours = TransformerEncoderLayer(32, 4, 48, 0.2, backend="cpu", **copy.deepcopy(cfg))
+    ours.load_state_dict(theirs.state_dict())
+    ours.train(mode == "train")
+    theirs.train(mode == "train")
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn((N, S, 32) if cfg.get("batch_first") else (S, N, 32), generator=gen)
+    x_before = x.clone()
+    torch.manual_seed(6)
+    want = ours(x).detach()
+    assert not calls, "with autograd recording, torch's own linear layers run"
+    torch.manual_seed(6)
+    with torch.no_grad():
+        got = ours(x)
+    assert torch.equal(x, x_before), "the layer must not modify its input"
+    _close(got, want, f"oneDNN {config} {mode} vs the recording path")
+    names = [c[0] for c in calls]
+    # in-projection, out-projection (+ residual in eval), and linear1 / linear2 (+ residual in eval)
+    # unless the activation is a callable fastattn does not name
+    n_ffn = 0 if config == "callable_silu" else 2
+    assert len(names) == 2 + n_ffn, calls
+    assert names.count("_onednn_linear_add") == (0 if mode == "train" else 1 + n_ffn // 2), names
+    if mode == "eval":
+        with torch.no_grad():
+            _close(ours(x), theirs(x), f"oneDNN {config} eval vs torch")
+
+
 def _spy_direct(monkeypatch, name):
     """Count the modules' direct calls of a C++ op (fastattn.modules._attention_fwd / _ffn_fwd)."""
     import fastattn.modules as modules
