@@ -35,6 +35,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module  # its global forward hooks
 
 import importlib
 
@@ -67,10 +68,10 @@ if _ONEDNN_LINEAR:  # module attributes, so tests can spy
 def _onednn_pays(x: Tensor, w: Tensor) -> bool:
     """Whether x @ w.T (+ bias, activation, residual) goes through oneDNN: see _ONEDNN_LINEAR. Only
     without autograd, float32 CPU tensors, w contiguous (x is made so: the GEMM repays the copy)."""
-    if not _ONEDNN_LINEAR or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+    if (x.shape[-1] < _ONEDNN_MIN_K or not _ONEDNN_LINEAR or torch.is_grad_enabled() or x.dtype != torch.float32
+            or x.device.type != "cpu"):
         return False
-    k = x.shape[-1]
-    return (k >= _ONEDNN_MIN_K and x.numel() * w.shape[0] >= _ONEDNN_MIN_MACS and w.dtype == torch.float32
+    return (x.numel() * w.shape[0] >= _ONEDNN_MIN_MACS and w.dtype == torch.float32
             and w.is_contiguous() and not torch.compiler.is_compiling())
 
 
@@ -364,22 +365,29 @@ class MultiheadAttention(nn.MultiheadAttention):
         writes its output (N, L, H, hd), which the out-projection reads as is), the out-projection. None
         when the call does not qualify (the general path serves it). residual (only without autograd):
         a tensor shaped like the output, added to it (fused into the out-projection where oneDNN runs it)."""
+        # (parameters read from _parameters: this runs per call and nn.Module.__getattr__ is slow)
+        params, h, e = self._parameters, self.num_heads, self.embed_dim
         if (x.dim() != 3 or not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn
-                or x.shape[-1] != self.embed_dim or not self._direct_attention(x, None, None)):
+                or x.shape[-1] != e
+                or _chosen_backend("attention", x.device.type, x.dtype, e // h, self.backend) != "cpu"):
             return None
-        h, e = self.num_heads, self.embed_dim
         hd = e // h
         if self.batch_first:
             n, l = x.shape[0], x.shape[1]
-            heads = _linear(x, self.in_proj_weight, self.in_proj_bias).view(n, l, 3, h, hd).permute(2, 0, 3, 1, 4)
+            heads = _linear(x, params["in_proj_weight"], params["in_proj_bias"]).view(n, l, 3, h, hd).permute(
+                2, 0, 3, 1, 4)
         else:
             l, n = x.shape[0], x.shape[1]
-            heads = _linear(x, self.in_proj_weight, self.in_proj_bias).view(l, n, 3, h, hd).permute(2, 1, 3, 0, 4)
+            heads = _linear(x, params["in_proj_weight"], params["in_proj_bias"]).view(l, n, 3, h, hd).permute(
+                2, 1, 3, 0, 4)
         q, k, v = heads.unbind(0)
         dropout_p = float(self.dropout) if self.training else 0.0
         seed = _philox.new_seed() if dropout_p > 0.0 else None
         out = _attention_fwd(q, k, v, None, None, dropout_p, False, 1.0 / math.sqrt(hd), seed)[0]
-        return self._out_projection(out, 1 if self.batch_first else 0, True, n, l, e, residual)
+        # the kernel's output is laid out (N, L, H, hd): the caller's layout viewed as is when batch-first
+        out = out.transpose(1, 2).reshape(n, l, e) if self.batch_first else out.permute(2, 0, 1, 3).reshape(l, n, e)
+        proj = self._modules["out_proj"]._parameters
+        return _linear(out, proj["weight"], proj["bias"], residual=residual)
 
     def _direct_attention(self, q: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor]) -> bool:
         """Whether this call goes straight to the C++ kernel: the chosen backend is "cpu" and the masks
@@ -583,48 +591,54 @@ class TransformerEncoderLayer(nn.Module):
         into the sublayer's own fresh output (fused into its last GEMM where oneDNN runs it, else in
         place: x + y and y + x are the same floats), the activation in place, so no extra (tokens,
         d_model) or hidden buffer is made. None when the call does not qualify (masks, hooks, another
-        attention class, 2-D or NestedTensor input, autocast): forward's general path serves it."""
-        attn = self.self_attn
+        attention class, 2-D or NestedTensor input, autocast): forward's general path serves it.
+        Submodules are read from _modules (nn.Module.__getattr__ is slow: this runs per call)."""
+        mods = self._modules
+        attn = mods["self_attn"]
         if (src.dim() != 3 or src.is_nested or type(attn) is not MultiheadAttention or not _unhooked(attn)
                 or _autocast_dtype(src) is not None):
             return None
+        norm1, norm2 = mods["norm1"], mods["norm2"]
         norm_first = self.norm_first
-        if norm_first and not _plain_norm(self.norm1):  # norm1 runs first: it must not run twice
+        if norm_first and not _plain_norm(norm1):  # norm1 runs first: it must not run twice
             return None
-        fuse = _identity_dropout(self.dropout1)
-        sa = attn._forward_self(_norm(self.norm1, src) if norm_first else src, src if fuse else None)
+        dropout1 = mods["dropout1"]
+        fuse = _identity_dropout(dropout1)
+        sa = attn._forward_self(_norm(norm1, src) if norm_first else src, src if fuse else None)
         if sa is None:
             return None
-        x = sa if fuse else src + self.dropout1(sa)
+        x = sa if fuse else src + dropout1(sa)
         if not norm_first:
-            x = _norm(self.norm1, x)
-        y = _norm(self.norm2, x) if norm_first else x
-        fuse = _identity_dropout(self.dropout2)
+            x = _norm(norm1, x)
+        y = _norm(norm2, x) if norm_first else x
+        dropout2 = mods["dropout2"]
+        fuse = _identity_dropout(dropout2)
         ff = self._ff_no_grad(y, x if fuse else None)
         if ff is None:  # an activation fastattn does not name, or the public function's path
             x = x + self._ff_block(y)
         else:
-            x = ff if fuse else x + self.dropout2(ff)
-        return x if norm_first else _norm(self.norm2, x)
+            x = ff if fuse else x + dropout2(ff)
+        return x if norm_first else _norm(norm2, x)
 
     def _ff_no_grad(self, x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
         """The feed-forward (before dropout2) plus residual (when given) as a new tensor, without
-        autograd: the fused C++ op where it serves and pays, else Linear -> activation -> Dropout ->
-        Linear through _linear; None when neither applies (_ff_block serves it)."""
+        autograd: below the fused CPU op's break-even (_ffn_small) Linear -> activation -> Dropout ->
+        Linear through _linear, else the fused C++ op where it serves; None when neither applies
+        (_ff_block serves it)."""
         name = _activation_name(self.activation)
         if name is None:
             return None
-        l1, l2 = self.linear1, self.linear2
-        w1, b1, w2, b2 = l1.weight, l1.bias, l2.weight, l2.bias
-        p = self.dropout.p if self.training else 0.0
-        out = _ffn_direct(x, w1, b1, w2, b2, name, p, self._backend)
-        if out is None:
+        mods = self._modules
+        p1, p2 = mods["linear1"]._parameters, mods["linear2"]._parameters
+        w1, b1, w2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
+        d = x.shape[-1]
+        if (_ffn_small(x.numel() // d if d else 0, d) and not torch.compiler.is_compiling()
+                and _chosen_backend("ffn", x.device.type, x.dtype, 0, self._backend) == "cpu"):
+            return _linear(_dropout(mods["dropout"], _linear(x, w1, b1, name)), w2, b2, residual=residual)
+        out = _ffn_direct(x, w1, b1, w2, b2, name, mods["dropout"].p if self.training else 0.0, self._backend)
+        if out is None or out is _SMALL:
             return None
-        if out is _SMALL:
-            out = _linear(_dropout(self.dropout, _linear(x, w1, b1, name)), w2, b2, residual=residual)
-        elif residual is not None:
-            out.add_(residual)
-        return out
+        return out if residual is None else out.add_(residual)
 
     def _sa_block(self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                   is_causal: bool) -> Tensor:
@@ -653,9 +667,8 @@ class TransformerEncoderLayer(nn.Module):
 
 def _unhooked(module: nn.Module) -> bool:
     """No forward hooks on the module nor global ones: calling its function directly is the same call."""
-    from torch.nn.modules import module as _m
-    return not (module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks
-                or _m._global_forward_pre_hooks)
+    return not (module._forward_hooks or module._forward_pre_hooks or _torch_module._global_forward_hooks
+                or _torch_module._global_forward_pre_hooks)
 
 
 def _dropout(module: nn.Module, x: Tensor) -> Tensor:
@@ -674,8 +687,11 @@ def _plain_norm(module: nn.Module) -> bool:
 
 def _norm(module: nn.Module, x: Tensor) -> Tensor:
     """module(x); torch's nn.LayerNorm as F.layer_norm on its parameters (no module call overhead)."""
-    if _plain_norm(module):
-        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    if _plain_norm(module):  # torch.layer_norm: F.layer_norm less its __torch_function__ check (plain tensors)
+        params = module._parameters
+        if type(x) is Tensor:
+            return torch.layer_norm(x, module.normalized_shape, params["weight"], params["bias"], module.eps)
+        return F.layer_norm(x, module.normalized_shape, params["weight"], params["bias"], module.eps)
     return module(x)
 
 
