@@ -24,6 +24,8 @@ PYTHON_KNOBS = {
                                "built-in entries it names (kernels/configs.py)",
     "FASTATTN_TRITON_ATTN": "sm90 (default on sm_90) or classic: which Triton attention kernels serve a call "
                             "(kernels/attention_sm90*.py or kernels/attention.py); read once",
+    "FASTATTN_CPU_ONEDNN_LINEAR": "0: the modules' float32 linears without autograd (K >= 512) through torch's "
+                                  "MKL addmm instead of oneDNN (torch.ops.mkldnn._linear_pointwise); read once",
     # C++ switches read once, outside the tuning.h table (they pick a code path, not a tile size)
     "FASTATTN_CPU_DECODE": "0: the CPU decoding path (L <= 16) off",
     "FASTATTN_CPU_BF16DOT": "0: the AVX512-BF16 (vdpbf16ps) attention and feed-forward paths off",

@@ -282,20 +282,20 @@ class MultiheadAttention(nn.MultiheadAttention):
             w = self.in_proj_weight
             b = self.in_proj_bias
             if query is key and key is value:  # self-attention: one packed matmul
-                return F.linear(query, w, b).chunk(3, dim=-1)
+                return _linear(query, w, b).chunk(3, dim=-1)
             w_q, w_kv = w[:e], w[e:]
             b_q, b_kv = (None, None) if b is None else (b[:e], b[e:])
             if key is value:
-                k, v = F.linear(key, w_kv, b_kv).chunk(2, dim=-1)
-                return F.linear(query, w_q, b_q), k, v
+                k, v = _linear(key, w_kv, b_kv).chunk(2, dim=-1)
+                return _linear(query, w_q, b_q), k, v
             w_k, w_v = w_kv.chunk(2)
             b_k, b_v = (None, None) if b_kv is None else b_kv.chunk(2)
-            return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+            return _linear(query, w_q, b_q), _linear(key, w_k, b_k), _linear(value, w_v, b_v)
         b_q = b_k = b_v = None
         if self.in_proj_bias is not None:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        return (F.linear(query, self.q_proj_weight, b_q), F.linear(key, self.k_proj_weight, b_k),
-                F.linear(value, self.v_proj_weight, b_v))
+        return (_linear(query, self.q_proj_weight, b_q), _linear(key, self.k_proj_weight, b_k),
+                _linear(value, self.v_proj_weight, b_v))
 
     def _forward_fast(self, query, key, value, key_padding_mask, attn_mask, is_causal):
         self._check_shapes(query, key, value, key_padding_mask, attn_mask)

@@ -277,6 +277,39 @@ def test_mha_eval_no_grad_matches_torch_native_fast_path():
     _close(got, want, "eval no_grad")
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kpm", [False, True])
+def test_mha_no_grad_onednn_linears(monkeypatch, batch_first, kpm):
+    """float32 without autograd: the in- and out-projections through oneDNN (thresholds lowered so small
+    shapes take it), on the self-attention path and the general (masked) one; as torch, and torch's
+    own linears while autograd records."""
+    import fastattn.modules as modules
+    if not modules._ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(modules, "_ONEDNN_MIN_K", 1)
+    monkeypatch.setattr(modules, "_ONEDNN_MIN_MACS", 1)
+    calls = []
+    real = modules._onednn_linear
+    monkeypatch.setattr(modules, "_onednn_linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    theirs = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+    _randomize(theirs)
+    ours = convert(copy.deepcopy(theirs), backend="cpu")
+    ours.eval()
+    theirs.eval()
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn((N, L, 32) if batch_first else (L, N, 32), generator=gen)
+    mask = _visible_bool((N, L), gen) if kpm else None
+    with torch.no_grad():
+        got = ours(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+        want = theirs(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+    _close(got, want, f"oneDNN projections kpm={kpm} batch_first={batch_first}")
+    assert [tuple(c) for c in calls] == [(96, 32), (32, 32)], calls
+    calls.clear()
+    got = ours(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+    assert not calls and got.requires_grad
+    _close(got.detach(), want, "the recording path")
+
+
 def test_mha_mismatched_mask_kinds_warn_like_torch():
     ours, theirs = _mha_pair({})
     x = torch.randn(L, N, E, dtype=DT)
