@@ -18,7 +18,11 @@ Differences from torch, on purpose:
 On the "cpu" backend the modules call the C++ ops (``torch.ops.fastattn.attention_fwd`` and
 ``ffn_fwd``) themselves, on q, k, v viewed as (N, H, L, hd) heads in the projections' rows (self-attention:
 one in-projection GEMM, no copy: the CPU op reads strided rows), skipping the public functions' re-validation;
-every other backend goes through the public functions.
+every other backend goes through the public functions. Without autograd (no_grad, inference_mode) a
+float32 linear layer with K >= 512 in-features (and >= 2^26 multiply-adds) runs as oneDNN's matmul
+(torch.ops.mkldnn._linear_pointwise, activation and residual add fused) instead of torch's addmm
+(FASTATTN_CPU_ONEDNN_LINEAR=0: off), and the encoder layer without masks adds its residuals into the
+sublayers' own outputs (no extra buffers).
 - ``TransformerEncoderLayer`` is not a subclass of ``nn.TransformerEncoderLayer``: an
   ``nn.TransformerEncoder`` recognises its own layer class to turn padded batches into
   NestedTensors in eval mode; this layer takes dense tensors and a padding mask instead, so the

@@ -563,17 +563,19 @@ def test_encoder_layer_no_grad_onednn_linears(monkeypatch, config, mode):
     torch.manual_seed(6)
     want = ours(x).detach()
     assert not calls, "with autograd recording, torch's own linear layers run"
-    torch.manual_seed(6)
-    with torch.no_grad():
-        got = ours(x)
-    assert torch.equal(x, x_before), "the layer must not modify its input"
-    _close(got, want, f"oneDNN {config} {mode} vs the recording path")
-    names = [c[0] for c in calls]
-    # in-projection, out-projection (+ residual in eval), and linear1 / linear2 (+ residual in eval)
-    # unless the activation is a callable fastattn does not name
-    n_ffn = 0 if config == "callable_silu" else 2
-    assert len(names) == 2 + n_ffn, calls
-    assert names.count("_onednn_linear_add") == (0 if mode == "train" else 1 + n_ffn // 2), names
+    for ctx in (torch.no_grad, torch.inference_mode):
+        calls.clear()
+        torch.manual_seed(6)
+        with ctx():
+            got = ours(x)
+        assert torch.equal(x, x_before), "the layer must not modify its input"
+        _close(got, want, f"oneDNN {config} {mode} under {ctx.__name__} vs the recording path")
+        names = [c[0] for c in calls]
+        # in-projection, out-projection (+ residual in eval), and linear1 / linear2 (+ residual in eval)
+        # unless the activation is a callable fastattn does not name
+        n_ffn = 0 if config == "callable_silu" else 2
+        assert len(names) == 2 + n_ffn, calls
+        assert names.count("_onednn_linear_add") == (0 if mode == "train" else 1 + n_ffn // 2), names
     if mode == "eval":
         with torch.no_grad():
             _close(ours(x), theirs(x), f"oneDNN {config} eval vs torch")
