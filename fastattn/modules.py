@@ -19,7 +19,7 @@ On the "cpu" backend the modules call the C++ ops (``torch.ops.fastattn.attentio
 ``ffn_fwd``) themselves, on q, k, v viewed as (N, H, L, hd) heads in the projections' rows (self-attention:
 one in-projection GEMM, no copy: the CPU op reads strided rows), skipping the public functions' re-validation;
 every other backend goes through the public functions. Without autograd (no_grad, inference_mode) a
-float32 linear layer with K >= 512 in-features (and >= 2^26 multiply-adds) runs as oneDNN's matmul
+float32 linear layer with K >= 512 in-features (and >= 2^27 multiply-adds) runs as oneDNN's matmul
 (torch.ops.mkldnn._linear_pointwise, activation and residual add fused) instead of torch's addmm
 (FASTATTN_CPU_ONEDNN_LINEAR=0: off), and the encoder layer without masks adds its residuals into the
 sublayers' own outputs (no extra buffers).
@@ -56,14 +56,14 @@ _ffn_fwd = torch.ops.fastattn.ffn_fwd
 
 
 # Float32 linear layers without autograd through oneDNN's matmul (torch.ops.mkldnn._linear_pointwise,
-# the op torch's inductor emits for CPU linears) where it pays: on a Zen 5 with torch's MKL it runs a
-# (tokens, K) @ (K, N) GEMM with K >= 512 in about half at::addmm's time (AVX-512 kernels where MKL,
-# on a non-Intel CPU, does not take them); below that, or under ~2^26 multiply-adds, its per-call
-# setup costs more than it saves. It also fuses the activation (relu/gelu) and a residual add into
-# the GEMM. FASTATTN_CPU_ONEDNN_LINEAR=0 (read once) turns it off.
+# the op torch's inductor emits for CPU linears) where it pays: on a (shared, loaded) 2-core Zen 5 with
+# torch's MKL it ran (tokens, K) @ (K, N) GEMMs with K >= 512 and >= 2^27 multiply-adds 1.1-2x faster
+# than at::addmm, in the same process; with K <= 256, or at 256 x 1024 x 256, it was no faster (its
+# per-call setup). It also fuses the activation (relu/gelu) and a residual add into the GEMM.
+# FASTATTN_CPU_ONEDNN_LINEAR=0 (read once) turns it off.
 _ONEDNN_LINEAR = (os.environ.get("FASTATTN_CPU_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-_ONEDNN_MIN_K, _ONEDNN_MIN_MACS = 512, 1 << 26
+_ONEDNN_MIN_K, _ONEDNN_MIN_MACS = 512, 1 << 27
 if _ONEDNN_LINEAR:  # module attributes, so tests can spy
     _onednn_linear = torch.ops.mkldnn._linear_pointwise.default
     _onednn_linear_add = torch.ops.mkldnn._linear_pointwise.binary
