@@ -133,11 +133,11 @@ _ATTN = {
     ("bwd_dkdv", "f16", 256): dict(plain="16x32 w8 s1", mask="16x32 w8 s1 | 16x16 w8 s1", drop="16x16 w8 s1", mask_drop="16x16 w8 s1"),
     ("bwd_dkdv", "f32", 32): dict(plain="16x32 w8 s1 | 16x32 w4 s1", mask="16x32 w8 s1 | 32x16 w4 s1", drop="16x16 w4 s1 | 32x16 w8 s1", mask_drop="16x16 w4 s1 | 16x16 w8 s2"),
     ("bwd_dkdv", "f32", 64): dict(plain="16x32 w8 s1", mask="16x32 w8 s1", drop="16x32 w8 s1 | 16x32 w4 s1", mask_drop="16x16 w8 s1 | 16x16 w4 s1"),
-    ("bwd_dkdv", "f32", 128): dict(plain="16x16 w2 s1 | 16x32 w8 s1", mask="16x16 w8 s1", drop="32x16 w4 s1 | 16x16 w8 s1", mask_drop="32x16 w4 s1 | 16x16 w8 s1"),
+    ("bwd_dkdv", "f32", 128): dict(plain="16x16 w2 s1 | 16x32 w8 s1", mask="32x16 w8 s1 | 16x16 w8 s1", drop="32x16 w4 s1 | 16x16 w8 s1", mask_drop="16x16 w8 s1"),
     ("bwd_dkdv", "f32", 256): dict(plain="16x16 w4 s1 | 16x32 w8 s1", mask="16x32 w8 s1 | 32x16 w8 s1", drop="16x16 w4 s1 | 16x32 w8 s1", mask_drop="16x16 w4 s1"),
     ("bwd_dkdv", "tf32", 32): dict(plain="16x32 w8 s1", mask="16x32 w8 s1", drop="16x32 w8 s1", mask_drop="16x32 w8 s1 | 16x16 w4 s1"),
     ("bwd_dkdv", "tf32", 64): dict(plain="16x32 w8 s1", mask="32x32 w8 s1", drop="16x32 w8 s1", mask_drop="16x16 w8 s1 | 16x32 w8 s1"),
-    ("bwd_dkdv", "tf32", 128): dict(plain="16x32 w8 s1", mask="16x32 w8 s1", drop="16x16 w4 s1", mask_drop="16x16 w8 s1"),
+    ("bwd_dkdv", "tf32", 128): dict(plain="16x32 w8 s1 | 16x32 w4 s1", mask="16x32 w8 s1", drop="16x16 w4 s1", mask_drop="16x16 w8 s1"),
     ("bwd_dkdv", "tf32", 256): dict(plain="16x16 w8 s1", mask="16x16 w8 s1", drop="16x16 w8 s1", mask_drop="16x16 w8 s1 | 16x16 w8 s2"),
     # dQ
     ("bwd_dq", "f16", 32): dict(plain="64x32 w8 s2", mask="32x32 w4 s2", drop="32x32 w8 s2", mask_drop="32x32 w4 s2"),
