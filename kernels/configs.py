@@ -146,7 +146,7 @@ _ATTN = {
     ("bwd_dq", "f16", 256): dict(plain="32x32 w8 s2 | 32x32 w8 s1", mask="32x32 w8 s2", drop="32x32 w8 s2 | 32x16 w8 s2", mask_drop="32x32 w8 s2"),
     ("bwd_dq", "f32", 32): dict(plain="32x32 w8 s2", mask="16x32 w8 s1 | 32x32 w8 s2", drop="32x32 w8 s2 | 16x32 w8 s2", mask_drop="16x32 w8 s1"),
     ("bwd_dq", "f32", 64): dict(plain="64x32 w8 s2 | 32x32 w8 s2", mask="32x32 w4 s2 | 32x32 w8 s2", drop="16x32 w8 s2 | 16x32 w4 s2", mask_drop="32x32 w8 s2"),
-    ("bwd_dq", "f32", 128): dict(plain="16x32 w8 s1 | 16x32 w8 s2", mask="16x32 w8 s2", drop="16x32 w4 s2 | 16x32 w8 s2", mask_drop="16x32 w8 s1"),
+    ("bwd_dq", "f32", 128): dict(plain="16x32 w8 s1 | 16x32 w8 s2", mask="16x32 w8 s2", drop="16x32 w8 s2 | 16x32 w4 s2", mask_drop="16x32 w8 s1"),
     ("bwd_dq", "f32", 256): dict(plain="16x32 w8 s1", mask="16x32 w8 s1", drop="16x32 w8 s1", mask_drop="16x32 w8 s1"),
     ("bwd_dq", "tf32", 32): dict(plain="16x32 w4 s2 | 16x32 w8 s2", mask="16x32 w8 s2", drop="16x32 w8 s2", mask_drop="16x32 w8 s2"),
     ("bwd_dq", "tf32", 64): dict(plain="32x32 w8 s2", mask="16x32 w8 s2", drop="32x32 w8 s2", mask_drop="32x32 w8 s2"),
