@@ -120,11 +120,11 @@ _ATTN = {
     ("fwd", "f16", 256): dict(plain="64x32 w8 s2", mask="64x32 w8 s2 | 32x32 w8 s2", drop="32x32 w8 s1 | 32x32 w8 s2", mask_drop="32x32 w8 s2"),
     ("fwd", "f32", 32): dict(plain="16x32 w4 s2", mask="32x32 w8 s1", drop="16x32 w4 s2", mask_drop="16x32 w8 s2"),
     ("fwd", "f32", 64): dict(plain="16x32 w4 s2", mask="32x32 w8 s1", drop="16x32 w4 s2", mask_drop="16x32 w8 s2"),
-    ("fwd", "f32", 128): dict(plain="16x32 w8 s2", mask="16x32 w8 s2", drop="16x32 w8 s2", mask_drop="16x32 w8 s2"),
+    ("fwd", "f32", 128): dict(plain="16x32 w8 s2", mask="16x32 w8 s2", drop="16x32 w8 s2", mask_drop="16x32 w4 s2 | 16x32 w8 s2"),
     ("fwd", "f32", 256): dict(plain="16x32 w8 s2", mask="32x16 w8 s2", drop="32x16 w8 s2", mask_drop="16x32 w8 s2"),
     ("fwd", "tf32", 32): dict(plain="32x32 w8 s2", mask="32x32 w8 s2", drop="32x32 w4 s2 | 32x32 w8 s2", mask_drop="32x32 w8 s2"),
     ("fwd", "tf32", 64): dict(plain="32x32 w8 s2", mask="32x32 w4 s2 | 32x32 w8 s1", drop="32x32 w8 s2", mask_drop="32x32 w8 s2"),
-    ("fwd", "tf32", 128): dict(plain="32x32 w8 s2", mask="32x32 w4 s2 | 32x32 w8 s2", drop="32x32 w8 s2 | 32x32 w4 s2", mask_drop="32x32 w8 s2 | 32x32 w8 s1"),
+    ("fwd", "tf32", 128): dict(plain="32x32 w8 s2", mask="32x32 w4 s2", drop="32x32 w8 s2 | 32x32 w4 s2", mask_drop="32x32 w8 s2 | 32x32 w8 s1"),
     ("fwd", "tf32", 256): dict(plain="16x32 w8 s2 | 32x32 w8 s1", mask="16x32 w8 s2", drop="16x32 w8 s2", mask_drop="32x32 w8 s1"),
     # dK/dV: one pipeline stage (with more, the prefetched q/dO tiles stay in registers)
     ("bwd_dkdv", "f16", 32): dict(plain="16x32 w8 s1 | 32x32 w8 s1", mask="32x32 w8 s1", drop="16x32 w4 s1 | 16x32 w8 s1", mask_drop="16x32 w4 s1 | 16x32 w8 s1"),
@@ -150,7 +150,7 @@ _ATTN = {
     ("bwd_dq", "f32", 256): dict(plain="16x32 w8 s1", mask="16x32 w8 s1", drop="16x32 w8 s1", mask_drop="16x32 w8 s1"),
     ("bwd_dq", "tf32", 32): dict(plain="16x32 w4 s2 | 16x32 w8 s2", mask="16x32 w8 s2", drop="16x32 w8 s2", mask_drop="16x32 w8 s2"),
     ("bwd_dq", "tf32", 64): dict(plain="32x32 w8 s2", mask="16x32 w8 s2", drop="32x32 w8 s2", mask_drop="32x32 w8 s2"),
-    ("bwd_dq", "tf32", 128): dict(plain="32x32 w8 s2", mask="16x32 w4 s2 | 16x32 w8 s2", drop="16x32 w4 s2 | 16x32 w8 s2", mask_drop="32x32 w8 s2"),
+    ("bwd_dq", "tf32", 128): dict(plain="32x32 w8 s2", mask="16x32 w4 s2 | 16x32 w8 s2", drop="16x32 w4 s2 | 32x32 w8 s2", mask_drop="32x32 w8 s2"),
     ("bwd_dq", "tf32", 256): dict(plain="16x32 w8 s1", mask="16x32 w8 s1", drop="16x32 w8 s1", mask_drop="16x32 w8 s1"),
 }
 # Long sequences (max(L, S) > SHORT_SEQ), forward, 16-bit, no mask or dropout: bigger query blocks.

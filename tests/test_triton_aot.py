@@ -82,9 +82,6 @@ KNOWN_GAP = {
     "bwd_dkdv tf32 hd32 mask+drop 16x16 w4 s1 sm_90",  # 3.6: 8 B
     "bwd_dq f16 hd256 plain 32x32 w8 s1 sm_90",  # 3.9: 8 B
     "bwd_dq f32 hd128 mask+drop 16x32 w8 s1 sm_80",  # 3.9: 16 B
-    "bwd_dq tf32 hd128 drop 16x32 w8 s2 sm_90",  # 3.6: 16 B
-    "fwd f32 hd128 mask+drop 16x32 w8 s2 sm_80",  # 3.6: 8 B
-    "fwd tf32 hd128 mask 32x32 w8 s2 sm_90",  # 3.6: 16 B
     "fwd tf32 hd256 mask 16x32 w8 s2 sm_80",  # 3.6: 16 B
 }
 
