@@ -74,7 +74,6 @@ KNOWN_GAP = {
     "bwd_delta f32 hd64 mask+drop 64x0 w4 s1 sm_90",  # 3.9: 24 B
     "bwd_delta f32 hd64 plain 64x0 w4 s1 sm_80",  # 3.6: 8 B
     "bwd_delta f32 hd64 plain 64x0 w4 s1 sm_90",  # 3.9: 8 B; 3.6: 16 B
-    "bwd_dkdv f16 hd256 mask+drop 16x16 w8 s1 sm_80",  # 3.6: 8 B
     "bwd_dkdv f32 hd256 mask+drop 16x16 w4 s1 sm_80",  # 3.6: 32 B
 }
 
