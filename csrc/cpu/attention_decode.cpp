@@ -58,7 +58,8 @@ struct DecodeParams : AttnInputs {
   int64_t chunk = 0;    // keys per task
   int64_t nchunks = 1;  // chunks per (batch, kv head)
   int64_t rows = 0;     // N * Hq * L
-  int64_t prefetch_blocks = 1;  // software prefetch of K/V this many key blocks ahead (0: none)
+  int64_t prefetch_bytes = 0;  // software prefetch of K and V rows this many bytes ahead (0: none)
+  int prefetch_hint = 3;       // its __builtin_prefetch locality (3: into L1)
   bool qk_row_order = true;  // Q K^T loads key by key (attention_decode_kernel.h qk_row16)
   void* out = nullptr;  // (N, Hq, L, Ev), q's dtype; element (b,h,i,e) at b*osb + h*osh + i*osl + e
   int64_t osb = 0, osh = 0, osl = 0;
@@ -164,7 +165,8 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   p.chunk = choose_chunk(heads, p.kend);
   // measured (1 thread, this file's bench shapes): one block ahead pays ~15% on float32, costs ~5%
   // on 16-bit K/V (whose converted blocks already keep the loads ahead)
-  p.prefetch_blocks = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 1 : 0));
+  p.prefetch_bytes = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 4096 : 0));
+  p.prefetch_hint = static_cast<int>(std::clamp<int64_t>(env_int("FASTATTN_CPU_DECODE_PF_HINT", 3), 0, 3));
   p.qk_row_order = env_int("FASTATTN_CPU_DECODE_QK_ROWS", 1) != 0;
   p.nchunks = std::max<int64_t>(1, (p.kend + p.chunk - 1) / p.chunk);
   const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
