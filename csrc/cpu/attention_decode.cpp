@@ -60,6 +60,7 @@ struct DecodeParams : AttnInputs {
   int64_t rows = 0;     // N * Hq * L
   int64_t prefetch_bytes = 0;  // software prefetch of K and V rows this many bytes ahead (0: none)
   int prefetch_hint = 3;       // its __builtin_prefetch locality (3: into L1)
+  bool reverse = false;  // tasks run from the last to the first (every other call, see fwd)
   bool qk_row_order = true;  // Q K^T loads key by key (attention_decode_kernel.h qk_row16)
   void* out = nullptr;  // (N, Hq, L, Ev), q's dtype; element (b,h,i,e) at b*osb + h*osh + i*osl + e
   int64_t osb = 0, osh = 0, osl = 0;
@@ -166,8 +167,12 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   // measured (1 thread, this file's bench shapes): one block ahead pays ~15% on float32, costs ~5%
   // on 16-bit K/V (whose converted blocks already keep the loads ahead)
   p.prefetch_bytes = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 4096 : 0));
-  p.prefetch_hint = static_cast<int>(std::clamp<int64_t>(env_int("FASTATTN_CPU_DECODE_PF_HINT", 3), 0, 3));
+  p.prefetch_hint = static_cast<int>(std::clamp<int64_t>(env_int("FASTATTN_CPU_DECODE_PF_HINT", 1), 0, 3));
   p.qk_row_order = env_int("FASTATTN_CPU_DECODE_QK_ROWS", 1) != 0;
+  {
+    static std::atomic<uint64_t> calls{0};
+    p.reverse = env_int("FASTATTN_CPU_DECODE_ORDER", 0) == 1 && (calls.fetch_add(1) & 1) != 0;
+  }
   p.nchunks = std::max<int64_t>(1, (p.kend + p.chunk - 1) / p.chunk);
   const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor o_part, ml_part;

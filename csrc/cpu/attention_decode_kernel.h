@@ -28,24 +28,29 @@ struct DecPf {
 };
 
 // Prefetches rows [j + dist, j + dist + n) of s (clipped to s.lim), one touch per 64-byte line.
-inline void dec_prefetch(const DecPf& s, int64_t j, int64_t n) {
+__attribute__((always_inline)) inline void dec_prefetch_span(const char* a, int64_t bytes, int hint) {
+  // from a's line to the line of its last byte (hint a compile-time constant in each branch)
+  const int64_t n = bytes + (reinterpret_cast<uintptr_t>(a) & 63);
+  a -= reinterpret_cast<uintptr_t>(a) & 63;
+  if (hint == 3) {
+    for (int64_t x = 0; x < n; x += 64) __builtin_prefetch(a + x, 0, 3);
+  } else if (hint == 2) {
+    for (int64_t x = 0; x < n; x += 64) __builtin_prefetch(a + x, 0, 2);
+  } else if (hint == 1) {
+    for (int64_t x = 0; x < n; x += 64) __builtin_prefetch(a + x, 0, 1);
+  } else {
+    for (int64_t x = 0; x < n; x += 64) __builtin_prefetch(a + x, 0, 0);
+  }
+}
+
+__attribute__((always_inline)) inline void dec_prefetch(const DecPf& s, int64_t j, int64_t n) {
   if (s.p == nullptr) return;
   const int64_t r0 = j + s.dist, r1 = std::min(s.lim, r0 + n);
   if (r0 >= r1) return;
-  const auto touch = [&](uintptr_t a, uintptr_t e) {  // the lines of bytes [a, e)
-    a &= ~static_cast<uintptr_t>(63);
-    switch (s.hint) {
-      case 3: for (; a < e; a += 64) __builtin_prefetch(reinterpret_cast<const char*>(a), 0, 3); break;
-      case 2: for (; a < e; a += 64) __builtin_prefetch(reinterpret_cast<const char*>(a), 0, 2); break;
-      case 1: for (; a < e; a += 64) __builtin_prefetch(reinterpret_cast<const char*>(a), 0, 1); break;
-      default: for (; a < e; a += 64) __builtin_prefetch(reinterpret_cast<const char*>(a), 0, 0); break;
-    }
-  };
-  const uintptr_t base = reinterpret_cast<uintptr_t>(s.p);
   if (s.ld == s.bytes) {  // packed rows: one span
-    touch(base + r0 * s.ld, base + r1 * s.ld);
+    dec_prefetch_span(s.p + r0 * s.ld, (r1 - r0) * s.ld, s.hint);
   } else {
-    for (int64_t r = r0; r < r1; ++r) touch(base + r * s.ld, base + r * s.ld + s.bytes);
+    for (int64_t r = r0; r < r1; ++r) dec_prefetch_span(s.p + r * s.ld, s.bytes, s.hint);
   }
 }
 
@@ -436,7 +441,9 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
   // the prefetch distances in rows: p.prefetch_bytes ahead, at least one row (0: off)
   const int64_t pf_k = p.prefetch_bytes > 0 ? std::max<int64_t>(1, (p.prefetch_bytes + E * isz - 1) / (E * isz)) : 0;
   const int64_t pf_v = p.prefetch_bytes > 0 ? std::max<int64_t>(1, (p.prefetch_bytes + Ev * isz - 1) / (Ev * isz)) : 0;
-  for (int64_t task = task_begin; task < task_end; ++task) {
+  const int64_t ntasks = p.N * p.Hkv * p.nchunks;
+  for (int64_t t = task_begin; t < task_end; ++t) {
+    const int64_t task = p.reverse ? ntasks - 1 - t : t;
     const int64_t c = task % p.nchunks, bhk = task / p.nchunks, b = bhk / p.Hkv, hk = bhk % p.Hkv;
     const int64_t j_lo = c * p.chunk, j_hi = std::min(p.kend, j_lo + p.chunk);
     const In* K = static_cast<const In*>(p.k) + b * p.ksb + hk * p.ksh;  // key j's row at K + j * p.kss
