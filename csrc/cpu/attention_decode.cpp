@@ -18,9 +18,12 @@
 // capability, FASTATTN_CPU_ISA overrides; AVX2 machines run the portable code compiled for AVX2).
 // FASTATTN_CPU_DECODE=0 (read once) turns the path off; FASTATTN_CPU_DECODE_CHUNK (read per call,
 // for tuning) sets the chunk length, FASTATTN_CPU_DECODE_PREFETCH (per call) the software prefetch
-// distance in key blocks (default 1 for float32/64; 0 = off, the default for 16-bit K/V),
-// FASTATTN_CPU_DECODE_QK_ROWS (per call) the order of the Q K^T loads of a block's first row: 1 (the
-// default) key by key, 0 the 16 keys' columns in step.
+// distance in bytes of K (and of V) ahead (default 4096 for float32/64; 0 = off, the default for
+// 16-bit K/V), FASTATTN_CPU_DECODE_PF_HINT (per call) its locality (__builtin_prefetch's 0-3; default
+// 1, prefetcht2: into L2), FASTATTN_CPU_DECODE_ORDER (per call) 1 to run the tasks last to first on
+// every other call (the previous call's last K/V rows are the likeliest to be still in L3; results
+// do not change), FASTATTN_CPU_DECODE_QK_ROWS (per call) the order of the Q K^T loads of a block's
+// first row: 1 (the default) key by key, 0 the 16 keys' columns in step.
 // torch.ops.fastattn_decode.fwd_calls() counts the calls served.
 #include "tuning.h"
 #include "cpu/attention_common.h"
@@ -59,7 +62,7 @@ struct DecodeParams : AttnInputs {
   int64_t nchunks = 1;  // chunks per (batch, kv head)
   int64_t rows = 0;     // N * Hq * L
   int64_t prefetch_bytes = 0;  // software prefetch of K and V rows this many bytes ahead (0: none)
-  int prefetch_hint = 3;       // its __builtin_prefetch locality (3: into L1)
+  int prefetch_hint = 1;       // its __builtin_prefetch locality (3: into L1, 1: prefetcht2, L2)
   bool reverse = false;  // tasks run from the last to the first (every other call, see fwd)
   bool qk_row_order = true;  // Q K^T loads key by key (attention_decode_kernel.h qk_row16)
   void* out = nullptr;  // (N, Hq, L, Ev), q's dtype; element (b,h,i,e) at b*osb + h*osh + i*osl + e
@@ -164,8 +167,10 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   p.kend = is_causal ? std::min(p.S, p.L) : p.S;
   const int64_t heads = p.N * p.Hkv;
   p.chunk = choose_chunk(heads, p.kend);
-  // measured (1 thread, this file's bench shapes): one block ahead pays ~15% on float32, costs ~5%
-  // on 16-bit K/V (whose converted blocks already keep the loads ahead)
+  // measured (issue 11, N4 H16 S1024 E64 float32, 1 thread on a loaded 2-core Zen 4): into L1
+  // (prefetcht0) any distance loses (a 16 KB block ahead, the former default, -30%: the 32 KB L1
+  // cannot hold it and the block in use); into L2 4 KB ahead gains a few % over none. 16-bit K/V:
+  // their converted blocks already keep the loads ahead (off by default)
   p.prefetch_bytes = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 4096 : 0));
   p.prefetch_hint = static_cast<int>(std::clamp<int64_t>(env_int("FASTATTN_CPU_DECODE_PF_HINT", 1), 0, 3));
   p.qk_row_order = env_int("FASTATTN_CPU_DECODE_QK_ROWS", 1) != 0;
