@@ -33,7 +33,9 @@ PYTHON_KNOBS = {
     "FASTATTN_CPU_DECODE_PREFETCH": "software prefetch distance in bytes of K and of V ahead (default 4096 for "
                                     "fp32/fp64, 0 = off, the default for 16-bit K/V); read per call",
     "FASTATTN_CPU_DECODE_PF_HINT": "the decode prefetch's locality, __builtin_prefetch's 0-3 (default 1: "
-                                   "prefetcht2, into L2; 3: into L1); read per call",
+                                   "prefetcht2; 3: prefetcht0, into L1); read per call",
+    "FASTATTN_CPU_DECODE_PF_STEP": "bytes between the decode prefetch's touches (default 4096: one line per "
+                                   "page; 64: every line); read per call",
     "FASTATTN_CPU_DECODE_ORDER": "1: decode tasks run last to first on every other call (the previous call's "
                                  "last K/V rows are the likeliest still in L3; results unchanged); 0 (default) "
                                  "first to last; read per call",

@@ -175,9 +175,9 @@ def test_threads_bitwise(dtype):
     (1, 2, 2, 1, 300, 25, "packed"),     # E not a multiple of 16 (run-time head dim), a 12-key tail
 ])
 def test_prefetch_and_order_bitwise(monkeypatch, dtype, n, hq, hkv, l, s, e, rows):
-    """The prefetch distance and locality and the task order (FASTATTN_CPU_DECODE_PREFETCH, _PF_HINT,
-    _ORDER, read per call) move no number: every setting gives bitwise the default call's out and lse,
-    which meets the reference bound."""
+    """The prefetch distance, locality and step and the task order (FASTATTN_CPU_DECODE_PREFETCH,
+    _PF_HINT, _PF_STEP, _ORDER, read per call) move no number: every setting gives bitwise the default
+    call's out and lse, which meets the reference bound."""
     gen = torch.Generator().manual_seed(11)
     q = torch.randn(n, hq, l, e, generator=gen).to(dtype)
     if rows == "packed":
@@ -188,7 +188,8 @@ def test_prefetch_and_order_bitwise(monkeypatch, dtype, n, hq, hkv, l, s, e, row
         v = torch.randn(n, s, hkv, e, generator=gen).to(dtype).transpose(1, 2)
     pad = torch.rand(n, s, generator=gen) > 0.9
     scale = 1 / math.sqrt(e)
-    for name in ("FASTATTN_CPU_DECODE_PREFETCH", "FASTATTN_CPU_DECODE_PF_HINT", "FASTATTN_CPU_DECODE_ORDER"):
+    for name in ("FASTATTN_CPU_DECODE_PREFETCH", "FASTATTN_CPU_DECODE_PF_HINT", "FASTATTN_CPU_DECODE_PF_STEP",
+                 "FASTATTN_CPU_DECODE_ORDER"):
         monkeypatch.delenv(name, raising=False)
 
     def call():
@@ -199,8 +200,9 @@ def test_prefetch_and_order_bitwise(monkeypatch, dtype, n, hq, hkv, l, s, e, row
     ref = attention_reference(q.double(), k.double(), v.double(), None, pad, 0.0, False, scale, None)
     same = attention_reference(q, k, v, None, pad, 0.0, False, scale, None, upcast=False)
     check_bound(f"decode prefetch/order {dtype} n{n} hq{hq} hkv{hkv} l{l} s{s} e{e} {rows}", want, same, ref)
-    settings = [dict(PREFETCH="0"), dict(PREFETCH="64", PF_HINT="3"), dict(PREFETCH="4096", PF_HINT="0"),
-                dict(PREFETCH="100000", PF_HINT="2"), dict(PREFETCH="1", PF_HINT="1"), dict(ORDER="1")]
+    settings = [dict(PREFETCH="0"), dict(PREFETCH="64", PF_HINT="3", PF_STEP="64"),
+                dict(PREFETCH="4096", PF_HINT="0", PF_STEP="200"), dict(PREFETCH="100000", PF_HINT="2"),
+                dict(PREFETCH="1", PF_HINT="1", PF_STEP="1"), dict(ORDER="1")]
     for setting in settings:
         for key, val in setting.items():
             monkeypatch.setenv("FASTATTN_CPU_DECODE_" + key, val)

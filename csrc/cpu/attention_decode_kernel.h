@@ -20,26 +20,29 @@ inline int64_t dec_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; 
 
 // A software-prefetch stream over the rows of a K or V block: rows are ld bytes apart, each `bytes`
 // long; row j's prefetch touches row j + dist (rows counted from the block's first row), when that
-// row is below lim (the chunk's end). p == nullptr: no prefetch.
+// row is below lim (the chunk's end), one touch every `step` bytes of it (64: every line; 4096, the
+// default: one line per page of a packed stream, enough to start the next page's TLB walk and
+// memory stream early while the hardware prefetcher fetches the rest). p == nullptr: no prefetch.
+// (The helpers are always_inline: GCC deems an out-of-line function of prefetches alone pure and
+// drops the call.)
 struct DecPf {
   const char* p = nullptr;
-  int64_t ld = 0, bytes = 0, dist = 0, lim = 0;
-  int hint = 3;  // __builtin_prefetch locality: 3 = into L1 (T0), 2 = L2 (T1), 1 = T2, 0 = NTA
+  int64_t ld = 0, bytes = 0, dist = 0, lim = 0, step = 4096;
+  int hint = 1;  // __builtin_prefetch locality: 3 = prefetcht0 (L1), 2 = t1, 1 = t2, 0 = nta
 };
 
-// Prefetches rows [j + dist, j + dist + n) of s (clipped to s.lim), one touch per 64-byte line.
-__attribute__((always_inline)) inline void dec_prefetch_span(const char* a, int64_t bytes, int hint) {
-  // from a's line to the line of its last byte (hint a compile-time constant in each branch)
+// Touches bytes [a, a + bytes) every `step` bytes, from a's 64-byte line on.
+__attribute__((always_inline)) inline void dec_prefetch_span(const char* a, int64_t bytes, int64_t step, int hint) {
   const int64_t n = bytes + (reinterpret_cast<uintptr_t>(a) & 63);
   a -= reinterpret_cast<uintptr_t>(a) & 63;
-  if (hint == 3) {
-    for (int64_t x = 0; x < n; x += 64) __builtin_prefetch(a + x, 0, 3);
+  if (hint == 3) {  // the locality must be a compile-time constant: one loop each
+    for (int64_t x = 0; x < n; x += step) __builtin_prefetch(a + x, 0, 3);
   } else if (hint == 2) {
-    for (int64_t x = 0; x < n; x += 64) __builtin_prefetch(a + x, 0, 2);
+    for (int64_t x = 0; x < n; x += step) __builtin_prefetch(a + x, 0, 2);
   } else if (hint == 1) {
-    for (int64_t x = 0; x < n; x += 64) __builtin_prefetch(a + x, 0, 1);
+    for (int64_t x = 0; x < n; x += step) __builtin_prefetch(a + x, 0, 1);
   } else {
-    for (int64_t x = 0; x < n; x += 64) __builtin_prefetch(a + x, 0, 0);
+    for (int64_t x = 0; x < n; x += step) __builtin_prefetch(a + x, 0, 0);
   }
 }
 
@@ -48,9 +51,9 @@ __attribute__((always_inline)) inline void dec_prefetch(const DecPf& s, int64_t 
   const int64_t r0 = j + s.dist, r1 = std::min(s.lim, r0 + n);
   if (r0 >= r1) return;
   if (s.ld == s.bytes) {  // packed rows: one span
-    dec_prefetch_span(s.p + r0 * s.ld, (r1 - r0) * s.ld, s.hint);
+    dec_prefetch_span(s.p + r0 * s.ld, (r1 - r0) * s.ld, s.step, s.hint);
   } else {
-    for (int64_t r = r0; r < r1; ++r) dec_prefetch_span(s.p + r * s.ld, s.bytes, s.hint);
+    for (int64_t r = r0; r < r1; ++r) dec_prefetch_span(s.p + r * s.ld, s.bytes, s.step, s.hint);
   }
 }
 
@@ -468,8 +471,10 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
       // the AVX-512 float kernels as they go, else here for the whole block at its start
       DecPf pfk, pfv;
       if (pf_k > 0) {
-        pfk = DecPf{reinterpret_cast<const char*>(K + j0 * p.kss), p.kss * isz, E * isz, pf_k, j_hi - j0, p.prefetch_hint};
-        pfv = DecPf{reinterpret_cast<const char*>(Vm + j0 * p.vss), p.vss * isz, Ev * isz, pf_v, j_hi - j0, p.prefetch_hint};
+        pfk = DecPf{reinterpret_cast<const char*>(K + j0 * p.kss), p.kss * isz, E * isz, pf_k, j_hi - j0,
+                    p.prefetch_step, p.prefetch_hint};
+        pfv = DecPf{reinterpret_cast<const char*>(Vm + j0 * p.vss), p.vss * isz, Ev * isz, pf_v, j_hi - j0,
+                    p.prefetch_step, p.prefetch_hint};
         if (!kInKernel) {
           dec_prefetch(pfk, 0, nk);
           dec_prefetch(pfv, 0, nk);
