@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from ._seed import seed_offset_tensor
 from .configs import INTERPRET
 
 LOG2E = 1.4426950408889634
@@ -119,7 +120,7 @@ def _probs(q, k, mask_bh, key_ok, offs_m, offs_n, scale, stride_ml, stride_ms, L
     m (natural-log units) for the lse."""
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale             # (BM, BS)
     if has_mask:  # a runtime flag: one uniform branch per query block
-        mvals = tl.load(mask_bh + offs_m[:, None].to(tl.int64) * stride_ml + offs_n[None, :].to(tl.int64) * stride_ms,
+        mvals = tl.load(mask_bh + (offs_m[:, None] * stride_ml + offs_n[None, :] * stride_ms),
                         mask=(offs_m[:, None] < L) & key_ok[None, :], other=0.0).to(tl.float32)
         s = tl.where(mvals == float("-inf"), float("-inf"), s + mvals)
     n_diag = tl.where(causal, offs_n, 0)  # causal: key j is visible to row i iff j <= i
@@ -139,7 +140,7 @@ def _probs_t(q, k, mask_bh, key_ok, offs_m, offs_n, scale, stride_ml, stride_ms,
     """_probs transposed: P^T (BS, BM) of one query block against every resident key, normalised."""
     sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * scale            # (BS, BM)
     if has_mask:
-        mvals = tl.load(mask_bh + offs_m[None, :].to(tl.int64) * stride_ml + offs_n[:, None].to(tl.int64) * stride_ms,
+        mvals = tl.load(mask_bh + (offs_m[None, :] * stride_ml + offs_n[:, None] * stride_ms),
                         mask=(offs_m[None, :] < L) & key_ok[:, None], other=0.0).to(tl.float32)
         sT = tl.where(mvals == float("-inf"), float("-inf"), sT + mvals)
     n_diag = tl.where(causal, offs_n, 0)
@@ -151,11 +152,6 @@ def _probs_t(q, k, mask_bh, key_ok, offs_m, offs_n, scale, stride_ml, stride_ms,
     l = tl.sum(pT, 0)
     inv = 1.0 / tl.where(l == 0.0, 1.0, l)
     return pT * inv[None, :]
-
-
-@triton.jit
-def _keep(seed, drop_rows, offs_n, dropout_p):
-    return tl.rand(seed, drop_rows[:, None] + offs_n[None, :]) >= dropout_p
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -201,8 +197,9 @@ def _small_fwd_kernel(
         p, l, m = _probs(q, k, mask_bh, key_ok, offs_m, offs_n, scale, stride_ml, stride_ms, L, causal,
                          has_mask, INPUT_PRECISION)
         if has_dropout:
-            drop_rows = (bh.to(tl.int64) * L + offs_m) * S + drop_off
-            p = tl.where(_keep(philox, drop_rows, offs_n, dropout_p), p * inv_keep, 0.0)
+            keep = tl.rand(philox, (bh.to(tl.int64) * L * S + drop_off)
+                           + (offs_m[:, None] * S + offs_n[None, :])) >= dropout_p
+            p = tl.where(keep, p * inv_keep, 0.0)
         out = tl.dot(_operand(p, Q.dtype.element_ty), v, input_precision=INPUT_PRECISION)  # (BM, BDV)
         tl.store(o_base + offs_m[:, None] * HEAD_DV + offs_dv[None, :], out.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
@@ -267,8 +264,9 @@ def _small_bwd_kernel(
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)             # (BS, BM)
             pT_kept = pT
             if has_dropout:
-                keep = tl.rand(philox, (bh.to(tl.int64) * L + offs_m[None, :]) * S + drop_off
-                               + offs_n[:, None]) >= dropout_p
+                # counters: one i64 base per head, i32 offsets within it (L * S < 2^31 here)
+                keep = tl.rand(philox, (bh.to(tl.int64) * L * S + drop_off)
+                               + (offs_m[None, :] * S + offs_n[:, None])) >= dropout_p
                 pT_kept = tl.where(keep, pT, 0.0)  # the 1/(1-p) scale is applied to dv once, at the end
                 dpT = tl.where(keep, dpT * inv_keep, 0.0)
             delta = tl.sum(pT * dpT, 0)                                                # rowsum(dO O)
@@ -291,10 +289,12 @@ KERNELS = {"small_fwd": _small_fwd_kernel, "small_bwd": _small_bwd_kernel}
 
 
 # ==================================================================================================
-# Tiles: (kernel, dtype class, head-dim bucket, BLOCK_S) -> Tile(block_m, BLOCK_S, warps, stages).
-# The same tile on sm_80 and sm_90; every entry is compiled by tests/aot/small.py for both with triton
-# 3.6 and 3.9 (no stack frame, no spills, shared memory within the chip). A key without an entry is
-# not served (the classic kernels run).
+# Tiles: (kernel, dtype class, head-dim bucket, BLOCK_S) -> "sm_80 tile | sm_90 tile" (one text: both),
+# "-" where that arch is not served, and KV_RESIDENT (K and V held across the query loop, or re-read
+# from L1/L2 per query block). Every entry is compiled by tests/aot/small.py for sm_80 and sm_90 with
+# triton 3.6 and 3.9 (no stack frame, no spills, shared memory within the chip); a key (or arch)
+# without an entry is not served (the classic kernels run). Held in registers, K, V and the backward's
+# dK, dV accumulators cost more than their size (mma operand layouts), so BLOCK_S is what limits.
 # ==================================================================================================
 SEQ_BUCKETS = (64, 128, 256)
 
@@ -304,83 +304,105 @@ def seq_bucket(s: int) -> int:
     return max(64, 1 << (s - 1).bit_length())
 
 
-# value: (Tile(BLOCK_M, BLOCK_S, warps, stages), KV_RESIDENT). Chosen from compiles (tests/aot/small.py).
-TILES: dict = {
+_TILES = {
     ("small_fwd", "f16", 32, 64): ("16x64 w4 s1", True),
     ("small_fwd", "f16", 32, 128): ("16x128 w4 s1", True),
     ("small_fwd", "f16", 32, 256): ("16x256 w4 s1", True),
     ("small_bwd", "f16", 32, 64): ("16x64 w4 s1", True),
     ("small_bwd", "f16", 32, 128): ("16x128 w4 s1", True),
+    ("small_bwd", "f16", 32, 256): ("- | 16x256 w8 s1", True),  # sm_80: 24-32 B of stack at every tile tried
 }
-TILES = {key: (configs.parse(text), res) for key, (text, res) in TILES.items()}
+for _dc in ("f32", "tf32"):  # fp32 operands: twice the registers for K, V
+    _TILES.update({
+        ("small_fwd", _dc, 32, 64): ("16x64 w4 s1", True),
+        ("small_fwd", _dc, 32, 128): ("16x128 w4 s1", True),
+        ("small_fwd", _dc, 32, 256): ("16x256 w8 s1", True),
+        ("small_bwd", _dc, 32, 64): ("16x64 w4 s1", True),
+        ("small_bwd", _dc, 32, 128): ("16x128 w8 s1", True),
+    })
+
+
+def _per_arch(text: str) -> dict:
+    parts = [x.strip() for x in text.split("|")]
+    parts = parts * 2 if len(parts) == 1 else parts
+    return {arch: (None if x == "-" else configs.parse(x)) for arch, x in zip(configs.ARCH_FAMILIES, parts)}
+
+
+# (kernel, dtype class, head-dim bucket, BLOCK_S, arch family) -> (Tile, KV_RESIDENT)
+TILES: dict = {key + (arch,): (tile, res) for key, (text, res) in _TILES.items()
+               for arch, tile in _per_arch(text).items() if tile is not None}
+INTERPRET_ARCH = 90  # under the interpreter, what is served is what sm_90 serves
 
 
 def compile_cases() -> list:
-    """Every (kernel, dtype class, head-dim bucket, BLOCK_S, Tile) a launch can choose (the AOT sweep)."""
-    return [(name, dc, hd, bs, tile, res) for (name, dc, hd, bs), (tile, res) in TILES.items()]
+    """Every (kernel, dtype class, head-dim bucket, BLOCK_S, arch, Tile, KV_RESIDENT) a launch can choose."""
+    return [key + value for key, value in TILES.items()]
 
 
 # ==================================================================================================
 # Launchers. Inputs as kernels.attention.attention_forward/attention_backward's (checked by fastattn's
-# API). The per-call host work is one dict lookup for the decision and the outputs' allocation.
+# API). Per call: one dict lookup (the decision, cached per signature and device, with the dummy
+# tensors that stand in for absent arguments), the outputs' allocation, one launch.
 # ==================================================================================================
 _DECISIONS: dict = {}
 INTERPRET_KV_RESIDENT = True  # the tests switch it to run the other load path
-_DUMMY: dict = {}
 
 
-def _decide(kernel, q, k, v, has_mask: bool):
-    """(tile, constexprs) of a launch, or None when this path does not serve it; cached per signature."""
-    tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if q.dtype == torch.float32 else False
-    key = (kernel, q.dtype, q.shape[2], k.shape[2], q.shape[3], v.shape[3], q.device.type, tf32, INTERPRET)
-    hit = _DECISIONS.get(key)
-    if hit is not None or key in _DECISIONS:
-        return hit
-    res = None
+def _decide(kernel, q, k, v, device):
+    """(tile, constexprs, dummies) of a launch, or None when this path does not serve it."""
+    tf32 = q.dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
     l, s, e, ev = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    res = None
     if (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= s <= MAX_S and 1 <= l <= MAX_L
             and 1 <= e <= 256 and 1 <= ev <= 256 and (q.is_cuda or INTERPRET)):
-        bd, bdv = configs.head_dim_bucket(e), configs.head_dim_bucket(ev)
-        hd = max(bd, bdv)
+        hd = max(configs.head_dim_bucket(e), configs.head_dim_bucket(ev))
         dc = configs.dtype_class(q.dtype, tf32)
-        entry = TILES.get((kernel, dc, hd, seq_bucket(s)))
+        arch = INTERPRET_ARCH if INTERPRET else configs.device_arch(device)
+        entry = TILES.get((kernel, dc, hd, seq_bucket(s), arch))
         if INTERPRET and entry is not None:  # the table decides what is served; the interpreter runs small tiles
             entry = (configs.Tile(16, max(16, 1 << (s - 1).bit_length()), 1, 1), INTERPRET_KV_RESIDENT)
         if entry is not None:
             tile, resident = entry
+            dummies = (torch.zeros(4, dtype=torch.float32, device=device),   # mask
+                       torch.zeros(16, dtype=torch.uint8, device=device),    # key padding
+                       torch.zeros(2, dtype=torch.int64, device=device))     # seed
             res = (tile, dict(BLOCK_M=tile.block_m, BLOCK_S=tile.block_n, BLOCK_D=hd, BLOCK_DV=hd,
-                              INPUT_PRECISION=configs.input_precision(dc), KV_RESIDENT=resident))
-    _DECISIONS[key] = res
+                              INPUT_PRECISION=configs.input_precision(dc), KV_RESIDENT=resident,
+                              num_warps=tile.num_warps, num_stages=tile.num_stages), dummies)
     return res
 
 
-def _dummy(device, dtype):
-    t = _DUMMY.get((device, dtype))
-    if t is None:
-        t = _DUMMY[device, dtype] = torch.zeros(4 if dtype == torch.float32 else 16, dtype=dtype, device=device)
-    return t
+def _serves(kernel, q, k, v, attn_mask):
+    """The cached decision for this call, or None. A mask whose offsets within one (batch, head) do
+    not fit int32 (the kernels' element offsets) is declined."""
+    if not ENABLED:
+        return None
+    device = q.device
+    key = (kernel, q.dtype, q.shape[2], k.shape[2], q.shape[3], v.shape[3], device,
+           q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    try:
+        d = _DECISIONS[key]
+    except KeyError:
+        d = _DECISIONS[key] = None if q.numel() == 0 or k.numel() == 0 else _decide(kernel, q, k, v, device)
+    if d is not None and attn_mask is not None:
+        st = attn_mask.stride()
+        if (q.shape[2] - 1) * abs(st[2]) + (k.shape[2] - 1) * abs(st[3]) >= 2 ** 31:
+            return None
+    return d
 
 
-def _common(q, attn_mask, key_padding_mask, dropout_p, seed):
-    """(mask, its strides, kpm as u8, seed tensor): no tensor is made but the seed's device copy."""
-    if attn_mask is None:
-        mask, ms = _dummy(q.device, torch.float32), (0, 0, 0, 0)
-    else:
+def _args(d, attn_mask, key_padding_mask, dropout_p, seed, device):
+    """(mask, its strides, kpm as u8, seed tensor): nothing is made but a CPU seed's device copy."""
+    mask, kpm, sd = d[2]
+    ms = (0, 0, 0, 0)
+    if attn_mask is not None:
         mask = attn_mask if attn_mask.dtype == torch.float32 else attn_mask.float()
         ms = mask.stride()
-    kpm = _dummy(q.device, torch.uint8) if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8)
     if dropout_p > 0.0:
-        from ._seed import seed_offset_tensor
-        sd = seed_offset_tensor(seed, q.device)
-    else:
-        sd = _dummy(q.device, torch.int64)
+        sd = seed_offset_tensor(seed, device)
     return mask, ms, kpm, sd
-
-
-def _serves(kernel, q, k, v, attn_mask):
-    if not ENABLED or q.numel() == 0 or k.numel() == 0:
-        return None
-    return _decide(kernel, q, k, v, attn_mask is not None)
 
 
 def forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is_causal: bool, scale: float, seed):
@@ -388,17 +410,17 @@ def forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is_causal: b
     d = _serves("small_fwd", q, k, v, attn_mask)
     if d is None:
         return None
-    tile, consts = d
     n, hq, l, e = q.shape
     hkv, s, ev = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty((n, hq, l, ev), dtype=q.dtype, device=q.device)
-    lse = torch.empty((n, hq, l), dtype=torch.float32, device=q.device)
+    device = q.device
+    out = torch.empty((n, hq, l, ev), dtype=q.dtype, device=device)
+    lse = torch.empty((n, hq, l), dtype=torch.float32, device=device)
     dropout_p = float(dropout_p)
-    mask, ms, kpm, sd = _common(q, attn_mask, key_padding_mask, dropout_p, seed)
+    mask, ms, kpm, sd = _args(d, attn_mask, key_padding_mask, dropout_p, seed, device)
     _small_fwd_kernel[(n * hq,)](
         q, k, v, out, lse, mask, kpm, sd, dropout_p, float(scale), ms[0], ms[1], ms[2], ms[3],
         hq, hq // hkv, l, s, e, ev, bool(is_causal), key_padding_mask is not None, attn_mask is not None,
-        dropout_p > 0.0, **consts, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        dropout_p > 0.0, **d[1])
     CALLS["fwd"] += 1
     return out, lse
 
@@ -410,16 +432,16 @@ def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p
     d = _serves("small_bwd", q, k, v, attn_mask)
     if d is None:
         return None
-    tile, consts = d
     n, hq, l, e = q.shape
     hkv, s, ev = k.shape[1], k.shape[2], v.shape[3]
+    device = q.device
     grad_out = grad_out.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dropout_p = float(dropout_p)
-    mask, ms, kpm, sd = _common(q, attn_mask, key_padding_mask, dropout_p, seed)
+    mask, ms, kpm, sd = _args(d, attn_mask, key_padding_mask, dropout_p, seed, device)
     _small_bwd_kernel[(n * hkv,)](
         q, k, v, grad_out, dq, dk, dv, mask, kpm, sd, dropout_p, float(scale), ms[0], ms[1], ms[2], ms[3],
         hq, hq // hkv, l, s, e, ev, bool(is_causal), key_padding_mask is not None, attn_mask is not None,
-        dropout_p > 0.0, **consts, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        dropout_p > 0.0, **d[1])
     CALLS["bwd"] += 1
     return dq, dk, dv

@@ -29,11 +29,10 @@ def all_jobs(all_dtypes: bool = False) -> list[dict]:
     from fastattn.kernels import attention_small as S
 
     jobs = []
-    for arch in (80, 90):
-        for name, dc, hd, bs, tile, res in S.compile_cases():
-            for dtype in (("f16", "bf16") if all_dtypes else ("f16",)) if dc == "f16" else (dc,):
-                jobs.append(dict(kernel=name, dtype=dtype, hd=hd, variant=f"s{bs}" + ("" if res else " reload"),
-                                 tile=str(tile), arch=arch))
+    for name, dc, hd, bs, arch, tile, res in S.compile_cases():
+        for dtype in (("f16", "bf16") if all_dtypes else ("f16",)) if dc == "f16" else (dc,):
+            jobs.append(dict(kernel=name, dtype=dtype, hd=hd, variant=f"s{bs}" + ("" if res else " reload"),
+                             tile=str(tile), arch=arch))
     # the heaviest first: the backward, fp32, wide tiles
     weight = {"tf32": 0, "f32": 1, "bf16": 2, "f16": 3}
     return sorted(jobs, key=lambda j: (j["kernel"] != "small_bwd", weight[j["dtype"]], -j["hd"], j["variant"]))
