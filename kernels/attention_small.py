@@ -8,11 +8,12 @@ a whole (batch, head) is one program:
     the program and stays there while query rows pass in blocks of BLOCK_M: scores (BLOCK_M, BLOCK_S),
     the exact softmax in one pass (row max, sum, no online rescale), P V, out and lse stored.
   * Backward: one program per (batch, kv head) holds K, V and the dK, dV accumulators (BLOCK_S rows)
-    and walks every query block of every query head of its GQA group: it recomputes the scores and
-    the exact softmax (row max and sum from the resident keys: it reads neither the forward's lse nor
-    its out), dP = dO V^T, delta = rowsum(P dP) (= rowsum(dO O), unrounded, as torch's math), dS, and
-    stores that block's dQ directly (the program owns those rows); dK, dV are stored once at the end.
-    One launch, no atomics, no delta pre-pass, no dQ kernel: deterministic.
+    and walks every query block of every query head of its GQA group, on transposed tiles (keys x
+    queries, the keys along the warps, as the classic dK/dV kernel): it recomputes the scores and the
+    exact softmax (row max and sum from the resident keys: it reads neither the forward's lse nor its
+    out), dP = V dO^T, delta = rowsum(P dP) (= rowsum(dO O), unrounded, as torch's math), dS, and
+    stores that block's dQ = dS^T K directly (the program owns those rows); dK, dV are stored once at
+    the end. One launch, no atomics, no delta pre-pass, no dQ kernel: deterministic.
   * One compiled kernel per (dtype class, head-dim bucket, BLOCK_S): attn_mask, key padding, dropout
     and causality are runtime flags (uniform branches per query block), and scores are always in
     natural-log units (exp2 takes (s - m) * log2(e)), so a mask of -3e38 is a score as the contract says.
@@ -24,11 +25,13 @@ a whole (batch, head) is one program:
   * bf16 under the interpreter: operands are widened to fp32 after the rounding the GPU does
     (_operand), so the interpreter tests see P and dS rounded to the input dtype before the products.
 
-What it serves (else `forward`/`backward` return None and kernels/attention.py's kernels run):
-  fp16/bf16/fp32, 1 <= S <= MAX_S (256), 1 <= L <= MAX_L, head dims E, Ev with bucket <= MAX_HEAD_DIM
-  (64), GQA, every mask/padding/dropout/causal combination, on CUDA (or under the interpreter, CPU
-  tensors), with a table tile for (dtype class, head-dim bucket, BLOCK_S) (TILES, compiled ahead of
-  time for sm_80 and sm_90 with triton 3.6 and 3.9 by tests/aot/small.py: no stack, no spills).
+What it serves (else `forward`/`backward` return None and the next kernels in line run: sm_90's, then
+kernels/attention.py's): L <= MAX_L, S <= 256, GQA, every mask/padding/dropout/causal combination, on
+CUDA (or under the interpreter, CPU tensors, as on sm_90), for the keys of TILES (dtype class x head-dim
+bucket x BLOCK_S x arch; compiled ahead of time by tests/aot/small.py for sm_80 and sm_90 with triton
+3.6 and 3.9: no stack, no spills): head-dim bucket 32 (E, Ev <= 32: the classifier's 25); fp16/bf16
+forward and backward (the S = 256 backward on sm_90 only: on sm_80 every tile tried keeps 24-32 B of
+stack), tf32 forward and backward, true fp32 (ieee) forward only (its FMA products spill in the backward).
 
 Selection: FASTATTN_TRITON_SMALL=1 (default) or 0, read once at import; use_small(on) switches it for
 the process (bench/gpu_speed.py compares both in one run). CALLS counts the launches this path made
@@ -51,7 +54,6 @@ _WIDEN_BF16 = tl.constexpr(INTERPRET)  # as in kernels/attention.py: the 3.9 int
 
 MAX_S = 256           # keys resident in one program
 MAX_L = 1024          # query rows one program walks (beyond: the classic kernels' query-block parallelism)
-MAX_HEAD_DIM = 64     # head-dim bucket
 
 
 def _read_env() -> bool:
@@ -317,9 +319,14 @@ for _dc in ("f32", "tf32"):  # fp32 operands: twice the registers for K, V
         ("small_fwd", _dc, 32, 64): ("16x64 w4 s1", True),
         ("small_fwd", _dc, 32, 128): ("16x128 w4 s1", True),
         ("small_fwd", _dc, 32, 256): ("16x256 w8 s1", True),
-        ("small_bwd", _dc, 32, 64): ("16x64 w4 s1", True),
-        ("small_bwd", _dc, 32, 128): ("16x128 w8 s1", True),
     })
+# tf32 backward (mma); true fp32 (ieee: FMA products) spills in the backward at every tile tried
+# (16x64 w4: 2.4 KB of stack, 16x128 w8: 7 KB, triton 3.9): the classic backward serves it
+_TILES.update({
+    ("small_bwd", "tf32", 32, 64): ("16x64 w4 s1", True),
+    ("small_bwd", "tf32", 32, 128): ("16x128 w8 s1", True),
+})
+del _dc
 
 
 def _per_arch(text: str) -> dict:

@@ -71,12 +71,23 @@ MASK_IDS = T.MASK_IDS + ["huge_rows+kpm+causal"]
 SHAPES = [(33, 20), (17, 40), (1, 7), (50, 50)]
 
 
-def _dtypes():
-    out = []
-    for dt, dc in ((torch.float16, "f16"), (torch.float32, "f32")):
-        if any(k[0] == "small_bwd" and k[1] == dc for k in S.TILES):
-            out.append(dt)
-    return out
+# (dtype, allow_tf32, whether the small backward serves it): fp16; fp32 (ieee: the small forward, the
+# classic backward); tf32 (forward and backward; under the interpreter only, which computes its products
+# in fp32, so the fp32 bound holds - on a GPU tf32 would not meet it)
+FLAVOURS = [(torch.float16, False, True), (torch.float32, False, False)] + \
+    ([(torch.float32, True, True)] if DEVICE == "cpu" else [])
+
+
+class _tf32:
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "reload"])
@@ -86,8 +97,8 @@ def test_every_mask_fwd_bwd_against_float64(masks, resident):
     S._DECISIONS.clear()
     i = MASKS.index(masks)
     l, s = SHAPES[i % len(SHAPES)]
-    for dt in _dtypes():
-        with served():
+    for dt, tf32, bwd in FLAVOURS:
+        with _tf32(tf32), served(1, int(bwd)):
             T.run_and_check(2, 2, 1, l, s, 25, 17, dt, **masks, seed=i)
 
 
@@ -101,12 +112,11 @@ def test_half_precision(dtype, masks):
 
 @pytest.mark.parametrize("masks", [dict(), dict(causal=True, use_kpm=True, mask_kind="float2d")],
                          ids=["plain", "causal+kpm+mask"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_dropout_replays_the_philox_stream(masks, dtype):
-    if dtype not in _dtypes():
-        pytest.skip(f"{dtype} has no small-path tile")
-    with served():
-        T.run_and_check(2, 2, 1, 33, 17, 25, 25, dtype, dropout_p=0.3, **masks)
+@pytest.mark.parametrize("flavour", FLAVOURS, ids=["fp16", "fp32", "tf32"][:len(FLAVOURS)])
+def test_dropout_replays_the_philox_stream(masks, flavour):
+    dt, tf32, bwd = flavour
+    with _tf32(tf32), served(1, int(bwd)):
+        T.run_and_check(2, 2, 1, 33, 17, 25, 25, dt, dropout_p=0.3, **masks)
 
 
 def test_dropout_bits_are_exactly_the_shared_stream():
@@ -145,11 +155,10 @@ def test_rows_that_see_no_key_give_zero_and_zero_grads():
 
 def test_causal_with_more_queries_than_keys_and_key_zero_padded():
     # top-left causal, L > S: every row sees key 0; with key 0 padded, row 0 sees nothing
-    q, k, v, do = T._inputs(1, 2, 2, 33, 17, 16, 16, torch.float32)
+    dt = torch.float16
+    q, k, v, do = T._inputs(1, 2, 2, 33, 17, 16, 16, dt)
     kpm = torch.zeros(1, 17, dtype=torch.bool)
     kpm[0, 0] = True
-    dt = _dtypes()[-1]
-    q, k, v, do = (t.to(dt) for t in (q, k, v, do))
     with served():
         out, lse = T._fwd(q, k, v, None, kpm, 0.0, True, 0.25, None)
         dq, dk, dv = T._bwd(do, q, k, v, out, lse, None, kpm, 0.0, True, 0.25, None)
