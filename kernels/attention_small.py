@@ -31,7 +31,7 @@ CUDA (or under the interpreter, CPU tensors, as on sm_90), for the keys of TILES
 bucket x BLOCK_S x arch; compiled ahead of time by tests/aot/small.py for sm_80 and sm_90 with triton
 3.6 and 3.9: no stack, no spills): head-dim bucket 32 (E, Ev <= 32: the classifier's 25); fp16/bf16
 forward and backward (the S = 256 backward on sm_90 only: on sm_80 every tile tried keeps 24-32 B of
-stack), tf32 forward and backward, true fp32 (ieee) forward only (its FMA products spill in the backward).
+stack), tf32 forward and backward; true fp32 (ieee: FMA products) not at all (it spills).
 
 Selection: FASTATTN_TRITON_SMALL=1 (default) or 0, read once at import; use_small(on) switches it for
 the process (bench/gpu_speed.py compares both in one run). CALLS counts the launches this path made
@@ -314,19 +314,15 @@ _TILES = {
     ("small_bwd", "f16", 32, 128): ("16x128 w4 s1", True),
     ("small_bwd", "f16", 32, 256): ("- | 16x256 w8 s1", True),  # sm_80: 24-32 B of stack at every tile tried
 }
-for _dc in ("f32", "tf32"):  # fp32 operands: twice the registers for K, V
-    _TILES.update({
-        ("small_fwd", _dc, 32, 64): ("16x64 w4 s1", True),
-        ("small_fwd", _dc, 32, 128): ("16x128 w4 s1", True),
-        ("small_fwd", _dc, 32, 256): ("16x256 w8 s1", True),
-    })
-# tf32 backward (mma); true fp32 (ieee: FMA products) spills in the backward at every tile tried
-# (16x64 w4: 2.4 KB of stack, 16x128 w8: 7 KB, triton 3.9): the classic backward serves it
+# fp32: tf32 (mma) only. True fp32 (ieee: FMA products) spills at every tile tried, triton 3.9:
+# forward 16x128 w4 4.8-10 KB of stack, backward 16x64 w4 2.4 KB, 16x128 w8 7 KB; the classic kernels serve it.
 _TILES.update({
+    ("small_fwd", "tf32", 32, 64): ("16x64 w4 s1", True),
+    ("small_fwd", "tf32", 32, 128): ("16x128 w4 s1", True),
+    ("small_fwd", "tf32", 32, 256): ("16x256 w8 s1", True),
     ("small_bwd", "tf32", 32, 64): ("16x64 w4 s1", True),
     ("small_bwd", "tf32", 32, 128): ("16x128 w8 s1", True),
 })
-del _dc
 
 
 def _per_arch(text: str) -> dict:
