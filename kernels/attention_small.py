@@ -29,9 +29,11 @@ What it serves (else `forward`/`backward` return None and the next kernels in li
 kernels/attention.py's): L <= MAX_L, S <= 256, GQA, every mask/padding/dropout/causal combination, on
 CUDA (or under the interpreter, CPU tensors, as on sm_90), for the keys of TILES (dtype class x head-dim
 bucket x BLOCK_S x arch; compiled ahead of time by tests/aot/small.py for sm_80 and sm_90 with triton
-3.6 and 3.9: no stack, no spills): head-dim bucket 32 (E, Ev <= 32: the classifier's 25); fp16/bf16
-forward and backward (the S = 256 backward on sm_90 only: on sm_80 every tile tried keeps 24-32 B of
-stack), tf32 forward and backward; true fp32 (ieee: FMA products) not at all (it spills).
+3.6 and 3.9: no stack, no spills): fp16/bf16 at head-dim bucket 32 (E, Ev <= 32: the classifier's 25),
+forward and backward, the S = 256 backward on sm_90 only (on sm_80 every tile tried keeps 24-32 B of
+stack); fp16/bf16 at bucket 64, the forward for S <= 256 and the backward for S <= 128; tf32 at bucket 32,
+forward and backward for S <= 128, forward for S <= 256; true fp32 (ieee: FMA products) not at all (it
+spills).
 
 Selection: FASTATTN_TRITON_SMALL=1 (default) or 0, read once at import; use_small(on) switches it for
 the process (bench/gpu_speed.py compares both in one run). CALLS counts the launches this path made
@@ -313,7 +315,12 @@ _TILES = {
     ("small_bwd", "f16", 32, 64): ("16x64 w4 s1", True),
     ("small_bwd", "f16", 32, 128): ("16x128 w4 s1", True),
     ("small_bwd", "f16", 32, 256): ("- | 16x256 w8 s1", True),  # sm_80: 24-32 B of stack at every tile tried
-}
+    ("small_fwd", "f16", 64, 64): ("16x64 w4 s1", True),
+    ("small_fwd", "f16", 64, 128): ("16x128 w4 s1", True),
+    ("small_fwd", "f16", 64, 256): ("16x256 w8 s1", True),
+    ("small_bwd", "f16", 64, 64): ("16x64 w4 s1", True),
+    ("small_bwd", "f16", 64, 128): ("16x128 w8 s1", True),  # S = 256 at hd 64: the dK/dV accumulators alone
+}                                                            # are 128 KB of registers
 # fp32: tf32 (mma) only. True fp32 (ieee: FMA products) spills at every tile tried, triton 3.9:
 # forward 16x128 w4 4.8-10 KB of stack, backward 16x64 w4 2.4 KB, 16x128 w8 7 KB; the classic kernels serve it.
 _TILES.update({

@@ -104,9 +104,10 @@ def test_every_mask_fwd_bwd_against_float64(masks, resident):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("masks", [dict(), dict(causal=True, use_kpm=True), dict(mask_kind="bool4d")],
                          ids=["none", "causal+kpm", "bool4d"])
-def test_half_precision(dtype, masks):
+@pytest.mark.parametrize("e", [32, 50], ids=["hd32", "hd64"])
+def test_half_precision(dtype, masks, e):
     with served():
-        T.run_and_check(2, 4, 2, 40, 33, 32, 32, dtype, **masks)
+        T.run_and_check(2, 4, 2, 40, 33, e, e - 7, dtype, **masks)
 
 
 @pytest.mark.parametrize("masks", [dict(), dict(causal=True, use_kpm=True, mask_kind="float2d")],
@@ -232,6 +233,10 @@ def test_selection_and_what_is_declined():
     assert S.forward(q, long_k, long_k, None, None, 0.0, False, 0.2, None) is None    # S > 256
     wide = torch.randn(1, 2, 20, 200, dtype=torch.float16)
     assert S.forward(wide, wide, wide, None, None, 0.0, False, 0.1, None) is None     # no tile for hd 256
+    hd64 = torch.randn(1, 2, 20, 64, dtype=torch.float16)
+    k64 = torch.randn(1, 2, 200, 64, dtype=torch.float16)
+    assert S.forward(hd64, k64, k64, None, None, 0.0, False, 0.1, None) is not None   # hd 64, S 200: forward
+    assert S.backward(hd64, hd64, k64, k64, hd64, None, None, None, 0.0, False, 0.1, None) is None  # not backward
     q32 = q.float()
     with _tf32(False):  # true fp32: its FMA products spill (kernels/attention_small.py), not served
         assert S.forward(q32, q32, q32, None, None, 0.0, False, 0.2, None) is None
