@@ -24,6 +24,8 @@ PYTHON_KNOBS = {
                                "built-in entries it names (kernels/configs.py)",
     "FASTATTN_TRITON_ATTN": "sm90 (default on sm_90) or classic: which Triton attention kernels serve a call "
                             "(kernels/attention_sm90*.py or kernels/attention.py); read once",
+    "FASTATTN_TRITON_SMALL": "1 (default) or 0: the one-program-per-(batch, head) Triton attention for S <= 256 "
+                             "(kernels/attention_small.py; forward and one-launch backward), tried first; read once",
     # C++ switches read once, outside the tuning.h table (they pick a code path, not a tile size)
     "FASTATTN_CPU_DECODE": "0: the CPU decoding path (L <= 16) off",
     "FASTATTN_CPU_BF16DOT": "0: the AVX512-BF16 (vdpbf16ps) attention and feed-forward paths off",
