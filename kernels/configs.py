@@ -159,7 +159,7 @@ _ATTN_LONG = {
     ("fwd", "f16", 64, "plain"): "128x64 w8 s3",
     ("fwd", "f16", 128, "plain"): "128x32 w8 s3",
 }
-ATTN_DELTA = Tile(64, 0, 4, 1)          # the backward's delta pre-pass (memory bound): BLOCK_M only
+ATTN_DELTA = Tile(16, 0, 4, 1)          # the backward's delta pre-pass (memory bound): BLOCK_M only
 INTERPRET_ATTN = Tile(16, 16, 1, 1)
 INTERPRET_ATTN_DELTA = Tile(16, 0, 1, 1)
 
