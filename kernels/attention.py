@@ -274,7 +274,7 @@ def _attn_fwd_kernel(
 # recomputed over its keys by the pre-pass (_split_rows). Only blocks holding such a row do that work.
 SPLIT_LSE = tl.constexpr(32.0)  # |lse| from which a row's log-sum-exp is split
 SPLIT_N = 16                    # keys per step of that recompute
-SPLIT_D = tl.constexpr(16)      # head-dim slice per product (every head-dim bucket is a multiple of it)
+SPLIT_D = tl.constexpr(32)      # head-dim slice per product (every head-dim bucket is a multiple of it)
 
 
 @triton.jit
@@ -311,10 +311,10 @@ def _big_rows(lse, offs_m, L):
 
 @triton.jit
 def _split_rows(DOut, Lse, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
-                stride_ml, stride_ms, bh, b, hk, Hkv, start_m, L, S, HEAD_D, HEAD_DV, causal, has_kpm,
+                stride_ml, stride_ms, bh, b, hk, Hkv, start_m, offs_m, L, S, HEAD_D, HEAD_DV, causal, has_kpm,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_N: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """The query rows [start_m, start_m + BLOCK_M), of which those that are big (_big_rows) get: the row
+    """The query rows offs_m (from start_m), of which those that are big (_big_rows) get: the row
     max m and sum l recomputed as the forward does, base = m, rest = log(l), and delta = rowsum(P dP) with
     P = exp(s - m) / l unrounded and dP = dO V^T as the dQ kernel computes it (times the kept mask
     / (1 - p) under dropout), as torch's math does. rowsum(dO O) from an output rounded to 16 bits is
@@ -325,7 +325,6 @@ def _split_rows(DOut, Lse, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed
     after every key block (the last store stands): stores after the loop keep their row pointers live
     across it unused, and ptxas saves such values to a stack frame (around its CALL.REL.NOINC loop
     exit, or to lower its register count)."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)  # not the caller's: it takes this loop's layout
     row = bh.to(tl.int64) * L + offs_m
     q_base = Q + bh.to(tl.int64) * L * HEAD_D
     do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
@@ -414,7 +413,7 @@ def _attn_bwd_delta_kernel(
         if HAS_MASK:
             mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
         _split_rows(DOut, Lse, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
-                    stride_ml, stride_ms, bh, b, h // GROUP, Hq // GROUP, start_m, L, S, HEAD_D,
+                    stride_ml, stride_ms, bh, b, h // GROUP, Hq // GROUP, start_m, offs_m, L, S, HEAD_D,
                     HEAD_DV, causal, has_kpm, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT_N, HAS_MASK, HAS_DROPOUT,
                     INPUT_PRECISION)
 
