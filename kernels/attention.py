@@ -632,14 +632,14 @@ KERNELS = {"fwd": _attn_fwd_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq":
 def compile_cases(arch: int) -> list:
     """Every distinct (kernel name, dtype class, head-dim bucket, variant, Tile) a launch on arch family
     `arch` can choose (the union over sequence buckets of configs.ATTENTION), and the delta pre-pass
-    (configs.ATTN_DELTA) once per dtype class, head-dim bucket and variant of the dQ kernel."""
+    (configs.delta_tile) once per dtype class, head-dim bucket and variant of the dQ kernel."""
     cases = []
     for (name, dc, hd, _sq, var, a), tile in configs.ATTENTION.items():
         case = (name, dc, hd, var, tile)
         if a == arch and case not in cases:
             cases.append(case)
     for name, dc, hd, var, _tile in list(cases):
-        case = ("bwd_delta", dc, hd, var, configs.ATTN_DELTA)
+        case = ("bwd_delta", dc, hd, var, configs.delta_tile(dc))
         if name == "bwd_dq" and case not in cases:
             cases.append(case)
     return cases

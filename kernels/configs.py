@@ -159,7 +159,12 @@ _ATTN_LONG = {
     ("fwd", "f16", 64, "plain"): "128x64 w8 s3",
     ("fwd", "f16", 128, "plain"): "128x32 w8 s3",
 }
-ATTN_DELTA = Tile(16, 0, 4, 1)          # the backward's delta pre-pass (memory bound): BLOCK_M only
+# The backward's delta pre-pass (memory bound): BLOCK_M only, per dtype class. 16 rows: its rare
+# split-row recompute (|lse| >= SPLIT_LSE) runs on the block's rows, and at 32 or 64 rows ptxas gives
+# that loop a stack frame (triton 3.6 or 3.9, sm_80 or sm_90); fp32 at 4 warps still gets one from
+# 3.6 (hd64 plain, hd256 mask+drop on sm_90), at 8 warps none (measured 2026-11-30, issue 13).
+ATTN_DELTA = Tile(16, 0, 4, 1)
+ATTN_DELTA_BY_CLASS = {"f32": Tile(16, 0, 8, 1)}
 INTERPRET_ATTN = Tile(16, 16, 1, 1)
 INTERPRET_ATTN_DELTA = Tile(16, 0, 1, 1)
 
@@ -215,12 +220,17 @@ for _key, _tile in _load_overrides().items():  # keys as written by fastattn.ker
         FFN_OVERRIDES[_key] = _tile
 
 
+def delta_tile(dc: str) -> Tile:
+    """The delta pre-pass's tile for dtype class dc (every head dim, variant and arch family)."""
+    return ATTN_DELTA_BY_CLASS.get(dc, ATTN_DELTA)
+
+
 def attention_config(kernel: str, dc: str, hd: int, seq: str, var: str, arch: int) -> Tile:
     """The tile of one attention launch (kernel "fwd", "bwd_dkdv", "bwd_dq" or "bwd_delta")."""
     if INTERPRET:
         return INTERPRET_ATTN_DELTA if kernel == "bwd_delta" else INTERPRET_ATTN
     if kernel == "bwd_delta":
-        return ATTN_DELTA
+        return delta_tile(dc)
     return ATTENTION[kernel, dc, hd, seq, var, arch]
 
 
