@@ -159,12 +159,14 @@ _ATTN_LONG = {
     ("fwd", "f16", 64, "plain"): "128x64 w8 s3",
     ("fwd", "f16", 128, "plain"): "128x32 w8 s3",
 }
-# The backward's delta pre-pass (memory bound): BLOCK_M only, per dtype class. 16 rows: its rare
-# split-row recompute (|lse| >= SPLIT_LSE) runs on the block's rows, and at 32 or 64 rows ptxas gives
-# that loop a stack frame (triton 3.6 or 3.9, sm_80 or sm_90); fp32 at 4 warps still gets one from
-# 3.6 (hd64 plain, hd256 mask+drop on sm_90), at 8 warps none (measured 2026-11-30, issue 13).
+# The backward's delta pre-pass (memory bound): BLOCK_M only, per dtype class (every head dim,
+# variant, arch family). Its rare split-row recompute (|lse| >= SPLIT_LSE) runs on the block's rows,
+# and ptxas gives that loop a small stack frame at 4 warps and 32 or 64 rows (triton 3.6 or 3.9),
+# and for fp32 at 16 rows x 4 warps (3.6: hd64 plain, hd256 mask+drop, sm_90), 16 x 8 (hd64 drop,
+# sm_80) or 16 x 2 (3.9: hd64 mask+drop, sm_90). Every row below compiles without one on 3.6 and
+# 3.9, sm_80 and sm_90, bf16 too (measured 2026-11-30, issue 13).
 ATTN_DELTA = Tile(16, 0, 4, 1)
-ATTN_DELTA_BY_CLASS = {"f32": Tile(16, 0, 8, 1)}
+ATTN_DELTA_BY_CLASS = {"f32": Tile(32, 0, 8, 1)}
 INTERPRET_ATTN = Tile(16, 16, 1, 1)
 INTERPRET_ATTN_DELTA = Tile(16, 0, 1, 1)
 
