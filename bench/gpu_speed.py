@@ -1,6 +1,8 @@
-"""The device check's short speed table: fastattn's cuda backend and both Triton kernel sets (the sm_90
-kernels and the classic ones, FASTATTN_TRITON_ATTN's two modes, switched in this one process on the
-same inputs; off sm_90 both columns run the classic kernels) against SDPA's flash and cuDNN backends, forward and forward+backward, in TFLOP/s, written as markdown one row at a time
+"""The device check's short speed table: fastattn's cuda backend and the Triton kernel sets (the small
+path of kernels/attention_small.py, FASTATTN_TRITON_SMALL; the sm_90 kernels and the classic ones,
+FASTATTN_TRITON_ATTN's two modes; all switched in this one process on the same inputs; off sm_90 the
+sm90 column runs the classic kernels, and where the small path does not serve a shape its column
+runs the next kernels in line) against SDPA's flash and cuDNN backends, forward and forward+backward, in TFLOP/s, written as markdown one row at a time
 (so a run cut off keeps its rows). Run by bench/gpu_check.sh; standalone:
 
     python bench/gpu_speed.py --out speed.md [--seconds 55] [--full]
@@ -21,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("fastattn cuda", "triton sm90", "triton classic", "sdpa flash", "sdpa cudnn")
+IMPLS = ("fastattn cuda", "triton small", "triton sm90", "triton classic", "sdpa flash", "sdpa cudnn")
 
 
 def _sdpa(backend_name: str):
@@ -45,18 +47,30 @@ def sm90_module():
     return attention_sm90
 
 
-def _fastattn(backend: str, triton_mode: str | None = None):
+def small_module():
+    """kernels/attention_small.py, as sm90_module() finds its module."""
+    sm90_module()
+    try:
+        from fastattn.kernels import attention_small
+    except ImportError:
+        from kernels import attention_small
+    return attention_small
+
+
+def _fastattn(backend: str, triton_mode: str | None = None, small: bool = False):
     import fastattn
 
     def run(q, k, v, causal):
-        if triton_mode is not None:  # the mode is read at launch: forward and backward both follow it
+        if triton_mode is not None:  # the modes are read at launch: forward and backward both follow them
             sm90_module().use_mode(triton_mode)
+            small_module().use_small(small)
         return fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
     return run
 
 
 def runners():
-    return {"fastattn cuda": _fastattn("cuda"), "triton sm90": _fastattn("triton", "sm90"),
+    return {"fastattn cuda": _fastattn("cuda"), "triton small": _fastattn("triton", "sm90", small=True),
+            "triton sm90": _fastattn("triton", "sm90"),
             "triton classic": _fastattn("triton", "classic"),
             "sdpa flash": _sdpa("FLASH_ATTENTION"), "sdpa cudnn": _sdpa("CUDNN_ATTENTION")}
 
@@ -123,8 +137,9 @@ def main(argv=None) -> int:
         md.write(f"### Speed, TFLOP/s ({name}, torch {torch.__version__})\n\n"
                  "N * L = 16384 tokens, H * E = 2048 (except the classifier shape, first); "
                  "ratios hold within a row only.\n\n"
-                 "| mode | dtype | E | N x H x L | causal | " + " | ".join(IMPLS) + " | cuda / flash | sm90 / classic |\n"
-                 "|---|---|---:|---|---|" + "---:|" * (len(IMPLS) + 2) + "\n")
+                 "| mode | dtype | E | N x H x L | causal | " + " | ".join(IMPLS)
+                 + " | cuda / flash | sm90 / classic | small / classic |\n"
+                 "|---|---|---:|---|---|" + "---:|" * (len(IMPLS) + 3) + "\n")
         md.flush()
         rows = 0
         for mode, dt, e, n, h, length, causal in cases(args.full):
@@ -150,6 +165,8 @@ def main(argv=None) -> int:
                      if "fastattn cuda" in tf and "sdpa flash" in tf else "n/a")
             ratio += " | " + (f"{tf['triton sm90'] / tf['triton classic']:.2f}"
                               if "triton sm90" in tf and "triton classic" in tf else "n/a")
+            ratio += " | " + (f"{tf['triton small'] / tf['triton classic']:.2f}"
+                              if "triton small" in tf and "triton classic" in tf else "n/a")
             dts = str(dt).replace("torch.", "")
             md.write(f"| {mode} | {dts} | {e} | {n}x{h}x{length} | {'yes' if causal else 'no'} | "
                      + " | ".join(cells) + f" | {ratio} |\n")

@@ -37,8 +37,11 @@ BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tenso
 def _triton_backward(*args):
     from .kernels import attention as kernels
     from .kernels import attention_sm90_bwd  # sm_90: serves what its table covers (FASTATTN_TRITON_ATTN)
+    from .kernels import attention_small  # small problems first, as in the forward (FASTATTN_TRITON_SMALL)
 
-    grads = attention_sm90_bwd.backward(*args)
+    grads = attention_small.backward(*args)
+    if grads is None:
+        grads = attention_sm90_bwd.backward(*args)
     return grads if grads is not None else kernels.attention_backward(*args)
 
 

@@ -24,14 +24,23 @@ PYTHON_KNOBS = {
                                "built-in entries it names (kernels/configs.py)",
     "FASTATTN_TRITON_ATTN": "sm90 (default on sm_90) or classic: which Triton attention kernels serve a call "
                             "(kernels/attention_sm90*.py or kernels/attention.py); read once",
+    "FASTATTN_TRITON_SMALL": "1 (default) or 0: the one-program-per-(batch, head) Triton attention for S <= 256 "
+                             "(kernels/attention_small.py; forward and one-launch backward), tried first; read once",
     # C++ switches read once, outside the tuning.h table (they pick a code path, not a tile size)
     "FASTATTN_CPU_DECODE": "0: the CPU decoding path (L <= 16) off",
     "FASTATTN_CPU_BF16DOT": "0: the AVX512-BF16 (vdpbf16ps) attention and feed-forward paths off",
     "FASTATTN_CPU_BF16DOT_FFN": "mm: the bf16 feed-forward through the whole-matrix oneDNN fallback (tests)",
     # C++ decode tuning, read on every call (for tuning runs; the defaults are measured)
     "FASTATTN_CPU_DECODE_CHUNK": "keys per decode task (default: from the shape, >= 256); read per call",
-    "FASTATTN_CPU_DECODE_PREFETCH": "software prefetch distance in key blocks (default 1 for fp32/fp64, 0 for "
-                                    "16-bit K/V); read per call",
+    "FASTATTN_CPU_DECODE_PREFETCH": "software prefetch distance in bytes of K and of V ahead (default 4096 for "
+                                    "fp32/fp64, 0 = off, the default for 16-bit K/V); read per call",
+    "FASTATTN_CPU_DECODE_PF_HINT": "the decode prefetch's locality, __builtin_prefetch's 0-3 (default 1: "
+                                   "prefetcht2; 3: prefetcht0, into L1); read per call",
+    "FASTATTN_CPU_DECODE_PF_STEP": "bytes between the decode prefetch's touches (default 4096: one line per "
+                                   "page; 64: every line); read per call",
+    "FASTATTN_CPU_DECODE_ORDER": "1: decode tasks run last to first on every other call (the previous call's "
+                                 "last K/V rows are the likeliest still in L3; results unchanged); 0 (default) "
+                                 "first to last; read per call",
     "FASTATTN_CPU_DECODE_QK_ROWS": "1 (default): a decode block's first-row Q K^T loads key by key; 0: the "
                                    "16 keys' columns in step; read per call",
 }

@@ -741,8 +741,13 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is
     Returns out (N, Hq, L, Ev) in q's dtype and lse (N, Hq, L) float32 (natural log, +inf for a row
     that sees no key; its output row is 0).
     """
-    # sm_90 devices: kernels/attention_sm90.py serves the cases it covers (FASTATTN_TRITON_ATTN=classic: never).
-    from . import attention_sm90
+    # Small problems (S <= 256): kernels/attention_small.py, one program per (batch, head)
+    # (FASTATTN_TRITON_SMALL=0: never). sm_90 devices: kernels/attention_sm90.py serves the cases it
+    # covers (FASTATTN_TRITON_ATTN=classic: never).
+    from . import attention_sm90, attention_small
+    res = attention_small.forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
+    if res is not None:
+        return res
     res = attention_sm90.forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
     if res is not None:
         return res
@@ -783,6 +788,11 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
     """Fused attention backward: returns dq, dk, dv shaped like q, k, v (dk/dv summed over each GQA
     group's query heads), deterministic (no atomics). Arguments as attention_forward's, plus
     grad_out (N, Hq, L, Ev), out and lse (N, Hq, L) float32 from the forward."""
+    from . import attention_small  # small problems: one launch (FASTATTN_TRITON_SMALL=0: never)
+    res = attention_small.backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal,
+                                   scale, seed)
+    if res is not None:
+        return res
     n, hq, l, _ = q.shape
     ev = v.shape[3]
     assert tuple(grad_out.shape) == tuple(out.shape) == (n, hq, l, ev) and lse.dtype == torch.float32

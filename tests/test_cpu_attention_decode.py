@@ -168,6 +168,51 @@ def test_threads_bitwise(dtype):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n,hq,hkv,l,s,e,rows", [
+    (4, 4, 4, 1, 1000, 64, "packed"),    # one row per task: the two-accumulator P V, E a compile-time 64
+    (2, 8, 2, 2, 777, 80, "heads_inner"),  # K/V rows hkv*e apart (per-row prefetch), E = 80
+    (1, 2, 2, 1, 300, 25, "packed"),     # E not a multiple of 16 (run-time head dim), a 12-key tail
+])
+def test_prefetch_and_order_bitwise(monkeypatch, dtype, n, hq, hkv, l, s, e, rows):
+    """The prefetch distance, locality and step and the task order (FASTATTN_CPU_DECODE_PREFETCH,
+    _PF_HINT, _PF_STEP, _ORDER, read per call) move no number: every setting gives bitwise the default
+    call's out and lse, which meets the reference bound."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(n, hq, l, e, generator=gen).to(dtype)
+    if rows == "packed":
+        k = torch.randn(n, hkv, s, e, generator=gen).to(dtype)
+        v = torch.randn(n, hkv, s, e, generator=gen).to(dtype)
+    else:  # (N, S, Hkv, E) storage viewed as (N, Hkv, S, E)
+        k = torch.randn(n, s, hkv, e, generator=gen).to(dtype).transpose(1, 2)
+        v = torch.randn(n, s, hkv, e, generator=gen).to(dtype).transpose(1, 2)
+    pad = torch.rand(n, s, generator=gen) > 0.9
+    scale = 1 / math.sqrt(e)
+    for name in ("FASTATTN_CPU_DECODE_PREFETCH", "FASTATTN_CPU_DECODE_PF_HINT", "FASTATTN_CPU_DECODE_PF_STEP",
+                 "FASTATTN_CPU_DECODE_ORDER"):
+        monkeypatch.delenv(name, raising=False)
+
+    def call():
+        with _counted():
+            return fwd_op(q, k, v, None, pad, 0.0, False, scale, None)
+
+    want, want_lse = call()
+    ref = attention_reference(q.double(), k.double(), v.double(), None, pad, 0.0, False, scale, None)
+    same = attention_reference(q, k, v, None, pad, 0.0, False, scale, None, upcast=False)
+    check_bound(f"decode prefetch/order {dtype} n{n} hq{hq} hkv{hkv} l{l} s{s} e{e} {rows}", want, same, ref)
+    settings = [dict(PREFETCH="0"), dict(PREFETCH="64", PF_HINT="3", PF_STEP="64"),
+                dict(PREFETCH="4096", PF_HINT="0", PF_STEP="200"), dict(PREFETCH="100000", PF_HINT="2"),
+                dict(PREFETCH="1", PF_HINT="1", PF_STEP="1"), dict(ORDER="1")]
+    for setting in settings:
+        for key, val in setting.items():
+            monkeypatch.setenv("FASTATTN_CPU_DECODE_" + key, val)
+        for _ in range(2):  # ORDER=1 alternates between calls: both orders
+            out, lse = call()
+            assert torch.equal(out, want) and torch.equal(lse, want_lse), setting
+        for key in setting:
+            monkeypatch.delenv("FASTATTN_CPU_DECODE_" + key)
+
+
 def test_longer_queries_not_served():
     q = torch.randn(1, 2, 17, 32)
     k = torch.randn(1, 2, 100, 32)

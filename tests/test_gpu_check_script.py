@@ -125,3 +125,31 @@ def test_speed_table_runs_both_triton_kernel_sets_in_one_process():
         fastattn.scaled_dot_product_attention = real
         attention_sm90.use_mode(old)
     assert calls == [("classic", "triton"), ("sm90", "triton")]
+
+
+def test_speed_table_runs_the_small_path_beside_the_classic_one():
+    """The "triton small" column runs with kernels/attention_small.py on, the sm90 and classic columns
+    with it off (one process, switched before each call), so small / classic compares the two."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_speed", ROOT / "bench" / "gpu_speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    assert "triton small" in speed.IMPLS
+    run = speed.runners()
+    small, sm90 = speed.small_module(), speed.sm90_module()
+    old = (small.ENABLED, sm90.MODE)
+    calls = []
+    try:
+        import fastattn
+
+        real = fastattn.scaled_dot_product_attention
+        fastattn.scaled_dot_product_attention = lambda *a, **kw: calls.append((small.ENABLED, sm90.MODE))
+        q = torch.zeros(1, 1, 4, 8)
+        for name in ("triton small", "triton sm90", "triton classic"):
+            run[name](q, q, q, False)
+    finally:
+        fastattn.scaled_dot_product_attention = real
+        small.use_small(old[0])
+        sm90.use_mode(old[1])
+    assert calls == [(True, "sm90"), (False, "sm90"), (False, "classic")]

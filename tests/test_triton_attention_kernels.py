@@ -47,6 +47,17 @@ def _load(name):
 
 
 A = _load_kernels()
+
+
+@pytest.fixture(autouse=True)
+def _classic_kernels_only():
+    """These are the classic kernels' tests: the small path (kernels/attention_small.py, which
+    attention_forward/backward try first; tested in test_triton_small_attention.py) stays off here."""
+    small = importlib.import_module(A.__name__.rsplit(".", 1)[0] + ".attention_small")
+    old = small.ENABLED
+    small.use_small(False)
+    yield
+    small.use_small(old)
 philox = _load("_philox")
 testing = _load("testing")
 

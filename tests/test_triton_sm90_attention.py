@@ -419,6 +419,33 @@ def test_backward_declines_what_it_does_not_serve():
     assert B._tma_possible(q16, q16, q16, q16) and not B._tma_possible(q16[..., :60], q16, q16[..., :60], q16)
 
 
+def _bf16_operand(t):
+    """t rounded to bf16 as the kernel's float -> bf16 conversion makes it, back in float64: round to
+    nearest even on the GPU; the triton 3.9 interpreter truncates (it keeps x's top 16 bits)."""
+    if DEVICE == "cpu":
+        t = (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
+    return t.to(torch.bfloat16).double()
+
+
+def _rounded_operand_peer(q, k, v, go, out, scale):
+    """The gradients computed as the GPU kernel computes them, in float64 except for its two roundings:
+    P and dS become bf16 operands before the dV = P^T dO, dK = scale dS^T Q and dQ = scale dS K
+    products (FA2 does the same); delta as the delta pre-pass makes it: rowsum(P dP) on rows with
+    |lse| >= 32 (issue 15: the split log-sum-exp rows), rowsum(dO * out) from the bf16 output elsewhere.
+    Each gradient rounded to bf16 at the end, as the kernel's store rounds. Its distance to the exact float64 gradients is the error
+    this design has, so the kernel is held to 2x that (+ floor), not to a widened factor against
+    torch's math SDPA (whose dS stays fp32)."""
+    q, k, v, go, out = (t.double() for t in (q, k, v, go, out))
+    sc = q @ k.transpose(-1, -2) * scale
+    p, lse = torch.softmax(sc, -1), torch.logsumexp(sc, -1, keepdim=True)
+    dp = go @ v.transpose(-1, -2)
+    delta = torch.where(lse.abs() >= 32, (p * dp).sum(-1, keepdim=True), (go * out).sum(-1, keepdim=True))
+    ds = p * (dp - delta)
+    pb, dsb = _bf16_operand(p), _bf16_operand(ds)
+    grads = (scale * dsb @ k, scale * dsb.transpose(-1, -2) @ q, pb.transpose(-1, -2) @ go)
+    return [_bf16_operand(g).to(torch.bfloat16) for g in grads]  # the store rounds as the kernel's casts do
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("case", [(torch.bfloat16, 16, 32, 16, 16, 20.0), (torch.float16, 16, 32, 8, 8, 3000.0)],
                          ids=["bf16-scale20", "f16-scale3000"])
@@ -431,10 +458,9 @@ def test_backward_large_logits_within_bound(case, split):
     out, lse = T.A.attention_forward(*(_dev(t) for t in (q, k, v)), None, None, 0.0, False, scale, None)
     grads = B.backward(_dev(go), *(_dev(t) for t in (q, k, v)), out, lse, None, None, 0.0, False, scale, None,
                        force=True, use_tma=False, split=split)
-    # bf16: dS is rounded to bf16 for dQ = dS K and dK = dS^T Q, as on the GPU (_operand). Measured here: dq
-    # 4.6 x torch's own error at seed 0 (4.4 x at seed 2); tests/test_regressions.py's factor 3 holds for
-    # the classic kernels under the interpreter only because there their dS stays fp32 (the widened
-    # operand's dtype), 2.1 x - on the GPU they round it too.
-    factor = 5.0 if dt == torch.bfloat16 else 2.0
+    if dt == torch.bfloat16:
+        # bf16: the kernel rounds P and dS to bf16 operands, as on the GPU (_operand); torch's math SDPA
+        # keeps dS in fp32 (it was measured 4.4-4.6x better on dq), so the peer is that design in float64
+        same = _rounded_operand_peer(q, k, v, go, out.cpu(), scale)
     for name, got, t, r64 in zip(("dq", "dk", "dv"), grads, same, ref):
-        check_bound(name, got.cpu(), t, r64, factor=factor)
+        check_bound(name, got.cpu(), t, r64)

@@ -18,9 +18,13 @@
 // capability, FASTATTN_CPU_ISA overrides; AVX2 machines run the portable code compiled for AVX2).
 // FASTATTN_CPU_DECODE=0 (read once) turns the path off; FASTATTN_CPU_DECODE_CHUNK (read per call,
 // for tuning) sets the chunk length, FASTATTN_CPU_DECODE_PREFETCH (per call) the software prefetch
-// distance in key blocks (default 1 for float32/64; 0 = off, the default for 16-bit K/V),
-// FASTATTN_CPU_DECODE_QK_ROWS (per call) the order of the Q K^T loads of a block's first row: 1 (the
-// default) key by key, 0 the 16 keys' columns in step.
+// distance in bytes of K (and of V) ahead (default 4096 for float32/64; 0 = off, the default for
+// 16-bit K/V), FASTATTN_CPU_DECODE_PF_HINT (per call) its locality (__builtin_prefetch's 0-3; default
+// 1, prefetcht2), FASTATTN_CPU_DECODE_PF_STEP (per call) the bytes between its touches (default
+// 4096: one line per page; 64: every line), FASTATTN_CPU_DECODE_ORDER (per call) 1 to run the tasks last to first on
+// every other call (the previous call's last K/V rows are the likeliest to be still in L3; results
+// do not change), FASTATTN_CPU_DECODE_QK_ROWS (per call) the order of the Q K^T loads of a block's
+// first row: 1 (the default) key by key, 0 the 16 keys' columns in step.
 // torch.ops.fastattn_decode.fwd_calls() counts the calls served.
 #include "tuning.h"
 #include "cpu/attention_common.h"
@@ -58,7 +62,10 @@ struct DecodeParams : AttnInputs {
   int64_t chunk = 0;    // keys per task
   int64_t nchunks = 1;  // chunks per (batch, kv head)
   int64_t rows = 0;     // N * Hq * L
-  int64_t prefetch_blocks = 1;  // software prefetch of K/V this many key blocks ahead (0: none)
+  int64_t prefetch_bytes = 0;  // software prefetch of K and V rows this many bytes ahead (0: none)
+  int64_t prefetch_step = 4096;  // bytes between its touches (64: every line; 4096: one per page)
+  int prefetch_hint = 1;       // its __builtin_prefetch locality (3: prefetcht0, 1: prefetcht2)
+  bool reverse = false;  // tasks run from the last to the first (every other call, see fwd)
   bool qk_row_order = true;  // Q K^T loads key by key (attention_decode_kernel.h qk_row16)
   void* out = nullptr;  // (N, Hq, L, Ev), q's dtype; element (b,h,i,e) at b*osb + h*osh + i*osl + e
   int64_t osb = 0, osh = 0, osl = 0;
@@ -162,10 +169,20 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   p.kend = is_causal ? std::min(p.S, p.L) : p.S;
   const int64_t heads = p.N * p.Hkv;
   p.chunk = choose_chunk(heads, p.kend);
-  // measured (1 thread, this file's bench shapes): one block ahead pays ~15% on float32, costs ~5%
-  // on 16-bit K/V (whose converted blocks already keep the loads ahead)
-  p.prefetch_blocks = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 1 : 0));
+  // measured (issue 11, N4 H16 S1024 E64 float32, 1 thread on a loaded 2-core Zen 4 with 32 KB L1,
+  // against sum(k) + sum(v) in the same rounds): every line 16 KB ahead into L1 (the former
+  // default) 0.57 of the sum's speed, none 0.78-0.81, every line 4 KB ahead with prefetcht2 0.93 but
+  // 0.46 (none: 0.69) when K/V sit in L3; one line per page 4 KB ahead with prefetcht2 (the default)
+  // 0.89-0.90, and 0.68 in L3 (no loss). 16-bit K/V: their converted blocks already keep the loads
+  // ahead (off by default)
+  p.prefetch_bytes = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 4096 : 0));
+  p.prefetch_hint = static_cast<int>(std::clamp<int64_t>(env_int("FASTATTN_CPU_DECODE_PF_HINT", 1), 0, 3));
+  p.prefetch_step = std::max<int64_t>(64, env_int("FASTATTN_CPU_DECODE_PF_STEP", 4096)) / 64 * 64;
   p.qk_row_order = env_int("FASTATTN_CPU_DECODE_QK_ROWS", 1) != 0;
+  {
+    static std::atomic<uint64_t> calls{0};
+    p.reverse = env_int("FASTATTN_CPU_DECODE_ORDER", 0) == 1 && (calls.fetch_add(1) & 1) != 0;
+  }
   p.nchunks = std::max<int64_t>(1, (p.kend + p.chunk - 1) / p.chunk);
   const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor o_part, ml_part;

@@ -18,6 +18,45 @@ constexpr int64_t kBK = 64;  // keys per block inside a chunk (a multiple of 16)
 
 inline int64_t dec_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// A software-prefetch stream over the rows of a K or V block: rows are ld bytes apart, each `bytes`
+// long; row j's prefetch touches row j + dist (rows counted from the block's first row), when that
+// row is below lim (the chunk's end), one touch every `step` bytes of it (64: every line; 4096, the
+// default: one line per page of a packed stream, enough to start the next page's TLB walk and
+// memory stream early while the hardware prefetcher fetches the rest). p == nullptr: no prefetch.
+// (The helpers are always_inline: GCC deems an out-of-line function of prefetches alone pure and
+// drops the call.)
+struct DecPf {
+  const char* p = nullptr;
+  int64_t ld = 0, bytes = 0, dist = 0, lim = 0, step = 4096;
+  int hint = 1;  // __builtin_prefetch locality: 3 = prefetcht0 (L1), 2 = t1, 1 = t2, 0 = nta
+};
+
+// Touches bytes [a, a + bytes) every `step` bytes, from a's 64-byte line on.
+__attribute__((always_inline)) inline void dec_prefetch_span(const char* a, int64_t bytes, int64_t step, int hint) {
+  const int64_t n = bytes + (reinterpret_cast<uintptr_t>(a) & 63);
+  a -= reinterpret_cast<uintptr_t>(a) & 63;
+  if (hint == 3) {  // the locality must be a compile-time constant: one loop each
+    for (int64_t x = 0; x < n; x += step) __builtin_prefetch(a + x, 0, 3);
+  } else if (hint == 2) {
+    for (int64_t x = 0; x < n; x += step) __builtin_prefetch(a + x, 0, 2);
+  } else if (hint == 1) {
+    for (int64_t x = 0; x < n; x += step) __builtin_prefetch(a + x, 0, 1);
+  } else {
+    for (int64_t x = 0; x < n; x += step) __builtin_prefetch(a + x, 0, 0);
+  }
+}
+
+__attribute__((always_inline)) inline void dec_prefetch(const DecPf& s, int64_t j, int64_t n) {
+  if (s.p == nullptr) return;
+  const int64_t r0 = j + s.dist, r1 = std::min(s.lim, r0 + n);
+  if (r0 >= r1) return;
+  if (s.ld == s.bytes) {  // packed rows: one span
+    dec_prefetch_span(s.p + r0 * s.ld, (r1 - r0) * s.ld, s.step, s.hint);
+  } else {
+    for (int64_t r = r0; r < r1; ++r) dec_prefetch_span(s.p + r * s.ld, s.bytes, s.step, s.hint);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Portable primitives (any T, any ISA): used for float64 everywhere and for every dtype on CPUs
 // without AVX-512. The compiler vectorises the axpy loops for the enclosing target.
@@ -101,7 +140,7 @@ inline __mmask16 dec_tail_mask(int64_t n) {  // the low n lanes (n in 1..16)
 
 // Lane j of the result = the sum of the 16 lanes of a[j]: a transposing tree of 30 shuffles and
 // 15 additions.
-inline __m512 hsum16x16(const __m512 a[16]) {
+__attribute__((always_inline)) inline __m512 hsum16x16(const __m512 a[16]) {
   __m512 t[8], u[4];
   for (int k = 0; k < 8; ++k)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
     t[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
@@ -146,6 +185,36 @@ inline __m512 qk_row16(const float* qs, const float* K, int64_t ldk, int64_t E) 
   return hsum16x16(acc);
 }
 
+// qk_row16 for a head dim of NV whole vectors (E = 16 NV), known at compile time: the query row in
+// registers, each key's partial sums started by a product (the same numbers as qk_row16's).
+template <bool kRowOrder, int NV>
+__attribute__((always_inline)) inline __m512 qk_row16_n(const float* qs, const float* K, int64_t ldk) {
+  __m512 q[NV], acc[16];
+#pragma GCC unroll 8
+  for (int x = 0; x < NV; ++x) q[x] = _mm512_loadu_ps(qs + 16 * x);
+  if constexpr (kRowOrder) {
+    // one pointer stepped key by key (opaque to the compiler, which would otherwise keep the 16 x NV
+    // addresses as loop invariants and spill them)
+    const float* kr = K;
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      acc[j] = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
+#pragma GCC unroll 8
+      for (int x = 1; x < NV; ++x) acc[j] = _mm512_fmadd_ps(q[x], _mm512_loadu_ps(kr + 16 * x), acc[j]);
+      kr += ldk;
+      asm("" : "+r"(kr));
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_mul_ps(q[0], _mm512_loadu_ps(K + j * ldk));
+#pragma GCC unroll 8
+    for (int x = 1; x < NV; ++x)
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(q[x], _mm512_loadu_ps(K + j * ldk + 16 * x), acc[j]);
+  }
+  return hsum16x16(acc);
+}
+
 // One key: q . k as a horizontal sum (the < 16 keys at a chunk's end).
 inline float qk_row1(const float* qs, const float* k, int64_t E) {
   __m512 acc = _mm512_setzero_ps();
@@ -159,33 +228,63 @@ inline float qk_row1(const float* qs, const float* k, int64_t E) {
 }
 
 // s[r * lds + j] = qs[r] . K[j] for r < R, j < nk. Groups of 16 keys outer, rows inner: a group
-// of K (16 x E floats) stays in L1 while every row of the GQA group reads it.
-inline void qk_avx512(const float* qs, int64_t R, int64_t ldq, const float* K, int64_t ldk, int64_t E, int64_t nk,
-                      float* s, int64_t lds, bool row_order) {
+// of K (16 x E floats) stays in L1 while every row of the GQA group reads it. NV > 0: E = 16 NV
+// (compile-time); 0: any E. pf: the K rows prefetched ahead, a group at a time.
+template <int NV>
+inline void qk_block(const float* qs, int64_t R, int64_t ldq, const float* K, int64_t ldk, int64_t E, int64_t nk,
+                     float* s, int64_t lds, bool row_order, const DecPf& pf) {
   int64_t j0 = 0;
   for (; j0 + 16 <= nk; j0 += 16) {
+    dec_prefetch(pf, j0, 16);
+    const float* Kj = K + j0 * ldk;
     // the first row fetches the 16 keys (in the chosen order); the group's other rows find them in L1
-    _mm512_storeu_ps(s + j0, row_order ? qk_row16<true>(qs, K + j0 * ldk, ldk, E)
-                                       : qk_row16<false>(qs, K + j0 * ldk, ldk, E));
-    for (int64_t r = 1; r < R; ++r)
-      _mm512_storeu_ps(s + r * lds + j0, qk_row16<false>(qs + r * ldq, K + j0 * ldk, ldk, E));
+    if constexpr (NV > 0) {
+      _mm512_storeu_ps(s + j0, row_order ? qk_row16_n<true, NV>(qs, Kj, ldk) : qk_row16_n<false, NV>(qs, Kj, ldk));
+      for (int64_t r = 1; r < R; ++r) _mm512_storeu_ps(s + r * lds + j0, qk_row16_n<false, NV>(qs + r * ldq, Kj, ldk));
+    } else {
+      _mm512_storeu_ps(s + j0, row_order ? qk_row16<true>(qs, Kj, ldk, E) : qk_row16<false>(qs, Kj, ldk, E));
+      for (int64_t r = 1; r < R; ++r) _mm512_storeu_ps(s + r * lds + j0, qk_row16<false>(qs + r * ldq, Kj, ldk, E));
+    }
   }
-  for (; j0 < nk; ++j0)
+  for (; j0 < nk; ++j0) {
+    dec_prefetch(pf, j0, 1);
     for (int64_t r = 0; r < R; ++r) s[r * lds + j0] = qk_row1(qs + r * ldq, K + j0 * ldk, E);
+  }
+}
+
+inline void qk_avx512(const float* qs, int64_t R, int64_t ldq, const float* K, int64_t ldk, int64_t E, int64_t nk,
+                      float* s, int64_t lds, bool row_order, const DecPf& pf) {
+  switch (E % 16 == 0 ? E / 16 : 0) {
+    case 1: qk_block<1>(qs, R, ldq, K, ldk, E, nk, s, lds, row_order, pf); break;
+    case 2: qk_block<2>(qs, R, ldq, K, ldk, E, nk, s, lds, row_order, pf); break;
+    case 3: qk_block<3>(qs, R, ldq, K, ldk, E, nk, s, lds, row_order, pf); break;
+    case 4: qk_block<4>(qs, R, ldq, K, ldk, E, nk, s, lds, row_order, pf); break;
+    case 5: qk_block<5>(qs, R, ldq, K, ldk, E, nk, s, lds, row_order, pf); break;
+    case 6: qk_block<6>(qs, R, ldq, K, ldk, E, nk, s, lds, row_order, pf); break;
+    case 7: qk_block<7>(qs, R, ldq, K, ldk, E, nk, s, lds, row_order, pf); break;
+    case 8: qk_block<8>(qs, R, ldq, K, ldk, E, nk, s, lds, row_order, pf); break;
+    default: qk_block<0>(qs, R, ldq, K, ldk, E, nk, s, lds, row_order, pf); break;
+  }
 }
 
 // o[RT rows][XV vectors] = o * alpha + sum_j p[r][j] V[j], the last vector's lanes limited by vmask.
+// One row: two accumulator sets (even and odd keys, summed at the end), so the FMA latency chains
+// are not the bound. pf (or nullptr): the V rows prefetched ahead, 16 keys at a time.
 template <int RT, int XV>
 inline void pv_tile(const float* pr, int64_t ldp, const float* V, int64_t ldv, int64_t nk, float* o, int64_t ldo,
-                    const float* alpha, __mmask16 vmask) {
-  __m512 acc[RT][XV];
+                    const float* alpha, __mmask16 vmask, const DecPf* pf) {
+  constexpr int kSets = RT == 1 ? 2 : 1;
+  __m512 acc[kSets][RT][XV];
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r) {
     const __m512 a = _mm512_set1_ps(alpha[r]);
 #pragma GCC unroll 8
-    for (int x = 0; x < XV; ++x) acc[r][x] = _mm512_mul_ps(_mm512_loadu_ps(o + r * ldo + 16 * x), a);
+    for (int x = 0; x < XV; ++x) {
+      acc[0][r][x] = _mm512_mul_ps(_mm512_loadu_ps(o + r * ldo + 16 * x), a);
+      if constexpr (kSets > 1) acc[kSets - 1][r][x] = _mm512_setzero_ps();
+    }
   }
-  for (int64_t j = 0; j < nk; ++j) {
+  const auto step = [&](int64_t j, __m512 (&ac)[RT][XV]) __attribute__((always_inline)) {
     __m512 vv[XV];
 #pragma GCC unroll 8
     for (int x = 0; x < XV; ++x)
@@ -194,13 +293,24 @@ inline void pv_tile(const float* pr, int64_t ldp, const float* V, int64_t ldv, i
     for (int r = 0; r < RT; ++r) {
       const __m512 w = _mm512_set1_ps(pr[r * ldp + j]);
 #pragma GCC unroll 8
-      for (int x = 0; x < XV; ++x) acc[r][x] = _mm512_fmadd_ps(w, vv[x], acc[r][x]);
+      for (int x = 0; x < XV; ++x) ac[r][x] = _mm512_fmadd_ps(w, vv[x], ac[r][x]);
     }
+  };
+  int64_t j = 0;
+  for (; j + kSets <= nk; j += kSets) {
+    if (pf != nullptr && (j & 15) == 0) dec_prefetch(*pf, j, 16);
+#pragma GCC unroll 2
+    for (int u = 0; u < kSets; ++u) step(j + u, acc[u]);
+  }
+  for (; j < nk; ++j) {
+    if (pf != nullptr && (j & 15) == 0) dec_prefetch(*pf, j, 16);
+    step(j, acc[0]);
   }
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 8
-    for (int x = 0; x < XV; ++x) _mm512_storeu_ps(o + r * ldo + 16 * x, acc[r][x]);
+    for (int x = 0; x < XV; ++x)
+      _mm512_storeu_ps(o + r * ldo + 16 * x, kSets > 1 ? _mm512_add_ps(acc[0][r][x], acc[kSets - 1][r][x]) : acc[0][r][x]);
 }
 
 // The widest V tile (in 16-float vectors) for RT rows: RT x XV accumulators, a row of V and a
@@ -210,12 +320,12 @@ constexpr int pv_max_xv(int rt) { return rt <= 2 ? 8 : 4; }
 // pv_tile<RT, xv> for a run-time xv in 1..pv_max_xv(RT).
 template <int RT, int X = 1>
 inline void pv_rows(int xv, const float* pr, int64_t ldp, const float* V, int64_t ldv, int64_t nk, float* o,
-                    int64_t ldo, const float* alpha, __mmask16 vmask) {
+                    int64_t ldo, const float* alpha, __mmask16 vmask, const DecPf* pf) {
   if constexpr (X <= pv_max_xv(RT)) {
     if (xv == X)
-      pv_tile<RT, X>(pr, ldp, V, ldv, nk, o, ldo, alpha, vmask);
+      pv_tile<RT, X>(pr, ldp, V, ldv, nk, o, ldo, alpha, vmask, pf);
     else
-      pv_rows<RT, X + 1>(xv, pr, ldp, V, ldv, nk, o, ldo, alpha, vmask);
+      pv_rows<RT, X + 1>(xv, pr, ldp, V, ldv, nk, o, ldo, alpha, vmask, pf);
   }
 }
 
@@ -223,7 +333,7 @@ inline void pv_rows(int xv, const float* pr, int64_t ldp, const float* V, int64_
 // 4 rows (balanced), column tiles of up to 8 vectors for 1-2 rows and 4 vectors for 3-4 rows, so
 // accumulators, a row of V and a broadcast fit the 32 registers and no tile row is wasted.
 inline void pv_avx512(const float* pr, int64_t R, int64_t ldp, const float* V, int64_t ldv, int64_t Ev, int64_t nk,
-                      float* o, int64_t ldo, const float* alpha) {
+                      float* o, int64_t ldo, const float* alpha, const DecPf& pf) {
   const int64_t nvec = (Ev + 15) / 16;
   const int64_t rtiles = (R + 3) / 4;
   const int64_t rt_even = (R + rtiles - 1) / rtiles;
@@ -240,11 +350,12 @@ inline void pv_avx512(const float* pr, int64_t R, int64_t ldp, const float* V, i
       const float* vp = V + x0 * 16;
       float* op = o + r0 * ldo + x0 * 16;
       const float* ap = alpha + r0;
+      const DecPf* tp = r0 == 0 && x0 == 0 && pf.p != nullptr ? &pf : nullptr;  // the first tile prefetches
       switch (rt) {
-        case 1: pv_rows<1>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
-        case 2: pv_rows<2>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
-        case 3: pv_rows<3>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
-        default: pv_rows<4>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask); break;
+        case 1: pv_rows<1>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
+        case 2: pv_rows<2>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
+        case 3: pv_rows<3>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
+        default: pv_rows<4>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
       }
     }
   }
@@ -307,17 +418,6 @@ inline const T* rows_as(const In* X, int64_t ldx, int64_t j0, int64_t nk, int64_
   }
 }
 
-// Software prefetch of rows [j, j + nr) of X (rows of n values, ldx apart), one touch per cache line.
-template <typename In>
-inline void prefetch_rows(const In* X, int64_t ldx, int64_t j, int64_t nr, int64_t n) {
-  const bool packed = ldx == n;  // one span
-  const int64_t rows = packed ? 1 : nr, bytes = (packed ? nr * n : n) * static_cast<int64_t>(sizeof(In));
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* x0 = reinterpret_cast<const char*>(X + (j + r) * ldx);
-    for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(x0 + x, 0, 3);
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // The task loop, written once: T the compute type, In the storage type; kWide selects the AVX-512
 // primitives (T = float only).
@@ -339,7 +439,14 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
   T* vbuf = kConvert ? kbuf + kBK * Ep : nullptr;
   const T scale = static_cast<T>(p.scale);
   const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
-  for (int64_t task = task_begin; task < task_end; ++task) {
+  constexpr int64_t isz = sizeof(In);
+  constexpr bool kInKernel = kWide && !kConvert;  // the micro-kernels read K and V in place and prefetch
+  // the prefetch distances in rows: p.prefetch_bytes ahead, at least one row (0: off)
+  const int64_t pf_k = p.prefetch_bytes > 0 ? std::max<int64_t>(1, (p.prefetch_bytes + E * isz - 1) / (E * isz)) : 0;
+  const int64_t pf_v = p.prefetch_bytes > 0 ? std::max<int64_t>(1, (p.prefetch_bytes + Ev * isz - 1) / (Ev * isz)) : 0;
+  const int64_t ntasks = p.N * p.Hkv * p.nchunks;
+  for (int64_t t = task_begin; t < task_end; ++t) {
+    const int64_t task = p.reverse ? ntasks - 1 - t : t;
     const int64_t c = task % p.nchunks, bhk = task / p.nchunks, b = bhk / p.Hkv, hk = bhk % p.Hkv;
     const int64_t j_lo = c * p.chunk, j_hi = std::min(p.kend, j_lo + p.chunk);
     const In* K = static_cast<const In*>(p.k) + b * p.ksb + hk * p.ksh;  // key j's row at K + j * p.kss
@@ -360,17 +467,25 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
         for (int64_t j = 0; j < nk && all; ++j) all = kpm[j0 + j];
         if (all) continue;
       }
-      const int64_t jp = j0 + p.prefetch_blocks * kBK;  // a later block's K and V rows
-      if (p.prefetch_blocks > 0 && jp < j_hi) {
-        const int64_t nn = std::min(kBK, j_hi - jp);
-        prefetch_rows<In>(K, p.kss, jp, nn, E);
-        prefetch_rows<In>(Vm, p.vss, jp, nn, Ev);
+      // software prefetch of the K and V rows pf_k / pf_v rows ahead (up to the chunk's end): by
+      // the AVX-512 float kernels as they go, else here for the whole block at its start
+      DecPf pfk, pfv;
+      if (pf_k > 0) {
+        pfk = DecPf{reinterpret_cast<const char*>(K + j0 * p.kss), p.kss * isz, E * isz, pf_k, j_hi - j0,
+                    p.prefetch_step, p.prefetch_hint};
+        pfv = DecPf{reinterpret_cast<const char*>(Vm + j0 * p.vss), p.vss * isz, Ev * isz, pf_v, j_hi - j0,
+                    p.prefetch_step, p.prefetch_hint};
+        if (!kInKernel) {
+          dec_prefetch(pfk, 0, nk);
+          dec_prefetch(pfv, 0, nk);
+        }
       }
+      const DecPf no_pf;
       int64_t ldk;
       const T* Kb = rows_as<T, In, kWide>(K, p.kss, j0, nk, E, Ep, kbuf, ldk);
 #if defined(FA_DEC_AVX512)
       if constexpr (kWide)
-        qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc, kBK, p.qk_row_order);
+        qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc, kBK, p.qk_row_order, kInKernel ? pfk : no_pf);
       else
 #endif
         qk_generic<T>(qs, R, Ep, Kb, ldk, E, nk, sc, kBK);
@@ -410,7 +525,7 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
       const T* Vb = rows_as<T, In, kWide>(Vm, p.vss, j0, nk, Ev, Evp, vbuf, ldv);
 #if defined(FA_DEC_AVX512)
       if constexpr (kWide)
-        pv_avx512(sc, R, kBK, Vb, ldv, Ev, nk, ob, Evp, arow);
+        pv_avx512(sc, R, kBK, Vb, ldv, Ev, nk, ob, Evp, arow, kInKernel ? pfv : no_pf);
       else
 #endif
         pv_generic<T>(sc, R, kBK, Vb, ldv, Ev, nk, ob, Evp, arow);
