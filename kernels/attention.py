@@ -304,18 +304,27 @@ def _sliced_product(a_base, b_base, offs_a, offs_b, RA, RB, C, BA: tl.constexpr,
 
 
 @triton.jit
-def _split_rows(DOut, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
-                stride_ml, stride_ms, bh, b, hk, Hkv, start_m, offs_m, big, L, S, HEAD_D, HEAD_DV, causal, has_kpm,
+def _big_rows(lse, offs_m, L):
+    """The rows offs_m whose forward log-sum-exp lse is split (|lse| >= SPLIT_LSE, finite)."""
+    return (offs_m < L) & (tl.abs(lse) >= SPLIT_LSE) & (lse != float("inf"))
+
+
+@triton.jit
+def _split_rows(DOut, Lse, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
+                stride_ml, stride_ms, bh, b, hk, Hkv, start_m, offs_m, L, S, HEAD_D, HEAD_DV, causal, has_kpm,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_N: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """The query rows offs_m (from start_m), of which those that are `big` get: the row max m and sum
-    l recomputed as the forward does, base = m, rest = log(l), and delta = rowsum(P dP) with
+    """The query rows offs_m (from start_m), of which those that are big (_big_rows) get: the row
+    max m and sum l recomputed as the forward does, base = m, rest = log(l), and delta = rowsum(P dP) with
     P = exp(s - m) / l unrounded and dP = dO V^T as the dQ kernel computes it (times the kept mask
     / (1 - p) under dropout), as torch's math does. rowsum(dO O) from an output rounded to 16 bits is
     off by about 2^-9 |dO| |O|, and any rounding of delta apart from dP's is carried by
     dS = P (dP - delta) into dQ and dK times the logit scale (a one-hot row's exact dS is 0).
     The products run over the head dim in SPLIT_D slices (whole-width fp32 operands would stay in
-    registers and spill); a slice's product accumulates onto the previous one's."""
+    registers and spill); a slice's product accumulates onto the previous one's. The results are stored
+    after every key block (the last store stands): stores after the loop keep their row pointers live
+    across it unused, and ptxas saves such values to a stack frame (around its CALL.REL.NOINC loop
+    exit, or to lower its register count)."""
     row = bh.to(tl.int64) * L + offs_m
     q_base = Q + bh.to(tl.int64) * L * HEAD_D
     do_base = DOut + bh.to(tl.int64) * L * HEAD_DV
@@ -328,6 +337,8 @@ def _split_rows(DOut, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dro
     if HAS_DROPOUT:  # seed points at (Philox seed, counter offset)
         drop_rows += tl.load(seed + 1)
         philox = tl.load(seed)
+    lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L + offs_m
+    big = _big_rows(tl.load(Lse + row, mask=offs_m < L, other=0.0), offs_m, L)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     dd = tl.zeros([BLOCK_M], tl.float32)  # rowsum(exp(s - m) dP), rescaled like l_i
@@ -350,13 +361,13 @@ def _split_rows(DOut, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dro
         l_i = l_i * alpha + tl.sum(p, 1)
         dd = dd * alpha + tl.sum(p * dp, 1)
         m_i = m_new
-    # l_i is 0 only if the recompute saw none of the keys the forward saw: keep the plain values
-    split = big & (l_i != 0.0)
-    l_safe = tl.where(split, l_i, 1.0)
-    tl.store(Delta + row, dd / l_safe, mask=split)
-    lse_ptr = LseSplit + bh.to(tl.int64) * 2 * L + offs_m
-    tl.store(lse_ptr, m_i, mask=split)
-    tl.store(lse_ptr + L, _log(l_safe, HAS_MASK), mask=split)
+        # Stored after every key block, the last one's last: l_i is 0 only while the recompute has
+        # seen none of the keys the forward saw (then, and if it never does, the plain values stay).
+        split = big & (l_i != 0.0)
+        l_safe = tl.where(split, l_i, 1.0)
+        tl.store(Delta + row, dd / l_safe, mask=split)
+        tl.store(lse_ptr, m_i, mask=split)
+        tl.store(lse_ptr + L, _log(l_safe, HAS_MASK), mask=split)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -394,16 +405,15 @@ def _attn_bwd_delta_kernel(
     else:
         tl.store(lse_ptr, lse * 1.4426950408889634, mask=m_ok)
     tl.store(lse_ptr + L, tl.zeros([BLOCK_M], tl.float32), mask=m_ok)
-    big = m_ok & (tl.abs(lse) >= SPLIT_LSE) & (lse != float("inf"))
-    if tl.max(big.to(tl.int32), 0) > 0:  # rare: huge mask values or logits
+    if tl.max(_big_rows(lse, offs_m, L).to(tl.int32), 0) > 0:  # rare: huge mask values or logits
         tl.debug_barrier()  # the stores above land before _split_rows overwrites some of them
         b = bh // Hq
         h = bh % Hq
         mask_bh = Mask
         if HAS_MASK:
             mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        _split_rows(DOut, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
-                    stride_ml, stride_ms, bh, b, h // GROUP, Hq // GROUP, start_m, offs_m, big, L, S, HEAD_D,
+        _split_rows(DOut, Lse, Delta, LseSplit, Q, K, V, mask_bh, Kpm, KvRange, seed, dropout_p, qk_scale,
+                    stride_ml, stride_ms, bh, b, h // GROUP, Hq // GROUP, start_m, offs_m, L, S, HEAD_D,
                     HEAD_DV, causal, has_kpm, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT_N, HAS_MASK, HAS_DROPOUT,
                     INPUT_PRECISION)
 
@@ -622,14 +632,14 @@ KERNELS = {"fwd": _attn_fwd_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq":
 def compile_cases(arch: int) -> list:
     """Every distinct (kernel name, dtype class, head-dim bucket, variant, Tile) a launch on arch family
     `arch` can choose (the union over sequence buckets of configs.ATTENTION), and the delta pre-pass
-    (configs.ATTN_DELTA) once per dtype class, head-dim bucket and variant of the dQ kernel."""
+    (configs.delta_tile) once per dtype class, head-dim bucket and variant of the dQ kernel."""
     cases = []
     for (name, dc, hd, _sq, var, a), tile in configs.ATTENTION.items():
         case = (name, dc, hd, var, tile)
         if a == arch and case not in cases:
             cases.append(case)
     for name, dc, hd, var, _tile in list(cases):
-        case = ("bwd_delta", dc, hd, var, configs.ATTN_DELTA)
+        case = ("bwd_delta", dc, hd, var, configs.delta_tile(dc))
         if name == "bwd_dq" and case not in cases:
             cases.append(case)
     return cases

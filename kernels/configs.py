@@ -161,7 +161,14 @@ _ATTN_LONG = {
     ("fwd", "f16", 64, "plain"): "128x64 w8 s3",
     ("fwd", "f16", 128, "plain"): "128x32 w8 s3",
 }
-ATTN_DELTA = Tile(64, 0, 4, 1)          # the backward's delta pre-pass (memory bound): BLOCK_M only
+# The backward's delta pre-pass (memory bound): BLOCK_M only, per dtype class (every head dim,
+# variant, arch family). Its rare split-row recompute (|lse| >= SPLIT_LSE) runs on the block's rows,
+# and ptxas gives that loop a small stack frame at 4 warps and 32 or 64 rows (triton 3.6 or 3.9),
+# and for fp32 at 16 rows x 4 warps (3.6: hd64 plain, hd256 mask+drop, sm_90), 16 x 8 (hd64 drop,
+# sm_80) or 16 x 2 (3.9: hd64 mask+drop, sm_90). Every row below compiles without one on 3.6 and
+# 3.9, sm_80 and sm_90, bf16 too (measured 2026-11-30, issue 13).
+ATTN_DELTA = Tile(16, 0, 4, 1)
+ATTN_DELTA_BY_CLASS = {"f32": Tile(32, 0, 8, 1)}
 INTERPRET_ATTN = Tile(16, 16, 1, 1)
 INTERPRET_ATTN_DELTA = Tile(16, 0, 1, 1)
 
@@ -217,12 +224,17 @@ for _key, _tile in _load_overrides().items():  # keys as written by fastattn.ker
         FFN_OVERRIDES[_key] = _tile
 
 
+def delta_tile(dc: str) -> Tile:
+    """The delta pre-pass's tile for dtype class dc (every head dim, variant and arch family)."""
+    return ATTN_DELTA_BY_CLASS.get(dc, ATTN_DELTA)
+
+
 def attention_config(kernel: str, dc: str, hd: int, seq: str, var: str, arch: int) -> Tile:
     """The tile of one attention launch (kernel "fwd", "bwd_dkdv", "bwd_dq" or "bwd_delta")."""
     if INTERPRET:
         return INTERPRET_ATTN_DELTA if kernel == "bwd_delta" else INTERPRET_ATTN
     if kernel == "bwd_delta":
-        return ATTN_DELTA
+        return delta_tile(dc)
     return ATTENTION[kernel, dc, hd, seq, var, arch]
 
 

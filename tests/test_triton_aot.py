@@ -65,24 +65,6 @@ KNOWN_GAP = {
     # 3.6: 32 B at 255 registers (3.9: clean, 254). Also tried: 16x16 w4/w16 s1, 16x16 w4/w8 s2,
     # 16x32 w4/w8 s1, 32x16 w4/w8 s1, and before issue 13 2 to 16 warps, 1 to 3 stages
     "bwd_dkdv tf32 hd256 mask+drop 16x16 w8 s1 sm_80",
-    # Found by the sweep after the Triton numerics of issue 15 landed (natural-log masked path, the
-    # delta pre-pass's split log-sum-exp, _bwd_probs): small stack frames (8-40 B) with 0 B of ptxas
-    # spill traffic, mostly fp32/tf32 and the delta pre-pass; tiles not yet re-chosen (issue 13).
-    "bwd_delta f16 hd64 drop 64x0 w4 s1 sm_80",  # 3.6: 8 B
-    "bwd_delta f32 hd128 drop 64x0 w4 s1 sm_80",  # 3.9: 32 B; 3.6: 8 B
-    "bwd_delta f32 hd128 drop 64x0 w4 s1 sm_90",  # 3.9: 24 B
-    "bwd_delta f32 hd128 mask 64x0 w4 s1 sm_80",  # 3.9: 24 B
-    "bwd_delta f32 hd128 mask 64x0 w4 s1 sm_90",  # 3.9: 40 B; 3.6: 24 B
-    "bwd_delta f32 hd128 mask+drop 64x0 w4 s1 sm_90",  # 3.9: 8 B
-    "bwd_delta f32 hd128 plain 64x0 w4 s1 sm_80",  # 3.9: 16 B; 3.6: 24 B
-    "bwd_delta f32 hd256 mask 64x0 w4 s1 sm_80",  # 3.6: 32 B
-    "bwd_delta f32 hd256 plain 64x0 w4 s1 sm_80",  # 3.6: 8 B
-    "bwd_delta f32 hd32 drop 64x0 w4 s1 sm_80",  # 3.6: 8 B
-    "bwd_delta f32 hd64 mask 64x0 w4 s1 sm_80",  # 3.9: 24 B; 3.6: 24 B
-    "bwd_delta f32 hd64 mask 64x0 w4 s1 sm_90",  # 3.9: 16 B; 3.6: 8 B
-    "bwd_delta f32 hd64 mask+drop 64x0 w4 s1 sm_90",  # 3.9: 24 B
-    "bwd_delta f32 hd64 plain 64x0 w4 s1 sm_80",  # 3.6: 8 B
-    "bwd_delta f32 hd64 plain 64x0 w4 s1 sm_90",  # 3.9: 8 B; 3.6: 16 B
 }
 
 _RUNNING: dict = {}  # (family, version) -> (Popen, stdout file, stderr file, start time)
