@@ -122,3 +122,30 @@ def large_logit_problem(dt, l, s, e, ev, scale, seed):
     with sdpa_kernel([SDPBackend.MATH]):
         same = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(*t_, scale=scale), t_, go)
     return q, k, v, go, ref, same
+
+
+def bf16_operand(t, truncate: bool):
+    """t rounded to bf16 as a kernel's float -> bf16 conversion makes it, back in float64: round to
+    nearest even on the GPU; the triton 3.9 interpreter truncates (it keeps x's top 16 bits)."""
+    if truncate:
+        t = (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
+    return t.to(torch.bfloat16).double()
+
+
+def rounded_operand_grads(q, k, v, go, out, scale, truncate: bool, delta_from_p: str = "split"):
+    """dq, dk, dv of softmax(q k^T scale) v as a bf16 GPU kernel computes them: float64 except for its
+    roundings - P and dS become bf16 operands before dV = P^T dO, dK = scale dS^T Q and dQ = scale dS K
+    (FA2 does the same), and the stores round. delta: rowsum(P dP) on rows with |lse| >= 32 and
+    rowsum(dO * out) from the bf16 output elsewhere (delta_from_p="split": the classic and sm_90
+    backwards' pre-pass), or rowsum(P dP) on every row ("always": kernels/attention_small.py). Its
+    distance to the exact gradients is this design's error: a kernel that rounds so is held to 2x it."""
+    q, k, v, go, out = (t.detach().double().cpu() for t in (q, k, v, go, out))
+    sc = q @ k.transpose(-1, -2) * scale
+    p, lse = torch.softmax(sc, -1), torch.logsumexp(sc, -1, keepdim=True)
+    dp = go @ v.transpose(-1, -2)
+    from_p = (p * dp).sum(-1, keepdim=True)
+    delta = from_p if delta_from_p == "always" else torch.where(lse.abs() >= 32, from_p, (go * out).sum(-1, keepdim=True))
+    ds = p * (dp - delta)
+    pb, dsb = bf16_operand(p, truncate), bf16_operand(ds, truncate)
+    grads = (scale * dsb @ k, scale * dsb.transpose(-1, -2) @ q, pb.transpose(-1, -2) @ go)
+    return [bf16_operand(g, truncate).to(torch.bfloat16) for g in grads]

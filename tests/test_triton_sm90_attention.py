@@ -63,6 +63,18 @@ def _sm90():
     return _kernel_module("attention_sm90")
 
 
+@pytest.fixture(autouse=True)
+def _small_path_off():
+    """The sm_90 kernels' tests: the forward that gives their out and lse (and the hook tests) run the
+    classic and sm_90 kernels; kernels/attention_small.py, tried first for short sequences, stays off
+    (it has its own tests in test_triton_small_attention.py)."""
+    small = _kernel_module("attention_small")
+    old = small.ENABLED
+    small.use_small(False)
+    yield
+    small.use_small(old)
+
+
 def _reference(q, k, v, causal, scale, dtype):
     """(out, lse) computed in `dtype` (torch's own rounding: float64 gives the reference)."""
     g = q.shape[1] // k.shape[1]
@@ -419,33 +431,6 @@ def test_backward_declines_what_it_does_not_serve():
     assert B._tma_possible(q16, q16, q16, q16) and not B._tma_possible(q16[..., :60], q16, q16[..., :60], q16)
 
 
-def _bf16_operand(t):
-    """t rounded to bf16 as the kernel's float -> bf16 conversion makes it, back in float64: round to
-    nearest even on the GPU; the triton 3.9 interpreter truncates (it keeps x's top 16 bits)."""
-    if DEVICE == "cpu":
-        t = (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
-    return t.to(torch.bfloat16).double()
-
-
-def _rounded_operand_peer(q, k, v, go, out, scale):
-    """The gradients computed as the GPU kernel computes them, in float64 except for its two roundings:
-    P and dS become bf16 operands before the dV = P^T dO, dK = scale dS^T Q and dQ = scale dS K
-    products (FA2 does the same); delta as the delta pre-pass makes it: rowsum(P dP) on rows with
-    |lse| >= 32 (issue 15: the split log-sum-exp rows), rowsum(dO * out) from the bf16 output elsewhere.
-    Each gradient rounded to bf16 at the end, as the kernel's store rounds. Its distance to the exact float64 gradients is the error
-    this design has, so the kernel is held to 2x that (+ floor), not to a widened factor against
-    torch's math SDPA (whose dS stays fp32)."""
-    q, k, v, go, out = (t.double() for t in (q, k, v, go, out))
-    sc = q @ k.transpose(-1, -2) * scale
-    p, lse = torch.softmax(sc, -1), torch.logsumexp(sc, -1, keepdim=True)
-    dp = go @ v.transpose(-1, -2)
-    delta = torch.where(lse.abs() >= 32, (p * dp).sum(-1, keepdim=True), (go * out).sum(-1, keepdim=True))
-    ds = p * (dp - delta)
-    pb, dsb = _bf16_operand(p), _bf16_operand(ds)
-    grads = (scale * dsb @ k, scale * dsb.transpose(-1, -2) @ q, pb.transpose(-1, -2) @ go)
-    return [_bf16_operand(g).to(torch.bfloat16) for g in grads]  # the store rounds as the kernel's casts do
-
-
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("case", [(torch.bfloat16, 16, 32, 16, 16, 20.0), (torch.float16, 16, 32, 8, 8, 3000.0)],
                          ids=["bf16-scale20", "f16-scale3000"])
@@ -461,6 +446,6 @@ def test_backward_large_logits_within_bound(case, split):
     if dt == torch.bfloat16:
         # bf16: the kernel rounds P and dS to bf16 operands, as on the GPU (_operand); torch's math SDPA
         # keeps dS in fp32 (it was measured 4.4-4.6x better on dq), so the peer is that design in float64
-        same = _rounded_operand_peer(q, k, v, go, out.cpu(), scale)
+        same = _helpers().rounded_operand_grads(q, k, v, go, out, scale, truncate=DEVICE == "cpu")
     for name, got, t, r64 in zip(("dq", "dk", "dv"), grads, same, ref):
         check_bound(name, got.cpu(), t, r64)
