@@ -724,6 +724,10 @@ class _Launch:
     def tile(self, kernel: str) -> configs.Tile:
         return configs.attention_config(kernel, self.dc, self.hd, self.seq, self.variant, self.arch)
 
+    def flags_for(self, t: configs.Tile) -> dict:
+        """The compile-time flags of a launch with tile t (a tile may force its products' precision)."""
+        return dict(self.flags, INPUT_PRECISION=t.precision) if t.precision else self.flags
+
 
 def _device_of(t: torch.Tensor):
     """The launches run on t's CUDA device (inputs on cuda:1 launch there, not on the current device)."""
@@ -763,7 +767,7 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p: float, is
         ms = c.mstrides
         _attn_fwd_kernel[(triton.cdiv(l, t.block_m) * n * hq,)](
             q, k, v, out, lse, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p, c.qk_scale,
-            ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, **t.kwargs,
+            ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags_for(t), **t.kwargs,
             num_warps=t.num_warps, num_stages=t.num_stages)
     return out, lse
 
@@ -779,7 +783,7 @@ def backward_prepass(c: _Launch, q, k, v, out, grad_out, lse):
     ms = c.mstrides
     _attn_bwd_delta_kernel[(triton.cdiv(l, t.block_m) * n * hq,)](
         out, grad_out, lse, delta, lse_split, q, k, v, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p,
-        c.qk_scale, ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, BLOCK_M=t.block_m, SPLIT_N=SPLIT_N, num_warps=t.num_warps, num_stages=t.num_stages)
+        c.qk_scale, ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags_for(t), BLOCK_M=t.block_m, SPLIT_N=SPLIT_N, num_warps=t.num_warps, num_stages=t.num_stages)
     return delta, lse_split
 
 
@@ -811,11 +815,11 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
         t = c.tile("bwd_dkdv")
         _attn_bwd_dkdv_kernel[(triton.cdiv(c.s, t.block_n) * n * c.hkv,)](
             q, k, v, grad_out, lse_split, delta, dk, dv, c.mask, c.kpm, c.seed, c.dropout_p, c.qk_scale, c.scale,
-            ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, **t.kwargs,
+            ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags_for(t), **t.kwargs,
             num_warps=t.num_warps, num_stages=t.num_stages)
         t = c.tile("bwd_dq")
         _attn_bwd_dq_kernel[(triton.cdiv(l, t.block_m) * n * hq,)](
             q, k, v, grad_out, lse_split, delta, dq, c.mask, c.kpm, c.kv_range, c.seed, c.dropout_p, c.qk_scale,
-            c.scale, ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags, **t.kwargs,
+            c.scale, ms[0], ms[1], ms[2], ms[3], **c.dims, **c.flags_for(t), **t.kwargs,
             num_warps=t.num_warps, num_stages=t.num_stages)
     return dq, dk, dv

@@ -33,6 +33,18 @@ from dataclasses import dataclass
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_version() -> str:
+    """'major.minor' of the triton this process imports ('' without triton)."""
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+TRITON_VERSION = _triton_version()
 OVERRIDE_FILE = os.environ.get("FASTATTN_TRITON_CONFIGS") or None  # read once, here
 
 ARCH_FAMILIES = (80, 90)
@@ -48,6 +60,7 @@ class Tile:
     num_stages: int
     block_k: int = 0      # feed-forward GEMM tiles only
     epi_split: int = 0    # feed-forward epilogue kernels only (up, dh)
+    precision: str = ""   # attention: tl.dot input_precision for this tile ("": the dtype class's)
 
     @property
     def kwargs(self) -> dict:
@@ -60,18 +73,22 @@ class Tile:
 
     def __str__(self) -> str:
         s = f"{self.block_m}x{self.block_n}" + (f"x{self.block_k}" if self.block_k else "")
-        return s + f" w{self.num_warps} s{self.num_stages}" + (f" split{self.epi_split}" if self.epi_split else "")
+        s += f" w{self.num_warps} s{self.num_stages}" + (f" split{self.epi_split}" if self.epi_split else "")
+        return s + (f" {self.precision}" if self.precision else "")
 
 
 def parse(text: str) -> Tile:
-    """'64x32 w8 s2' (attention) or '128x128x64 w8 s4 split2' (feed-forward) -> Tile."""
+    """'64x32 w8 s2' (attention; a trailing 'ieee' forces true-fp32 products) or '128x128x64 w8 s4 split2'
+    (feed-forward) -> Tile."""
     parts = text.split()
+    precision = parts.pop() if parts[-1] in ("ieee", "tf32") else ""
     dims = [int(x) for x in parts[0].split("x")]
     opts = {}
     for p in parts[1:]:
         name = "split" if p.startswith("split") else p[0]
         opts[name] = int(p[len(name):])
-    return Tile(dims[0], dims[1], opts["w"], opts["s"], dims[2] if len(dims) > 2 else 0, opts.get("split", 0))
+    return Tile(dims[0], dims[1], opts["w"], opts["s"], dims[2] if len(dims) > 2 else 0, opts.get("split", 0),
+                precision)
 
 
 def dtype_class(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
@@ -167,6 +184,17 @@ _ATTN_LONG = {
 # and for fp32 at 16 rows x 4 warps (3.6: hd64 plain, hd256 mask+drop, sm_90), 16 x 8 (hd64 drop,
 # sm_80) or 16 x 2 (3.9: hd64 mask+drop, sm_90). Every row below compiles without one on 3.6 and
 # 3.9, sm_80 and sm_90, bf16 too (measured 2026-11-30, issue 13).
+# Keys whose tile depends on the triton version: no tile tried compiles without a stack frame on both
+# 3.6 (the GPU machines') and 3.9, so each version gets the tile that is clean with it (the entry in
+# _ATTN is 3.9's). dK/dV hd256 fp32 with mask and dropout on sm_80 (k, v, dK, dV resident, 256 wide):
+# 3.6 spills 32 B at 255 registers with 3.9's 16x16 w4 (f32) / w8 (tf32); 16x16 w8 is clean on 3.6 in
+# true fp32, and the tf32 key takes those same ieee products there (tf32 is a permission, never a
+# requirement: the result is at least as accurate), since no tf32 tile was clean on 3.6
+# (tests/test_triton_aot.py has the tiles tried).
+_ATTN_BY_TRITON = {
+    "3.6": {("bwd_dkdv", "f32", 256, "mask+drop", 80): "16x16 w8 s1",
+            ("bwd_dkdv", "tf32", 256, "mask+drop", 80): "16x16 w8 s1 ieee"},
+}
 ATTN_DELTA = Tile(16, 0, 4, 1)
 ATTN_DELTA_BY_CLASS = {"f32": Tile(32, 0, 8, 1)}
 INTERPRET_ATTN = Tile(16, 16, 1, 1)
@@ -204,6 +232,9 @@ def attention_table() -> dict:
                 long_text = _ATTN_LONG.get((kernel, dc, hd, var)) if sq == "long" else None
                 for arch in ARCH_FAMILIES:
                     table[kernel, dc, hd, sq, var, arch] = _per_arch(long_text)[arch] if long_text else tiles[arch]
+    for (kernel, dc, hd, var, arch), text in _ATTN_BY_TRITON.get(TRITON_VERSION, {}).items():
+        for sq in SEQ_BUCKETS:
+            table[kernel, dc, hd, sq, var, arch] = parse(text)
     return table
 
 

@@ -6,7 +6,8 @@ process every tile kernels/configs.py can return (attention: kernel x dtype clas
 mask/dropout specialisation; feed-forward: kernel x dtype x alignment x operand layout) and the test
 asserts, per compiled kernel: it compiled, shared memory fits the chip (A100 163 KB, H100 227 KB),
 ptxas reports no spills and the cubin has no stack frame. The table tile of a key must pass on both
-versions: that is the record of why the tables are what they are.
+versions (or, for the keys kernels/configs.py's _ATTN_BY_TRITON names, each version's own tile on
+that version): that is the record of why the tables are what they are.
 
 Cost (a cold make test on a 2-core machine): the first of these tests starts every sweep the session
 selected, all four at once (their compile processes share the cores twice over, so the versions'
@@ -47,25 +48,21 @@ TRITON36 = ROOT / ".triton36"
 SWEEPS = ("attention", "ffn")
 
 
-# Known gap (2026-11-30): table keys for which no tile tried compiles without a stack frame on both
-# triton 3.6 and 3.9 (the table keeps the tile that is clean on one of them). A sweep whose only failing
-# rows are these is an expected failure naming them; any other failing row fails the test.
-# Two kinds of frame, both with 0 B of ptxas spill traffic. (1) 8-40 B at a low register count: ptxas
-# ends each loop with a CALL.REL.NOINC to the code after it, and keeps in a stack frame across the loops
-# values computed before them and used only after them (a mask such as the forward's m_ok, the
-# dK/dV's key_ok/n_ok, a 64-bit output offset); which values, and whether, varies with the tile and
-# the version, so another tile usually avoids it (issue 13 re-chose 28 rows so), and recomputing such a
-# value after the loops can too (forward tf32 hd64 mask 32x32 w8 s2 on 3.6: m_ok recomputed as
-# (offs_m - L) < 0 after the loops, 8 B -> 0; not applied: it recompiles every row). (2) At 255
-# registers: pressure, the dK/dV hd256 fp32 mask+drop rows below (k, v, dK, dV resident, 256 wide).
-KNOWN_GAP = {
-    # 3.6: 32 B at 255 registers (3.9: clean, 248). Also tried, each with a frame on one version or
-    # both: 16x16 w8/w16 s1, 16x16 w4/w8 s2, 16x32 w8 s1, 32x16 w4/w8 s1 (16x16 w8 s1: 3.9 24 B, 3.6 clean)
-    "bwd_dkdv f32 hd256 mask+drop 16x16 w4 s1 sm_80",
-    # 3.6: 32 B at 255 registers (3.9: clean, 254). Also tried: 16x16 w4/w16 s1, 16x16 w4/w8 s2,
-    # 16x32 w4/w8 s1, 32x16 w4/w8 s1, and before issue 13 2 to 16 warps, 1 to 3 stages
-    "bwd_dkdv tf32 hd256 mask+drop 16x16 w8 s1 sm_80",
-}
+# Known gap: none (issue 13 closed it, 2026-11-30). The test still names expected rows here if a gap is
+# ever accepted again: a sweep whose only failing rows are these is an expected failure naming them; any
+# other failing row fails the test.
+# What the gap was, for whoever meets a stack frame next. Two kinds, both with 0 B of ptxas spill
+# traffic. (1) 8-40 B at a low register count: ptxas ends each loop with a CALL.REL.NOINC to the code
+# after it and keeps in a stack frame, across the loops, values computed before them and used only
+# after them (a mask such as the forward's m_ok, dK/dV's key_ok/n_ok, a 64-bit output offset, the delta
+# pre-pass's row pointers and `big` predicates packed with P2R); which values, and whether, varies with
+# the tile and the version. Fixed by another tile (28 table rows re-chosen), or in the kernel by leaving
+# nothing live after the loop (the delta pre-pass's split rows store after every key block; a value can
+# also be recomputed after the loops: forward tf32 hd64 mask 32x32 w8 s2 on 3.6, m_ok recomputed as
+# (offs_m - L) < 0, 8 B -> 0). (2) At 255 registers: pressure, dK/dV hd256 fp32 mask+drop on sm_80,
+# where no tile is clean on both versions (tried: 16x16 w4/w8/w16 s1, 16x16 w4/w8 s2, 16x32 w4/w8 s1,
+# 32x16 w4/w8 s1, 32x32 w8 s1); kernels/configs.py's _ATTN_BY_TRITON gives 3.6 its own clean tile.
+KNOWN_GAP: set = set()
 
 _RUNNING: dict = {}  # (family, version) -> (Popen, stdout file, stderr file, start time)
 

@@ -82,7 +82,7 @@ def compile_job(job: dict) -> dict:
     dc = "f16" if job["dtype"] == "bf16" else job["dtype"]
     var = job["variant"].split("+")
     consts = dict(tile.kwargs, BLOCK_D=hd, BLOCK_DV=hd, HAS_MASK="mask" in var, HAS_DROPOUT="drop" in var,
-                  INPUT_PRECISION=C.input_precision(dc))
+                  INPUT_PRECISION=tile.precision or C.input_precision(dc))
     if name == "bwd_delta":  # BLOCK_M only; the rows it splits take SPLIT_N keys a step
         del consts["BLOCK_N"]
         consts["SPLIT_N"] = A.SPLIT_N
