@@ -56,7 +56,7 @@ _ffn_fwd = torch.ops.fastattn.ffn_fwd
 
 
 # Float32 linear layers without autograd through oneDNN's matmul (torch.ops.mkldnn._linear_pointwise,
-# the op torch's inductor emits for CPU linears) where it pays: on a (shared, loaded) 2-core Zen 5 with
+# the op torch's inductor emits for CPU linears) where it pays: on a (shared, loaded) 2-core Zen 4 (Genoa) with
 # torch's MKL it ran (tokens, K) @ (K, N) GEMMs with K >= 512 and >= 2^27 multiply-adds 1.1-2x faster
 # than at::addmm, in the same process; with K <= 256, or at 256 x 1024 x 256, it was no faster (its
 # per-call setup). It also fuses the activation (relu/gelu) and a residual add into the GEMM.
@@ -705,7 +705,7 @@ _SMALL = object()
 def _ffn_small(tokens: int, d_model: int) -> bool:
     """Whether torch's two GEMMs beat the fused CPU feed-forward: it lays both weights out afresh on
     every call (2·D·F copies), which the GEMMs of fewer than ~4·D tokens (at least 256) do not repay
-    (measured on a Zen 5 with MKL, fp32: D 64 crosses at 128-256 tokens, D 256 at ~1024)."""
+    (measured on a Zen 4 (Genoa) with MKL, fp32: D 64 crosses at 128-256 tokens, D 256 at ~1024)."""
     return tokens < 256 or tokens < 4 * d_model
 
 
