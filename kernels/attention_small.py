@@ -158,6 +158,24 @@ def _probs_t(q, k, mask_bh, key_ok, offs_m, offs_n, scale, stride_ml, stride_ms,
     return pT * inv[None, :]
 
 
+@triton.jit
+def _keys_seen(Kpm, b, offs_n, S, has_kpm):
+    """(keys in range, keys in range and not padded) of batch element b: both kernels' key masks."""
+    n_ok = offs_n < S
+    key_ok = n_ok
+    if has_kpm:
+        pad = tl.load(Kpm + b.to(tl.int64) * S + offs_n, mask=n_ok, other=1)
+        key_ok = key_ok & (pad == 0)
+    return n_ok, key_ok
+
+
+@triton.jit
+def _dropout_state(seed, dropout_p):
+    """(Philox seed, counter offset, 1 / (1 - p)): seed is a real (2,) int64 tensor at every launch (a
+    dummy without dropout), read on the device so a CUDA-graph replay sees the generator's state."""
+    return tl.load(seed), tl.load(seed + 1), 1.0 / (1.0 - dropout_p)
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _small_fwd_kernel(
     Q, K, V, Out, Lse,        # q (N,Hq,L,E), k (N,Hkv,S,E), v (N,Hkv,S,Ev), out (N,Hq,L,Ev), lse (N,Hq,L) f32
@@ -176,19 +194,14 @@ def _small_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    key_ok = offs_n < S
-    if has_kpm:
-        pad = tl.load(Kpm + b.to(tl.int64) * S + offs_n, mask=key_ok, other=1)
-        key_ok = key_ok & (pad == 0)
+    _, key_ok = _keys_seen(Kpm, b, offs_n, S, has_kpm)
     k_base = K + bhk.to(tl.int64) * S * HEAD_D
     v_base = V + bhk.to(tl.int64) * S * HEAD_DV
     if KV_RESIDENT:  # loaded once, held across the query loop
         k = _kv(k_base, offs_n, offs_d, S, HEAD_D, False)                             # (BS, BD)
         v = _kv(v_base, offs_n, offs_dv, S, HEAD_DV, False)                           # (BS, BDV)
     mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-    philox = tl.load(seed)        # a real (2,) int64 tensor at every launch (a dummy without dropout)
-    drop_off = tl.load(seed + 1)
-    inv_keep = 1.0 / (1.0 - dropout_p)
+    philox, drop_off, inv_keep = _dropout_state(seed, dropout_p)
     q_base = Q + bh.to(tl.int64) * L * HEAD_D
     o_base = Out + bh.to(tl.int64) * L * HEAD_DV
     for start_m in range(0, L, BLOCK_M):
@@ -231,19 +244,13 @@ def _small_bwd_kernel(
     offs_n = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    n_ok = offs_n < S
-    key_ok = n_ok
-    if has_kpm:
-        pad = tl.load(Kpm + b.to(tl.int64) * S + offs_n, mask=n_ok, other=1)
-        key_ok = key_ok & (pad == 0)
+    n_ok, key_ok = _keys_seen(Kpm, b, offs_n, S, has_kpm)
     k_base = K + bhk.to(tl.int64) * S * HEAD_D
     v_base = V + bhk.to(tl.int64) * S * HEAD_DV
     if KV_RESIDENT:  # loaded once, held across the query loop
         k = _kv(k_base, offs_n, offs_d, S, HEAD_D, False)                             # (BS, BD)
         v = _kv(v_base, offs_n, offs_dv, S, HEAD_DV, False)                           # (BS, BDV)
-    philox = tl.load(seed)        # a real (2,) int64 tensor at every launch (a dummy without dropout)
-    drop_off = tl.load(seed + 1)
-    inv_keep = 1.0 / (1.0 - dropout_p)
+    philox, drop_off, inv_keep = _dropout_state(seed, dropout_p)
     DT = Q.dtype.element_ty
     dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
