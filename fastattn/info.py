@@ -34,7 +34,10 @@ PYTHON_KNOBS = {
     "FASTATTN_CPU_BF16DOT_FFN": "mm: the bf16 feed-forward through the whole-matrix oneDNN fallback (tests)",
     # C++ decode tuning, read on every call (for tuning runs; the defaults are measured)
     "FASTATTN_CPU_DECODE_CHUNK": "keys per decode task (default: from the shape, >= 256); read per call",
-    "FASTATTN_CPU_DECODE_PREFETCH": "software prefetch distance in bytes of K and of V ahead (default 4096 for "
+    "FASTATTN_CPU_DECODE_SPAN": "keys per online-softmax step of a decode task: one Q K^T pass over the "
+                                "span's K, one softmax step, one P V pass over its V (default: 8192 / "
+                                "(group * L) rounded to 64, at most the chunk); read per call",
+    "FASTATTN_CPU_DECODE_PREFETCH": "software prefetch distance in bytes of K and of V ahead (default 16384 for "
                                     "fp32/fp64, 0 = off, the default for 16-bit K/V); read per call",
     "FASTATTN_CPU_DECODE_PF_HINT": "the decode prefetch's locality, __builtin_prefetch's 0-3 (default 1: "
                                    "prefetcht2; 3: prefetcht0, into L1); read per call",

@@ -42,6 +42,9 @@ def make_kpm(kind, n, s, gen):
     elif kind == "right":  # right padding: row b's last keys padded
         for b in range(n):
             pad[b, s - b * s // (2 * n):] = True
+    elif kind == "middle":  # a padded run in the middle: whole 64-key sub-blocks inside a span skipped
+        pad[:, s // 5: s // 2] = True
+        pad[0, s // 2 + 3] = True
     elif kind == "random":
         pad = torch.rand(n, s, generator=gen) > 0.7
     elif kind == "dead_batch":  # the last batch row sees no key at all
@@ -101,7 +104,7 @@ def test_attn_masks(mask, l):
     run_case(n=2, hq=4, hkv=2, l=l, s=700, e=64, mask=mask)
 
 
-@pytest.mark.parametrize("kpm", ["left", "right", "random", "dead_batch"])
+@pytest.mark.parametrize("kpm", ["left", "right", "middle", "random", "dead_batch"])
 def test_key_padding(kpm):
     run_case(n=3, hq=8, hkv=2, l=2, s=2000, e=64, kpm=kpm)
 
@@ -139,6 +142,20 @@ def test_portable_kernels(monkeypatch, isa):
     run_case(n=2, hq=8, hkv=2, l=3, s=1100, e=80, mask="float2d", kpm="random")
     run_case(n=1, hq=4, hkv=1, l=2, s=300, e=64, dtype=torch.bfloat16, causal=True)
     run_case(n=1, hq=4, hkv=1, l=2, s=300, e=64, dtype=torch.float16, p=0.2)
+
+
+@pytest.mark.parametrize("span", ["64", "128", "1000", "100000"])
+def test_spans(monkeypatch, span):
+    # FASTATTN_CPU_DECODE_SPAN (per call): a chunk walked in one span or several (each one Q K^T pass,
+    # one softmax step, one P V pass), with padded sub-blocks skipped inside a span; the default span
+    # is shape-chosen (8192 / rows keys, at most the chunk)
+    monkeypatch.setenv("FASTATTN_CPU_DECODE_SPAN", span)
+    run_case(n=2, hq=4, hkv=4, l=1, s=2000, e=64, kpm="middle")
+    run_case(n=2, hq=4, hkv=2, l=3, s=1500, e=48, kpm="middle", mask="float2d", p=0.2)
+    run_case(n=1, hq=8, hkv=1, l=2, s=1100, e=64, dtype=torch.bfloat16, kpm="random", causal=False)
+    run_case(n=2, hq=4, hkv=4, l=16, s=900, e=32, dtype=torch.float64, kpm="middle", causal=True)
+    monkeypatch.setenv("FASTATTN_CPU_ISA", "default")  # the portable kernels walk spans the same way
+    run_case(n=2, hq=4, hkv=2, l=3, s=1500, e=48, kpm="middle", mask="float2d", p=0.2)
 
 
 def test_small_chunks_combine(monkeypatch):

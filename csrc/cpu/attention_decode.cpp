@@ -17,8 +17,8 @@
 // in their own namespaces, and picked at run time as attention.cpp picks its own (torch's CPU
 // capability, FASTATTN_CPU_ISA overrides; AVX2 machines run the portable code compiled for AVX2).
 // FASTATTN_CPU_DECODE=0 (read once) turns the path off; FASTATTN_CPU_DECODE_CHUNK (read per call,
-// for tuning) sets the chunk length, FASTATTN_CPU_DECODE_PREFETCH (per call) the software prefetch
-// distance in bytes of K (and of V) ahead (default 4096 for float32/64; 0 = off, the default for
+// for tuning) sets the chunk length, FASTATTN_CPU_DECODE_SPAN (per call) the keys per softmax step, FASTATTN_CPU_DECODE_PREFETCH (per call) the software prefetch
+// distance in bytes of K (and of V) ahead (default 16384 for float32/64; 0 = off, the default for
 // 16-bit K/V), FASTATTN_CPU_DECODE_PF_HINT (per call) its locality (__builtin_prefetch's 0-3; default
 // 1, prefetcht2), FASTATTN_CPU_DECODE_PF_STEP (per call) the bytes between its touches (default
 // 4096: one line per page; 64: every line), FASTATTN_CPU_DECODE_ORDER (per call) 1 to run the tasks last to first on
@@ -61,6 +61,7 @@ struct DecodeParams : AttnInputs {
   int64_t kend = 0;     // keys any query can see: S, or min(S, L) when causal
   int64_t chunk = 0;    // keys per task
   int64_t nchunks = 1;  // chunks per (batch, kv head)
+  int64_t span = 64;    // keys per online-softmax step inside a chunk (a multiple of 64, <= chunk)
   int64_t rows = 0;     // N * Hq * L
   int64_t prefetch_bytes = 0;  // software prefetch of K and V rows this many bytes ahead (0: none)
   int64_t prefetch_step = 4096;  // bytes between its touches (64: every line; 4096: one per page)
@@ -151,6 +152,20 @@ int64_t choose_chunk(int64_t heads, int64_t kend) {
   return std::min(chunk, std::max<int64_t>(64, (kend + 63) / 64 * 64));
 }
 
+// Keys per online-softmax step, from the shape only: a chunk is walked in spans, each one pass of
+// Q K^T over the span's keys (K only), one softmax step per row, one pass of P V (V only). Long
+// spans keep each stream long (one K stream, then one V stream, instead of switching every 64 keys)
+// and cost fewer max/rescale steps; the span's scores (rows x span floats) stay within 32 KB.
+// measured (issue 11, N4 H16 S1024 E64 float32, 2 threads, Zen 4, quiet): spans of 1024 keys
+// instead of 64 took the call from 0.54-0.63 ms to 0.44-0.54 ms over three fresh processes each,
+// and K/V resident in L3 (N1 H32) from 184 to 143-147 us.
+int64_t choose_span(int64_t chunk, int64_t rows) {
+  int64_t span = env_int("FASTATTN_CPU_DECODE_SPAN", 0);
+  if (span <= 0) span = 8192 / std::max<int64_t>(1, rows);
+  span = std::max<int64_t>(64, span / 64 * 64);
+  return std::min(span, chunk);  // chunk is a multiple of 64
+}
+
 bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
          const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
          const std::optional<at::Tensor>& seed, at::Tensor& out, at::Tensor& lse) {
@@ -170,12 +185,14 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   const int64_t heads = p.N * p.Hkv;
   p.chunk = choose_chunk(heads, p.kend);
   // measured (issue 11, N4 H16 S1024 E64 float32, 1 thread on a loaded 2-core Zen 4 with 32 KB L1,
-  // against sum(k) + sum(v) in the same rounds): every line 16 KB ahead into L1 (the former
-  // default) 0.57 of the sum's speed, none 0.78-0.81, every line 4 KB ahead with prefetcht2 0.93 but
-  // 0.46 (none: 0.69) when K/V sit in L3; one line per page 4 KB ahead with prefetcht2 (the default)
-  // 0.89-0.90, and 0.68 in L3 (no loss). 16-bit K/V: their converted blocks already keep the loads
-  // ahead (off by default)
-  p.prefetch_bytes = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 4096 : 0));
+  // against sum(k) + sum(v) in the same rounds, 64-key steps): every line 16 KB ahead into L1 0.57 of
+  // the sum's speed, none 0.78-0.81, every line 4 KB ahead with prefetcht2 0.93 but 0.46 (none: 0.69)
+  // when K/V sit in L3; one line per page 4 KB ahead with prefetcht2 0.89-0.90, and 0.68 in L3. With
+  // spans (one K stream, then one V stream; 2 threads, quiet, interleaved blocks of calls in one
+  // process): one line per page 16 KB ahead (the default) 0.415-0.444 ms against 0.463-0.505 at 4 KB,
+  // 0.42-0.43 at 32 KB; every line (PF_STEP 64) or prefetcht0 no better. 16-bit K/V: their converted
+  // blocks already keep the loads ahead (off by default)
+  p.prefetch_bytes = std::max<int64_t>(0, env_int("FASTATTN_CPU_DECODE_PREFETCH", q.element_size() >= 4 ? 16384 : 0));
   p.prefetch_hint = static_cast<int>(std::clamp<int64_t>(env_int("FASTATTN_CPU_DECODE_PF_HINT", 1), 0, 3));
   p.prefetch_step = std::max<int64_t>(64, env_int("FASTATTN_CPU_DECODE_PF_STEP", 4096)) / 64 * 64;
   p.qk_row_order = env_int("FASTATTN_CPU_DECODE_QK_ROWS", 1) != 0;
@@ -184,6 +201,7 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     p.reverse = env_int("FASTATTN_CPU_DECODE_ORDER", 0) == 1 && (calls.fetch_add(1) & 1) != 0;
   }
   p.nchunks = std::max<int64_t>(1, (p.kend + p.chunk - 1) / p.chunk);
+  p.span = choose_span(p.chunk, (p.Hq / p.Hkv) * p.L);
   const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor o_part, ml_part;
   if (p.nchunks > 1) {

@@ -6,15 +6,17 @@
 //
 // One task = (batch b, kv head hk, chunk c of keys). Its rows are the R = group * L query rows of
 // the GQA group that reads kv head hk (row r = g * L + i: head hk * group + g, query i), so each K/V
-// row of the chunk is read once for the whole group. The chunk is walked in blocks of kBK keys:
-//   s (R x kBK) = Qs K^T   (Qs = Q * scale)   one row against 16 keys at a time: 16 accumulators
+// row of the chunk is read once for the whole group. The chunk is walked in spans of p.span keys
+// (a multiple of kBK, chosen from the shape), each in three phases over sub-blocks of kBK keys:
+//   s (R x span) = Qs K^T  (Qs = Q * scale)   one row against 16 keys at a time: 16 accumulators
 //                                             over the head dim, summed across lanes in a tree
-//   masks, then the online softmax per row    (running max m, sum l, rescale alpha)
+//   masks, then one online-softmax step per row over the span   (running max m, sum l, rescale alpha)
 //   o (R x Ev) = o * alpha + P V              register tiles of up to 4 rows x 8 vectors
+// so K is read as one stream, then V, instead of switching every kBK keys;
 // and the task writes its (o, m, l); a second pass combines the chunks of each row in chunk order.
 // Chunks have a fixed length (shape-only), so results do not depend on the number of threads.
 
-constexpr int64_t kBK = 64;  // keys per block inside a chunk (a multiple of 16)
+constexpr int64_t kBK = 64;  // keys per sub-block of a span (a multiple of 16): the unit of skipping and converting
 
 inline int64_t dec_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -29,6 +31,10 @@ struct DecPf {
   const char* p = nullptr;
   int64_t ld = 0, bytes = 0, dist = 0, lim = 0, step = 4096;
   int hint = 1;  // __builtin_prefetch locality: 3 = prefetcht0 (L1), 2 = t1, 1 = t2, 0 = nta
+  // the stream read next (or nullptr): rows past lim continue into its first nlim rows (nld bytes
+  // apart, nbytes long), so the next stream's start is on its way before it is read
+  const char* np = nullptr;
+  int64_t nld = 0, nbytes = 0, nlim = 0;
 };
 
 // Touches bytes [a, a + bytes) every `step` bytes, from a's 64-byte line on.
@@ -49,11 +55,22 @@ __attribute__((always_inline)) inline void dec_prefetch_span(const char* a, int6
 __attribute__((always_inline)) inline void dec_prefetch(const DecPf& s, int64_t j, int64_t n) {
   if (s.p == nullptr) return;
   const int64_t r0 = j + s.dist, r1 = std::min(s.lim, r0 + n);
-  if (r0 >= r1) return;
-  if (s.ld == s.bytes) {  // packed rows: one span
-    dec_prefetch_span(s.p + r0 * s.ld, (r1 - r0) * s.ld, s.step, s.hint);
-  } else {
-    for (int64_t r = r0; r < r1; ++r) dec_prefetch_span(s.p + r * s.ld, s.bytes, s.step, s.hint);
+  if (r0 < r1) {
+    if (s.ld == s.bytes) {  // packed rows: one span
+      dec_prefetch_span(s.p + r0 * s.ld, (r1 - r0) * s.ld, s.step, s.hint);
+    } else {
+      for (int64_t r = r0; r < r1; ++r) dec_prefetch_span(s.p + r * s.ld, s.bytes, s.step, s.hint);
+    }
+  }
+  if (s.np != nullptr && r0 + n > s.lim) {  // past the end: the next stream's first rows
+    const int64_t q0 = std::max(r0, s.lim) - s.lim, q1 = std::min(s.nlim, r0 + n - s.lim);
+    if (q0 < q1) {
+      if (s.nld == s.nbytes) {
+        dec_prefetch_span(s.np + q0 * s.nld, (q1 - q0) * s.nld, s.step, s.hint);
+      } else {
+        for (int64_t r = q0; r < q1; ++r) dec_prefetch_span(s.np + r * s.nld, s.nbytes, s.step, s.hint);
+      }
+    }
   }
 }
 
@@ -428,15 +445,23 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
   constexpr bool kConvert = !std::is_same<T, In>::value;
   const int64_t E = p.E, Ev = p.Ev, L = p.L, S = p.S, group = p.Hq / p.Hkv, R = group * L;
   const int64_t Ep = dec_round_up(E, 16), Evp = dec_round_up(Ev, 16);
-  std::vector<T> buf(R * Ep + R * kBK + R * Evp + 3 * R + (kConvert ? kBK * (Ep + Evp) : 0));
+  const int64_t span = p.span;  // keys per softmax step (a multiple of kBK)
+  std::vector<T> buf(R * Ep + R * span + R * Evp + 4 * R + (kConvert ? kBK * (Ep + Evp) : 0));
   T* qs = buf.data();       // (R, Ep)   query rows times scale, zero padded
-  T* sc = qs + R * Ep;      // (R, kBK)  scores, then probabilities
-  T* ob = sc + R * kBK;     // (R, Evp)  unnormalised output
+  T* sc = qs + R * Ep;      // (R, span) scores, then probabilities
+  T* ob = sc + R * span;    // (R, Evp)  unnormalised output
   T* mrow = ob + R * Evp;   // (R)       running max
   T* lrow = mrow + R;       // (R)       running sum
-  T* arow = lrow + R;       // (R)       rescale factor of this block
-  T* kbuf = arow + R;       // (kBK, Ep), (kBK, Evp): the K and V blocks in T when In is narrower
+  T* arow = lrow + R;       // (R)       rescale factor of this span
+  T* ones = arow + R;       // (R)       1: the rescale of a span's later sub-blocks
+  T* kbuf = ones + R;       // (kBK, Ep), (kBK, Evp): the K and V sub-blocks in T when In is narrower
   T* vbuf = kConvert ? kbuf + kBK * Ep : nullptr;
+  std::fill(ones, ones + R, T(1));
+  // P V in one register tile (pv_avx512: up to 2 rows x 8 vectors or 4 rows x 4): the span's V is then
+  // read in one pass; with several tiles each 64-key sub-block is walked by every tile while in L1
+  const bool one_tile = R <= 4 && Evp <= (R <= 2 ? 128 : 64);
+  std::vector<char> skip_buf(span / kBK);
+  char* skip = skip_buf.data();
   const T scale = static_cast<T>(p.scale);
   const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
   constexpr int64_t isz = sizeof(In);
@@ -460,75 +485,135 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
     std::fill(mrow, mrow + R, kNegInf);
     std::fill(lrow, lrow + R, T(0));
     const bool* kpm = p.kpm != nullptr ? p.kpm + b * S : nullptr;
-    for (int64_t j0 = j_lo; j0 < j_hi; j0 += kBK) {
-      const int64_t nk = std::min(kBK, j_hi - j0);
-      if (kpm != nullptr) {  // skip a block whose keys are all padded
-        bool all = true;
+    for (int64_t s0 = j_lo; s0 < j_hi; s0 += span) {
+      const int64_t ns = std::min(span, j_hi - s0), nsub = (ns + kBK - 1) / kBK;
+      // sub-blocks whose keys are all padded are skipped (no K or V read); their scores are -inf
+      int live = 0;
+      for (int64_t u = 0; u < nsub; ++u) {
+        const int64_t j0 = s0 + u * kBK, nk = std::min(kBK, j_hi - j0);
+        bool all = kpm != nullptr;
         for (int64_t j = 0; j < nk && all; ++j) all = kpm[j0 + j];
-        if (all) continue;
+        skip[u] = all;
+        live += all ? 0 : 1;
       }
-      // software prefetch of the K and V rows pf_k / pf_v rows ahead (up to the chunk's end): by
-      // the AVX-512 float kernels as they go, else here for the whole block at its start
-      DecPf pfk, pfv;
-      if (pf_k > 0) {
-        pfk = DecPf{reinterpret_cast<const char*>(K + j0 * p.kss), p.kss * isz, E * isz, pf_k, j_hi - j0,
-                    p.prefetch_step, p.prefetch_hint};
-        pfv = DecPf{reinterpret_cast<const char*>(Vm + j0 * p.vss), p.vss * isz, Ev * isz, pf_v, j_hi - j0,
-                    p.prefetch_step, p.prefetch_hint};
-        if (!kInKernel) {
-          dec_prefetch(pfk, 0, nk);
-          dec_prefetch(pfv, 0, nk);
+      if (live == 0) continue;
+      // phase 1: the scores of the whole span (reads K only)
+      for (int64_t u = 0; u < nsub; ++u) {
+        const int64_t j0 = s0 + u * kBK, nk = std::min(kBK, j_hi - j0);
+        if (skip[u]) {
+          for (int64_t r = 0; r < R; ++r) std::fill(sc + r * span + u * kBK, sc + r * span + u * kBK + nk, kNegInf);
+          continue;
         }
-      }
-      const DecPf no_pf;
-      int64_t ldk;
-      const T* Kb = rows_as<T, In, kWide>(K, p.kss, j0, nk, E, Ep, kbuf, ldk);
+        // software prefetch of the K rows pf_k rows ahead (up to the chunk's end): by the AVX-512
+        // float kernel as it goes, else here for the whole sub-block at its start
+        DecPf pfk;
+        if (pf_k > 0) {
+          pfk = DecPf{reinterpret_cast<const char*>(K + j0 * p.kss), p.kss * isz, E * isz, pf_k, j_hi - j0,
+                      p.prefetch_step, p.prefetch_hint};
+          {  // past the span's last key: the span's first V rows
+            pfk.lim = s0 + ns - j0;
+            pfk.np = reinterpret_cast<const char*>(Vm + s0 * p.vss);
+            pfk.nld = p.vss * isz;
+            pfk.nbytes = Ev * isz;
+            pfk.nlim = ns;
+          }
+          if (!kInKernel) dec_prefetch(pfk, 0, nk);
+        }
+        int64_t ldk;
+        const T* Kb = rows_as<T, In, kWide>(K, p.kss, j0, nk, E, Ep, kbuf, ldk);
 #if defined(FA_DEC_AVX512)
-      if constexpr (kWide)
-        qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc, kBK, p.qk_row_order, kInKernel ? pfk : no_pf);
-      else
+        if constexpr (kWide)
+          qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc + u * kBK, span, p.qk_row_order, kInKernel ? pfk : DecPf{});
+        else
 #endif
-        qk_generic<T>(qs, R, Ep, Kb, ldk, E, nk, sc, kBK);
-      const int64_t nk16 = dec_round_up(nk, 16);
+          qk_generic<T>(qs, R, Ep, Kb, ldk, E, nk, sc + u * kBK, span);
+      }
+      // phase 2: masks and one online-softmax step per row over the span
+      const int64_t ns16 = dec_round_up(ns, 16);
       for (int64_t r = 0; r < R; ++r) {
-        T* s = sc + r * kBK;
+        T* s = sc + r * span;
         const int64_t g = r / L, i = r % L, h = hk * group + g;
-        for (int64_t j = nk; j < nk16; ++j) s[j] = kNegInf;
+        for (int64_t j = ns; j < ns16; ++j) s[j] = kNegInf;
         if (p.mask != nullptr) {
           // float32 (float64 for float64 q); only -inf excludes a key: set, not added
-          const T* mrow_p = static_cast<const T*>(p.mask) + b * p.msb + h * p.msh + i * p.msl + j0 * p.mss;
-          for (int64_t j = 0; j < nk; ++j) {
+          const T* mrow_p = static_cast<const T*>(p.mask) + b * p.msb + h * p.msh + i * p.msl + s0 * p.mss;
+          for (int64_t j = 0; j < ns; ++j) {
             const T mv = mrow_p[j * p.mss];
             s[j] = mv == kNegInf ? kNegInf : s[j] + mv;
           }
         }
         if (p.causal)  // top-left: query i sees key j iff j <= i
-          for (int64_t j = std::max<int64_t>(0, i + 1 - j0); j < nk; ++j) s[j] = kNegInf;
+          for (int64_t j = std::max<int64_t>(0, i + 1 - s0); j < ns; ++j) s[j] = kNegInf;
         if (kpm != nullptr)
-          for (int64_t j = 0; j < nk; ++j)
-            if (kpm[j0 + j]) s[j] = kNegInf;
+          for (int64_t j = 0; j < ns; ++j)
+            if (kpm[s0 + j]) s[j] = kNegInf;
 #if defined(FA_DEC_AVX512)
         if constexpr (kWide)
-          arow[r] = softmax_step_avx512(s, nk, mrow[r], lrow[r]);
+          arow[r] = softmax_step_avx512(s, ns, mrow[r], lrow[r]);
         else
 #endif
-          arow[r] = softmax_step_generic<T>(s, nk, mrow[r], lrow[r]);
+          arow[r] = softmax_step_generic<T>(s, ns, mrow[r], lrow[r]);
         if (p.dropout_p > 0) {
-          const uint64_t off = static_cast<uint64_t>(((b * p.Hq + h) * L + i) * S + j0);
-          for (int64_t j = 0; j < nk; ++j) {
+          const uint64_t off = static_cast<uint64_t>(((b * p.Hq + h) * L + i) * S + s0);
+          for (int64_t j = 0; j < ns; ++j) {
             const bool keep = fastattn::philox_uniform(p.seed, off + j) >= p.dropout_p;
             s[j] = keep ? s[j] * keep_scale : T(0);
           }
         }
       }
-      int64_t ldv;
-      const T* Vb = rows_as<T, In, kWide>(Vm, p.vss, j0, nk, Ev, Evp, vbuf, ldv);
+      // phase 3: o = o * alpha + P V over the span's live sub-blocks (reads V only); the first
+      // applies the rescale, the others add. Past the span's last V row the prefetch runs on into
+      // the K rows read next: the next span's, or the next task's first
+      const auto next_k = [&](DecPf& f) {
+        if (s0 + ns < j_hi) {
+          f.np = reinterpret_cast<const char*>(K + (s0 + ns) * p.kss);
+          f.nlim = std::min(span, j_hi - (s0 + ns));
+        } else if (t + 1 < task_end) {
+          const int64_t nt = p.reverse ? ntasks - 2 - t : t + 1;
+          const int64_t nc = nt % p.nchunks, nbh = nt / p.nchunks;
+          f.np = reinterpret_cast<const char*>(static_cast<const In*>(p.k) + (nbh / p.Hkv) * p.ksb +
+                                               (nbh % p.Hkv) * p.ksh + nc * p.chunk * p.kss);
+          f.nlim = std::min(span, std::min(p.kend, (nc + 1) * p.chunk) - nc * p.chunk);
+        } else {
+          return;
+        }
+        f.nld = p.kss * isz;
+        f.nbytes = E * isz;
+      };
+      const T* alpha = arow;
+      if (kInKernel && one_tile && live == nsub) {  // one register tile: one pass over the whole span
+        DecPf pfv;
+        if (pf_v > 0) {
+          pfv = DecPf{reinterpret_cast<const char*>(Vm + s0 * p.vss), p.vss * isz, Ev * isz, pf_v, ns,
+                      p.prefetch_step, p.prefetch_hint};
+          next_k(pfv);
+        }
 #if defined(FA_DEC_AVX512)
-      if constexpr (kWide)
-        pv_avx512(sc, R, kBK, Vb, ldv, Ev, nk, ob, Evp, arow, kInKernel ? pfv : no_pf);
-      else
+        if constexpr (kWide && kInKernel)
+          pv_avx512(sc, R, span, reinterpret_cast<const T*>(Vm + s0 * p.vss), p.vss, Ev, ns, ob, Evp, alpha, pfv);
 #endif
-        pv_generic<T>(sc, R, kBK, Vb, ldv, Ev, nk, ob, Evp, arow);
+        continue;
+      }
+      for (int64_t u = 0; u < nsub; ++u) {
+        if (skip[u]) continue;
+        const int64_t j0 = s0 + u * kBK, nk = std::min(kBK, j_hi - j0);
+        DecPf pfv;
+        if (pf_v > 0) {
+          pfv = DecPf{reinterpret_cast<const char*>(Vm + j0 * p.vss), p.vss * isz, Ev * isz, pf_v, s0 + ns - j0,
+                      p.prefetch_step, p.prefetch_hint};
+          next_k(pfv);
+          if (!kInKernel) dec_prefetch(pfv, 0, nk);
+        }
+        int64_t ldv;
+        const T* Vb = rows_as<T, In, kWide>(Vm, p.vss, j0, nk, Ev, Evp, vbuf, ldv);
+#if defined(FA_DEC_AVX512)
+        if constexpr (kWide)
+          pv_avx512(sc + u * kBK, R, span, Vb, ldv, Ev, nk, ob, Evp, alpha, kInKernel ? pfv : DecPf{});
+        else
+#endif
+          pv_generic<T>(sc + u * kBK, R, span, Vb, ldv, Ev, nk, ob, Evp, alpha);
+        alpha = ones;
+      }
     }
     // this chunk's (o, m, l) -- or, when the chunk is the whole row, the finished row
     for (int64_t r = 0; r < R; ++r) {
