@@ -108,10 +108,14 @@ TARGETS = [
            {**_CPU, "op": "mha"}, 1.0, peer=MHA_TORCH),
     Target(11, "TransformerEncoderLayer at small shapes", "fastattn[cpu]",
            {**_CPU, "op": "encoder_layer_small"}, 1.0, peer=TEL_TRAIN),
+    Target(11, "decode (L1 against a KV cache)", "fastattn[cpu]", {**_CPU, "op": "decode"}, 1.5, peer=SDPA),
+    Target(11, "bf16 vs fastattn fp32 (bf16 dot products)", "fastattn[cpu] bf16",
+           {**_CPU, "variant": "vs-fp32", "bf16_path": ("bf16dot", "amx")}, 1.33,
+           peer="fastattn[cpu] fp32 (same shape)"),
 ]
 
 _OP_ORDER = {"attention": 0, "ffn": 1, "encoder_layer": 2, "classifier": 3, "tiny_attention": 4, "mha": 5,
-             "encoder_layer_small": 6, "machine": 9}
+             "encoder_layer_small": 6, "decode": 7, "machine": 9}
 _PASS_ORDER = {"fwd": 0, "eval": 0, "fwd+bwd": 1, "train": 1}
 
 

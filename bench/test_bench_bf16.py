@@ -19,6 +19,7 @@ FP32, BF16 = torch.float32, torch.bfloat16
 FA_BF16 = "fastattn[cpu] bf16"
 FA_FP32 = "fastattn[cpu] fp32 (same shape)"
 ACTIVATION = "relu"
+BF16_SWEEP = "bf16 vs fp32"  # extra_info["sweep"] of the bf16 rows (target >= 1.33x fastattn fp32)
 
 
 def attn_case(pass_, N, H, L, E):
@@ -111,5 +112,7 @@ def test_bf16_vs_fp32(benchmark, case: Case, method: str):
         flops = common.attention_flops(case["N"], case["H"], case["L"], case["L"], case["E"], backward=case.backward)
     else:
         flops = common.ffn_flops(case["T"], case["D"], case["F"], backward=case.backward)
-    common.measure(benchmark, call, case, method, baseline=FA_FP32, flops=flops,
-                   extra={"bf16_path": _bf16_path(case.op), "compute_dtype": "fp32" if method == FA_FP32 else "bf16"})
+    extra = {"bf16_path": _bf16_path(case.op), "compute_dtype": "fp32" if method == FA_FP32 else "bf16"}
+    if method == FA_BF16 and extra["bf16_path"] != "fp32-convert":  # the family: where bf16 dot products exist
+        extra.update({"sweep": BF16_SWEEP, "target_ratio": 1.33})
+    common.measure(benchmark, call, case, method, baseline=FA_FP32, flops=flops, extra=extra)

@@ -124,3 +124,38 @@ def test_sweep_families_lowest_ratio_and_machine_limits(tmp_path):
     gemm = next(line for line in text.splitlines() if line.startswith("| fp32 GEMM peak"))
     assert "200 GFLOP/s" in gemm
     assert not (tmp_path / "p" / "cpu-machine.png").exists()
+
+
+def test_decode_and_bf16_families(tmp_path):
+    """The decode family reports GB/s (extra_info["bytes"]: the K/V bytes read) and its >= 1.5x target;
+    the bf16 family is judged against fastattn's own fp32 row only where bf16 dot products served."""
+    cpu = {"device_type": "cpu", "device_name": "Test CPU", "threads": 2}
+    dec = {**cpu, "op": "decode", "pass": "fwd", "dtype": "float32"}
+    bf = {**cpu, "op": "attention", "pass": "fwd", "dtype": "bfloat16", "variant": "vs-fp32"}
+    fp32 = "fastattn[cpu] fp32 (same shape)"
+    benches = [
+        _bench("cpu/decode/a", "torch SDPA", 1.0e-3, baseline="torch SDPA", flops=1e6, bytes=3.2e7, **dec),
+        _bench("cpu/decode/a", "fastattn[cpu]", 0.5e-3, baseline="torch SDPA", flops=1e6, bytes=3.2e7,
+               sweep="decode", target_ratio=1.5, **dec),                                     # 2x, 64 GB/s
+        _bench("cpu/decode/b", "torch SDPA", 1.0e-3, baseline="torch SDPA", flops=1e6, bytes=3.2e7, **dec),
+        _bench("cpu/decode/b", "fastattn[cpu]", 0.8e-3, baseline="torch SDPA", flops=1e6, bytes=3.2e7,
+               sweep="decode", target_ratio=1.5, **dec),                                     # 1.25x, 40 GB/s
+        _bench("cpu/bf16/a", fp32, 2e-3, baseline=fp32, flops=1e9, bf16_path="bf16dot", **bf),
+        _bench("cpu/bf16/a", "fastattn[cpu] bf16", 1e-3, baseline=fp32, flops=1e9, bf16_path="bf16dot",
+               sweep="bf16 vs fp32", target_ratio=1.33, **bf),                                # 2x
+        _bench("cpu/bf16/b", fp32, 2e-3, baseline=fp32, flops=1e9, bf16_path="fp32-convert", **bf),
+        _bench("cpu/bf16/b", "fastattn[cpu] bf16", 4e-3, baseline=fp32, flops=1e9, bf16_path="fp32-convert",
+               **bf),                                                                          # no bf16 dot: not judged
+    ]
+    run = report.load([_write(tmp_path, benches)])
+    fams = {f["sweep"]: f for f in report.sweep_summary(run)}
+    d, b = fams["decode"], fams["bf16 vs fp32"]
+    assert abs(d["lowest"] - 1.25) < 1e-12 and d["worst"] == "cpu/decode/b" and d["met"] == 1
+    assert d["rate_at_worst"][1] == "GB/s" and abs(d["rate_at_worst"][0] - 40.0) < 1e-9
+    assert abs(d["best_rate"][0] - 64.0) < 1e-9
+    assert b["groups"] == 1 and abs(b["lowest"] - 2.0) < 1e-12 and b["met"] == 1
+    by_what = {t.what: t for t in report.TARGETS if t.issue == 11}
+    r = report.evaluate(by_what["decode (L1 against a KV cache)"], run)
+    assert r["n"] == 2 and r["met"] == 1 and r["verdict"] == "MISSED" and r["worst"] == "cpu/decode/b"
+    r = report.evaluate(by_what["bf16 vs fastattn fp32 (bf16 dot products)"], run)
+    assert r["n"] == 1 and r["verdict"] == "met"
