@@ -30,7 +30,7 @@ PYTHON_KNOBS = {
                              "(kernels/attention_small.py; forward and one-launch backward), tried first; read once",
     # C++ switches read once, outside the tuning.h table (they pick a code path, not a tile size)
     "FASTATTN_CPU_DECODE": "0: the CPU decoding path (L <= 16) off",
-    "FASTATTN_CPU_BF16DOT": "0: the AVX512-BF16 (vdpbf16ps) attention and feed-forward paths off",
+    "FASTATTN_CPU_BF16DOT": "0: the AVX512-BF16 (vdpbf16ps) attention, decoding and feed-forward paths off",
     "FASTATTN_CPU_BF16DOT_FFN": "mm: the bf16 feed-forward through the whole-matrix oneDNN fallback (tests)",
     # C++ decode tuning, read on every call (for tuning runs; the defaults are measured)
     "FASTATTN_CPU_DECODE_CHUNK": "keys per decode task (default: from the shape, >= 256); read per call",

@@ -12,6 +12,7 @@
 //                                             over the head dim, summed across lanes in a tree
 //   masks, then one online-softmax step per row over the span   (running max m, sum l, rescale alpha)
 //   o (R x Ev) = o * alpha + P V              register tiles of up to 4 rows x 8 vectors
+// (bf16 K/V on AVX512_BF16 builds: the same phases on vdpbf16ps, see FA_DEC_BF16DOT below)
 // so K is read as one stream, then V, instead of switching every kBK keys;
 // and the task writes its (o, m, l); a second pass combines the chunks of each row in chunk order.
 // Chunks have a fixed length (shape-only), so results do not depend on the number of threads.
