@@ -7,15 +7,18 @@
 // pass combines the chunks of each row in chunk order. The query heads that share a kv head (GQA)
 // are processed together as one block of group * L rows, so each K/V row is read once per group;
 // the micro-kernels are shaped for that handful of rows (csrc/cpu/attention_decode_kernel.h).
-// float32, bfloat16 and float16 K/V are read in place and computed in float32; float64 runs in
-// float64 (portable code). q, k, v and out are read and written through their strides (any views
+// float32 K/V are read in place; bfloat16 K/V on a CPU with AVX512_BF16 are read in place by
+// vdpbf16ps kernels (products exact, sums in float32, P rounded to bf16 for P V), float16 (and
+// bfloat16 elsewhere) are converted to float32 a 64-key sub-block at a time; float64 runs in float64
+// (portable code). q, k, v and out are read and written through their strides (any views
 // whose last dim is contiguous: heads viewed in a projection's rows, a slice of a longer KV cache). Semantics are the kernel contract's (fastattn/backends/README.md):
 // attn_mask read through its strides, top-left causality, key_padding_mask (wholly padded key
 // blocks skipped), dropout by the shared Philox counter, rows that see no key give out 0, lse +inf.
 //
 // The kernels are compiled for AVX-512 and for any x86-64 / any CPU under `#pragma GCC target`
 // in their own namespaces, and picked at run time as attention.cpp picks its own (torch's CPU
-// capability, FASTATTN_CPU_ISA overrides; AVX2 machines run the portable code compiled for AVX2).
+// capability, FASTATTN_CPU_ISA overrides; AVX2 machines run the portable code compiled for AVX2);
+// a fourth build adds AVX512_BF16 for bf16 K/V, taken when fastattn::bf16dot::enabled().
 // FASTATTN_CPU_DECODE=0 (read once) turns the path off; FASTATTN_CPU_DECODE_CHUNK (read per call,
 // for tuning) sets the chunk length, FASTATTN_CPU_DECODE_SPAN (per call) the keys per softmax step, FASTATTN_CPU_DECODE_PREFETCH (per call) the software prefetch
 // distance in bytes of K (and of V) ahead (default 16384 for float32/64; 0 = off, the default for
