@@ -31,8 +31,9 @@ Design notes:
     need no boundary/causal test run in a loop without any element mask; only the first/last (or
     diagonal) blocks take the masked path.
   * Causal: key blocks wholly above the diagonal are never visited. Key padding: the forward and dQ
-    visit only the key range [first unpadded, last unpadded] of each batch (computed by the
-    launcher); the dK/dV kernel skips a key block that is wholly padded.
+    visit only the key range [first unpadded, last unpadded] of each batch (kv_range, computed per
+    launcher call by one launch of the small _kv_range_kernel, grid N: ~3 us of host time where eight
+    torch ops took ~45-55 us); the dK/dV kernel skips a key block that is wholly padded.
   * The backward is deterministic and uses no atomics: one program owns a K/V block and loops over
     every query block of every query head of its GQA group; dQ is a separate kernel.
   * Head dims 1..256 are padded to a power of two (at least 32: 1..16 share the 32 bucket, see
@@ -52,7 +53,7 @@ import triton.language as tl
 
 from . import configs
 from ._seed import seed_offset_tensor
-from .configs import INTERPRET, head_dim_bucket  # noqa: F401  (re-exported for the tests)
+from .configs import INTERPRET, head_dim_bucket  # noqa: F401  (head_dim_bucket re-exported for the tests)
 
 LOG2E = 1.4426950408889634
 
