@@ -307,3 +307,42 @@ def test_strided_rows_in_place(monkeypatch, l, s, hq, hkv, chunk, dtype):
                                                   None, pad, 0.0, l < s, 0.3, None)
     for g, w in zip(grads, want_grads):
         assert g.is_contiguous() and torch.equal(g, w)
+
+
+_BF16DOT = torch.ops.fastattn_bf16dot.available()
+
+
+@pytest.mark.skipif(not _BF16DOT, reason="no AVX512_BF16 on this CPU (or FASTATTN_CPU_BF16DOT=0): bf16 K/V "
+                                         "are converted to float32 instead")
+@pytest.mark.parametrize("kw", [
+    dict(n=1, hq=8, hkv=2, l=1, s=4096, e=128),                     # GQA 4, E a multiple of 32
+    dict(n=2, hq=4, hkv=4, l=16, s=777, e=64),                      # 16 rows, odd key count
+    dict(n=2, hq=4, hkv=2, l=3, s=333, e=25, ev=40, mask="float_n1ls", kpm="right"),  # masked tails
+    dict(n=2, hq=4, hkv=4, l=2, s=1500, e=48, kpm="middle", p=0.2),  # skipped sub-blocks, dropout
+    dict(n=1, hq=2, hkv=2, l=5, s=77, e=200, causal=True),          # head dim > 128: the one-key loop
+    dict(n=2, hq=8, hkv=1, l=1, s=1000, e=96, mask="bool_nhls"),
+], ids=kw_id)
+def test_bf16_dot_products(kw):
+    """bf16 K/V on vdpbf16ps (csrc/cpu/attention_decode_kernel.h, FA_DEC_BF16DOT): K and V read in place,
+    Q K^T from the bf16 q rows, P rounded to bf16 against key-paired V rows; the counter proves the path
+    served each call, the bound is the conformance matrix's."""
+    calls = torch.ops.fastattn_decode.bf16dot_calls
+    with counted(calls, 1, "the bf16 decode call did not run on vdpbf16ps"):
+        run_case(dtype=torch.bfloat16, **kw)
+    for dtype in (torch.float32, torch.float16):  # other dtypes keep their kernels
+        with counted(calls, 0, f"{dtype} must not take the bf16 dot-product kernels"):
+            run_case(dtype=dtype, n=1, hq=4, hkv=2, l=1, s=300, e=64)
+
+
+def test_bf16_dot_products_off_switch():
+    """FASTATTN_CPU_BF16DOT=0: bf16 K/V are converted to float32 (the path any CPU runs), still correct."""
+    code = ("import torch, fastattn, math; from fastattn.reference import attention_reference as ref; "
+            "g = torch.Generator().manual_seed(0); "
+            "q, k, v = (torch.randn(1, 4, l, 64, generator=g).bfloat16() for l in (2, 900, 900)); "
+            "out, lse = torch.ops.fastattn.attention_fwd(q, k, v, None, None, 0.0, False, 0.125, None); "
+            "want = ref(q.double(), k.double(), v.double(), None, None, 0.0, False, 0.125, None); "
+            "err = (out.double() - want).abs().max().item(); "
+            "print(torch.ops.fastattn_decode.fwd_calls(), torch.ops.fastattn_decode.bf16dot_calls(), err < 4e-3)")
+    res = run_python(code, FASTATTN_CPU_BF16DOT="0")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1", "0", "True"], res.stdout

@@ -29,6 +29,7 @@
 #include "tuning.h"
 #include "cpu/attention_common.h"
 #include "cpu/attention_decode.h"
+#include "cpu/bf16dot.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/Context.h>
@@ -40,6 +41,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -87,6 +89,18 @@ namespace avx512 {
 }  // namespace avx512
 #pragma GCC pop_options
 
+// bf16 K/V on vdpbf16ps (AVX512_BF16), picked at run time where the CPU has it (bf16dot::enabled())
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,bmi,bmi2")
+namespace avx512bf16 {
+#define FA_DEC_AVX512 1
+#define FA_DEC_BF16DOT 1
+#include "attention_decode_kernel.h"
+#undef FA_DEC_BF16DOT
+#undef FA_DEC_AVX512
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2")
 namespace avx2 {
@@ -117,14 +131,33 @@ DecodeKernels kernels_for(Isa isa) {
   return FA_DEC_SET(base);
 }
 
-// The widest set this CPU runs and the user allows (the same choice as attention.cpp's).
+bool bf16dot_on();
+
+// The widest set this CPU runs and the user allows (the same choice as attention.cpp's); with AVX-512,
+// bf16 K/V on vdpbf16ps where the CPU has AVX512_BF16 and FASTATTN_CPU_BF16DOT is not 0.
 const DecodeKernels& pick_kernels() {
-  static const DecodeKernels sets[3] = {kernels_for(Isa::kDefault), kernels_for(Isa::kAvx2),
-                                        kernels_for(Isa::kAvx512)};
-  return sets[static_cast<int>(chosen_isa())];
+  static const DecodeKernels sets[4] = {kernels_for(Isa::kDefault), kernels_for(Isa::kAvx2),
+                                        kernels_for(Isa::kAvx512), [] {
+                                          DecodeKernels k = kernels_for(Isa::kAvx512);
+#if defined(FASTATTN_DEC_HAVE_WIDE)
+                                          k.bf16 = &avx512bf16::dec_bf16;
+#endif
+                                          return k;
+                                        }()};
+  const Isa isa = chosen_isa();
+  return sets[isa == Isa::kAvx512 && bf16dot_on() ? 3 : static_cast<int>(isa)];
 }
 
-std::atomic<int64_t> g_fwd_calls{0};
+std::atomic<int64_t> g_fwd_calls{0}, g_bf16dot_calls{0};
+
+// Whether bf16 K/V take the vdpbf16ps kernels (AVX-512 builds on a CPU with AVX512_BF16).
+bool bf16dot_on() {
+#if defined(FASTATTN_DEC_HAVE_WIDE)
+  return fastattn::bf16dot::enabled();
+#else
+  return false;
+#endif
+}
 
 bool enabled() {
   static const bool on = [] {
@@ -232,10 +265,12 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     }
   }
   g_fwd_calls.fetch_add(1);
+  if (dt == at::kBFloat16 && task == ks.bf16 && bf16dot_on() && chosen_isa() == Isa::kAvx512) g_bf16dot_calls.fetch_add(1);
   return true;
 }
 
 int64_t fwd_calls() { return g_fwd_calls.load(); }
+int64_t bf16dot_calls() { return g_bf16dot_calls.load(); }
 
 }  // namespace decode
 }  // namespace cpu_attn
@@ -243,3 +278,8 @@ int64_t fwd_calls() { return g_fwd_calls.load(); }
 
 FASTATTN_CPU_PATH_OPS(fastattn_decode, enabled, &fastattn::cpu_attn::decode::enabled,
                       &fastattn::cpu_attn::decode::fwd_calls)
+
+// The calls whose bf16 K/V ran on vdpbf16ps (tests assert the path served them).
+TORCH_LIBRARY_FRAGMENT(fastattn_decode, m) {
+  m.def("bf16dot_calls() -> int", &fastattn::cpu_attn::decode::bf16dot_calls);
+}

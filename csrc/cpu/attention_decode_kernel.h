@@ -413,6 +413,182 @@ inline void dec_convert_row(const In* src, int64_t n, float* dst) {
 }
 #endif  // FA_DEC_AVX512
 
+#if defined(FA_DEC_BF16DOT)
+// ------------------------------------------------------------------------------------------------
+// bfloat16 K/V read in place with vdpbf16ps (AVX512_BF16: two bf16 products summed into each fp32
+// lane, exact products, fp32 sums). Q K^T: the query rows are kept in bf16 as given (q is bf16, so
+// nothing is rounded) and the scale is applied to the fp32 scores. P V: each sub-block's P is rounded
+// to bf16 and V's rows are interleaved in key pairs ((v_j[e], v_j+1[e]) in one 32-bit lane), so one
+// vdpbf16ps adds two keys' terms to 16 outputs.
+
+// Scores of one bf16 query row (qb, NV2 * 32 values, zero padded) against 16 keys (bf16 rows of K,
+// stride ldk, E values each; the last chunk masked by km): lane j = q . k_j.
+template <int NV2>
+__attribute__((always_inline)) inline __m512 qk_row16_bf(const uint16_t* qb, const uint16_t* K, int64_t ldk,
+                                                         __mmask32 km) {
+  __m512i q[NV2];
+  __m512 acc[16];
+#pragma GCC unroll 4
+  for (int x = 0; x < NV2; ++x) q[x] = _mm512_loadu_si512(qb + 32 * x);
+  const uint16_t* kr = K;
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {
+    acc[j] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int x = 0; x < NV2; ++x) {
+      const __m512i kv = x == NV2 - 1 ? _mm512_maskz_loadu_epi16(km, kr + 32 * x) : _mm512_loadu_si512(kr + 32 * x);
+      acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)q[x], (__m512bh)kv);
+    }
+    kr += ldk;
+    asm("" : "+r"(kr));
+  }
+  return hsum16x16(acc);
+}
+
+// One key: q . k (the < 16 keys at a sub-block's end).
+inline float qk_row1_bf(const uint16_t* qb, const uint16_t* k, int64_t E) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t e = 0; e < E; e += 32) {
+    const __mmask32 m = E - e >= 32 ? 0xFFFFFFFFu : ((1u << (E - e)) - 1u);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qb + e), (__m512bh)_mm512_maskz_loadu_epi16(m, k + e));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// s[r * lds + j] = scale * (qb[r] . K[j]) for r < R, j < nk (qb rows ldq apart, Eq = round_up(E, 32)
+// values, zero padded). Groups of 16 keys outer, rows inner (the group stays in L1).
+template <int NV2>
+inline void qk_bf_block(const uint16_t* qb, int64_t R, int64_t ldq, const uint16_t* K, int64_t ldk, int64_t E,
+                        int64_t nk, float* s, int64_t lds, float scale, const DecPf& pf) {
+  const __mmask32 km = E % 32 == 0 ? 0xFFFFFFFFu : ((1u << (E % 32)) - 1u);
+  const __m512 vs = _mm512_set1_ps(scale);
+  int64_t j0 = 0;
+  for (; j0 + 16 <= nk; j0 += 16) {
+    dec_prefetch(pf, j0, 16);
+    const uint16_t* Kj = K + j0 * ldk;
+    for (int64_t r = 0; r < R; ++r)
+      _mm512_storeu_ps(s + r * lds + j0, _mm512_mul_ps(qk_row16_bf<NV2>(qb + r * ldq, Kj, ldk, km), vs));
+  }
+  for (; j0 < nk; ++j0) {
+    dec_prefetch(pf, j0, 1);
+    for (int64_t r = 0; r < R; ++r) s[r * lds + j0] = qk_row1_bf(qb + r * ldq, K + j0 * ldk, E) * scale;
+  }
+}
+
+inline void qk_bf16dot(const uint16_t* qb, int64_t R, int64_t ldq, const uint16_t* K, int64_t ldk, int64_t E,
+                       int64_t nk, float* s, int64_t lds, float scale, const DecPf& pf) {
+  switch ((E + 31) / 32) {
+    case 1: qk_bf_block<1>(qb, R, ldq, K, ldk, E, nk, s, lds, scale, pf); break;
+    case 2: qk_bf_block<2>(qb, R, ldq, K, ldk, E, nk, s, lds, scale, pf); break;
+    case 3: qk_bf_block<3>(qb, R, ldq, K, ldk, E, nk, s, lds, scale, pf); break;
+    case 4: qk_bf_block<4>(qb, R, ldq, K, ldk, E, nk, s, lds, scale, pf); break;
+    default: {  // E > 128: whole chunks of 128 values summed by the generic one-key kernel
+      for (int64_t j = 0; j < nk; ++j) {
+        dec_prefetch(pf, j, 1);
+        for (int64_t r = 0; r < R; ++r) s[r * lds + j] = qk_row1_bf(qb + r * ldq, K + j * ldk, E) * scale;
+      }
+    }
+  }
+}
+
+// V rows [0, nk) (bf16, ldv apart, Ev values) as key pairs: out[(jp * Evp + e) * 2 + t] = V[2 jp + t][e]
+// (zero past Ev and for the missing partner of an odd last key); Evp a multiple of 16.
+inline void dec_pair_rows(const uint16_t* V, int64_t ldv, int64_t nk, int64_t Ev, int64_t Evp, uint16_t* out) {
+  for (int64_t j = 0; j < nk; j += 2) {
+    const uint16_t* v0 = V + j * ldv;
+    const uint16_t* v1 = j + 1 < nk ? V + (j + 1) * ldv : nullptr;
+    uint16_t* o = out + (j / 2) * Evp * 2;
+    for (int64_t e = 0; e < Evp; e += 16) {
+      const __mmask16 m = e < Ev ? dec_tail_mask(Ev - e) : 0;
+      const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, v0 + e));
+      const __m512i b = v1 != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, v1 + e)) : _mm512_setzero_si512();
+      _mm512_storeu_si512(o + 2 * e, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+  }
+}
+
+// P rows [0, R) of sc (fp32, lds apart), keys [0, nk2) (nk2 even), rounded to bf16 into pb (ldpb apart).
+inline void dec_p_bf16(const float* sc, int64_t R, int64_t lds, int64_t nk2, uint16_t* pb, int64_t ldpb) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < nk2; j += 32) {
+      const int64_t n = std::min<int64_t>(32, nk2 - j);
+      const __m512 lo = _mm512_maskz_loadu_ps(dec_tail_mask(std::min<int64_t>(16, n)), sc + r * lds + j);
+      const __m512 hi = n > 16 ? _mm512_maskz_loadu_ps(dec_tail_mask(n - 16), sc + r * lds + j + 16) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // [lo as bf16 | hi as bf16]
+      _mm512_mask_storeu_epi16(pb + r * ldpb + j, n >= 32 ? 0xFFFFFFFFu : ((1u << n) - 1u), both);
+    }
+}
+
+// o[RT rows][XV vectors] = o * alpha + sum over key pairs of P V: pairs from pb (bf16, ldpb apart per
+// row, two keys per 32-bit word) and vp (dec_pair_rows' layout, Evp outputs per pair).
+template <int RT, int XV>
+inline void pv_tile_bf(const uint16_t* pb, int64_t ldpb, const uint16_t* vp, int64_t Evp, int64_t npairs, float* o,
+                       int64_t ldo, const float* alpha) {
+  __m512 acc[RT][XV];
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 8
+    for (int x = 0; x < XV; ++x) acc[r][x] = _mm512_mul_ps(_mm512_loadu_ps(o + r * ldo + 16 * x), a);
+  }
+  for (int64_t jp = 0; jp < npairs; ++jp) {
+    __m512i b[XV];
+#pragma GCC unroll 8
+    for (int x = 0; x < XV; ++x) b[x] = _mm512_loadu_si512(vp + (jp * Evp + 16 * x) * 2);
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; ++r) {
+      int32_t w;
+      std::memcpy(&w, pb + r * ldpb + 2 * jp, sizeof(w));
+      const __m512i a = _mm512_set1_epi32(w);
+#pragma GCC unroll 8
+      for (int x = 0; x < XV; ++x) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], (__m512bh)a, (__m512bh)b[x]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 8
+    for (int x = 0; x < XV; ++x) _mm512_storeu_ps(o + r * ldo + 16 * x, acc[r][x]);
+}
+
+template <int RT, int X = 1>
+inline void pv_rows_bf(int xv, const uint16_t* pb, int64_t ldpb, const uint16_t* vp, int64_t Evp, int64_t npairs,
+                       float* o, int64_t ldo, const float* alpha) {
+  if constexpr (X <= pv_max_xv(RT)) {
+    if (xv == X)
+      pv_tile_bf<RT, X>(pb, ldpb, vp, Evp, npairs, o, ldo, alpha);
+    else
+      pv_rows_bf<RT, X + 1>(xv, pb, ldpb, vp, Evp, npairs, o, ldo, alpha);
+  }
+}
+
+// o (R x Evp floats, ldo apart) = o * alpha + P V over npairs key pairs: the tiling of pv_avx512.
+inline void pv_bf16dot(const uint16_t* pb, int64_t R, int64_t ldpb, const uint16_t* vp, int64_t Evp, int64_t npairs,
+                       float* o, int64_t ldo, const float* alpha) {
+  const int64_t nvec = Evp / 16;
+  const int64_t rtiles = (R + 3) / 4;
+  const int64_t rt_even = (R + rtiles - 1) / rtiles;
+  for (int64_t r0 = 0; r0 < R; r0 += rt_even) {
+    const int rt = static_cast<int>(std::min(rt_even, R - r0));
+    const int maxv = pv_max_xv(rt);
+    const int64_t vtiles = (nvec + maxv - 1) / maxv;
+    const int64_t v_even = (nvec + vtiles - 1) / vtiles;
+    for (int64_t x0 = 0; x0 < nvec; x0 += v_even) {
+      const int xv = static_cast<int>(std::min(v_even, nvec - x0));
+      const uint16_t* pp = pb + r0 * ldpb;
+      const uint16_t* vv = vp + x0 * 16 * 2;
+      float* op = o + r0 * ldo + x0 * 16;
+      const float* ap = alpha + r0;
+      switch (rt) {
+        case 1: pv_rows_bf<1>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
+        case 2: pv_rows_bf<2>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
+        case 3: pv_rows_bf<3>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
+        default: pv_rows_bf<4>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
+      }
+    }
+  }
+}
+#endif  // FA_DEC_BF16DOT
+
 // Rows [j0, j0 + nk) of X (rows of n values, ldx apart) as T, with their stride in ld: read in place
 // when In is T, else converted into buf (rows of np >= n values).
 template <typename T, typename In, bool kWide>
@@ -462,10 +638,23 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
   const bool one_tile = R <= 4 && Evp <= (R <= 2 ? 128 : 64);
   std::vector<char> skip_buf(span / kBK);
   char* skip = skip_buf.data();
+#if defined(FA_DEC_BF16DOT)
+  // bf16 K/V on vdpbf16ps (FA_DEC_BF16DOT builds): q rows in bf16 (Eq values, zero padded), a
+  // sub-block's P in bf16 and its V rows in key pairs
+  constexpr bool kDot = std::is_same<In, c10::BFloat16>::value;
+#else
+  constexpr bool kDot = false;
+#endif
+  const int64_t Eq = dec_round_up(E, 32);
+  std::vector<uint16_t> dot_buf(kDot ? R * Eq + R * kBK + kBK * Evp : 0);
+  uint16_t* qb = dot_buf.data();
+  uint16_t* pb = kDot ? qb + R * Eq : nullptr;
+  uint16_t* vpair = kDot ? pb + R * kBK : nullptr;
   const T scale = static_cast<T>(p.scale);
   const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
   constexpr int64_t isz = sizeof(In);
-  constexpr bool kInKernel = kWide && !kConvert;  // the micro-kernels read K and V in place and prefetch
+  constexpr bool kInPlace = kWide && !kConvert;  // the float micro-kernels read K and V in place and prefetch
+  constexpr bool kInKernel = kInPlace || kDot;     // the Q K^T micro-kernels prefetch K as they go
   // the prefetch distances in rows: p.prefetch_bytes ahead, at least one row (0: off)
   const int64_t pf_k = p.prefetch_bytes > 0 ? std::max<int64_t>(1, (p.prefetch_bytes + E * isz - 1) / (E * isz)) : 0;
   const int64_t pf_v = p.prefetch_bytes > 0 ? std::max<int64_t>(1, (p.prefetch_bytes + Ev * isz - 1) / (Ev * isz)) : 0;
@@ -480,6 +669,10 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
       const In* Q = static_cast<const In*>(p.q) + b * p.qsb + (hk * group + r / L) * p.qsh + (r % L) * p.qsl;
       for (int64_t e = 0; e < E; ++e) qs[r * Ep + e] = static_cast<T>(Q[e]) * scale;
       for (int64_t e = E; e < Ep; ++e) qs[r * Ep + e] = T(0);
+      if constexpr (kDot) {
+        std::memcpy(qb + r * Eq, Q, E * sizeof(uint16_t));
+        std::fill(qb + r * Eq + E, qb + (r + 1) * Eq, uint16_t(0));
+      }
     }
     std::fill(ob, ob + R * Evp, T(0));
     std::fill(mrow, mrow + R, kNegInf);
@@ -519,11 +712,18 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
           }
           if (!kInKernel) dec_prefetch(pfk, 0, nk);
         }
+#if defined(FA_DEC_BF16DOT)
+        if constexpr (kDot) {
+          qk_bf16dot(qb, R, Eq, reinterpret_cast<const uint16_t*>(K + j0 * p.kss), p.kss, E, nk, sc + u * kBK, span,
+                     static_cast<float>(scale), pfk);
+          continue;
+        }
+#endif
         int64_t ldk;
         const T* Kb = rows_as<T, In, kWide>(K, p.kss, j0, nk, E, Ep, kbuf, ldk);
 #if defined(FA_DEC_AVX512)
         if constexpr (kWide)
-          qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc + u * kBK, span, p.qk_row_order, kInKernel ? pfk : DecPf{});
+          qk_avx512(qs, R, Ep, Kb, ldk, E, nk, sc + u * kBK, span, p.qk_row_order, kInPlace ? pfk : DecPf{});
         else
 #endif
           qk_generic<T>(qs, R, Ep, Kb, ldk, E, nk, sc + u * kBK, span);
@@ -581,7 +781,7 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
         f.nbytes = E * isz;
       };
       const T* alpha = arow;
-      if (kInKernel && one_tile && live == nsub) {  // one register tile: one pass over the whole span
+      if (kInPlace && one_tile && live == nsub) {  // one register tile: one pass over the whole span
         DecPf pfv;
         if (pf_v > 0) {
           pfv = DecPf{reinterpret_cast<const char*>(Vm + s0 * p.vss), p.vss * isz, Ev * isz, pf_v, ns,
@@ -589,7 +789,7 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
           next_k(pfv);
         }
 #if defined(FA_DEC_AVX512)
-        if constexpr (kWide && kInKernel)
+        if constexpr (kInPlace)
           pv_avx512(sc, R, span, reinterpret_cast<const T*>(Vm + s0 * p.vss), p.vss, Ev, ns, ob, Evp, alpha, pfv);
 #endif
         continue;
@@ -602,13 +802,23 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
           pfv = DecPf{reinterpret_cast<const char*>(Vm + j0 * p.vss), p.vss * isz, Ev * isz, pf_v, s0 + ns - j0,
                       p.prefetch_step, p.prefetch_hint};
           next_k(pfv);
-          if (!kInKernel) dec_prefetch(pfv, 0, nk);
+          if (!kInPlace) dec_prefetch(pfv, 0, nk);
         }
+#if defined(FA_DEC_BF16DOT)
+        if constexpr (kDot) {
+          const int64_t nk2 = dec_round_up(nk, 2);
+          dec_pair_rows(reinterpret_cast<const uint16_t*>(Vm + j0 * p.vss), p.vss, nk, Ev, Evp, vpair);
+          dec_p_bf16(sc + u * kBK, R, span, nk2, pb, kBK);
+          pv_bf16dot(pb, R, kBK, vpair, Evp, nk2 / 2, ob, Evp, alpha);
+          alpha = ones;
+          continue;
+        }
+#endif
         int64_t ldv;
         const T* Vb = rows_as<T, In, kWide>(Vm, p.vss, j0, nk, Ev, Evp, vbuf, ldv);
 #if defined(FA_DEC_AVX512)
         if constexpr (kWide)
-          pv_avx512(sc + u * kBK, R, span, Vb, ldv, Ev, nk, ob, Evp, alpha, kInKernel ? pfv : DecPf{});
+          pv_avx512(sc + u * kBK, R, span, Vb, ldv, Ev, nk, ob, Evp, alpha, kInPlace ? pfv : DecPf{});
         else
 #endif
           pv_generic<T>(sc + u * kBK, R, span, Vb, ldv, Ev, nk, ob, Evp, alpha);
