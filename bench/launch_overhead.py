@@ -48,11 +48,13 @@ def main(argv=None) -> int:
         from kernels import attention as A, attention_small as S
     stubs = {}
     for mod, names in ((A, ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
-                            "_attn_bwd_dq_kernel")), (S, ("_small_fwd_kernel", "_small_bwd_kernel"))):
+                            "_attn_bwd_dq_kernel", "_kv_range_kernel")),
+                       (S, ("_small_fwd_kernel", "_small_bwd_kernel"))):
         for name in names:
             stubs[name] = _NoLaunch()
             setattr(mod, name, stubs[name])
     S.INTERPRET = True  # lifts the small path's CUDA-device test for CPU tensors (the decision's cost is the same)
+    A.INTERPRET = True  # the classic launcher's likewise: key padding takes the CUDA path (_kv_range_kernel)
 
     n, h, l, e = 32, 4, 256, 25
     dt = torch.float16

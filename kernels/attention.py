@@ -31,8 +31,9 @@ Design notes:
     need no boundary/causal test run in a loop without any element mask; only the first/last (or
     diagonal) blocks take the masked path.
   * Causal: key blocks wholly above the diagonal are never visited. Key padding: the forward and dQ
-    visit only the key range [first unpadded, last unpadded] of each batch (computed by the
-    launcher); the dK/dV kernel skips a key block that is wholly padded.
+    visit only the key range [first unpadded, last unpadded] of each batch (kv_range, computed per
+    launcher call by one launch of the small _kv_range_kernel, grid N: ~3 us of host time where eight
+    torch ops took ~45-55 us); the dK/dV kernel skips a key block that is wholly padded.
   * The backward is deterministic and uses no atomics: one program owns a K/V block and loops over
     every query block of every query head of its GQA group; dQ is a separate kernel.
   * Head dims 1..256 are padded to a power of two (at least 32: 1..16 share the 32 bucket, see
@@ -52,7 +53,7 @@ import triton.language as tl
 
 from . import configs
 from ._seed import seed_offset_tensor
-from .configs import INTERPRET, head_dim_bucket  # noqa: F401  (re-exported for the tests)
+from .configs import INTERPRET, head_dim_bucket  # noqa: F401  (head_dim_bucket re-exported for the tests)
 
 LOG2E = 1.4426950408889634
 
@@ -622,11 +623,38 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D))
 
 
+# ---- key padding: the key range each batch element visits ------------------------------------------
+KV_RANGE_BLOCK = 1024   # keys per step of _kv_range_kernel (the AOT-checked value; tests pass smaller ones)
+KV_RANGE_WARPS = 4
+KV_RANGE_STAGES = 1
+
+
+@triton.jit(do_not_specialize=["S"])
+def _kv_range_kernel(Kpm, KvRange, S, BLOCK: tl.constexpr):
+    """kv_range[b] = [first unpadded key, last unpadded key + 1] of batch element b (program b), int32;
+    a wholly padded row gets [S, 0]. Kpm (N, S) u8, 1 = ignore; KvRange (N, 2) i32. The row is read
+    BLOCK keys at a time into elementwise running min/max vectors, reduced once at the end."""
+    b = tl.program_id(0)
+    row = Kpm + b.to(tl.int64) * S
+    offs = tl.arange(0, BLOCK)
+    lo = tl.zeros([BLOCK], tl.int32) + S        # min over unpadded keys j of j (S: none)
+    hi = tl.zeros([BLOCK], tl.int32)            # max over unpadded keys j of j + 1 (0: none)
+    for start in range(0, S, BLOCK):
+        idx = start + offs
+        pad = tl.load(row + idx, mask=idx < S, other=1)
+        keep = pad == 0
+        lo = tl.minimum(lo, tl.where(keep, idx, S))
+        hi = tl.maximum(hi, tl.where(keep, idx + 1, 0))
+    tl.store(KvRange + 2 * b, tl.min(lo, 0))
+    tl.store(KvRange + 2 * b + 1, tl.max(hi, 0))
+
+
 # ==================================================================================================
 # What the ahead-of-time check compiles
 # ==================================================================================================
 KERNELS = {"fwd": _attn_fwd_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq": _attn_bwd_dq_kernel,
            "bwd_delta": _attn_bwd_delta_kernel}
+# (_kv_range_kernel is compiled by its own check, tests/aot/kv_range.py: one tile, no table)
 
 
 def compile_cases(arch: int) -> list:
@@ -663,18 +691,40 @@ def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+def kv_range_torch(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """kv_range (N, 2) int32 = [first, last + 1] unpadded key per batch element of a bool (N, S) mask
+    ([S, 0] for a wholly padded row), in torch ops: what _kv_range_kernel computes, for tensors no
+    Triton kernel can run on (CPU tensors outside the interpreter) and as the tests' reference."""
+    kpm = key_padding_mask
+    s = kpm.shape[1]
+    keep = ~kpm
+    idx = torch.arange(s, device=kpm.device, dtype=torch.int32)
+    first = torch.where(keep, idx, s).amin(1)
+    last = torch.where(keep, idx + 1, 0).amax(1)
+    return torch.stack([first, last], 1).to(torch.int32).contiguous()
+
+
+def kv_range(kpm_u8: torch.Tensor, block: int = KV_RANGE_BLOCK) -> torch.Tensor:
+    """kv_range (N, 2) int32 of a contiguous u8 (N, S) key padding mask (1 = ignore), by one launch of
+    _kv_range_kernel (grid N): one allocation and one launch per call, where kv_range_torch's eight
+    torch ops cost ~35 us of host time per call (and eight launches on a GPU)."""
+    n, s = kpm_u8.shape
+    out = torch.empty((n, 2), dtype=torch.int32, device=kpm_u8.device)
+    if n:
+        _kv_range_kernel[(n,)](kpm_u8, out, s, BLOCK=block, num_warps=KV_RANGE_WARPS,
+                               num_stages=KV_RANGE_STAGES)
+    return out
+
+
 def _kpm_args(key_padding_mask, q, s):
     """(kpm as u8 (N, S), kv_range (N, 2) i32 = [first, last + 1] unpadded key per batch)."""
     if key_padding_mask is None:
         return _dummy(q.device, torch.uint8), _dummy(q.device, torch.int32)
     assert key_padding_mask.dtype == torch.bool and tuple(key_padding_mask.shape) == (q.shape[0], s)
-    kpm = key_padding_mask.contiguous()
-    keep = ~kpm
-    idx = torch.arange(s, device=kpm.device, dtype=torch.int32)
-    first = torch.where(keep, idx, s).amin(1)
-    last = torch.where(keep, idx + 1, 0).amax(1)
-    kv_range = torch.stack([first, last], 1).to(torch.int32).contiguous()
-    return kpm.view(torch.uint8), kv_range
+    kpm = key_padding_mask.contiguous().view(torch.uint8)
+    if kpm.is_cuda or INTERPRET:
+        return kpm, kv_range(kpm)
+    return kpm, kv_range_torch(key_padding_mask)  # CPU tensors outside the interpreter: no kernel can run
 
 
 def _seed_arg(dropout_p, seed, device):
