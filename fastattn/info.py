@@ -24,8 +24,9 @@ PYTHON_KNOBS = {
                                "built-in entries it names (kernels/configs.py)",
     "FASTATTN_TRITON_ATTN": "sm90 (default on sm_90) or classic: which Triton attention kernels serve a call "
                             "(kernels/attention_sm90*.py or kernels/attention.py); read once",
-    "FASTATTN_CPU_ONEDNN_LINEAR": "0: the modules' float32 linears without autograd (K >= 512) through torch's "
-                                  "MKL addmm instead of oneDNN (torch.ops.mkldnn._linear_pointwise); read once",
+    "FASTATTN_CPU_ONEDNN_LINEAR": "0: the modules' float32 linears (K >= 512; with autograd the plain "
+                                  "projections, forward and input gradient) through torch's MKL addmm "
+                                  "instead of oneDNN (torch.ops.mkldnn._linear_pointwise); read once",
     "FASTATTN_TRITON_SMALL": "1 (default) or 0: the one-program-per-(batch, head) Triton attention for S <= 256 "
                              "(kernels/attention_small.py; forward and one-launch backward), tried first; read once",
     # C++ switches read once, outside the tuning.h table (they pick a code path, not a tile size)
