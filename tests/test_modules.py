@@ -951,3 +951,27 @@ def test_encoder_layer_submodule_hooks_still_fire(backend):
     x = torch.randn(S, N, D_MODEL, dtype=DT)
     _close(ours(x), theirs(x), "hooked layer")
     assert seen == ["dropout1", "norm1"]
+
+
+def test_onednn_linear_double_backward(monkeypatch):
+    """_OneDnnLinearFn under create_graph: the input gradient is torch's mm (differentiable), so a second
+    backward through it matches F.linear's, and without create_graph it is oneDNN's."""
+    import fastattn.modules as modules
+    if not modules._ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(modules, "_ONEDNN_MIN_K", 1)
+    monkeypatch.setattr(modules, "_ONEDNN_MIN_MACS", 1)
+    calls = []
+    real = modules._onednn_linear
+    monkeypatch.setattr(modules, "_onednn_linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(s, generator=gen) for s in ((6, 16), (8, 16), (8,)))
+    grads = []
+    for use in (True, False):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        out = modules._linear(xs, ws, bs) if use else F.linear(xs, ws, bs)
+        gx, = torch.autograd.grad((out ** 2).sum(), xs, create_graph=True)
+        grads.append(torch.autograd.grad(gx.pow(2).sum(), (xs, ws, bs)))
+    assert [tuple(c) for c in calls] == [(8, 16)], calls  # the forward only: the backward ran torch's mm
+    for a, c, name in zip(*grads, ("x", "w", "b")):
+        _close(a, c, f"double backward through the oneDNN linear: {name}", atol=1e-4, rtol=1e-4)
