@@ -44,9 +44,9 @@ PYTHON_KNOBS = {
                                    "prefetcht2; 3: prefetcht0, into L1); read per call",
     "FASTATTN_CPU_DECODE_PF_STEP": "bytes between the decode prefetch's touches (default 4096: one line per "
                                    "page; 64: every line); read per call",
-    "FASTATTN_CPU_DECODE_ORDER": "1: decode tasks run last to first on every other call (the previous call's "
-                                 "last K/V rows are the likeliest still in L3; results unchanged); 0 (default) "
-                                 "first to last; read per call",
+    "FASTATTN_CPU_DECODE_ORDER": "1 (default): each thread runs its decode tasks last to first on every other "
+                                 "call (the rows it read last are the likeliest still cached; results "
+                                 "unchanged); 0: first to last always; read per call",
     "FASTATTN_CPU_DECODE_QK_ROWS": "1 (default): a decode block's first-row Q K^T loads key by key; 0: the "
                                    "16 keys' columns in step; read per call",
 }

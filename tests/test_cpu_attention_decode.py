@@ -167,22 +167,27 @@ def test_small_chunks_combine(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_threads_bitwise(dtype):
-    """Chunks depend on the shape only: 1 and 2 threads give bitwise the same out and lse."""
+    """Chunks depend on the shape only: 1 and 2 threads give bitwise the same out and lse, whatever the
+    split of the tasks among the threads (by cost under key padding) and their order (alternating)."""
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 8, 2, 128, generator=gen).to(dtype)
-    k = torch.randn(1, 2, 4096, 128, generator=gen).to(dtype)
-    v = torch.randn(1, 2, 4096, 128, generator=gen).to(dtype)
-    pad = torch.rand(1, 4096, generator=gen) > 0.8
+    q = torch.randn(3, 8, 2, 128, generator=gen).to(dtype)
+    k = torch.randn(3, 2, 4096, 128, generator=gen).to(dtype)
+    v = torch.randn(3, 2, 4096, 128, generator=gen).to(dtype)
+    pad = torch.rand(3, 4096, generator=gen) > 0.8
+    pad[1, 200:] = True  # batch row 1 nearly all padding: its tasks cost little, the split moves
     threads = torch.get_num_threads()
     results = []
     try:
-        for t in (1, 2):
+        for t in (1, 2, 2, 2):  # three 2-thread calls: both task orders
             torch.set_num_threads(t)
-            with _counted():
-                results.append(fwd_op(q, k, v, None, pad, 0.0, False, 0.1, None))
+            for kpm in (pad, None):
+                with _counted():
+                    results.append(fwd_op(q, k, v, None, kpm, 0.0, False, 0.1, None))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for i in range(2, len(results)):
+        want = results[i % 2]
+        assert torch.equal(results[i][0], want[0]) and torch.equal(results[i][1], want[1]), i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -219,7 +224,7 @@ def test_prefetch_and_order_bitwise(monkeypatch, dtype, n, hq, hkv, l, s, e, row
     check_bound(f"decode prefetch/order {dtype} n{n} hq{hq} hkv{hkv} l{l} s{s} e{e} {rows}", want, same, ref)
     settings = [dict(PREFETCH="0"), dict(PREFETCH="64", PF_HINT="3", PF_STEP="64"),
                 dict(PREFETCH="4096", PF_HINT="0", PF_STEP="200"), dict(PREFETCH="100000", PF_HINT="2"),
-                dict(PREFETCH="1", PF_HINT="1", PF_STEP="1"), dict(ORDER="1")]
+                dict(PREFETCH="1", PF_HINT="1", PF_STEP="1"), dict(ORDER="1"), dict(ORDER="0")]
     for setting in settings:
         for key, val in setting.items():
             monkeypatch.setenv("FASTATTN_CPU_DECODE_" + key, val)

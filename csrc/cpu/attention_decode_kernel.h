@@ -650,7 +650,7 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
   std::vector<uint16_t> dot_buf(kDot ? R * Eq + R * kBK + kBK * Evp : 0);
   uint16_t* qb = dot_buf.data();
   uint16_t* pb = kDot ? qb + R * Eq : nullptr;
-  uint16_t* vpair = kDot ? pb + R * kBK : nullptr;
+  [[maybe_unused]] uint16_t* vpair = kDot ? pb + R * kBK : nullptr;
   const T scale = static_cast<T>(p.scale);
   const T keep_scale = p.dropout_p > 0 ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
   constexpr int64_t isz = sizeof(In);
@@ -659,9 +659,9 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
   // the prefetch distances in rows: p.prefetch_bytes ahead, at least one row (0: off)
   const int64_t pf_k = p.prefetch_bytes > 0 ? std::max<int64_t>(1, (p.prefetch_bytes + E * isz - 1) / (E * isz)) : 0;
   const int64_t pf_v = p.prefetch_bytes > 0 ? std::max<int64_t>(1, (p.prefetch_bytes + Ev * isz - 1) / (Ev * isz)) : 0;
-  const int64_t ntasks = p.N * p.Hkv * p.nchunks;
-  for (int64_t t = task_begin; t < task_end; ++t) {
-    const int64_t task = p.reverse ? ntasks - 1 - t : t;
+  // tasks [task_begin, task_end), last to first when p.reverse
+  for (int64_t it = task_begin; it < task_end; ++it) {
+    const int64_t task = p.reverse ? task_begin + task_end - 1 - it : it;
     const int64_t c = task % p.nchunks, bhk = task / p.nchunks, b = bhk / p.Hkv, hk = bhk % p.Hkv;
     const int64_t j_lo = c * p.chunk, j_hi = std::min(p.kend, j_lo + p.chunk);
     const In* K = static_cast<const In*>(p.k) + b * p.ksb + hk * p.ksh;  // key j's row at K + j * p.kss
@@ -769,8 +769,8 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
         if (s0 + ns < j_hi) {
           f.np = reinterpret_cast<const char*>(K + (s0 + ns) * p.kss);
           f.nlim = std::min(span, j_hi - (s0 + ns));
-        } else if (t + 1 < task_end) {
-          const int64_t nt = p.reverse ? ntasks - 2 - t : t + 1;
+        } else if (it + 1 < task_end) {
+          const int64_t nt = p.reverse ? task - 1 : task + 1;
           const int64_t nc = nt % p.nchunks, nbh = nt / p.nchunks;
           f.np = reinterpret_cast<const char*>(static_cast<const In*>(p.k) + (nbh / p.Hkv) * p.ksb +
                                                (nbh % p.Hkv) * p.ksh + nc * p.chunk * p.kss);
