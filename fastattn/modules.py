@@ -696,10 +696,11 @@ class TransformerEncoderLayer(nn.Module):
             if dtype is not None:  # the fused op is not autocast-aware: cast as autocast casts nn.Linear
                 x, w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2))
             out = _ffn_direct(x, w1, b1, w2, b2, name, p, self._backend)
-            if out is _SMALL:  # few tokens: torch's own Linear -> activation -> Dropout -> Linear is faster
-                h = F.linear(x, w1, b1)
+            if out is _SMALL:  # few tokens: Linear -> activation -> Dropout -> Linear is faster (the linears
+                # through oneDNN where it pays: _linear)
+                h = _linear(x, w1, b1)
                 h = F.relu(h) if name == "relu" else F.gelu(h, approximate="tanh" if name == "gelu_tanh" else "none")
-                return _dropout(self.dropout2, F.linear(_dropout(self.dropout, h), w2, b2))
+                return _dropout(self.dropout2, _linear(_dropout(self.dropout, h), w2, b2))
             x = out if out is not None else _ffn.feed_forward(x, w1, b1, w2, b2, name, p, backend=self._backend)
         return _dropout(self.dropout2, x)
 
