@@ -671,7 +671,7 @@ class TransformerEncoderLayer(nn.Module):
         p1, p2 = mods["linear1"]._parameters, mods["linear2"]._parameters
         w1, b1, w2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
         d = x.shape[-1]
-        if (_ffn_small(x.numel() // d if d else 0, d) and not torch.compiler.is_compiling()
+        if (_ffn_small(x.numel() // d if d else 0, d, w1.shape[0]) and not torch.compiler.is_compiling()
                 and _chosen_backend("ffn", x.device.type, x.dtype, 0, self._backend) == "cpu"):
             return _linear(_dropout(mods["dropout"], _linear(x, w1, b1, name)), w2, b2, residual=residual)
         out = _ffn_direct(x, w1, b1, w2, b2, name, mods["dropout"].p if self.training else 0.0, self._backend)
@@ -738,11 +738,14 @@ def _norm(module: nn.Module, x: Tensor) -> Tensor:
 _SMALL = object()
 
 
-def _ffn_small(tokens: int, d_model: int) -> bool:
-    """Whether torch's two GEMMs beat the fused CPU feed-forward: it lays both weights out afresh on
-    every call (2·D·F copies), which the GEMMs of fewer than ~4·D tokens (at least 256) do not repay
-    (measured on a Zen 4 (Genoa) with MKL, fp32: D 64 crosses at 128-256 tokens, D 256 at ~1024)."""
-    return tokens < 256 or tokens < 4 * d_model
+def _ffn_small(tokens: int, d_model: int, d_ff: int = 0) -> bool:
+    """Whether two GEMMs (through _linear: oneDNN where it pays) beat the fused CPU feed-forward: it lays
+    both weights out afresh on every call (2·D·F copies), which the GEMMs of fewer than ~4·D tokens (at
+    least 256) do not repay (measured on a Zen 4 (Genoa) with MKL, fp32: D 64 crosses at 128-256 tokens,
+    D 256 at ~1024); and its 64-token tiles lose to whole-matrix GEMMs once the weights are large
+    (D·F >= 2^20; same machine, fp32, forward+backward: D 512 F 2048 at 4096 tokens 0.81-0.86x eager,
+    D 1024 F 4096 at 2048 tokens 0.38x)."""
+    return tokens < 256 or tokens < 4 * d_model or d_model * d_ff >= (1 << 20)
 
 
 def _ffn_direct(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], activation: str,
@@ -760,7 +763,7 @@ def _ffn_direct(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Opt
             return None
     if _chosen_backend("ffn", x.device.type, dtype, 0, backend) != "cpu":
         return None
-    if _ffn_small(x.numel() // x.shape[-1], x.shape[-1]) and not torch.compiler.is_compiling():
+    if _ffn_small(x.numel() // x.shape[-1], x.shape[-1], w1.shape[0]) and not torch.compiler.is_compiling():
         return _SMALL
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
     seed = _philox.new_seed() if dropout_p > 0.0 else None

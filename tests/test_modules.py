@@ -628,7 +628,7 @@ def test_cpu_backend_modules_call_the_kernels_directly(monkeypatch, mode, batch_
     attn_calls = _spy_direct(monkeypatch, "_attention_fwd")
     ffn_calls = _spy_direct(monkeypatch, "_ffn_fwd")
     api_calls = _spy(monkeypatch, "scaled_dot_product_attention")
-    monkeypatch.setattr(fastattn.modules, "_ffn_small", lambda tokens, d_model: False)  # the fused op, always
+    monkeypatch.setattr(fastattn.modules, "_ffn_small", lambda tokens, d_model, d_ff=0: False)  # the fused op, always
     ours, theirs = _layer_pair({"batch_first": batch_first}, backend="cpu")
     ours.train(mode == "train")
     theirs.train(mode == "train")
@@ -663,6 +663,9 @@ def test_cpu_backend_few_tokens_feed_forward_runs_as_torch_linears(monkeypatch, 
     import fastattn.modules as modules
     assert modules._ffn_small(N * S, D_MODEL) and not modules._ffn_small(4096, 64)
     assert not modules._ffn_small(4096, 1024) and modules._ffn_small(2048, 1024)
+    # large weights (D·F >= 2^20): whole-matrix GEMMs whatever the token count; below, the fused op
+    assert modules._ffn_small(1 << 16, 512, 2048) and modules._ffn_small(1 << 16, 1024, 4096)
+    assert not modules._ffn_small(1 << 16, 256, 1024) and not modules._ffn_small(8192, 100, 2048)
     ffn_calls = _spy_direct(monkeypatch, "_ffn_fwd")
     api_calls = _spy(monkeypatch, "feed_forward")
     ours, theirs = _layer_pair({}, backend="cpu")
@@ -889,7 +892,7 @@ def test_encoder_layer_under_cpu_autocast(monkeypatch, backend):
     ours = convert(copy.deepcopy(theirs), backend=backend)
     calls = _spy(monkeypatch, "feed_forward")
     direct = _spy_direct(monkeypatch, "_ffn_fwd")  # the "cpu" backend's call from the module itself
-    monkeypatch.setattr(fastattn.modules, "_ffn_small", lambda tokens, d_model: False)  # the fused op, always
+    monkeypatch.setattr(fastattn.modules, "_ffn_small", lambda tokens, d_model, d_ff=0: False)  # the fused op, always
     x = torch.randn(6, 3, 16)
     kpm = torch.zeros(3, 6, dtype=torch.bool)
     kpm[1, 4:] = True
