@@ -277,6 +277,16 @@ def test_mha_eval_no_grad_matches_torch_native_fast_path():
     _close(got, want, "eval no_grad")
 
 
+def _spy_onednn_linear(monkeypatch, modules) -> list:
+    """Every shape may take oneDNN (thresholds lowered); returns the list of weight shapes it is called with."""
+    monkeypatch.setattr(modules, "_ONEDNN_MIN_K", 1)
+    monkeypatch.setattr(modules, "_ONEDNN_MIN_MACS", 1)
+    calls = []
+    real = modules._onednn_linear
+    monkeypatch.setattr(modules, "_onednn_linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("kpm", [False, True])
 def test_mha_no_grad_onednn_linears(monkeypatch, batch_first, kpm):
@@ -286,11 +296,7 @@ def test_mha_no_grad_onednn_linears(monkeypatch, batch_first, kpm):
     import fastattn.modules as modules
     if not modules._ONEDNN_LINEAR:
         pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
-    monkeypatch.setattr(modules, "_ONEDNN_MIN_K", 1)
-    monkeypatch.setattr(modules, "_ONEDNN_MIN_MACS", 1)
-    calls = []
-    real = modules._onednn_linear
-    monkeypatch.setattr(modules, "_onednn_linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    calls = _spy_onednn_linear(monkeypatch, modules)
     theirs = nn.MultiheadAttention(32, 4, batch_first=batch_first)
     _randomize(theirs)
     ours = convert(copy.deepcopy(theirs), backend="cpu")
@@ -963,11 +969,7 @@ def test_onednn_linear_double_backward(monkeypatch):
     import fastattn.modules as modules
     if not modules._ONEDNN_LINEAR:
         pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
-    monkeypatch.setattr(modules, "_ONEDNN_MIN_K", 1)
-    monkeypatch.setattr(modules, "_ONEDNN_MIN_MACS", 1)
-    calls = []
-    real = modules._onednn_linear
-    monkeypatch.setattr(modules, "_onednn_linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    calls = _spy_onednn_linear(monkeypatch, modules)
     gen = torch.Generator().manual_seed(5)
     x, w, b = (torch.randn(s, generator=gen) for s in ((6, 16), (8, 16), (8,)))
     grads = []

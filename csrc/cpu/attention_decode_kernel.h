@@ -347,12 +347,11 @@ inline void pv_rows(int xv, const float* pr, int64_t ldp, const float* V, int64_
   }
 }
 
-// o (R x Ev, stride ldo, padded to a multiple of 16 floats) = o * alpha + P V. Row tiles of up to
-// 4 rows (balanced), column tiles of up to 8 vectors for 1-2 rows and 4 vectors for 3-4 rows, so
-// accumulators, a row of V and a broadcast fit the 32 registers and no tile row is wasted.
-inline void pv_avx512(const float* pr, int64_t R, int64_t ldp, const float* V, int64_t ldv, int64_t Ev, int64_t nk,
-                      float* o, int64_t ldo, const float* alpha, const DecPf& pf) {
-  const int64_t nvec = (Ev + 15) / 16;
+// The register tiles of an (R rows x nvec vectors) output: row tiles of up to 4 rows (balanced),
+// column tiles of up to 8 vectors for 1-2 rows and 4 vectors for 3-4 rows, so accumulators, a row of V
+// and a broadcast fit the 32 registers and no tile row is wasted; fn(r0, rt, x0, xv) for each.
+template <typename Fn>
+__attribute__((always_inline)) inline void pv_tiles(int64_t R, int64_t nvec, Fn&& fn) {
   const int64_t rtiles = (R + 3) / 4;
   const int64_t rt_even = (R + rtiles - 1) / rtiles;
   for (int64_t r0 = 0; r0 < R; r0 += rt_even) {
@@ -360,23 +359,28 @@ inline void pv_avx512(const float* pr, int64_t R, int64_t ldp, const float* V, i
     const int maxv = pv_max_xv(rt);
     const int64_t vtiles = (nvec + maxv - 1) / maxv;
     const int64_t v_even = (nvec + vtiles - 1) / vtiles;
-    for (int64_t x0 = 0; x0 < nvec; x0 += v_even) {
-      const int xv = static_cast<int>(std::min(v_even, nvec - x0));
-      const int64_t last_cols = std::min<int64_t>(16, Ev - (x0 + xv - 1) * 16);
-      const __mmask16 vmask = dec_tail_mask(last_cols);
-      const float* pp = pr + r0 * ldp;
-      const float* vp = V + x0 * 16;
-      float* op = o + r0 * ldo + x0 * 16;
-      const float* ap = alpha + r0;
-      const DecPf* tp = r0 == 0 && x0 == 0 && pf.p != nullptr ? &pf : nullptr;  // the first tile prefetches
-      switch (rt) {
-        case 1: pv_rows<1>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
-        case 2: pv_rows<2>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
-        case 3: pv_rows<3>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
-        default: pv_rows<4>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
-      }
-    }
+    for (int64_t x0 = 0; x0 < nvec; x0 += v_even) fn(r0, rt, x0, static_cast<int>(std::min(v_even, nvec - x0)));
   }
+}
+
+// o (R x Ev, stride ldo, padded to a multiple of 16 floats) = o * alpha + P V, tile by tile (pv_tiles).
+inline void pv_avx512(const float* pr, int64_t R, int64_t ldp, const float* V, int64_t ldv, int64_t Ev, int64_t nk,
+                      float* o, int64_t ldo, const float* alpha, const DecPf& pf) {
+  pv_tiles(R, (Ev + 15) / 16, [&](int64_t r0, int rt, int64_t x0, int xv) {
+    const int64_t last_cols = std::min<int64_t>(16, Ev - (x0 + xv - 1) * 16);
+    const __mmask16 vmask = dec_tail_mask(last_cols);
+    const float* pp = pr + r0 * ldp;
+    const float* vp = V + x0 * 16;
+    float* op = o + r0 * ldo + x0 * 16;
+    const float* ap = alpha + r0;
+    const DecPf* tp = r0 == 0 && x0 == 0 && pf.p != nullptr ? &pf : nullptr;  // the first tile prefetches
+    switch (rt) {
+      case 1: pv_rows<1>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
+      case 2: pv_rows<2>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
+      case 3: pv_rows<3>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
+      default: pv_rows<4>(xv, pp, ldp, vp, ldv, nk, op, ldo, ap, vmask, tp); break;
+    }
+  });
 }
 
 // The online-softmax step of one row on s[0..nk) (s padded with -inf up to a multiple of 16).
@@ -562,31 +566,21 @@ inline void pv_rows_bf(int xv, const uint16_t* pb, int64_t ldpb, const uint16_t*
   }
 }
 
-// o (R x Evp floats, ldo apart) = o * alpha + P V over npairs key pairs: the tiling of pv_avx512.
+// o (R x Evp floats, ldo apart) = o * alpha + P V over npairs key pairs, tile by tile (pv_tiles).
 inline void pv_bf16dot(const uint16_t* pb, int64_t R, int64_t ldpb, const uint16_t* vp, int64_t Evp, int64_t npairs,
                        float* o, int64_t ldo, const float* alpha) {
-  const int64_t nvec = Evp / 16;
-  const int64_t rtiles = (R + 3) / 4;
-  const int64_t rt_even = (R + rtiles - 1) / rtiles;
-  for (int64_t r0 = 0; r0 < R; r0 += rt_even) {
-    const int rt = static_cast<int>(std::min(rt_even, R - r0));
-    const int maxv = pv_max_xv(rt);
-    const int64_t vtiles = (nvec + maxv - 1) / maxv;
-    const int64_t v_even = (nvec + vtiles - 1) / vtiles;
-    for (int64_t x0 = 0; x0 < nvec; x0 += v_even) {
-      const int xv = static_cast<int>(std::min(v_even, nvec - x0));
-      const uint16_t* pp = pb + r0 * ldpb;
-      const uint16_t* vv = vp + x0 * 16 * 2;
-      float* op = o + r0 * ldo + x0 * 16;
-      const float* ap = alpha + r0;
-      switch (rt) {
-        case 1: pv_rows_bf<1>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
-        case 2: pv_rows_bf<2>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
-        case 3: pv_rows_bf<3>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
-        default: pv_rows_bf<4>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
-      }
+  pv_tiles(R, Evp / 16, [&](int64_t r0, int rt, int64_t x0, int xv) {
+    const uint16_t* pp = pb + r0 * ldpb;
+    const uint16_t* vv = vp + x0 * 16 * 2;
+    float* op = o + r0 * ldo + x0 * 16;
+    const float* ap = alpha + r0;
+    switch (rt) {
+      case 1: pv_rows_bf<1>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
+      case 2: pv_rows_bf<2>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
+      case 3: pv_rows_bf<3>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
+      default: pv_rows_bf<4>(xv, pp, ldpb, vv, Evp, npairs, op, ldo, ap); break;
     }
-  }
+  });
 }
 #endif  // FA_DEC_BF16DOT
 
