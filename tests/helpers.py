@@ -19,6 +19,20 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def aot_env(version: str) -> dict:
+    """The environment of a compile-only (AOT) subprocess: no interpreter, FP fusion on as on a GPU, and for
+    version "3.6" triton 3.6.0 from .triton36 first on the path (the test skips where it is missing)."""
+    import pytest
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if version == "3.6":
+        folder = os.path.join(ROOT, ".triton36")
+        if not os.path.isdir(os.path.join(folder, "triton")):
+            pytest.skip("triton 3.6.0 is not in .triton36 (make test installs it)")
+        env["PYTHONPATH"] = os.pathsep.join([folder] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
 def run_python(code: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """Runs `code` with `python -c` from the repository root, the environment plus `env`."""
     return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,

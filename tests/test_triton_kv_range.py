@@ -22,6 +22,8 @@ import sys
 import pytest
 import torch
 
+from helpers import aot_env
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
@@ -122,13 +124,7 @@ def test_cpu_tensors_outside_interpreter_use_torch(monkeypatch):
 # ---- compile facts (no GPU) ---------------------------------------------------------------------------
 @pytest.mark.parametrize("version", ["installed", "3.6"])
 def test_kv_range_kernel_compiles_without_spills(version):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    if version == "3.6":
-        folder = ROOT / ".triton36"
-        if not (folder / "triton").is_dir():
-            pytest.skip("triton 3.6.0 is not in .triton36 (make test installs it)")
-        env["PYTHONPATH"] = os.pathsep.join([str(folder)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env = aot_env(version)
     proc = subprocess.run([sys.executable, "-m", "aot.kv_range", "--jobs", "1"], cwd=ROOT / "tests", env=env,
                           capture_output=True, text=True, timeout=600)
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]

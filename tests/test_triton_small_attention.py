@@ -33,7 +33,7 @@ DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-from helpers import counted  # noqa: E402
+from helpers import aot_env, counted  # noqa: E402
 
 T = importlib.import_module("test_triton_attention_kernels")  # its float64 reference and run_and_check
 try:
@@ -263,13 +263,7 @@ def test_environment_variable_is_read_once_and_checked(value, ok):
 
 # ---- compile facts (no GPU) ---------------------------------------------------------------------------
 def _sweep(version):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    if version == "3.6":
-        folder = ROOT / ".triton36"
-        if not (folder / "triton").is_dir():
-            pytest.skip("triton 3.6.0 is not in .triton36 (make test installs it)")
-        env["PYTHONPATH"] = os.pathsep.join([str(folder)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env = aot_env(version)
     jobs = os.environ.get("FASTATTN_AOT_JOBS", "1")
     proc = subprocess.run([sys.executable, "-m", "aot.small", "--jobs", jobs], cwd=ROOT / "tests", env=env,
                           capture_output=True, text=True, timeout=3600)
