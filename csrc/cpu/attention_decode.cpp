@@ -82,6 +82,14 @@ struct DecodeParams : AttnInputs {
 
 using TaskFn = void (*)(const DecodeParams&, int64_t, int64_t);
 
+// Whether keys [j0, j1) are all padded (kpm: one batch row's key_padding_mask, true = ignore): such
+// 64-key blocks are skipped by the kernels and cost nothing in run_decode_tasks' split.
+inline bool dec_all_padded(const bool* kpm, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j)
+    if (!kpm[j]) return false;
+  return true;
+}
+
 #if defined(FASTATTN_DEC_X86) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2")
@@ -229,12 +237,8 @@ void run_decode_tasks(TaskFn task, const DecodeParams& p, int64_t ntasks) {
       for (int64_t c = 0; c < p.nchunks; ++c) {
         int64_t live = 0;
         const int64_t hi = std::min(p.kend, (c + 1) * p.chunk);
-        for (int64_t j0 = c * p.chunk; j0 < hi; j0 += 64) {
-          const bool* k = p.kpm + b * p.S;
-          bool all = true;
-          for (int64_t j = j0; j < std::min(hi, j0 + 64) && all; ++j) all = k[j];
-          live += all ? 0 : 1;
-        }
+        for (int64_t j0 = c * p.chunk; j0 < hi; j0 += 64)
+          live += dec_all_padded(p.kpm + b * p.S, j0, std::min(hi, j0 + 64)) ? 0 : 1;
         cost_bc[b * p.nchunks + c] = std::max<int64_t>(1, live);
       }
     const auto cost = [&](int64_t t) {  // task t = (b * Hkv + hk) * nchunks + c
@@ -321,7 +325,9 @@ bool fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     }
   }
   g_fwd_calls.fetch_add(1);
-  if (dt == at::kBFloat16 && task == ks.bf16 && bf16dot_on() && chosen_isa() == Isa::kAvx512) g_bf16dot_calls.fetch_add(1);
+#if defined(FASTATTN_DEC_HAVE_WIDE)
+  if (task == &avx512bf16::dec_bf16) g_bf16dot_calls.fetch_add(1);  // the vdpbf16ps kernels served it
+#endif
   return true;
 }
 

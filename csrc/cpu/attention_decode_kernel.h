@@ -21,6 +21,10 @@ constexpr int64_t kBK = 64;  // keys per sub-block of a span (a multiple of 16):
 
 inline int64_t dec_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The widest P V register tile (in 16-float vectors) for rt rows: rt x XV accumulators, a row of V and
+// a broadcast fit the 32 zmm registers (rows come in tiles of at most 4).
+constexpr int pv_max_xv(int rt) { return rt <= 2 ? 8 : 4; }
+
 // A software-prefetch stream over the rows of a K or V block: rows are ld bytes apart, each `bytes`
 // long; row j's prefetch touches row j + dist (rows counted from the block's first row), when that
 // row is below lim (the chunk's end), one touch every `step` bytes of it (64: every line; 4096, the
@@ -28,14 +32,17 @@ inline int64_t dec_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; 
 // memory stream early while the hardware prefetcher fetches the rest). p == nullptr: no prefetch.
 // (The helpers are always_inline: GCC deems an out-of-line function of prefetches alone pure and
 // drops the call.)
+struct DecRows {  // the first lim rows of a stream: rows ld bytes apart, each `bytes` long (p == nullptr: none)
+  const char* p = nullptr;
+  int64_t ld = 0, bytes = 0, lim = 0;
+};
 struct DecPf {
   const char* p = nullptr;
   int64_t ld = 0, bytes = 0, dist = 0, lim = 0, step = 4096;
   int hint = 1;  // __builtin_prefetch locality: 3 = prefetcht0 (L1), 2 = t1, 1 = t2, 0 = nta
-  // the stream read next (or nullptr): rows past lim continue into its first nlim rows (nld bytes
-  // apart, nbytes long), so the next stream's start is on its way before it is read
-  const char* np = nullptr;
-  int64_t nld = 0, nbytes = 0, nlim = 0;
+  // the stream read next: rows past lim continue into its first rows, so its start is on its way
+  // before it is read
+  DecRows next;
 };
 
 // Touches bytes [a, a + bytes) every `step` bytes, from a's 64-byte line on.
@@ -53,26 +60,24 @@ __attribute__((always_inline)) inline void dec_prefetch_span(const char* a, int6
   }
 }
 
+// Rows [r0, r1) of the rows at p (ld bytes apart, `bytes` long each).
+__attribute__((always_inline)) inline void dec_prefetch_rows(const char* p, int64_t ld, int64_t bytes, int64_t r0,
+                                                             int64_t r1, int64_t step, int hint) {
+  if (r0 >= r1) return;
+  if (ld == bytes) {  // packed rows: one span
+    dec_prefetch_span(p + r0 * ld, (r1 - r0) * ld, step, hint);
+  } else {
+    for (int64_t r = r0; r < r1; ++r) dec_prefetch_span(p + r * ld, bytes, step, hint);
+  }
+}
+
 __attribute__((always_inline)) inline void dec_prefetch(const DecPf& s, int64_t j, int64_t n) {
   if (s.p == nullptr) return;
-  const int64_t r0 = j + s.dist, r1 = std::min(s.lim, r0 + n);
-  if (r0 < r1) {
-    if (s.ld == s.bytes) {  // packed rows: one span
-      dec_prefetch_span(s.p + r0 * s.ld, (r1 - r0) * s.ld, s.step, s.hint);
-    } else {
-      for (int64_t r = r0; r < r1; ++r) dec_prefetch_span(s.p + r * s.ld, s.bytes, s.step, s.hint);
-    }
-  }
-  if (s.np != nullptr && r0 + n > s.lim) {  // past the end: the next stream's first rows
-    const int64_t q0 = std::max(r0, s.lim) - s.lim, q1 = std::min(s.nlim, r0 + n - s.lim);
-    if (q0 < q1) {
-      if (s.nld == s.nbytes) {
-        dec_prefetch_span(s.np + q0 * s.nld, (q1 - q0) * s.nld, s.step, s.hint);
-      } else {
-        for (int64_t r = q0; r < q1; ++r) dec_prefetch_span(s.np + r * s.nld, s.nbytes, s.step, s.hint);
-      }
-    }
-  }
+  const int64_t r0 = j + s.dist;
+  dec_prefetch_rows(s.p, s.ld, s.bytes, r0, std::min(s.lim, r0 + n), s.step, s.hint);
+  if (s.next.p != nullptr && r0 + n > s.lim)  // past the end: the next stream's first rows
+    dec_prefetch_rows(s.next.p, s.next.ld, s.next.bytes, std::max(r0, s.lim) - s.lim,
+                      std::min(s.next.lim, r0 + n - s.lim), s.step, s.hint);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -331,9 +336,6 @@ inline void pv_tile(const float* pr, int64_t ldp, const float* V, int64_t ldv, i
       _mm512_storeu_ps(o + r * ldo + 16 * x, kSets > 1 ? _mm512_add_ps(acc[0][r][x], acc[kSets - 1][r][x]) : acc[0][r][x]);
 }
 
-// The widest V tile (in 16-float vectors) for RT rows: RT x XV accumulators, a row of V and a
-// broadcast fit the 32 zmm registers.
-constexpr int pv_max_xv(int rt) { return rt <= 2 ? 8 : 4; }
 
 // pv_tile<RT, xv> for a run-time xv in 1..pv_max_xv(RT).
 template <int RT, int X = 1>
@@ -487,7 +489,7 @@ inline void qk_bf16dot(const uint16_t* qb, int64_t R, int64_t ldq, const uint16_
     case 2: qk_bf_block<2>(qb, R, ldq, K, ldk, E, nk, s, lds, scale, pf); break;
     case 3: qk_bf_block<3>(qb, R, ldq, K, ldk, E, nk, s, lds, scale, pf); break;
     case 4: qk_bf_block<4>(qb, R, ldq, K, ldk, E, nk, s, lds, scale, pf); break;
-    default: {  // E > 128: whole chunks of 128 values summed by the generic one-key kernel
+    default: {  // E > 128: key by key (qk_row1_bf, 32 values per vdpbf16ps)
       for (int64_t j = 0; j < nk; ++j) {
         dec_prefetch(pf, j, 1);
         for (int64_t r = 0; r < R; ++r) s[r * lds + j] = qk_row1_bf(qb + r * ldq, K + j * ldk, E) * scale;
@@ -628,9 +630,9 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
   T* kbuf = ones + R;       // (kBK, Ep), (kBK, Evp): the K and V sub-blocks in T when In is narrower
   T* vbuf = kConvert ? kbuf + kBK * Ep : nullptr;
   std::fill(ones, ones + R, T(1));
-  // P V in one register tile (pv_avx512: up to 2 rows x 8 vectors or 4 rows x 4): the span's V is then
-  // read in one pass; with several tiles each 64-key sub-block is walked by every tile while in L1
-  const bool one_tile = R <= 4 && Evp <= (R <= 2 ? 128 : 64);
+  // P V in one register tile (pv_tiles): the span's V is then read in one pass; with several tiles each
+  // 64-key sub-block is walked by every tile while in L1
+  const bool one_tile = R <= 4 && Evp / 16 <= pv_max_xv(static_cast<int>(R));
   std::vector<char> skip_buf(span / kBK);
   char* skip = skip_buf.data();
 #if defined(FA_DEC_BF16DOT)
@@ -679,8 +681,7 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
       int live = 0;
       for (int64_t u = 0; u < nsub; ++u) {
         const int64_t j0 = s0 + u * kBK, nk = std::min(kBK, j_hi - j0);
-        bool all = kpm != nullptr;
-        for (int64_t j = 0; j < nk && all; ++j) all = kpm[j0 + j];
+        const bool all = kpm != nullptr && dec_all_padded(kpm, j0, j0 + nk);
         skip[u] = all;
         live += all ? 0 : 1;
       }
@@ -692,19 +693,13 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
           for (int64_t r = 0; r < R; ++r) std::fill(sc + r * span + u * kBK, sc + r * span + u * kBK + nk, kNegInf);
           continue;
         }
-        // software prefetch of the K rows pf_k rows ahead (up to the chunk's end): by the AVX-512
-        // float kernel as it goes, else here for the whole sub-block at its start
+        // software prefetch of the K rows pf_k rows ahead up to the span's end, then on into the
+        // span's first V rows: by the in-place kernels as they go, else here for the whole sub-block
         DecPf pfk;
         if (pf_k > 0) {
-          pfk = DecPf{reinterpret_cast<const char*>(K + j0 * p.kss), p.kss * isz, E * isz, pf_k, j_hi - j0,
-                      p.prefetch_step, p.prefetch_hint};
-          {  // past the span's last key: the span's first V rows
-            pfk.lim = s0 + ns - j0;
-            pfk.np = reinterpret_cast<const char*>(Vm + s0 * p.vss);
-            pfk.nld = p.vss * isz;
-            pfk.nbytes = Ev * isz;
-            pfk.nlim = ns;
-          }
+          pfk = DecPf{reinterpret_cast<const char*>(K + j0 * p.kss), p.kss * isz, E * isz, pf_k, s0 + ns - j0,
+                      p.prefetch_step, p.prefetch_hint,
+                      DecRows{reinterpret_cast<const char*>(Vm + s0 * p.vss), p.vss * isz, Ev * isz, ns}};
           if (!kInKernel) dec_prefetch(pfk, 0, nk);
         }
 #if defined(FA_DEC_BF16DOT)
@@ -759,29 +754,23 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
       // phase 3: o = o * alpha + P V over the span's live sub-blocks (reads V only); the first
       // applies the rescale, the others add. Past the span's last V row the prefetch runs on into
       // the K rows read next: the next span's, or the next task's first
-      const auto next_k = [&](DecPf& f) {
-        if (s0 + ns < j_hi) {
-          f.np = reinterpret_cast<const char*>(K + (s0 + ns) * p.kss);
-          f.nlim = std::min(span, j_hi - (s0 + ns));
-        } else if (it + 1 < task_end) {
-          const int64_t nt = p.reverse ? task - 1 : task + 1;
-          const int64_t nc = nt % p.nchunks, nbh = nt / p.nchunks;
-          f.np = reinterpret_cast<const char*>(static_cast<const In*>(p.k) + (nbh / p.Hkv) * p.ksb +
-                                               (nbh % p.Hkv) * p.ksh + nc * p.chunk * p.kss);
-          f.nlim = std::min(span, std::min(p.kend, (nc + 1) * p.chunk) - nc * p.chunk);
-        } else {
-          return;
-        }
-        f.nld = p.kss * isz;
-        f.nbytes = E * isz;
+      const auto next_k = [&]() -> DecRows {
+        if (s0 + ns < j_hi)
+          return DecRows{reinterpret_cast<const char*>(K + (s0 + ns) * p.kss), p.kss * isz, E * isz,
+                         std::min(span, j_hi - (s0 + ns))};
+        if (it + 1 >= task_end) return DecRows{};
+        const int64_t nt = p.reverse ? task - 1 : task + 1;
+        const int64_t nc = nt % p.nchunks, nbh = nt / p.nchunks;
+        return DecRows{reinterpret_cast<const char*>(static_cast<const In*>(p.k) + (nbh / p.Hkv) * p.ksb +
+                                                     (nbh % p.Hkv) * p.ksh + nc * p.chunk * p.kss),
+                       p.kss * isz, E * isz, std::min(span, std::min(p.kend, (nc + 1) * p.chunk) - nc * p.chunk)};
       };
       const T* alpha = arow;
       if (kInPlace && one_tile && live == nsub) {  // one register tile: one pass over the whole span
         DecPf pfv;
         if (pf_v > 0) {
           pfv = DecPf{reinterpret_cast<const char*>(Vm + s0 * p.vss), p.vss * isz, Ev * isz, pf_v, ns,
-                      p.prefetch_step, p.prefetch_hint};
-          next_k(pfv);
+                      p.prefetch_step, p.prefetch_hint, next_k()};
         }
 #if defined(FA_DEC_AVX512)
         if constexpr (kInPlace)
@@ -795,8 +784,7 @@ void decode_tasks(const DecodeParams& p, int64_t task_begin, int64_t task_end) {
         DecPf pfv;
         if (pf_v > 0) {
           pfv = DecPf{reinterpret_cast<const char*>(Vm + j0 * p.vss), p.vss * isz, Ev * isz, pf_v, s0 + ns - j0,
-                      p.prefetch_step, p.prefetch_hint};
-          next_k(pfv);
+                      p.prefetch_step, p.prefetch_hint, next_k()};
           if (!kInPlace) dec_prefetch(pfv, 0, nk);
         }
 #if defined(FA_DEC_BF16DOT)
