@@ -18,11 +18,12 @@ Differences from torch, on purpose:
 On the "cpu" backend the modules call the C++ ops (``torch.ops.fastattn.attention_fwd`` and
 ``ffn_fwd``) themselves, on q, k, v viewed as (N, H, L, hd) heads in the projections' rows (self-attention:
 one in-projection GEMM, no copy: the CPU op reads strided rows), skipping the public functions' re-validation;
-every other backend goes through the public functions. Without autograd (no_grad, inference_mode) a
-float32 linear layer with K >= 512 in-features (and >= 2^27 multiply-adds) runs as oneDNN's matmul
-(torch.ops.mkldnn._linear_pointwise, activation and residual add fused) instead of torch's addmm
-(FASTATTN_CPU_ONEDNN_LINEAR=0: off), and the encoder layer without masks adds its residuals into the
-sublayers' own outputs (no extra buffers).
+every other backend goes through the public functions. A float32 linear layer with K >= 512
+in-features (and >= 2^27 multiply-adds) runs as oneDNN's matmul (torch.ops.mkldnn._linear_pointwise)
+instead of torch's addmm (FASTATTN_CPU_ONEDNN_LINEAR=0: off): without autograd (no_grad,
+inference_mode) with the activation and residual add fused; while autograd records, the plain linears
+(forward and input gradient; _OneDnnLinearFn). Without masks and autograd the encoder layer adds its
+residuals into the sublayers' own outputs (no extra buffers).
 - ``TransformerEncoderLayer`` is not a subclass of ``nn.TransformerEncoderLayer``: an
   ``nn.TransformerEncoder`` recognises its own layer class to turn padded batches into
   NestedTensors in eval mode; this layer takes dense tensors and a padding mask instead, so the
@@ -70,13 +71,15 @@ if _ONEDNN_LINEAR:  # module attributes, so tests can spy
     _onednn_linear_add = torch.ops.mkldnn._linear_pointwise.binary
 
 
-def _onednn_pays(x: Tensor, w: Tensor) -> bool:
-    """Whether x @ w.T (+ bias, activation, residual) goes through oneDNN: see _ONEDNN_LINEAR. Only
-    float32 CPU tensors, w contiguous (x is made so: the GEMM repays the copy), outside torch.compile."""
+def _onednn_pays(x: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
+    """Whether x @ w.T + b (+ activation, residual) goes through oneDNN: see _ONEDNN_LINEAR. Only
+    float32 CPU tensors, w and b contiguous (x is made so: the GEMM repays the copy), outside
+    torch.compile."""
     if x.shape[-1] < _ONEDNN_MIN_K or not _ONEDNN_LINEAR or x.dtype != torch.float32 or x.device.type != "cpu":
         return False
-    return (x.numel() * w.shape[0] >= _ONEDNN_MIN_MACS and w.dtype == torch.float32
-            and w.is_contiguous() and not torch.compiler.is_compiling())
+    return (x.numel() * w.shape[0] >= _ONEDNN_MIN_MACS and w.dtype == torch.float32 and w.is_contiguous()
+            and (b is None or (b.dtype == torch.float32 and b.is_contiguous()))
+            and not torch.compiler.is_compiling())
 
 
 class _OneDnnLinearFn(torch.autograd.Function):
@@ -115,11 +118,10 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], act: str = "none", residu
     _OneDnnLinearFn), else torch's ops (the activation in place, so only without autograd unless act is
     "none")."""
     grad = torch.is_grad_enabled()
-    if (grad and act == "none" and residual is None and _onednn_pays(x, w)
-            and (b is None or (b.dtype == torch.float32 and b.is_contiguous()))):
+    if grad and act == "none" and residual is None and _onednn_pays(x, w, b):
         x2 = x.reshape(-1, x.shape[-1])
         return _OneDnnLinearFn.apply(x2, w, b).view(*x.shape[:-1], w.shape[0])
-    if not grad and _onednn_pays(x, w) and (b is None or (b.dtype == torch.float32 and b.is_contiguous())) and (
+    if not grad and _onednn_pays(x, w, b) and (
             residual is None or (residual.dtype == torch.float32 and residual.is_contiguous()
                                  and residual.shape == x.shape[:-1] + w.shape[:1])):
         x2 = x.reshape(-1, x.shape[-1])

@@ -32,8 +32,8 @@ Design notes:
     diagonal) blocks take the masked path.
   * Causal: key blocks wholly above the diagonal are never visited. Key padding: the forward and dQ
     visit only the key range [first unpadded, last unpadded] of each batch (kv_range, computed per
-    launcher call by one launch of the small _kv_range_kernel, grid N: ~3 us of host time where eight
-    torch ops took ~45-55 us); the dK/dV kernel skips a key block that is wholly padded.
+    launcher call by one launch of the small _kv_range_kernel, grid N, where eight torch ops took ~35 us
+    of host time: see kv_range); the dK/dV kernel skips a key block that is wholly padded.
   * The backward is deterministic and uses no atomics: one program owns a K/V block and loops over
     every query block of every query head of its GQA group; dQ is a separate kernel.
   * Head dims 1..256 are padded to a power of two (at least 32: 1..16 share the 32 bucket, see
